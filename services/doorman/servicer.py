@@ -1,0 +1,69 @@
+"""DoormanService over gRPC: turns Chat/Complete into a generation and streams it back."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from doorman.core import CallInfo, Doorman
+from slm.errors import InvalidArgument
+from slm.logs import request_id_var
+from slm.v1 import doorman_pb2, doorman_pb2_grpc, inference_pb2, types_pb2
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _call_info(context: Context, operation: str) -> CallInfo:
+    return CallInfo(
+        request_id=request_id_var.get(),
+        operation=operation,
+        timeout_s=context.time_remaining(),
+    )
+
+
+class DoormanServicer(doorman_pb2_grpc.DoormanServiceServicer):
+    def __init__(self, doorman: Doorman) -> None:
+        self._doorman = doorman
+
+    async def Chat(
+        self, request: doorman_pb2.ChatRequest, context: Context
+    ) -> AsyncIterator[doorman_pb2.ChatResponse]:
+        if not request.model:
+            raise InvalidArgument("model is required", field="model")
+        if not request.messages:
+            raise InvalidArgument("messages must not be empty", field="messages")
+        generate = inference_pb2.GenerateRequest(
+            model=request.model,
+            chat=types_pb2.ChatInput(messages=request.messages),
+            sampling=request.sampling,
+        )
+        async for response in self._doorman.generate(generate, _call_info(context, "Chat")):
+            if response.HasField("delta"):
+                yield doorman_pb2.ChatResponse(delta=response.delta)
+            else:
+                yield doorman_pb2.ChatResponse(end=response.end)
+
+    async def Complete(
+        self, request: doorman_pb2.CompleteRequest, context: Context
+    ) -> AsyncIterator[doorman_pb2.CompleteResponse]:
+        if not request.model:
+            raise InvalidArgument("model is required", field="model")
+        if not request.prompt:
+            raise InvalidArgument("prompt must not be empty", field="prompt")
+        generate = inference_pb2.GenerateRequest(
+            model=request.model, prompt=request.prompt, sampling=request.sampling
+        )
+        async for response in self._doorman.generate(generate, _call_info(context, "Complete")):
+            if response.HasField("delta"):
+                yield doorman_pb2.CompleteResponse(delta=response.delta)
+            else:
+                yield doorman_pb2.CompleteResponse(end=response.end)
+
+    async def ListModels(
+        self, request: doorman_pb2.DoormanServiceListModelsRequest, context: Context
+    ) -> doorman_pb2.DoormanServiceListModelsResponse:
+        return doorman_pb2.DoormanServiceListModelsResponse(
+            models=await self._doorman.list_models()
+        )

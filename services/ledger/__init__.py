@@ -1,0 +1,1 @@
+"""ledger: the append-only, hash-chained audit trail of the mesh."""

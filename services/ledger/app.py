@@ -1,0 +1,31 @@
+"""Builds the ledger service from settings."""
+
+from __future__ import annotations
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from ledger.servicer import LedgerServicer
+from ledger.store import LedgerStore
+from slm.config import Settings
+from slm.v1 import ledger_pb2, ledger_pb2_grpc
+
+
+class LedgerApp:
+    service_names = (ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name,)
+
+    def __init__(self, store: LedgerStore) -> None:
+        self.store = store
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(self.store), server)
+
+    async def start(self) -> None:
+        self.store.open()
+
+    async def stop(self) -> None:
+        self.store.close()
+
+
+def build_app(settings: Settings, registry: CollectorRegistry) -> LedgerApp:
+    return LedgerApp(LedgerStore(settings.ledger.database))

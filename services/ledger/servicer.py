@@ -1,0 +1,75 @@
+"""LedgerService over gRPC: converts protobuf to the store's dataclasses and back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from ledger.store import Entry, LedgerStore, Record
+from slm.v1 import ledger_pb2, ledger_pb2_grpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def entry_from_proto(entry: ledger_pb2.LedgerEntry) -> Entry:
+    return Entry(
+        request_id=entry.request_id,
+        time_unix_ns=entry.time.ToNanoseconds(),
+        tenant=entry.tenant,
+        model=entry.model,
+        tier=entry.tier,
+        upstream=entry.upstream,
+        prompt_tokens=entry.prompt_tokens,
+        completion_tokens=entry.completion_tokens,
+        ttft_ms=entry.ttft_ms,
+        latency_ms=entry.latency_ms,
+        finish_reason=entry.finish_reason,
+        status_code=entry.status_code,
+        operation=entry.operation,
+    )
+
+
+def record_to_proto(record: Record) -> ledger_pb2.LedgerRecord:
+    e = record.entry
+    time = Timestamp()
+    time.FromNanoseconds(e.time_unix_ns)
+    return ledger_pb2.LedgerRecord(
+        sequence=record.sequence,
+        prev_hash=record.prev_hash,
+        hash=record.hash,
+        entry=ledger_pb2.LedgerEntry(
+            request_id=e.request_id,
+            time=time,
+            tenant=e.tenant,
+            model=e.model,
+            tier=e.tier,  # type: ignore[arg-type]
+            upstream=e.upstream,
+            prompt_tokens=e.prompt_tokens,
+            completion_tokens=e.completion_tokens,
+            ttft_ms=e.ttft_ms,
+            latency_ms=e.latency_ms,
+            finish_reason=e.finish_reason,  # type: ignore[arg-type]
+            status_code=e.status_code,
+            operation=e.operation,
+        ),
+    )
+
+
+class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
+    def __init__(self, store: LedgerStore) -> None:
+        self._store = store
+
+    async def Append(
+        self, request: ledger_pb2.AppendRequest, context: Context
+    ) -> ledger_pb2.AppendResponse:
+        record = await self._store.append_async(entry_from_proto(request.entry))
+        return ledger_pb2.AppendResponse(record=record_to_proto(record))
+
+    async def List(self, request: ledger_pb2.ListRequest, context: Context) -> ledger_pb2.ListResponse:
+        page = await self._store.list_async(request.page_size, request.page_token)
+        return ledger_pb2.ListResponse(
+            records=[record_to_proto(r) for r in page.records],
+            next_page_token=page.next_page_token,
+        )

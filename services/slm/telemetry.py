@@ -1,0 +1,42 @@
+"""OpenTelemetry: gRPC instrumentation always on, the OTLP exporter only when configured."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+from slm.config import TelemetryConfig
+
+log = logging.getLogger(__name__)
+
+
+def setup_tracing(service: str, config: TelemetryConfig) -> TracerProvider | None:
+    """Install a tracer provider exporting over OTLP, or leave the no-op one in place."""
+    if not config.otlp_endpoint:
+        return None
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    provider.add_span_processor(
+        BatchSpanProcessor(OTLPSpanExporter(endpoint=config.otlp_endpoint, insecure=True))
+    )
+    trace.set_tracer_provider(provider)
+    log.info("tracing to %s", config.otlp_endpoint)
+    return provider
+
+
+def server_interceptors() -> list[Any]:
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+    return [aio_server_interceptor()]
+
+
+def client_interceptors() -> list[Any]:
+    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+    return list(aio_client_interceptors())

@@ -1,0 +1,65 @@
+"""Fixtures: the real default model, and real gRPC servers on port 0."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import SHARED_MODELS_DIR, mesh_settings  # noqa: E402
+from slm.config import InferenceLocalConfig, ServiceEndpoint, Settings  # noqa: E402
+from slm.server import GrpcService  # noqa: E402
+
+# Tests must never pick up a developer's config file.
+os.environ.pop("SLM_CONFIG", None)
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    from inference_local.models import ensure_model_file
+
+    entry = InferenceLocalConfig().models[0]
+    return ensure_model_file(SHARED_MODELS_DIR, entry)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return mesh_settings(tmp_path)
+
+
+def port0(endpoint: ServiceEndpoint) -> ServiceEndpoint:
+    return ServiceEndpoint(host="127.0.0.1", port=0, metrics_port=0)
+
+
+@pytest.fixture(scope="session")
+async def inference_server(
+    model_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[GrpcService]:
+    """inference-local with the real default model, shared by the tests of a session."""
+    from inference_local.app import build_app
+
+    settings = mesh_settings(tmp_path_factory.mktemp("inference"))
+    registry = CollectorRegistry()
+    app = build_app(settings, registry)
+    endpoint = port0(settings.inference_local.endpoint)
+    async with GrpcService("inference-local", app, endpoint, settings.telemetry, registry) as svc:
+        yield svc
+
+
+@pytest.fixture
+async def ledger_server(tmp_path: Path) -> AsyncIterator[GrpcService]:
+    from ledger.app import build_app
+
+    settings = mesh_settings(tmp_path)
+    registry = CollectorRegistry()
+    app = build_app(settings, registry)
+    async with GrpcService(
+        "ledger", app, port0(settings.ledger.endpoint), settings.telemetry, registry
+    ) as svc:
+        yield svc
