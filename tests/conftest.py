@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,9 +12,9 @@ from prometheus_client import CollectorRegistry
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import SHARED_MODELS_DIR, mesh_settings  # noqa: E402
-from slm.config import InferenceLocalConfig, ServiceEndpoint, Settings  # noqa: E402
-from slm.server import GrpcService  # noqa: E402
+from helpers import SHARED_MODELS_DIR, Mesh, mesh_settings
+from slm.config import InferenceLocalConfig, ServiceEndpoint, Settings
+from slm.server import GrpcService
 
 # Tests must never pick up a developer's config file.
 os.environ.pop("SLM_CONFIG", None)
@@ -63,3 +63,14 @@ async def ledger_server(tmp_path: Path) -> AsyncIterator[GrpcService]:
         "ledger", app, port0(settings.ledger.endpoint), settings.telemetry, registry
     ) as svc:
         yield svc
+
+
+@pytest.fixture(scope="session")
+def mesh(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    """The whole mesh as processes, shared by the end-to-end tests of a session."""
+    state = tmp_path_factory.mktemp("mesh")
+    running = Mesh(mesh_settings(state), state / "slm.toml", state / "mesh.log")
+    running.start()
+    yield running
+    code = running.stop()
+    assert code == 0, running.log_tail()

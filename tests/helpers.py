@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import IO
 
 from slm.config import (
     DoormanConfig,
@@ -65,7 +70,9 @@ def to_toml(settings: Settings) -> str:
         return f'"{text}"'
 
     def table(prefix: str, data: dict[str, object]) -> None:
-        scalars = {k: v for k, v in data.items() if not isinstance(v, dict | list) and v is not None}
+        scalars = {
+            k: v for k, v in data.items() if not isinstance(v, dict | list) and v is not None
+        }
         if prefix:
             lines.append(f"[{prefix}]")
         lines.extend(f"{k} = {value(v)}" for k, v in scalars.items())
@@ -75,9 +82,85 @@ def to_toml(settings: Settings) -> str:
             elif isinstance(v, list):
                 for item in v:
                     lines.append(f"[[{prefix}.{k}]]" if prefix else f"[[{k}]]")
-                    lines.extend(
-                        f"{ik} = {value(iv)}" for ik, iv in item.items() if iv is not None
-                    )
+                    lines.extend(f"{ik} = {value(iv)}" for ik, iv in item.items() if iv is not None)
 
     table("", settings.model_dump(mode="json"))
     return "\n".join(lines) + "\n"
+
+
+class Mesh:
+    """The whole mesh started by `slm up` as real processes; stopped with SIGTERM."""
+
+    def __init__(self, settings: Settings, config_path: Path, log_path: Path) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.envoy.port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.settings.envoy.port}"
+
+    @property
+    def inference_metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.inference_local.endpoint.metrics_port}/metrics"
+
+    def start(self, timeout_s: float = 300) -> None:
+        self.config_path.write_text(to_toml(self.settings))
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "slm.cli", "--config", str(self.config_path), "up"],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            stdin=subprocess.DEVNULL,
+        )
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + timeout_s
+        # `slm up` prints its banner only when every health check is SERVING.
+        for line in self.process.stdout:
+            if b"service-slm is up" in line:
+                break
+            if time.monotonic() > deadline:
+                break
+        else:
+            raise RuntimeError(f"mesh exited early; see {self.log_path}:\n{self.log_tail()}")
+        if time.monotonic() > deadline:
+            self.stop()
+            raise TimeoutError(f"mesh not up in {timeout_s}s:\n{self.log_tail()}")
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> int:
+        if self.process is None:
+            return 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        self.process = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return code
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of one Prometheus metric whose labels include `labels`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total

@@ -6,14 +6,18 @@ from pathlib import Path
 
 import pytest
 from helpers import mesh_settings, to_toml
-
 from slm.config import load_settings
 
 
 def test_defaults_listen_on_loopback_only() -> None:
     s = load_settings()
-    hosts = {s.gateway.host, s.envoy.host, s.doorman.endpoint.host,
-             s.inference_local.endpoint.host, s.ledger.endpoint.host}
+    hosts = {
+        s.gateway.host,
+        s.envoy.host,
+        s.doorman.endpoint.host,
+        s.inference_local.endpoint.host,
+        s.ledger.endpoint.host,
+    }
     assert hosts == {"127.0.0.1"}
     assert s.envoy.port == 8080
 
@@ -29,7 +33,9 @@ def test_toml_file_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert load_settings().gateway.port == 1234
 
 
-def test_missing_or_invalid_file_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_or_invalid_file_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_settings(tmp_path / "nope.toml")
     bad = tmp_path / "bad.toml"

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 
 import pytest
 from helpers import DEFAULT_MODEL
-
 from inference_local.chat_template import Message
 from inference_local.engine import Delta, End, Engine, Event, Finish, Request, Sampling
 from slm.errors import InvalidArgument, NotFound
@@ -45,15 +44,19 @@ async def test_chat_streams_text_then_one_end_with_usage(engine: Engine) -> None
 
 
 async def test_max_tokens_ends_with_length(engine: Engine) -> None:
-    _, end = await run(engine, Request(DEFAULT_MODEL, Sampling(max_tokens=5, temperature=0),
-                                       prompt=PROMPT))
+    _, end = await run(
+        engine, Request(DEFAULT_MODEL, Sampling(max_tokens=5, temperature=0), prompt=PROMPT)
+    )
     assert (end.finish, end.completion_tokens) == (Finish.LENGTH, 5)
 
 
 async def test_same_seed_same_text(engine: Engine) -> None:
     def request(seed: int) -> Request:
-        return Request(DEFAULT_MODEL, Sampling(max_tokens=24, temperature=0.8, seed=seed),
-                       prompt="Once upon a time")
+        return Request(
+            DEFAULT_MODEL,
+            Sampling(max_tokens=24, temperature=0.8, seed=seed),
+            prompt="Once upon a time",
+        )
 
     a, _ = await run(engine, request(42))
     b, _ = await run(engine, request(42))
@@ -102,8 +105,11 @@ async def test_cancelled_generation_stops_decoding(engine: Engine) -> None:
     tokens_before = _sample(engine, "tokens", model=DEFAULT_MODEL)
     cancelled_before = engine.metrics.requests.labels(DEFAULT_MODEL, "cancelled")._value.get()
     stream: AsyncIterator[Event] = engine.generate(
-        Request(DEFAULT_MODEL, Sampling(max_tokens=1500, temperature=1.0, seed=1),
-                prompt="Count from one to one thousand: one, two,")
+        Request(
+            DEFAULT_MODEL,
+            Sampling(max_tokens=1500, temperature=1.0, seed=1),
+            prompt="Count from one to one thousand: one, two,",
+        )
     )
     deltas = 0
     async for event in stream:

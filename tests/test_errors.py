@@ -8,7 +8,6 @@ from typing import Any
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-
 from slm.errors import (
     DOMAIN,
     InvalidArgument,
@@ -26,7 +25,11 @@ def test_status_carries_error_info_field_and_retry() -> None:
     assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
     info = error_details_pb2.ErrorInfo()
     assert status.details[0].Unpack(info)
-    assert (info.domain, info.reason, dict(info.metadata)) == (DOMAIN, "RESOURCE_EXHAUSTED", {"q": "1"})
+    assert (info.domain, info.reason, dict(info.metadata)) == (
+        DOMAIN,
+        "RESOURCE_EXHAUSTED",
+        {"q": "1"},
+    )
     retry = error_details_pb2.RetryInfo()
     assert status.details[2].Unpack(retry)
     assert retry.retry_delay.ToNanoseconds() == 2_500_000_000
@@ -40,10 +43,11 @@ class _Echo:
 
     async def __aenter__(self) -> str:
         from prometheus_client import CollectorRegistry
-
         from slm.interceptors import ErrorInterceptor, RpcMetrics
 
-        self.server = grpc.aio.server(interceptors=[ErrorInterceptor(RpcMetrics(CollectorRegistry()))])
+        self.server = grpc.aio.server(
+            interceptors=[ErrorInterceptor(RpcMetrics(CollectorRegistry()))]
+        )
 
         async def unary(request: bytes, context: Any) -> bytes:
             if request == b"boom":

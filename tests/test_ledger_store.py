@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 import time
 from pathlib import Path
 
 import pytest
-
 from ledger.store import Entry, LedgerStore, canonical, chain_hash
 from slm.errors import InvalidArgument
 
@@ -26,7 +26,7 @@ def store(tmp_path: Path) -> LedgerStore:
 def test_each_record_holds_the_hash_of_the_previous(store: LedgerStore) -> None:
     records = [store.append(entry(i)) for i in range(5)]
     assert records[0].prev_hash == ""
-    for prev, cur in zip(records, records[1:], strict=False):
+    for prev, cur in itertools.pairwise(records):
         assert cur.prev_hash == prev.hash
         assert cur.sequence == prev.sequence + 1
     # Anyone can re-derive a hash from the stored canonical body.

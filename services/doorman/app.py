@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import grpc
 from prometheus_client import CollectorRegistry
-
-from doorman.core import Doorman, DoormanMetrics, Upstream
-from doorman.servicer import DoormanServicer
 from slm.config import DoormanConfig, Settings
 from slm.server import open_channel
 from slm.v1 import doorman_pb2, doorman_pb2_grpc, inference_pb2_grpc, ledger_pb2_grpc, types_pb2
 
+from doorman.core import Doorman, DoormanMetrics, Upstream
+from doorman.servicer import DoormanServicer
+
 
 class DoormanApp:
-    service_names = (doorman_pb2.DESCRIPTOR.services_by_name["DoormanService"].full_name,)
+    service_names: tuple[str, ...] = (
+        doorman_pb2.DESCRIPTOR.services_by_name["DoormanService"].full_name,
+    )
 
     def __init__(self, config: DoormanConfig, registry: CollectorRegistry) -> None:
         self.config = config
@@ -40,7 +42,7 @@ class DoormanApp:
     async def stop(self) -> None:
         await self.doorman.drain()
         for channel in self._channels:
-            await channel.close()
+            await channel.close(None)
 
 
 def build_app(settings: Settings, registry: CollectorRegistry) -> DoormanApp:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
 from slm.errors import SlmError, Unavailable, from_rpc_error
 from slm.v1 import inference_pb2, inference_pb2_grpc, ledger_pb2, ledger_pb2_grpc, types_pb2
 
@@ -27,30 +26,42 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 class DoormanMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
-            "slm_doorman_requests", "Requests finished, by model, tier and status code.",
-            ["model", "tier", "code"], registry=registry,
+            "slm_doorman_requests",
+            "Requests finished, by model, tier and status code.",
+            ["model", "tier", "code"],
+            registry=registry,
         )
         self.ttft = Histogram(
-            "slm_doorman_ttft_seconds", "Time to first token as the Doorman sees it.",
-            ["model", "tier"], buckets=LATENCY_BUCKETS, registry=registry,
+            "slm_doorman_ttft_seconds",
+            "Time to first token as the Doorman sees it.",
+            ["model", "tier"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.latency = Histogram(
-            "slm_doorman_request_seconds", "End-to-end time of a request in the Doorman.",
-            ["model", "tier"], buckets=LATENCY_BUCKETS, registry=registry,
+            "slm_doorman_request_seconds",
+            "End-to-end time of a request in the Doorman.",
+            ["model", "tier"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.tokens_in = Counter(
             "slm_doorman_prompt_tokens", "Prompt tokens.", ["model", "tier"], registry=registry
         )
         self.tokens_out = Counter(
-            "slm_doorman_completion_tokens", "Completion tokens.", ["model", "tier"],
+            "slm_doorman_completion_tokens",
+            "Completion tokens.",
+            ["model", "tier"],
             registry=registry,
         )
         self.in_flight = Gauge(
             "slm_doorman_in_flight_requests", "Requests being served.", registry=registry
         )
         self.upstream_errors = Counter(
-            "slm_doorman_upstream_errors", "Failed upstream calls, by tier and code.",
-            ["tier", "code"], registry=registry,
+            "slm_doorman_upstream_errors",
+            "Failed upstream calls, by tier and code.",
+            ["tier", "code"],
+            registry=registry,
         )
         self.ledger_errors = Counter(
             "slm_doorman_ledger_errors", "Ledger appends that failed.", registry=registry
@@ -182,8 +193,10 @@ class Doorman:
             status_code=code.value[0],
             operation=call.operation,
             finish_reason=(
-                end.finish_reason if end is not None
-                else types_pb2.FINISH_REASON_CANCELLED if code == grpc.StatusCode.CANCELLED
+                end.finish_reason
+                if end is not None
+                else types_pb2.FINISH_REASON_CANCELLED
+                if code == grpc.StatusCode.CANCELLED
                 else types_pb2.FINISH_REASON_UNSPECIFIED
             ),
         )

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeAlias
 
-import grpc
-
-from doorman.core import CallInfo, Doorman
 from slm.errors import InvalidArgument
 from slm.logs import request_id_var
 from slm.v1 import doorman_pb2, doorman_pb2_grpc, inference_pb2, types_pb2
 
-Context = grpc.aio.ServicerContext[Any, Any]
+from doorman.core import CallInfo, Doorman
+
+# grpc ships no type information; the servicer context is untyped.
+Context: TypeAlias = Any
 
 
 def _call_info(context: Context, operation: str) -> CallInfo:

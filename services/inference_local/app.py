@@ -6,16 +6,18 @@ import asyncio
 
 import grpc
 from prometheus_client import CollectorRegistry
+from slm.config import InferenceLocalConfig, Settings
+from slm.v1 import inference_pb2, inference_pb2_grpc
 
 from inference_local.engine import Engine, ModelSpec
 from inference_local.models import ensure_model_file
 from inference_local.servicer import InferenceServicer
-from slm.config import InferenceLocalConfig, Settings
-from slm.v1 import inference_pb2, inference_pb2_grpc
 
 
 class InferenceLocalApp:
-    service_names = (inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,)
+    service_names: tuple[str, ...] = (
+        inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+    )
 
     def __init__(self, config: InferenceLocalConfig, registry: CollectorRegistry) -> None:
         self.config = config

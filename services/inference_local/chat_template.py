@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 from slm.errors import InvalidArgument
 
 

@@ -13,16 +13,16 @@ import os
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from slm.errors import FailedPrecondition, Internal, InvalidArgument, NotFound, ResourceExhausted
 
 from inference_local.chat_template import ChatTemplate, Message
-from slm.errors import FailedPrecondition, Internal, InvalidArgument, NotFound, ResourceExhausted
 
 log = logging.getLogger(__name__)
 
@@ -98,35 +98,49 @@ class ModelInfo:
 class EngineMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.tokens = Counter(
-            "slm_engine_generated_tokens", "Tokens sampled by the engine.", ["model"],
+            "slm_engine_generated_tokens",
+            "Tokens sampled by the engine.",
+            ["model"],
             registry=registry,
         )
         self.prompt_tokens = Counter(
             "slm_engine_prompt_tokens", "Prompt tokens submitted.", ["model"], registry=registry
         )
         self.requests = Counter(
-            "slm_engine_requests", "Generations finished, by reason.", ["model", "finish_reason"],
+            "slm_engine_requests",
+            "Generations finished, by reason.",
+            ["model", "finish_reason"],
             registry=registry,
         )
         self.running = Gauge(
-            "slm_engine_running_sequences", "Sequences being decoded.", ["model"],
+            "slm_engine_running_sequences",
+            "Sequences being decoded.",
+            ["model"],
             registry=registry,
         )
         self.waiting = Gauge(
-            "slm_engine_waiting_requests", "Requests queued for the engine.", ["model"],
+            "slm_engine_waiting_requests",
+            "Requests queued for the engine.",
+            ["model"],
             registry=registry,
         )
         self.ttft = Histogram(
-            "slm_engine_ttft_seconds", "Time from request to first token in the engine.",
-            ["model"], registry=registry,
+            "slm_engine_ttft_seconds",
+            "Time from request to first token in the engine.",
+            ["model"],
+            registry=registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
         self.load_seconds = Gauge(
-            "slm_engine_model_load_seconds", "Time taken to load a model.", ["model"],
+            "slm_engine_model_load_seconds",
+            "Time taken to load a model.",
+            ["model"],
             registry=registry,
         )
         self.loaded = Gauge(
-            "slm_engine_model_loaded", "1 when the model is in memory.", ["model"],
+            "slm_engine_model_loaded",
+            "1 when the model is in memory.",
+            ["model"],
             registry=registry,
         )
 
@@ -204,8 +218,7 @@ class Engine:
         model = self._models.get(name)
         if model is None:
             known = ", ".join(sorted(self._models)) or "none"
-            raise NotFound(f"model {name!r} is not served here (available: {known})",
-                           field="model")
+            raise NotFound(f"model {name!r} is not served here (available: {known})", field="model")
         return model
 
     async def generate(self, request: Request) -> AsyncIterator[Event]:
@@ -289,7 +302,7 @@ class _Run:
     def _put(self, item: Event | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
-    def _should_stop(self, _ids: Sequence[int], _logits: Any) -> bool:
+    def _should_stop(self, _ids: Any, _logits: Any) -> bool:
         # Called by llama-cpp-python once per sampled token: count it, and stop if cancelled.
         self.generated += 1
         self.metrics.tokens.labels(self.model.spec.name).inc()

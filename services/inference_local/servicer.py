@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeAlias
 
-import grpc
-
-from inference_local.chat_template import Message
-from inference_local.engine import Delta, Engine, Finish, Request, Sampling
 from slm.errors import InvalidArgument
 from slm.v1 import inference_pb2, inference_pb2_grpc, types_pb2
 
-Context = grpc.aio.ServicerContext[Any, Any]
+from inference_local.chat_template import Message
+from inference_local.engine import Delta, Engine, Finish, Request, Sampling
+
+# grpc ships no type information; the servicer context is untyped.
+Context: TypeAlias = Any
 
 ROLE_NAMES = {
     types_pb2.ROLE_SYSTEM: "system",

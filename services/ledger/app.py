@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import grpc
 from prometheus_client import CollectorRegistry
-
-from ledger.servicer import LedgerServicer
-from ledger.store import LedgerStore
 from slm.config import Settings
 from slm.v1 import ledger_pb2, ledger_pb2_grpc
 
+from ledger.servicer import LedgerServicer
+from ledger.store import LedgerStore
+
 
 class LedgerApp:
-    service_names = (ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name,)
+    service_names: tuple[str, ...] = (
+        ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name,
+    )
 
     def __init__(self, store: LedgerStore) -> None:
         self.store = store

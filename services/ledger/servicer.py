@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeAlias
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-
-from ledger.store import Entry, LedgerStore, Record
 from slm.v1 import ledger_pb2, ledger_pb2_grpc
 
-Context = grpc.aio.ServicerContext[Any, Any]
+from ledger.store import Entry, LedgerStore, Record
+
+# grpc ships no type information; the servicer context is untyped.
+Context: TypeAlias = Any
 
 
 def entry_from_proto(entry: ledger_pb2.LedgerEntry) -> Entry:
@@ -67,7 +67,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         record = await self._store.append_async(entry_from_proto(request.entry))
         return ledger_pb2.AppendResponse(record=record_to_proto(record))
 
-    async def List(self, request: ledger_pb2.ListRequest, context: Context) -> ledger_pb2.ListResponse:
+    async def List(
+        self, request: ledger_pb2.ListRequest, context: Context
+    ) -> ledger_pb2.ListResponse:
         page = await self._store.list_async(request.page_size, request.page_token)
         return ledger_pb2.ListResponse(
             records=[record_to_proto(r) for r in page.records],

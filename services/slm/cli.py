@@ -18,10 +18,11 @@ SERVICES = ("ledger", "inference-local", "doorman", "gateway", "envoy")
 
 async def serve_grpc(name: str, settings: Settings) -> None:
     from slm import telemetry
-    from slm.server import GrpcService, wait_for_signal
+    from slm.server import GrpcService, ServiceApp, wait_for_signal
 
     registry = CollectorRegistry()
     telemetry.setup_tracing(name, settings.telemetry)
+    app: ServiceApp
     if name == "ledger":
         from ledger.app import build_app as build_ledger
 
@@ -47,8 +48,7 @@ def serve(name: str, settings: Settings) -> int:
         path.write_text(render_envoy_config(settings))
         binary = envoy_binary(settings)
         # exec: the supervisor's signals reach Envoy itself.
-        os.execv(binary, [binary, "-c", str(path), "--log-level", "warn",
-                          "--disable-hot-restart"])
+        os.execv(binary, [binary, "-c", str(path), "--log-level", "warn", "--disable-hot-restart"])
     if name == "gateway":
         from gateway.app import serve_gateway
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -99,14 +100,14 @@ class Internal(SlmError):
     reason = "INTERNAL"
 
 
-def _pack(message: object) -> any_pb2.Any:
+def _pack(message: Message) -> any_pb2.Any:
     packed = any_pb2.Any()
-    packed.Pack(message)  # type: ignore[arg-type]
+    packed.Pack(message)
     return packed
 
 
 def to_status_proto(error: SlmError) -> status_pb2.Status:
-    """Build the google.rpc.Status, with ErrorInfo and, where they apply, BadRequest and RetryInfo."""
+    """The google.rpc.Status: ErrorInfo, plus BadRequest and RetryInfo where they apply."""
     details = [
         _pack(
             error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
@@ -150,8 +151,8 @@ def from_rpc_error(error: grpc.RpcError) -> SlmError:
 
     Lets a hop (the Doorman, the gateway) pass an upstream error on without losing its details.
     """
-    code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
-    message: str = error.details() or code.name  # type: ignore[attr-defined]
+    code: grpc.StatusCode = error.code()
+    message: str = error.details() or code.name
     cls = _BY_CODE.get(code, Internal if code != grpc.StatusCode.CANCELLED else Unavailable)
     result = cls(message)
     if code == grpc.StatusCode.CANCELLED:
@@ -177,7 +178,7 @@ def from_rpc_error(error: grpc.RpcError) -> SlmError:
 
 
 def _status_from_trailers(error: grpc.RpcError) -> status_pb2.Status | None:
-    trailers = error.trailing_metadata()  # type: ignore[attr-defined]
+    trailers = error.trailing_metadata()
     for key, value in trailers or ():
         if key == "grpc-status-details-bin" and isinstance(value, bytes):
             status = status_pb2.Status()

@@ -55,7 +55,7 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: BaseExcepti
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Maps exceptions to status in one place, so servicers just raise SlmError."""
 
     def __init__(self, metrics: RpcMetrics) -> None:
@@ -80,7 +80,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is not None:
             unary = handler.unary_unary
 
-            async def unary_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            async def unary_behavior(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> Any:
                 request_id_var.set(request_id)
                 start = time.perf_counter()
                 code = grpc.StatusCode.OK
@@ -90,7 +92,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     code = grpc.StatusCode.CANCELLED
                     raise
                 except grpc.aio.AbortError:
-                    code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+                    code = context.code() or grpc.StatusCode.UNKNOWN
                     raise
                 except Exception as error:
                     code = error.code if isinstance(error, SlmError) else grpc.StatusCode.INTERNAL
@@ -116,7 +118,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     async for response in stream(request, context):
                         yield response
                 except grpc.aio.AbortError:
-                    code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+                    code = context.code() or grpc.StatusCode.UNKNOWN
                     raise
                 except (asyncio.CancelledError, GeneratorExit):
                     code = grpc.StatusCode.CANCELLED

@@ -34,8 +34,9 @@ SERVER_OPTIONS: Sequence[tuple[str, int]] = (
 class ServiceApp(Protocol):
     """What a service plugs into the bootstrap: its servicers and its resource lifecycle."""
 
-    #: Full names of the gRPC services it serves, e.g. "slm.v1.LedgerService".
-    service_names: Sequence[str]
+    @property
+    def service_names(self) -> Sequence[str]:
+        """Full names of the gRPC services it serves, e.g. "slm.v1.LedgerService"."""
 
     def add_to_server(self, server: grpc.aio.Server) -> None: ...
 

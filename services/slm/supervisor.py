@@ -62,13 +62,25 @@ class Supervisor:
         self._stopping = False
         s = settings
         self.children = [
-            Child("ledger", lambda: grpc_serving(f"{_connect_host(s.ledger.endpoint.host)}:"
-                                                 f"{s.ledger.endpoint.port}")),
-            Child("inference-local", lambda: grpc_serving(
-                f"{_connect_host(s.inference_local.endpoint.host)}:"
-                f"{s.inference_local.endpoint.port}")),
-            Child("doorman", lambda: grpc_serving(
-                f"{_connect_host(s.doorman.endpoint.host)}:{s.doorman.endpoint.port}")),
+            Child(
+                "ledger",
+                lambda: grpc_serving(
+                    f"{_connect_host(s.ledger.endpoint.host)}:{s.ledger.endpoint.port}"
+                ),
+            ),
+            Child(
+                "inference-local",
+                lambda: grpc_serving(
+                    f"{_connect_host(s.inference_local.endpoint.host)}:"
+                    f"{s.inference_local.endpoint.port}"
+                ),
+            ),
+            Child(
+                "doorman",
+                lambda: grpc_serving(
+                    f"{_connect_host(s.doorman.endpoint.host)}:{s.doorman.endpoint.port}"
+                ),
+            ),
             Child("gateway", lambda: http_ok(f"{self.gateway_url}/readyz")),
             Child("envoy", lambda: http_ok(f"{self.api_url}/readyz")),
         ]
@@ -106,8 +118,10 @@ class Supervisor:
             code = await child.process.wait()
             if self._stopping:
                 return
-            log.error("child exited; restarting", extra={"child": child.name, "code": code,
-                                                         "backoff_s": backoff})
+            log.error(
+                "child exited; restarting",
+                extra={"child": child.name, "code": code, "backoff_s": backoff},
+            )
             await asyncio.sleep(backoff)
             if self._stopping:
                 return

@@ -1,0 +1,50 @@
+"""A client that goes away stops generation: shown with the engine's own counters."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from helpers import DEFAULT_MODEL, Mesh, metric_value
+
+pytestmark = pytest.mark.e2e
+
+MAX_TOKENS = 1500
+
+
+def engine_counters(mesh: Mesh) -> tuple[float, float]:
+    text = httpx.get(mesh.inference_metrics_url).text
+    return (
+        metric_value(text, "slm_engine_generated_tokens_total", model=DEFAULT_MODEL),
+        metric_value(
+            text, "slm_engine_requests_total", model=DEFAULT_MODEL, finish_reason="cancelled"
+        ),
+    )
+
+
+def test_closing_the_stream_stops_the_engine(mesh: Mesh) -> None:
+    client = openai.OpenAI(base_url=f"{mesh.base_url}/v1", api_key="unused", max_retries=0)
+    tokens_before, cancelled_before = engine_counters(mesh)
+    stream = client.completions.create(
+        model=DEFAULT_MODEL,
+        prompt="Count from one to one thousand: one, two,",
+        max_tokens=MAX_TOKENS,
+        temperature=1.0,
+        seed=5,
+        stream=True,
+    )
+    received = 0
+    for chunk in stream:
+        received += bool(chunk.choices and chunk.choices[0].text)
+        if received == 3:
+            break
+    stream.close()
+    # The engine runs one sequence at a time, so this request is served only after the
+    # cancelled one has left the engine: no sleeping, no polling.
+    after = client.completions.create(model=DEFAULT_MODEL, prompt="Hi", max_tokens=2)
+    assert after.usage is not None
+    tokens_after, cancelled_after = engine_counters(mesh)
+    assert cancelled_after == cancelled_before + 1
+    generated = tokens_after - tokens_before - after.usage.completion_tokens
+    # The cancel crossed Envoy, the gateway, the Doorman and the engine within a few tokens.
+    assert 3 <= generated < 100, generated
