@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import SHARED_MODELS_DIR, Mesh, mesh_settings
+
 from slm.config import InferenceLocalConfig, ServiceEndpoint, Settings
 from slm.server import GrpcService
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from helpers import mesh_settings, to_toml
+
 from slm.config import load_settings
 
 

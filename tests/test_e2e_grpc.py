@@ -7,6 +7,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import DEFAULT_MODEL, Mesh
+
 from slm.v1 import doorman_pb2, doorman_pb2_grpc, types_pb2
 
 pytestmark = pytest.mark.e2e

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from helpers import DEFAULT_MODEL
+
 from inference_local.chat_template import Message
 from inference_local.engine import Delta, End, Engine, Event, Finish, Request, Sampling
 from slm.errors import InvalidArgument, NotFound

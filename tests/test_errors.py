@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 import pytest
 from google.rpc import error_details_pb2
+
 from slm.errors import (
     DOMAIN,
     InvalidArgument,
@@ -43,6 +44,7 @@ class _Echo:
 
     async def __aenter__(self) -> str:
         from prometheus_client import CollectorRegistry
+
         from slm.interceptors import ErrorInterceptor, RpcMetrics
 
         self.server = grpc.aio.server(

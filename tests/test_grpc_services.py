@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import DEFAULT_MODEL, mesh_settings
 from prometheus_client import CollectorRegistry
+
 from slm.errors import InvalidArgument, NotFound, from_rpc_error
 from slm.server import GrpcService
 from slm.v1 import (

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from ledger.store import Entry, LedgerStore, canonical, chain_hash
 from slm.errors import InvalidArgument
 

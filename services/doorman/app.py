@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import grpc
 from prometheus_client import CollectorRegistry
-from slm.config import DoormanConfig, Settings
-from slm.server import open_channel
-from slm.v1 import doorman_pb2, doorman_pb2_grpc, inference_pb2_grpc, ledger_pb2_grpc, types_pb2
 
 from doorman.core import Doorman, DoormanMetrics, Upstream
 from doorman.servicer import DoormanServicer
+from slm.config import DoormanConfig, Settings
+from slm.server import open_channel
+from slm.v1 import doorman_pb2, doorman_pb2_grpc, inference_pb2_grpc, ledger_pb2_grpc, types_pb2
 
 
 class DoormanApp:

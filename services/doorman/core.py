@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
 from slm.errors import SlmError, Unavailable, from_rpc_error
 from slm.v1 import inference_pb2, inference_pb2_grpc, ledger_pb2, ledger_pb2_grpc, types_pb2
 

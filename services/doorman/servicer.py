@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
+from doorman.core import CallInfo, Doorman
 from slm.errors import InvalidArgument
 from slm.logs import request_id_var
 from slm.v1 import doorman_pb2, doorman_pb2_grpc, inference_pb2, types_pb2
-
-from doorman.core import CallInfo, Doorman
 
 # grpc ships no type information; the servicer context is untyped.
 Context: TypeAlias = Any

@@ -6,12 +6,12 @@ import asyncio
 
 import grpc
 from prometheus_client import CollectorRegistry
-from slm.config import InferenceLocalConfig, Settings
-from slm.v1 import inference_pb2, inference_pb2_grpc
 
 from inference_local.engine import Engine, ModelSpec
 from inference_local.models import ensure_model_file
 from inference_local.servicer import InferenceServicer
+from slm.config import InferenceLocalConfig, Settings
+from slm.v1 import inference_pb2, inference_pb2_grpc
 
 
 class InferenceLocalApp:

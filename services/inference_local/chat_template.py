@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from slm.errors import InvalidArgument
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from slm.errors import FailedPrecondition, Internal, InvalidArgument, NotFound, ResourceExhausted
 
 from inference_local.chat_template import ChatTemplate, Message
+from slm.errors import FailedPrecondition, Internal, InvalidArgument, NotFound, ResourceExhausted
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +253,7 @@ class Engine:
         self.metrics.running.labels(labels).inc()
         started = time.perf_counter()
         first = True
+        finished = False
         try:
             while True:
                 item = await run.queue.get()
@@ -262,14 +263,17 @@ class Engine:
                         first = False
                     yield item
                 elif isinstance(item, End):
+                    finished = True
                     self.metrics.requests.labels(labels, item.finish.value).inc()
                     yield item
                     return
                 else:
+                    finished = True
+                    self.metrics.requests.labels(labels, "error").inc()
                     raise Internal("generation failed") from item
         finally:
             run.cancel.set()
-            if not future.done():
+            if not finished:
                 self.metrics.requests.labels(labels, Finish.CANCELLED.value).inc()
             self.metrics.running.labels(labels).dec()
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
-from slm.errors import InvalidArgument
-from slm.v1 import inference_pb2, inference_pb2_grpc, types_pb2
-
 from inference_local.chat_template import Message
 from inference_local.engine import Delta, Engine, Finish, Request, Sampling
+from slm.errors import InvalidArgument
+from slm.v1 import inference_pb2, inference_pb2_grpc, types_pb2
 
 # grpc ships no type information; the servicer context is untyped.
 Context: TypeAlias = Any

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import grpc
 from prometheus_client import CollectorRegistry
-from slm.config import Settings
-from slm.v1 import ledger_pb2, ledger_pb2_grpc
 
 from ledger.servicer import LedgerServicer
 from ledger.store import LedgerStore
+from slm.config import Settings
+from slm.v1 import ledger_pb2, ledger_pb2_grpc
 
 
 class LedgerApp:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any, TypeAlias
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from slm.v1 import ledger_pb2, ledger_pb2_grpc
 
 from ledger.store import Entry, LedgerStore, Record
+from slm.v1 import ledger_pb2, ledger_pb2_grpc
 
 # grpc ships no type information; the servicer context is untyped.
 Context: TypeAlias = Any

@@ -1,0 +1,213 @@
+"""Latency the mesh adds (Envoy -> gateway -> Doorman -> inference-local) over in-process llama.cpp.
+
+Both paths do identical work per request: the same prompt tokens, a full prefill (the engine
+resets its context per request) and greedy decoding, so the difference is the mesh itself.
+Runs are interleaved so that machine noise hits both paths alike.
+
+    make bench            # or: .venv/bin/python bench/mesh_overhead.py --iterations 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from helpers import DEFAULT_MODEL, Mesh, mesh_settings
+
+from slm.v1 import doorman_pb2, doorman_pb2_grpc, types_pb2
+
+PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass(frozen=True)
+class Sample:
+    ttft_s: float
+    total_s: float
+    tokens: int
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def direct(llama: Any, max_tokens: int) -> Sample:
+    """The engine's own call, in-process, as inference-local makes it."""
+    tokens = llama.tokenize(PROMPT.encode(), add_bos=True, special=True)
+    start = time.perf_counter()
+    llama.reset()
+    ttft = 0.0
+    count = 0
+    for chunk in llama.create_completion(
+        tokens,
+        max_tokens=max_tokens,
+        temperature=0.0,
+        top_p=1.0,
+        repeat_penalty=1.0,
+        stream=True,
+        seed=1,
+    ):
+        if chunk["choices"][0]["text"]:
+            if count == 0:
+                ttft = time.perf_counter() - start
+            count += 1
+    return Sample(ttft or time.perf_counter() - start, time.perf_counter() - start, count)
+
+
+def through_http(client: httpx.Client, url: str, max_tokens: int) -> Sample:
+    """OpenAI /v1/completions, streamed, through Envoy."""
+    body = {
+        "model": DEFAULT_MODEL,
+        "prompt": PROMPT,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "seed": 1,
+        "stream": True,
+    }
+    start = time.perf_counter()
+    ttft = 0.0
+    count = 0
+    with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choices = json.loads(line[6:]).get("choices") or [{}]
+            if choices[0].get("text"):
+                if count == 0:
+                    ttft = time.perf_counter() - start
+                count += 1
+    return Sample(ttft or time.perf_counter() - start, time.perf_counter() - start, count)
+
+
+async def through_grpc(stub: Any, max_tokens: int) -> Sample:
+    """DoormanService.Complete through Envoy, as an internal service would call it."""
+    request = doorman_pb2.CompleteRequest(
+        model=DEFAULT_MODEL,
+        prompt=PROMPT,
+        sampling=types_pb2.SamplingParams(
+            max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=1
+        ),
+    )
+    start = time.perf_counter()
+    ttft = 0.0
+    count = 0
+    async for response in stub.Complete(request):
+        if response.HasField("delta") and response.delta.text:
+            if count == 0:
+                ttft = time.perf_counter() - start
+            count += 1
+    return Sample(ttft or time.perf_counter() - start, time.perf_counter() - start, count)
+
+
+def summary(samples: list[Sample]) -> dict[str, float]:
+    ttft = [s.ttft_s * 1000 for s in samples]
+    total = [s.total_s * 1000 for s in samples]
+    return {
+        "ttft_p50_ms": statistics.median(ttft),
+        "ttft_p99_ms": percentile(ttft, 99),
+        "total_p50_ms": statistics.median(total),
+        "total_p99_ms": percentile(total, 99),
+        "tokens": statistics.median([s.tokens for s in samples]),
+    }
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--iterations", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+
+    from llama_cpp import Llama
+
+    from inference_local.models import ensure_model_file
+    from slm.config import InferenceLocalConfig
+
+    state = Path(tempfile.mkdtemp(prefix="slm-bench-"))
+    settings = mesh_settings(state)
+    entry = InferenceLocalConfig().models[0]
+    model_file = ensure_model_file(settings.inference_local.models_dir, entry)
+    llama = Llama(
+        model_path=str(model_file),
+        n_ctx=entry.context_length,
+        n_threads=os.cpu_count() or 1,
+        n_batch=512,
+        verbose=False,
+    )
+    mesh = Mesh(settings, state / "slm.toml", state / "mesh.log")
+    mesh.start()
+    results: dict[str, Any] = {
+        "iterations": args.iterations,
+        "prompt": PROMPT,
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        async with grpc.aio.insecure_channel(mesh.grpc_target) as channel:
+            stub = doorman_pb2_grpc.DoormanServiceStub(channel)
+            with httpx.Client(timeout=120) as client:
+                for max_tokens in (1, 64):
+                    runs: dict[str, list[Sample]] = {"direct": [], "mesh_http": [], "mesh_grpc": []}
+                    for i in range(args.warmup + args.iterations):
+                        samples = {
+                            "direct": direct(llama, max_tokens),
+                            "mesh_http": through_http(client, mesh.base_url, max_tokens),
+                            "mesh_grpc": await through_grpc(stub, max_tokens),
+                        }
+                        if i >= args.warmup:
+                            for name, sample in samples.items():
+                                runs[name].append(sample)
+                    results[f"max_tokens_{max_tokens}"] = {n: summary(s) for n, s in runs.items()}
+    finally:
+        mesh.stop()
+        llama.close()
+
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "mesh_overhead.json"
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nmesh overhead vs in-process llama.cpp ({args.iterations} interleaved runs each)")
+    header = (
+        f"{'case':<22}{'path':<11}{'TTFT p50':>10}{'TTFT p99':>10}{'total p50':>11}"
+        f"{'total p99':>11}{'tokens':>8}"
+    )
+    print(header)
+    for max_tokens in (1, 64):
+        case = results[f"max_tokens_{max_tokens}"]
+        for path, s in case.items():
+            print(
+                f"{'max_tokens=' + str(max_tokens):<22}{path:<11}{s['ttft_p50_ms']:>9.2f}m"
+                f"{s['ttft_p99_ms']:>9.2f}m{s['total_p50_ms']:>10.2f}m{s['total_p99_ms']:>10.2f}m"
+                f"{s['tokens']:>8.0f}"
+            )
+        base = case["direct"]
+        for path in ("mesh_http", "mesh_grpc"):
+            m = case[path]
+            print(
+                f"  {path}: added p50 {m['total_p50_ms'] - base['total_p50_ms']:+.2f} ms "
+                f"(ratio {m['total_p50_ms'] / base['total_p50_ms']:.3f}), "
+                f"p99 {m['total_p99_ms'] - base['total_p99_ms']:+.2f} ms "
+                f"(ratio {m['total_p99_ms'] / base['total_p99_ms']:.3f}); "
+                f"TTFT p50 added {m['ttft_p50_ms'] - base['ttft_p50_ms']:+.2f} ms"
+            )
+    print(f"\nJSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

