@@ -1,0 +1,51 @@
+"""`slm up` restarts a child that crashes, and the mesh answers again."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from helpers import DEFAULT_MODEL, Mesh, mesh_settings
+
+pytestmark = pytest.mark.e2e
+
+
+def child_pids(config_path: Path, service: str) -> list[int]:
+    """PIDs of `slm --config PATH serve SERVICE` processes, read from /proc."""
+    wanted = ["--config", str(config_path), "serve", service]
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        if any(argv[i : i + len(wanted)] == wanted for i in range(len(argv))):
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture
+def own_mesh(model_path: Path, tmp_path: Path) -> Iterator[Mesh]:
+    mesh = Mesh(mesh_settings(tmp_path), tmp_path / "slm.toml", tmp_path / "mesh.log")
+    mesh.start()
+    yield mesh
+    assert mesh.stop() == 0, mesh.log_tail()
+
+
+def test_crashed_child_is_restarted(own_mesh: Mesh) -> None:
+    client = openai.OpenAI(base_url=f"{own_mesh.base_url}/v1", api_key="unused", max_retries=0)
+    [doorman] = child_pids(own_mesh.config_path, "doorman")
+    os.kill(doorman, signal.SIGKILL)
+    # The client retries on 503 while the supervisor brings the Doorman back.
+    patient = client.with_options(max_retries=10)
+    reply = patient.completions.create(model=DEFAULT_MODEL, prompt="Hello", max_tokens=2)
+    assert reply.choices[0].text is not None
+    [restarted] = child_pids(own_mesh.config_path, "doorman")
+    assert restarted != doorman
+    assert "child exited; restarting" in own_mesh.log_tail()
