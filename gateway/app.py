@@ -140,7 +140,7 @@ def build_app(settings: Settings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        channel = open_channel(settings.gateway.doorman)
+        channel = open_channel(settings.gateway.doorman, settings.telemetry)
         runtime.serving = OpenAIServing(channel, metrics)
         log.info("gateway started", extra={"doorman": settings.gateway.doorman})
         try:

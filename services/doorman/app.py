@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry
 
 from doorman.core import Doorman, DoormanMetrics, Upstream
 from doorman.servicer import DoormanServicer
-from slm.config import DoormanConfig, Settings
+from slm.config import DoormanConfig, Settings, TelemetryConfig
 from slm.server import open_channel
 from slm.v1 import doorman_pb2, doorman_pb2_grpc, inference_pb2_grpc, ledger_pb2_grpc, types_pb2
 
@@ -17,10 +17,15 @@ class DoormanApp:
         doorman_pb2.DESCRIPTOR.services_by_name["DoormanService"].full_name,
     )
 
-    def __init__(self, config: DoormanConfig, registry: CollectorRegistry) -> None:
+    def __init__(
+        self, config: DoormanConfig, telemetry_config: TelemetryConfig, registry: CollectorRegistry
+    ) -> None:
         self.config = config
         # Channels connect lazily, so the Doorman starts even while its upstreams are still loading.
-        self._channels = [open_channel(config.inference_local), open_channel(config.ledger)]
+        self._channels = [
+            open_channel(config.inference_local, telemetry_config),
+            open_channel(config.ledger, telemetry_config),
+        ]
         local = Upstream(
             tier=types_pb2.TIER_LOCAL,
             address=config.inference_local,
@@ -46,4 +51,4 @@ class DoormanApp:
 
 
 def build_app(settings: Settings, registry: CollectorRegistry) -> DoormanApp:
-    return DoormanApp(settings.doorman, registry)
+    return DoormanApp(settings.doorman, settings.telemetry, registry)

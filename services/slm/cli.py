@@ -50,9 +50,9 @@ def serve(name: str, settings: Settings) -> int:
         # exec: the supervisor's signals reach Envoy itself.
         os.execv(binary, [binary, "-c", str(path), "--log-level", "warn", "--disable-hot-restart"])
     if name == "gateway":
-        from gateway.app import serve_gateway
+        from gateway.app import run_gateway
 
-        asyncio.run(serve_gateway(settings))
+        run_gateway(settings)
         return 0
     asyncio.run(serve_grpc(name, settings))
     return 0

@@ -79,7 +79,7 @@ class GrpcService:
 
     async def __aenter__(self) -> Self:
         interceptors: list[grpc.aio.ServerInterceptor] = [
-            *telemetry.server_interceptors(),
+            *telemetry.server_interceptors(self._telemetry_config),
             ErrorInterceptor(RpcMetrics(self.registry)),
         ]
         server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
@@ -155,8 +155,10 @@ CHANNEL_OPTIONS: Sequence[tuple[str, int]] = (
 )
 
 
-def open_channel(address: str) -> grpc.aio.Channel:
-    """An instrumented insecure channel for mesh-internal calls on loopback or a private network."""
+def open_channel(address: str, telemetry_config: TelemetryConfig) -> grpc.aio.Channel:
+    """An insecure channel for mesh-internal calls on loopback or a private network."""
     return grpc.aio.insecure_channel(
-        address, options=CHANNEL_OPTIONS, interceptors=telemetry.client_interceptors()
+        address,
+        options=CHANNEL_OPTIONS,
+        interceptors=telemetry.client_interceptors(telemetry_config),
     )
