@@ -22,28 +22,33 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from slm.v1 import inference_pb2 as slm_dot_v1_dot_inference__pb2
 from slm.v1 import types_pb2 as slm_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14slm/v1/doorman.proto\x12\x06slm.v1\x1a\x12slm/v1/types.proto\"m\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x08messages\x18\x02 \x03(\x0b\x32\x13.slm.v1.ChatMessage\x12(\n\x08sampling\x18\x03 \x01(\x0b\x32\x16.slm.v1.SamplingParams\"]\n\x0c\x43hatResponse\x12\"\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x11.slm.v1.TextDeltaH\x00\x12 \n\x03\x65nd\x18\x02 \x01(\x0b\x32\x11.slm.v1.StreamEndH\x00\x42\x07\n\x05\x65vent\"Z\n\x0f\x43ompleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12(\n\x08sampling\x18\x03 \x01(\x0b\x32\x16.slm.v1.SamplingParams\"a\n\x10\x43ompleteResponse\x12\"\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x11.slm.v1.TextDeltaH\x00\x12 \n\x03\x65nd\x18\x02 \x01(\x0b\x32\x11.slm.v1.StreamEndH\x00\x42\x07\n\x05\x65vent\"!\n\x1f\x44oormanServiceListModelsRequest\"E\n DoormanServiceListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.slm.v1.ModelInfo2\xe7\x01\n\x0e\x44oormanService\x12\x33\n\x04\x43hat\x12\x13.slm.v1.ChatRequest\x1a\x14.slm.v1.ChatResponse0\x01\x12?\n\x08\x43omplete\x12\x17.slm.v1.CompleteRequest\x1a\x18.slm.v1.CompleteResponse0\x01\x12_\n\nListModels\x12\'.slm.v1.DoormanServiceListModelsRequest\x1a(.slm.v1.DoormanServiceListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14slm/v1/doorman.proto\x12\x06slm.v1\x1a\x16slm/v1/inference.proto\x1a\x12slm/v1/types.proto\"m\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x08messages\x18\x02 \x03(\x0b\x32\x13.slm.v1.ChatMessage\x12(\n\x08sampling\x18\x03 \x01(\x0b\x32\x16.slm.v1.SamplingParams\"]\n\x0c\x43hatResponse\x12\"\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x11.slm.v1.TextDeltaH\x00\x12 \n\x03\x65nd\x18\x02 \x01(\x0b\x32\x11.slm.v1.StreamEndH\x00\x42\x07\n\x05\x65vent\"Z\n\x0f\x43ompleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12(\n\x08sampling\x18\x03 \x01(\x0b\x32\x16.slm.v1.SamplingParams\"a\n\x10\x43ompleteResponse\x12\"\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x11.slm.v1.TextDeltaH\x00\x12 \n\x03\x65nd\x18\x02 \x01(\x0b\x32\x11.slm.v1.StreamEndH\x00\x42\x07\n\x05\x65vent\"!\n\x1f\x44oormanServiceListModelsRequest\"E\n DoormanServiceListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.slm.v1.ModelInfo\";\n\x1a\x44oormanServiceEmbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\"[\n\x1b\x44oormanServiceEmbedResponse\x12%\n\nembeddings\x18\x01 \x03(\x0b\x32\x11.slm.v1.Embedding\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r2\xb9\x02\n\x0e\x44oormanService\x12\x33\n\x04\x43hat\x12\x13.slm.v1.ChatRequest\x1a\x14.slm.v1.ChatResponse0\x01\x12?\n\x08\x43omplete\x12\x17.slm.v1.CompleteRequest\x1a\x18.slm.v1.CompleteResponse0\x01\x12_\n\nListModels\x12\'.slm.v1.DoormanServiceListModelsRequest\x1a(.slm.v1.DoormanServiceListModelsResponse\x12P\n\x05\x45mbed\x12\".slm.v1.DoormanServiceEmbedRequest\x1a#.slm.v1.DoormanServiceEmbedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'slm.v1.doorman_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHATREQUEST']._serialized_start=52
-  _globals['_CHATREQUEST']._serialized_end=161
-  _globals['_CHATRESPONSE']._serialized_start=163
-  _globals['_CHATRESPONSE']._serialized_end=256
-  _globals['_COMPLETEREQUEST']._serialized_start=258
-  _globals['_COMPLETEREQUEST']._serialized_end=348
-  _globals['_COMPLETERESPONSE']._serialized_start=350
-  _globals['_COMPLETERESPONSE']._serialized_end=447
-  _globals['_DOORMANSERVICELISTMODELSREQUEST']._serialized_start=449
-  _globals['_DOORMANSERVICELISTMODELSREQUEST']._serialized_end=482
-  _globals['_DOORMANSERVICELISTMODELSRESPONSE']._serialized_start=484
-  _globals['_DOORMANSERVICELISTMODELSRESPONSE']._serialized_end=553
-  _globals['_DOORMANSERVICE']._serialized_start=556
-  _globals['_DOORMANSERVICE']._serialized_end=787
+  _globals['_CHATREQUEST']._serialized_start=76
+  _globals['_CHATREQUEST']._serialized_end=185
+  _globals['_CHATRESPONSE']._serialized_start=187
+  _globals['_CHATRESPONSE']._serialized_end=280
+  _globals['_COMPLETEREQUEST']._serialized_start=282
+  _globals['_COMPLETEREQUEST']._serialized_end=372
+  _globals['_COMPLETERESPONSE']._serialized_start=374
+  _globals['_COMPLETERESPONSE']._serialized_end=471
+  _globals['_DOORMANSERVICELISTMODELSREQUEST']._serialized_start=473
+  _globals['_DOORMANSERVICELISTMODELSREQUEST']._serialized_end=506
+  _globals['_DOORMANSERVICELISTMODELSRESPONSE']._serialized_start=508
+  _globals['_DOORMANSERVICELISTMODELSRESPONSE']._serialized_end=577
+  _globals['_DOORMANSERVICEEMBEDREQUEST']._serialized_start=579
+  _globals['_DOORMANSERVICEEMBEDREQUEST']._serialized_end=638
+  _globals['_DOORMANSERVICEEMBEDRESPONSE']._serialized_start=640
+  _globals['_DOORMANSERVICEEMBEDRESPONSE']._serialized_end=731
+  _globals['_DOORMANSERVICE']._serialized_start=734
+  _globals['_DOORMANSERVICE']._serialized_end=1047
 # @@protoc_insertion_point(module_scope)

@@ -54,6 +54,11 @@ class DoormanServiceStub:
                 request_serializer=slm_dot_v1_dot_doorman__pb2.DoormanServiceListModelsRequest.SerializeToString,
                 response_deserializer=slm_dot_v1_dot_doorman__pb2.DoormanServiceListModelsResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/slm.v1.DoormanService/Embed',
+                request_serializer=slm_dot_v1_dot_doorman__pb2.DoormanServiceEmbedRequest.SerializeToString,
+                response_deserializer=slm_dot_v1_dot_doorman__pb2.DoormanServiceEmbedResponse.FromString,
+                _registered_method=True)
 
 
 class DoormanServiceServicer:
@@ -90,6 +95,14 @@ class DoormanServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embed returns one embedding per input, from a model that serves embeddings.
+        Errors: as Chat, plus FAILED_PRECONDITION when the model does not produce embeddings.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DoormanServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +120,11 @@ def add_DoormanServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=slm_dot_v1_dot_doorman__pb2.DoormanServiceListModelsRequest.FromString,
                     response_serializer=slm_dot_v1_dot_doorman__pb2.DoormanServiceListModelsResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=slm_dot_v1_dot_doorman__pb2.DoormanServiceEmbedRequest.FromString,
+                    response_serializer=slm_dot_v1_dot_doorman__pb2.DoormanServiceEmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -195,6 +213,33 @@ class DoormanService:
             '/slm.v1.DoormanService/ListModels',
             slm_dot_v1_dot_doorman__pb2.DoormanServiceListModelsRequest.SerializeToString,
             slm_dot_v1_dot_doorman__pb2.DoormanServiceListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slm.v1.DoormanService/Embed',
+            slm_dot_v1_dot_doorman__pb2.DoormanServiceEmbedRequest.SerializeToString,
+            slm_dot_v1_dot_doorman__pb2.DoormanServiceEmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,10 @@ class DoormanServiceStub:
     """ListModels lists the models a caller may use.
     Errors: UNAVAILABLE when no tier answers.
     """
+    Embed: _grpc.UnaryUnaryMultiCallable[_doorman_pb2.DoormanServiceEmbedRequest, _doorman_pb2.DoormanServiceEmbedResponse]
+    """Embed returns one embedding per input, from a model that serves embeddings.
+    Errors: as Chat, plus FAILED_PRECONDITION when the model does not produce embeddings.
+    """
 
 @_typing.type_check_only
 class DoormanServiceAsyncStub(DoormanServiceStub):
@@ -74,6 +78,10 @@ class DoormanServiceAsyncStub(DoormanServiceStub):
     ListModels: _aio.UnaryUnaryMultiCallable[_doorman_pb2.DoormanServiceListModelsRequest, _doorman_pb2.DoormanServiceListModelsResponse]  # type: ignore[assignment]
     """ListModels lists the models a caller may use.
     Errors: UNAVAILABLE when no tier answers.
+    """
+    Embed: _aio.UnaryUnaryMultiCallable[_doorman_pb2.DoormanServiceEmbedRequest, _doorman_pb2.DoormanServiceEmbedResponse]  # type: ignore[assignment]
+    """Embed returns one embedding per input, from a model that serves embeddings.
+    Errors: as Chat, plus FAILED_PRECONDITION when the model does not produce embeddings.
     """
 
 class DoormanServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -113,6 +121,16 @@ class DoormanServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_doorman_pb2.DoormanServiceListModelsResponse, _abc.Awaitable[_doorman_pb2.DoormanServiceListModelsResponse]]:
         """ListModels lists the models a caller may use.
         Errors: UNAVAILABLE when no tier answers.
+        """
+
+    @_abc_1.abstractmethod
+    def Embed(
+        self,
+        request: _doorman_pb2.DoormanServiceEmbedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_doorman_pb2.DoormanServiceEmbedResponse, _abc.Awaitable[_doorman_pb2.DoormanServiceEmbedResponse]]:
+        """Embed returns one embedding per input, from a model that serves embeddings.
+        Errors: as Chat, plus FAILED_PRECONDITION when the model does not produce embeddings.
         """
 
 def add_DoormanServiceServicer_to_server(servicer: DoormanServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -46,6 +46,31 @@ class InferenceServiceStub:
                 request_serializer=slm_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=slm_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/slm.v1.InferenceService/LoadModel',
+                request_serializer=slm_dot_v1_dot_inference__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=slm_dot_v1_dot_inference__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/slm.v1.InferenceService/UnloadModel',
+                request_serializer=slm_dot_v1_dot_inference__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=slm_dot_v1_dot_inference__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/slm.v1.InferenceService/Tokenize',
+                request_serializer=slm_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=slm_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/slm.v1.InferenceService/Detokenize',
+                request_serializer=slm_dot_v1_dot_inference__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=slm_dot_v1_dot_inference__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/slm.v1.InferenceService/Embed',
+                request_serializer=slm_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=slm_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -66,8 +91,48 @@ class InferenceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """ListModels lists the models this service can serve.
+        """ListModels lists the models this service can serve, loaded or not.
         Errors: none beyond transport errors.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """LoadModel loads a GGUF under a name (the same file may be loaded under two names and
+        shares its weights). Errors: INVALID_ARGUMENT (path outside the model directories, bad
+        file), ALREADY_EXISTS (name taken by another file), RESOURCE_EXHAUSTED (memory budget or
+        model count would be exceeded; the message names the numbers).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """UnloadModel frees a model once its running sequences have finished.
+        Errors: NOT_FOUND (not loaded).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Tokenize(self, request, context):
+        """Tokenize turns text into the model's token ids. Errors: NOT_FOUND (unknown model).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Detokenize turns token ids into text. Errors: NOT_FOUND, INVALID_ARGUMENT (bad token id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Embed(self, request, context):
+        """Embed returns one embedding per input. Errors: NOT_FOUND, FAILED_PRECONDITION (the model
+        does not produce embeddings), INVALID_ARGUMENT (input longer than the context).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -85,6 +150,31 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=slm_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
                     response_serializer=slm_dot_v1_dot_inference__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=slm_dot_v1_dot_inference__pb2.LoadModelRequest.FromString,
+                    response_serializer=slm_dot_v1_dot_inference__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=slm_dot_v1_dot_inference__pb2.UnloadModelRequest.FromString,
+                    response_serializer=slm_dot_v1_dot_inference__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=slm_dot_v1_dot_inference__pb2.TokenizeRequest.FromString,
+                    response_serializer=slm_dot_v1_dot_inference__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=slm_dot_v1_dot_inference__pb2.DetokenizeRequest.FromString,
+                    response_serializer=slm_dot_v1_dot_inference__pb2.DetokenizeResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=slm_dot_v1_dot_inference__pb2.EmbedRequest.FromString,
+                    response_serializer=slm_dot_v1_dot_inference__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -143,6 +233,141 @@ class InferenceService:
             '/slm.v1.InferenceService/ListModels',
             slm_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
             slm_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slm.v1.InferenceService/LoadModel',
+            slm_dot_v1_dot_inference__pb2.LoadModelRequest.SerializeToString,
+            slm_dot_v1_dot_inference__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slm.v1.InferenceService/UnloadModel',
+            slm_dot_v1_dot_inference__pb2.UnloadModelRequest.SerializeToString,
+            slm_dot_v1_dot_inference__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slm.v1.InferenceService/Tokenize',
+            slm_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
+            slm_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slm.v1.InferenceService/Detokenize',
+            slm_dot_v1_dot_inference__pb2.DetokenizeRequest.SerializeToString,
+            slm_dot_v1_dot_inference__pb2.DetokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slm.v1.InferenceService/Embed',
+            slm_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+            slm_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,8 +44,26 @@ class InferenceServiceStub:
     CANCELLED / DEADLINE_EXCEEDED (generation stops within one token).
     """
     ListModels: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]
-    """ListModels lists the models this service can serve.
+    """ListModels lists the models this service can serve, loaded or not.
     Errors: none beyond transport errors.
+    """
+    LoadModel: _grpc.UnaryUnaryMultiCallable[_inference_pb2.LoadModelRequest, _inference_pb2.LoadModelResponse]
+    """LoadModel loads a GGUF under a name (the same file may be loaded under two names and
+    shares its weights). Errors: INVALID_ARGUMENT (path outside the model directories, bad
+    file), ALREADY_EXISTS (name taken by another file), RESOURCE_EXHAUSTED (memory budget or
+    model count would be exceeded; the message names the numbers).
+    """
+    UnloadModel: _grpc.UnaryUnaryMultiCallable[_inference_pb2.UnloadModelRequest, _inference_pb2.UnloadModelResponse]
+    """UnloadModel frees a model once its running sequences have finished.
+    Errors: NOT_FOUND (not loaded).
+    """
+    Tokenize: _grpc.UnaryUnaryMultiCallable[_inference_pb2.TokenizeRequest, _inference_pb2.TokenizeResponse]
+    """Tokenize turns text into the model's token ids. Errors: NOT_FOUND (unknown model)."""
+    Detokenize: _grpc.UnaryUnaryMultiCallable[_inference_pb2.DetokenizeRequest, _inference_pb2.DetokenizeResponse]
+    """Detokenize turns token ids into text. Errors: NOT_FOUND, INVALID_ARGUMENT (bad token id)."""
+    Embed: _grpc.UnaryUnaryMultiCallable[_inference_pb2.EmbedRequest, _inference_pb2.EmbedResponse]
+    """Embed returns one embedding per input. Errors: NOT_FOUND, FAILED_PRECONDITION (the model
+    does not produce embeddings), INVALID_ARGUMENT (input longer than the context).
     """
 
 @_typing.type_check_only
@@ -64,8 +82,26 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     CANCELLED / DEADLINE_EXCEEDED (generation stops within one token).
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]  # type: ignore[assignment]
-    """ListModels lists the models this service can serve.
+    """ListModels lists the models this service can serve, loaded or not.
     Errors: none beyond transport errors.
+    """
+    LoadModel: _aio.UnaryUnaryMultiCallable[_inference_pb2.LoadModelRequest, _inference_pb2.LoadModelResponse]  # type: ignore[assignment]
+    """LoadModel loads a GGUF under a name (the same file may be loaded under two names and
+    shares its weights). Errors: INVALID_ARGUMENT (path outside the model directories, bad
+    file), ALREADY_EXISTS (name taken by another file), RESOURCE_EXHAUSTED (memory budget or
+    model count would be exceeded; the message names the numbers).
+    """
+    UnloadModel: _aio.UnaryUnaryMultiCallable[_inference_pb2.UnloadModelRequest, _inference_pb2.UnloadModelResponse]  # type: ignore[assignment]
+    """UnloadModel frees a model once its running sequences have finished.
+    Errors: NOT_FOUND (not loaded).
+    """
+    Tokenize: _aio.UnaryUnaryMultiCallable[_inference_pb2.TokenizeRequest, _inference_pb2.TokenizeResponse]  # type: ignore[assignment]
+    """Tokenize turns text into the model's token ids. Errors: NOT_FOUND (unknown model)."""
+    Detokenize: _aio.UnaryUnaryMultiCallable[_inference_pb2.DetokenizeRequest, _inference_pb2.DetokenizeResponse]  # type: ignore[assignment]
+    """Detokenize turns token ids into text. Errors: NOT_FOUND, INVALID_ARGUMENT (bad token id)."""
+    Embed: _aio.UnaryUnaryMultiCallable[_inference_pb2.EmbedRequest, _inference_pb2.EmbedResponse]  # type: ignore[assignment]
+    """Embed returns one embedding per input. Errors: NOT_FOUND, FAILED_PRECONDITION (the model
+    does not produce embeddings), INVALID_ARGUMENT (input longer than the context).
     """
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -93,8 +129,56 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _inference_pb2.ListModelsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.ListModelsResponse, _abc.Awaitable[_inference_pb2.ListModelsResponse]]:
-        """ListModels lists the models this service can serve.
+        """ListModels lists the models this service can serve, loaded or not.
         Errors: none beyond transport errors.
+        """
+
+    @_abc_1.abstractmethod
+    def LoadModel(
+        self,
+        request: _inference_pb2.LoadModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.LoadModelResponse, _abc.Awaitable[_inference_pb2.LoadModelResponse]]:
+        """LoadModel loads a GGUF under a name (the same file may be loaded under two names and
+        shares its weights). Errors: INVALID_ARGUMENT (path outside the model directories, bad
+        file), ALREADY_EXISTS (name taken by another file), RESOURCE_EXHAUSTED (memory budget or
+        model count would be exceeded; the message names the numbers).
+        """
+
+    @_abc_1.abstractmethod
+    def UnloadModel(
+        self,
+        request: _inference_pb2.UnloadModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.UnloadModelResponse, _abc.Awaitable[_inference_pb2.UnloadModelResponse]]:
+        """UnloadModel frees a model once its running sequences have finished.
+        Errors: NOT_FOUND (not loaded).
+        """
+
+    @_abc_1.abstractmethod
+    def Tokenize(
+        self,
+        request: _inference_pb2.TokenizeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.TokenizeResponse, _abc.Awaitable[_inference_pb2.TokenizeResponse]]:
+        """Tokenize turns text into the model's token ids. Errors: NOT_FOUND (unknown model)."""
+
+    @_abc_1.abstractmethod
+    def Detokenize(
+        self,
+        request: _inference_pb2.DetokenizeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.DetokenizeResponse, _abc.Awaitable[_inference_pb2.DetokenizeResponse]]:
+        """Detokenize turns token ids into text. Errors: NOT_FOUND, INVALID_ARGUMENT (bad token id)."""
+
+    @_abc_1.abstractmethod
+    def Embed(
+        self,
+        request: _inference_pb2.EmbedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.EmbedResponse, _abc.Awaitable[_inference_pb2.EmbedResponse]]:
+        """Embed returns one embedding per input. Errors: NOT_FOUND, FAILED_PRECONDITION (the model
+        does not produce embeddings), INVALID_ARGUMENT (input longer than the context).
         """
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -24,31 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12slm/v1/types.proto\x12\x06slm.v1\"H\n\x0b\x43hatMessage\x12\x1a\n\x04role\x18\x01 \x01(\x0e\x32\x0c.slm.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"2\n\tChatInput\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.slm.v1.ChatMessage\"\xaa\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x93\x01\n\tStreamEnd\x12+\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x14.slm.v1.FinishReason\x12\x1c\n\x05usage\x18\x02 \x01(\x0b\x32\r.slm.v1.Usage\x12\r\n\x05model\x18\x03 \x01(\t\x12\x1a\n\x04tier\x18\x04 \x01(\x0e\x32\x0c.slm.v1.Tier\x12\x10\n\x08upstream\x18\x05 \x01(\t\"S\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x0e\n\x06loaded\x18\x04 \x01(\x08*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04*\x9e\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04*M\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0e\n\nTIER_LOCAL\x10\x01\x12\x0c\n\x08TIER_GPU\x10\x02\x12\x11\n\rTIER_EXTERNAL\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12slm/v1/types.proto\x12\x06slm.v1\"H\n\x0b\x43hatMessage\x12\x1a\n\x04role\x18\x01 \x01(\x0e\x32\x0c.slm.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"2\n\tChatInput\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.slm.v1.ChatMessage\"\x9d\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\rH\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\t \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\x08\x88\x01\x01\x12\x39\n\nlogit_bias\x18\x0b \x03(\x0b\x32%.slm.v1.SamplingParams.LogitBiasEntry\x12\x10\n\x08logprobs\x18\x0c \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\r \x01(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"g\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\x12(\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x12.slm.v1.TopLogprob\";\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\"W\n\x08RouteHop\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1a\n\x04tier\x18\x02 \x01(\x0e\x32\x0c.slm.v1.Tier\x12\x10\n\x08upstream\x18\x03 \x01(\t\x12\x0e\n\x06intent\x18\x04 \x01(\t\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"A\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12&\n\x08logprobs\x18\x02 \x03(\x0b\x32\x14.slm.v1.TokenLogprob\"\xaa\x02\n\tStreamEnd\x12+\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x14.slm.v1.FinishReason\x12\x1c\n\x05usage\x18\x02 \x01(\x0b\x32\r.slm.v1.Usage\x12\r\n\x05model\x18\x03 \x01(\t\x12\x1a\n\x04tier\x18\x04 \x01(\x0e\x32\x0c.slm.v1.Tier\x12\x10\n\x08upstream\x18\x05 \x01(\t\x12\x1e\n\x04hops\x18\x06 \x03(\x0b\x32\x10.slm.v1.RouteHop\x12>\n\x0fmasked_entities\x18\x07 \x03(\x0b\x32%.slm.v1.StreamEnd.MaskedEntitiesEntry\x1a\x35\n\x13MaskedEntitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\xbc\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x0e\n\x06loaded\x18\x04 \x01(\x08\x12\x14\n\x0c\x61rchitecture\x18\x05 \x01(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x04\x12\x19\n\x11has_chat_template\x18\x07 \x01(\x08\x12\x0e\n\x06pinned\x18\x08 \x01(\x08\x12\x12\n\nembeddings\x18\t \x01(\x08*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04*\x9e\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04*M\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0e\n\nTIER_LOCAL\x10\x01\x12\x0c\n\x08TIER_GPU\x10\x02\x12\x11\n\rTIER_EXTERNAL\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'slm.v1.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=672
-  _globals['_ROLE']._serialized_end=767
-  _globals['_FINISHREASON']._serialized_start=770
-  _globals['_FINISHREASON']._serialized_end=928
-  _globals['_TIER']._serialized_start=930
-  _globals['_TIER']._serialized_end=1007
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_STREAMEND_MASKEDENTITIESENTRY']._loaded_options = None
+  _globals['_STREAMEND_MASKEDENTITIESENTRY']._serialized_options = b'8\001'
+  _globals['_ROLE']._serialized_start=1595
+  _globals['_ROLE']._serialized_end=1690
+  _globals['_FINISHREASON']._serialized_start=1693
+  _globals['_FINISHREASON']._serialized_end=1851
+  _globals['_TIER']._serialized_start=1853
+  _globals['_TIER']._serialized_end=1930
   _globals['_CHATMESSAGE']._serialized_start=30
   _globals['_CHATMESSAGE']._serialized_end=102
   _globals['_CHATINPUT']._serialized_start=104
   _globals['_CHATINPUT']._serialized_end=154
   _globals['_SAMPLINGPARAMS']._serialized_start=157
-  _globals['_SAMPLINGPARAMS']._serialized_end=327
-  _globals['_USAGE']._serialized_start=329
-  _globals['_USAGE']._serialized_end=408
-  _globals['_TEXTDELTA']._serialized_start=410
-  _globals['_TEXTDELTA']._serialized_end=435
-  _globals['_STREAMEND']._serialized_start=438
-  _globals['_STREAMEND']._serialized_end=585
-  _globals['_MODELINFO']._serialized_start=587
-  _globals['_MODELINFO']._serialized_end=670
+  _globals['_SAMPLINGPARAMS']._serialized_end=698
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=514
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=562
+  _globals['_TOKENLOGPROB']._serialized_start=700
+  _globals['_TOKENLOGPROB']._serialized_end=803
+  _globals['_TOPLOGPROB']._serialized_start=805
+  _globals['_TOPLOGPROB']._serialized_end=864
+  _globals['_ROUTEHOP']._serialized_start=866
+  _globals['_ROUTEHOP']._serialized_end=953
+  _globals['_USAGE']._serialized_start=955
+  _globals['_USAGE']._serialized_end=1034
+  _globals['_TEXTDELTA']._serialized_start=1036
+  _globals['_TEXTDELTA']._serialized_end=1101
+  _globals['_STREAMEND']._serialized_start=1104
+  _globals['_STREAMEND']._serialized_end=1402
+  _globals['_STREAMEND_MASKEDENTITIESENTRY']._serialized_start=1349
+  _globals['_STREAMEND_MASKEDENTITIESENTRY']._serialized_end=1402
+  _globals['_MODELINFO']._serialized_start=1405
+  _globals['_MODELINFO']._serialized_end=1593
 # @@protoc_insertion_point(module_scope)
