@@ -115,6 +115,12 @@ class GatewayConfig(Section):
     doorman: str = f"{LOOPBACK}:50051"
     # Limit on JSON bodies the gateway parses, in bytes (Envoy enforces the same).
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    # SHA-256 (hex) of the admin key guarding /admin/*. Empty: admin endpoints are open, which
+    # is allowed only while the gateway listens on loopback (the embedded default).
+    admin_key_sha256: str = Field(default="", pattern=r"^([0-9a-f]{64})?$")
+    # Where the admin endpoints reach the services they manage.
+    inference_local: str = f"{LOOPBACK}:50052"
+    ledger: str = f"{LOOPBACK}:50056"
 
 
 class EnvoyConfig(Section):
