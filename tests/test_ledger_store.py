@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ledger.store import Entry, LedgerStore, canonical, chain_hash
+from ledger.store import Entry, Hop, LedgerStore, canonical, chain_hash
 from slm.errors import InvalidArgument
 
 
@@ -79,3 +79,21 @@ def test_bad_paging_arguments_are_invalid(store: LedgerStore, size: int, token: 
 def test_request_id_is_required(store: LedgerStore) -> None:
     with pytest.raises(InvalidArgument, match="request_id"):
         store.append(Entry(request_id="", time_unix_ns=0))
+
+
+def test_routing_and_policy_fields_are_stored_and_hashed(store: LedgerStore) -> None:
+    full = Entry(
+        request_id="req-full",
+        time_unix_ns=1,
+        key_id="key-1",
+        adapter="legal-lora",
+        hops=(Hop(model="router", tier=1, intent="legal"), Hop(model="legal", tier=2)),
+        entity_counts={"EMAIL_ADDRESS": 2, "CREDIT_CARD": 1},
+        policy_decisions=("fallback:TIER_BURST",),
+    )
+    record = store.append(full)
+    assert store.list(1, "").records[0] == record
+    body = canonical(record.sequence, full)
+    assert '"EMAIL_ADDRESS":2' in body
+    assert '"intent":"legal"' in body
+    assert record.hash == chain_hash("", body)

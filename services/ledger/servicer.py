@@ -6,8 +6,8 @@ from typing import Any, TypeAlias
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from ledger.store import Entry, LedgerStore, Record
-from slm.v1 import ledger_pb2, ledger_pb2_grpc
+from ledger.store import Entry, Hop, LedgerStore, Record
+from slm.v1 import ledger_pb2, ledger_pb2_grpc, types_pb2
 
 # grpc ships no type information; the servicer context is untyped.
 Context: TypeAlias = Any
@@ -28,6 +28,14 @@ def entry_from_proto(entry: ledger_pb2.LedgerEntry) -> Entry:
         finish_reason=entry.finish_reason,
         status_code=entry.status_code,
         operation=entry.operation,
+        key_id=entry.key_id,
+        adapter=entry.adapter,
+        hops=tuple(
+            Hop(model=h.model, tier=h.tier, upstream=h.upstream, intent=h.intent)
+            for h in entry.hops
+        ),
+        entity_counts=dict(entry.entity_counts),
+        policy_decisions=tuple(entry.policy_decisions),
     )
 
 
@@ -53,6 +61,19 @@ def record_to_proto(record: Record) -> ledger_pb2.LedgerRecord:
             finish_reason=e.finish_reason,  # type: ignore[arg-type]
             status_code=e.status_code,
             operation=e.operation,
+            key_id=e.key_id,
+            adapter=e.adapter,
+            hops=[
+                types_pb2.RouteHop(
+                    model=h.model,
+                    tier=h.tier,  # type: ignore[arg-type]
+                    upstream=h.upstream,
+                    intent=h.intent,
+                )
+                for h in e.hops
+            ],
+            entity_counts=e.entity_counts,
+            policy_decisions=e.policy_decisions,
         ),
     )
 

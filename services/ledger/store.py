@@ -31,6 +31,16 @@ BEGIN SELECT RAISE(ABORT, 'ledger records are append-only'); END;
 
 
 @dataclass(frozen=True)
+class Hop:
+    """One hop of a routed request (router model, then specialist)."""
+
+    model: str = ""
+    tier: int = 0
+    upstream: str = ""
+    intent: str = ""
+
+
+@dataclass(frozen=True)
 class Entry:
     """What is recorded about one request; never prompt or completion text."""
 
@@ -47,6 +57,12 @@ class Entry:
     finish_reason: int = 0
     status_code: int = 0
     operation: str = ""
+    key_id: str = ""
+    adapter: str = ""
+    hops: tuple[Hop, ...] = ()
+    # Counts by entity type only: the values themselves never reach the ledger.
+    entity_counts: dict[str, int] = field(default_factory=dict)
+    policy_decisions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -156,4 +172,7 @@ class LedgerStore:
 def _decode(row: tuple[int, str, str, str]) -> Record:
     data = json.loads(row[1])
     data.pop("sequence")
+    # Bodies written before a field existed simply lack it and decode to its default.
+    data["hops"] = tuple(Hop(**hop) for hop in data.get("hops", ()))
+    data["policy_decisions"] = tuple(data.get("policy_decisions", ()))
     return Record(int(row[0]), Entry(**data), row[2], row[3])

@@ -26,6 +26,26 @@ class LedgerEntry(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class EntityCountsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
@@ -39,6 +59,11 @@ class LedgerEntry(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     STATUS_CODE_FIELD_NUMBER: _builtins.int
     OPERATION_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    HOPS_FIELD_NUMBER: _builtins.int
+    ENTITY_COUNTS_FIELD_NUMBER: _builtins.int
+    POLICY_DECISIONS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     tenant: _builtins.str
     model: _builtins.str
@@ -54,8 +79,24 @@ class LedgerEntry(_message.Message):
     """The gRPC status code the request ended with (0 = OK)."""
     operation: _builtins.str
     """The RPC that was called, e.g. "Chat"."""
+    key_id: _builtins.str
+    """Id of the API key the request authenticated with (never the key itself)."""
+    adapter: _builtins.str
+    """The LoRA adapter applied, "" for none."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def hops(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.RouteHop]:
+        """Every hop when the request was routed (router, then specialist)."""
+
+    @_builtins.property
+    def entity_counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Personal data masked before the request left, by entity type; never the values."""
+
+    @_builtins.property
+    def policy_decisions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Policy decisions taken for the request, e.g. "fallback:TIER_BURST" or "safety:redacted"."""
+
     def __init__(
         self,
         *,
@@ -72,10 +113,15 @@ class LedgerEntry(_message.Message):
         finish_reason: _types_pb2.FinishReason.ValueType = ...,
         status_code: _builtins.int = ...,
         operation: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        adapter: _builtins.str = ...,
+        hops: _abc.Iterable[_types_pb2.RouteHop] | None = ...,
+        entity_counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        policy_decisions: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "finish_reason", b"finish_reason", "latency_ms", b"latency_ms", "model", b"model", "operation", b"operation", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "status_code", b"status_code", "tenant", b"tenant", "tier", b"tier", "time", b"time", "ttft_ms", b"ttft_ms", "upstream", b"upstream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "completion_tokens", b"completion_tokens", "entity_counts", b"entity_counts", "finish_reason", b"finish_reason", "hops", b"hops", "key_id", b"key_id", "latency_ms", b"latency_ms", "model", b"model", "operation", b"operation", "policy_decisions", b"policy_decisions", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "status_code", b"status_code", "tenant", b"tenant", "tier", b"tier", "time", b"time", "ttft_ms", b"ttft_ms", "upstream", b"upstream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
