@@ -26,8 +26,8 @@ import slm
 from gateway import errors, protocol
 from gateway.serving import CallContext, GatewayMetrics, OpenAIServing, call_metadata
 from slm.config import Settings
+from slm.discovery import build_resolver, connect
 from slm.logs import request_id_var
-from slm.server import open_channel
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,8 @@ def build_app(settings: Settings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        channel = open_channel(settings.gateway.doorman, settings.telemetry)
+        resolver = build_resolver(settings.discovery)
+        channel = connect(resolver, settings.gateway.doorman, settings.telemetry)
         runtime.serving = OpenAIServing(channel, metrics)
         log.info("gateway started", extra={"doorman": settings.gateway.doorman})
         try:

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry
 from doorman.core import Doorman, DoormanMetrics, Upstream
 from doorman.servicer import DoormanServicer
 from slm.config import DoormanConfig, Settings, TelemetryConfig
-from slm.server import open_channel
+from slm.discovery import Resolver, StaticResolver, build_resolver, connect
 from slm.v1 import doorman_pb2, doorman_pb2_grpc, inference_pb2_grpc, ledger_pb2_grpc, types_pb2
 
 
@@ -18,13 +18,18 @@ class DoormanApp:
     )
 
     def __init__(
-        self, config: DoormanConfig, telemetry_config: TelemetryConfig, registry: CollectorRegistry
+        self,
+        config: DoormanConfig,
+        telemetry_config: TelemetryConfig,
+        registry: CollectorRegistry,
+        resolver: Resolver | None = None,
     ) -> None:
         self.config = config
+        resolver = resolver or StaticResolver()
         # Channels connect lazily, so the Doorman starts even while its upstreams are still loading.
         self._channels = [
-            open_channel(config.inference_local, telemetry_config),
-            open_channel(config.ledger, telemetry_config),
+            connect(resolver, config.inference_local, telemetry_config),
+            connect(resolver, config.ledger, telemetry_config),
         ]
         local = Upstream(
             tier=types_pb2.TIER_LOCAL,
@@ -51,4 +56,5 @@ class DoormanApp:
 
 
 def build_app(settings: Settings, registry: CollectorRegistry) -> DoormanApp:
-    return DoormanApp(settings.doorman, settings.telemetry, registry)
+    resolver = build_resolver(settings.discovery)
+    return DoormanApp(settings.doorman, settings.telemetry, registry, resolver)

@@ -35,7 +35,12 @@ async def serve_grpc(name: str, settings: Settings) -> None:
         from doorman.app import build_app as build_doorman
 
         app, endpoint = build_doorman(settings, registry), settings.doorman.endpoint
-    async with GrpcService(name, app, endpoint, settings.telemetry, registry):
+    from slm.discovery import registration
+
+    async with (
+        GrpcService(name, app, endpoint, settings.telemetry, registry) as service,
+        registration(settings.discovery, name, endpoint.host, service.port),
+    ):
         await wait_for_signal()
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (
@@ -134,6 +134,26 @@ class EnvoyConfig(Section):
     binary: str | None = None
 
 
+class DiscoveryConfig(Section):
+    """How a service turns the addresses in this file into gRPC targets (see slm.discovery)."""
+
+    # static: addresses are used as written (the embedded default, no per-request cost);
+    # kubernetes: bare Service names become cluster DNS names, balanced over headless Services;
+    # consul: bare names are Consul services, resolved to healthy instances and followed.
+    mode: Literal["static", "kubernetes", "consul"] = "static"
+    namespace: str = "default"
+    cluster_domain: str = "cluster.local"
+    consul_url: str = "http://127.0.0.1:8500"
+    consul_token: str | None = None
+    # Register this service in Consul with a gRPC health check, checked this often.
+    consul_register: bool = True
+    consul_check_interval_s: float = Field(default=10.0, gt=0)
+    # Longest a blocking query waits for a change before it is asked again.
+    consul_wait_s: float = Field(default=60.0, gt=0)
+    # The address other services reach this one at, registered in Consul (default: the host).
+    advertise_host: str | None = None
+
+
 class TelemetryConfig(Section):
     log_level: str = "INFO"
     # Off unless set: e.g. "http://127.0.0.1:4317".
@@ -160,6 +180,7 @@ class Settings(BaseSettings):
     gateway: GatewayConfig = GatewayConfig()
     envoy: EnvoyConfig = EnvoyConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
+    discovery: DiscoveryConfig = DiscoveryConfig()
 
     @field_validator("state_dir")
     @classmethod
