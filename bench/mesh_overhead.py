@@ -143,7 +143,9 @@ async def main() -> int:
     state = Path(tempfile.mkdtemp(prefix="slm-bench-"))
     settings = mesh_settings(state)
     entry = InferenceLocalConfig().models[0]
-    model_file = ensure_model_file(settings.inference_local.models_dir, entry)
+    model_file = ensure_model_file(
+        [settings.inference_local.models_dir], entry.path, entry.package, entry.name
+    )
     llama = Llama(
         model_path=str(model_file),
         n_ctx=entry.context_length,

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import SHARED_MODELS_DIR, Mesh, mesh_settings
+from postgres_server import PostgresServer, postgres_bindir
 
 from slm.config import InferenceLocalConfig, ServiceEndpoint, Settings
 from slm.server import GrpcService
@@ -26,7 +27,7 @@ def model_path() -> Path:
     from inference_local.models import ensure_model_file
 
     entry = InferenceLocalConfig().models[0]
-    return ensure_model_file(SHARED_MODELS_DIR, entry)
+    return ensure_model_file([SHARED_MODELS_DIR], entry.path, entry.package, entry.name)
 
 
 @pytest.fixture
@@ -75,3 +76,14 @@ def mesh(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     yield running
     code = running.stop()
     assert code == 0, running.log_tail()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the session (installed by `make deps`)."""
+    if postgres_bindir() is None:
+        pytest.skip("PostgreSQL is not installed: run `make deps`")
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.stop()

@@ -8,7 +8,8 @@ import pytest
 from helpers import DEFAULT_MODEL
 
 from inference_local.chat_template import Message
-from inference_local.engine import Delta, End, Engine, Event, Finish, Request, Sampling
+from inference_local.engine import Delta, End, Engine, Event, Finish, Request
+from inference_local.sampling import Sampling
 from slm.errors import InvalidArgument, NotFound
 from slm.server import GrpcService
 

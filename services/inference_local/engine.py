@@ -1,58 +1,67 @@
-"""The llama.cpp engine: loaded models and token streaming, with plain Python types.
-
-Each model has one llama.cpp context driven by one worker thread, so the asyncio loop never
-blocks on decoding. Requests beyond the running one wait in a bounded queue.
-"""
+"""The llama.cpp engine: model lifecycle under memory guardrails, and generation through the
+continuous-batching scheduler of each loaded model. Plain Python types; no transport."""
 
 from __future__ import annotations
 
 import asyncio
-import enum
+import contextlib
+import dataclasses
 import logging
 import os
-import random
-import threading
 import time
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from inference_local.chat_template import ChatTemplate, Message
-from slm.errors import FailedPrecondition, Internal, InvalidArgument, NotFound, ResourceExhausted
+from inference_local.llama_api import (
+    Batch,
+    Context,
+    ContextParams,
+    LoraAdapter,
+    Model,
+    ModelMetadata,
+    quantize,
+)
+from inference_local.models import ensure_model_file
+from inference_local.sampling import Sampling
+from inference_local.scheduler import (
+    AdapterSet,
+    Delta,
+    End,
+    Event,
+    Finish,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerMetrics,
+    SeqRequest,
+)
+from slm.config import InferenceLocalConfig, ModelConfig
+from slm.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TEMPERATURE = 0.8
-DEFAULT_TOP_P = 0.95
+__all__ = [
+    "Adapter",
+    "AdapterResolver",
+    "Delta",
+    "End",
+    "Engine",
+    "Event",
+    "Finish",
+    "LoadSpec",
+    "ModelInfo",
+    "Request",
+]
 
-
-class Finish(enum.Enum):
-    STOP = "stop"
-    LENGTH = "length"
-    CANCELLED = "cancelled"
-
-
-@dataclass(frozen=True)
-class Sampling:
-    max_tokens: int | None = None
-    temperature: float = DEFAULT_TEMPERATURE
-    top_p: float = DEFAULT_TOP_P
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-    def validate(self) -> None:
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise InvalidArgument("max_tokens must be at least 1", field="sampling.max_tokens")
-        if not 0.0 <= self.temperature <= 2.0:
-            raise InvalidArgument("temperature must be in [0, 2]", field="sampling.temperature")
-        if not 0.0 < self.top_p <= 1.0:
-            raise InvalidArgument("top_p must be in (0, 1]", field="sampling.top_p")
-        if len(self.stop) > 16 or any(not s for s in self.stop):
-            raise InvalidArgument("stop takes at most 16 non-empty strings", field="sampling.stop")
+MB = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -61,30 +70,21 @@ class Request:
     sampling: Sampling
     prompt: str | None = None
     messages: tuple[Message, ...] | None = None
+    adapter: str = ""
+    adapter_scale: float | None = None
 
 
 @dataclass(frozen=True)
-class Delta:
-    text: str
-
-
-@dataclass(frozen=True)
-class End:
-    finish: Finish
-    prompt_tokens: int
-    completion_tokens: int
-    model: str
-
-
-Event = Delta | End
-
-
-@dataclass(frozen=True)
-class ModelSpec:
+class LoadSpec:
     name: str
-    path: Path
-    context_length: int
+    path: str
+    context_length: int | None = None
+    parallel: int | None = None
+    quantization: str | None = None
+    pinned: bool = False
+    embeddings: bool = False
     chat_template: str | None = None
+    package: str | None = None
     n_threads: int | None = None
 
 
@@ -93,18 +93,32 @@ class ModelInfo:
     name: str
     context_length: int
     loaded: bool
+    architecture: str = ""
+    size_bytes: int = 0
+    has_chat_template: bool = False
+    pinned: bool = False
+    embeddings: bool = False
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter as the registry describes it."""
+
+    path: Path
+    scale: float
+    base_model: str
+
+
+AdapterResolver = Callable[[str], Awaitable[Adapter]]
 
 
 class EngineMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.tokens = Counter(
-            "slm_engine_generated_tokens",
-            "Tokens sampled by the engine.",
-            ["model"],
-            registry=registry,
+            "slm_engine_generated_tokens", "Tokens sampled.", ["model"], registry=registry
         )
         self.prompt_tokens = Counter(
-            "slm_engine_prompt_tokens", "Prompt tokens submitted.", ["model"], registry=registry
+            "slm_engine_prompt_tokens", "Prompt tokens prefilled.", ["model"], registry=registry
         )
         self.requests = Counter(
             "slm_engine_requests",
@@ -113,240 +127,545 @@ class EngineMetrics:
             registry=registry,
         )
         self.running = Gauge(
-            "slm_engine_running_sequences",
-            "Sequences being decoded.",
-            ["model"],
-            registry=registry,
+            "slm_engine_running_sequences", "Sequences in slots.", ["model"], registry=registry
         )
         self.waiting = Gauge(
             "slm_engine_waiting_requests",
-            "Requests queued for the engine.",
+            "Requests waiting for a slot.",
             ["model"],
             registry=registry,
+        )
+        self.batch_tokens = Histogram(
+            "slm_engine_batch_tokens",
+            "Tokens per llama_decode step.",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=registry,
+        )
+        self.kv_used = Gauge(
+            "slm_engine_kv_used_ratio", "Share of KV cells in use.", ["model"], registry=registry
         )
         self.ttft = Histogram(
             "slm_engine_ttft_seconds",
-            "Time from request to first token in the engine.",
+            "Submission to first sampled token.",
             ["model"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=registry,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
-        self.load_seconds = Gauge(
+        self.load_seconds = Histogram(
             "slm_engine_model_load_seconds",
-            "Time taken to load a model.",
+            "Time to load a model.",
             ["model"],
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=registry,
+        )
+        self.load_wait = Histogram(
+            "slm_engine_model_load_wait_seconds",
+            "Time requests waited for an on-demand load.",
+            ["model"],
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
             registry=registry,
         )
         self.loaded = Gauge(
-            "slm_engine_model_loaded",
-            "1 when the model is in memory.",
+            "slm_engine_model_loaded", "1 while the model is loaded.", ["model"], registry=registry
+        )
+        self.memory = Gauge(
+            "slm_engine_model_memory_bytes",
+            "Estimated weights + KV + compute of a loaded model.",
             ["model"],
+            registry=registry,
+        )
+        self.evictions = Counter(
+            "slm_engine_model_evictions",
+            "Models unloaded to make room or after their keep-alive.",
+            ["model", "reason"],
             registry=registry,
         )
 
 
-class _LoadedModel:
-    """One llama.cpp context and the single thread allowed to touch it."""
+class _ModelMetrics(SchedulerMetrics):
+    def __init__(self, metrics: EngineMetrics, name: str) -> None:
+        m = metrics
+        self._tokens = m.tokens.labels(name)
+        self._prompt = m.prompt_tokens.labels(name)
+        self._requests = m.requests
+        self._running = m.running.labels(name)
+        self._waiting = m.waiting.labels(name)
+        self._batch = m.batch_tokens.labels(name)
+        self._kv = m.kv_used.labels(name)
+        self._ttft = m.ttft.labels(name)
+        self._name = name
 
-    def __init__(self, spec: ModelSpec, llama: Any, max_queue: int) -> None:
-        self.spec = spec
-        self.llama = llama
-        self.context_length = int(llama.n_ctx())
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{spec.name}")
-        self.slot = asyncio.Semaphore(1)
-        self.waiting = 0
-        self.max_queue = max_queue
-        template = spec.chat_template
-        gguf_template = llama.metadata.get("tokenizer.chat_template")
-        if gguf_template:
-            template = gguf_template
-        self.template: ChatTemplate | None = None
-        if template:
-            self.template = ChatTemplate(
-                template,
-                bos_token=self._token_text(llama.token_bos()),
-                eos_token=self._token_text(llama.token_eos()),
-            )
+    def step(self, batch_tokens: int, running: int, waiting: int, kv_used: float) -> None:
+        self._batch.observe(batch_tokens)
+        self._running.set(running)
+        self._waiting.set(waiting)
+        self._kv.set(kv_used)
 
-    def _token_text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return bytes(self.llama.detokenize([token], special=True)).decode("utf-8", "replace")
+    def token(self, n: int) -> None:
+        self._tokens.inc(n)
 
-    def tokenize(self, request: Request) -> list[int]:
-        if request.messages is not None:
-            if not request.messages:
-                raise InvalidArgument("messages must not be empty", field="messages")
-            if self.template is None:
-                raise FailedPrecondition(f"model {self.spec.name!r} has no chat template")
-            text = self.template.render(request.messages)
-            # The template already starts with the BOS token.
-            return list(self.llama.tokenize(text.encode(), add_bos=False, special=True))
-        if not request.prompt:
-            raise InvalidArgument("prompt must not be empty", field="prompt")
-        return list(self.llama.tokenize(request.prompt.encode(), add_bos=True, special=True))
+    def first_token(self, seconds: float) -> None:
+        self._ttft.observe(seconds)
+
+    def finished(self, reason: str, prompt_tokens: int) -> None:
+        self._requests.labels(self._name, reason).inc()
+        self._prompt.inc(prompt_tokens)
+
+
+@dataclass(eq=False)
+class _Weights:
+    model: Model
+    meta: ModelMetadata
+    key: tuple[Path, str]
+    refs: int = 0
+
+
+@dataclass(eq=False)
+class _Loaded:
+    spec: LoadSpec
+    weights: _Weights
+    context: Context
+    scheduler: Scheduler | None
+    template: ChatTemplate | None
+    memory_bytes: int
+    context_length: int
+    adapters: dict[Path, LoraAdapter] = field(default_factory=dict)
+    embed_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class Engine:
-    """Loads models and streams generations; the transport-free core of inference-local."""
+    """Loads models and serves generations; the transport-free core of inference-local."""
 
-    def __init__(self, registry: CollectorRegistry, max_queue: int = 64) -> None:
-        self._models: dict[str, _LoadedModel] = {}
-        self._max_queue = max_queue
+    def __init__(
+        self,
+        config: InferenceLocalConfig,
+        registry: CollectorRegistry,
+        adapters: AdapterResolver | None = None,
+    ) -> None:
+        self.config = config
         self.metrics = EngineMetrics(registry)
+        self._adapters = adapters
+        self._configured = {m.name: m for m in config.models}
+        self._loaded: dict[str, _Loaded] = {}
+        self._weights: dict[tuple[Path, str], _Weights] = {}
+        self._lock = asyncio.Lock()
+        self._reaper: asyncio.Task[None] | None = None
 
-    async def load(self, spec: ModelSpec) -> None:
-        start = time.perf_counter()
-        llama = await asyncio.to_thread(_open_llama, spec)
-        self._models[spec.name] = _LoadedModel(spec, llama, self._max_queue)
-        elapsed = time.perf_counter() - start
-        self.metrics.load_seconds.labels(spec.name).set(elapsed)
-        self.metrics.loaded.labels(spec.name).set(1)
-        log.info("model loaded", extra={"model": spec.name, "load_s": round(elapsed, 3)})
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for entry in self.config.models:
+            if entry.preload:
+                await self.load(_spec_from_config(entry))
+        if self.config.keep_alive_s > 0:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap())
 
     async def close(self) -> None:
-        for model in self._models.values():
-            model.executor.shutdown(wait=True)
-            model.llama.close()
-            self.metrics.loaded.labels(model.spec.name).set(0)
-        self._models.clear()
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        async with self._lock:
+            for name in list(self._loaded):
+                await self._unload_locked(name, "shutdown")
+
+    async def _reap(self) -> None:
+        period = max(1.0, min(30.0, self.config.keep_alive_s / 4))
+        while True:
+            await asyncio.sleep(period)
+            await self.evict_idle(time.monotonic())
+
+    async def evict_idle(self, now: float) -> list[str]:
+        """Unload unpinned models idle for longer than the keep-alive."""
+        evicted = []
+        async with self._lock:
+            for name, loaded in list(self._loaded.items()):
+                scheduler = loaded.scheduler
+                idle = (
+                    scheduler is not None
+                    and scheduler.busy == 0
+                    and (now - scheduler.last_used > self.config.keep_alive_s)
+                )
+                if idle and not loaded.spec.pinned:
+                    await self._unload_locked(name, "keep_alive")
+                    evicted.append(name)
+        return evicted
+
+    # --- models ----------------------------------------------------------------------------
 
     def models(self) -> list[ModelInfo]:
-        return [ModelInfo(m.spec.name, m.context_length, True) for m in self._models.values()]
+        infos = [self._info(loaded) for loaded in self._loaded.values()]
+        for name, entry in self._configured.items():
+            if name not in self._loaded:
+                infos.append(
+                    ModelInfo(
+                        name,
+                        entry.context_length,
+                        False,
+                        pinned=entry.pinned,
+                        embeddings=entry.embeddings,
+                    )
+                )
+        return infos
 
-    def _model(self, name: str) -> _LoadedModel:
-        model = self._models.get(name)
-        if model is None:
-            known = ", ".join(sorted(self._models)) or "none"
+    def _info(self, loaded: _Loaded) -> ModelInfo:
+        meta = loaded.weights.meta
+        return ModelInfo(
+            name=loaded.spec.name,
+            context_length=loaded.context_length,
+            loaded=True,
+            architecture=meta.architecture,
+            size_bytes=meta.size_bytes,
+            has_chat_template=loaded.template is not None,
+            pinned=loaded.spec.pinned,
+            embeddings=loaded.spec.embeddings,
+        )
+
+    def _model_dirs(self) -> list[Path]:
+        return [self.config.models_dir, *self.config.extra_models_dirs]
+
+    async def load(self, spec: LoadSpec) -> ModelInfo:
+        async with self._lock:
+            return await self._load_locked(spec)
+
+    async def _load_locked(self, spec: LoadSpec) -> ModelInfo:
+        existing = self._loaded.get(spec.name)
+        if existing is not None:
+            if existing.spec.path != spec.path or existing.spec.quantization != spec.quantization:
+                raise FailedPrecondition(
+                    f"model name {spec.name!r} is already loaded from {existing.spec.path}",
+                    field="name",
+                )
+            return self._info(existing)
+        started = time.perf_counter()
+        path = await asyncio.to_thread(self._model_file, spec)
+        key = (path, spec.quantization or "")
+        weights = self._weights.get(key)
+        meta = weights.meta if weights else await asyncio.to_thread(_read_metadata, path)
+        n_slots = spec.parallel or self.config.parallel
+        ctx_len = spec.context_length or 2048
+        estimate = self._estimate(meta, path, n_slots, ctx_len, weights is None)
+        await self._make_room(spec.name, estimate)
+        if weights is None:
+            model = await asyncio.to_thread(Model, path)
+            weights = _Weights(model, meta, key)
+            self._weights[key] = weights
+        weights.refs += 1
+        try:
+            loaded = await asyncio.to_thread(self._open, spec, weights, n_slots, ctx_len, estimate)
+        except BaseException:
+            self._drop_weights(weights)
+            raise
+        if not spec.embeddings:
+            loaded.scheduler = Scheduler(
+                SchedulerConfig(
+                    spec.name,
+                    n_slots,
+                    self.config.max_queue,
+                    self.config.prefill_chunk,
+                    max(self.config.n_batch, n_slots),
+                ),
+                weights.model,
+                loaded.context,
+                _ModelMetrics(self.metrics, spec.name),
+                asyncio.get_running_loop(),
+            )
+        self._loaded[spec.name] = loaded
+        elapsed = time.perf_counter() - started
+        self.metrics.load_seconds.labels(spec.name).observe(elapsed)
+        self.metrics.loaded.labels(spec.name).set(1)
+        self.metrics.memory.labels(spec.name).set(estimate)
+        log.info(
+            "model loaded",
+            extra={
+                "model": spec.name,
+                "path": str(path),
+                "slots": n_slots,
+                "load_s": round(elapsed, 3),
+                "memory_mb": round(estimate / MB, 1),
+            },
+        )
+        return self._info(loaded)
+
+    def _model_file(self, spec: LoadSpec) -> Path:
+        source = ensure_model_file(self._model_dirs(), spec.path, spec.package, spec.name)
+        if not spec.quantization:
+            return source
+        target = self.config.cache_dir / f"{source.stem}.{spec.quantization.lower()}.gguf"
+        if not target.is_file():
+            self.config.cache_dir.mkdir(parents=True, exist_ok=True)
+            partial = target.with_suffix(".partial")
+            log.info(
+                "quantizing",
+                extra={
+                    "model": spec.name,
+                    "source": str(source),
+                    "type": spec.quantization,
+                    "state": "started",
+                },
+            )
+            started = time.perf_counter()
+            quantize(source, partial, spec.quantization, os.cpu_count() or 1)
+            partial.replace(target)
+            log.info(
+                "quantizing",
+                extra={
+                    "model": spec.name,
+                    "target": str(target),
+                    "state": "done",
+                    "seconds": round(time.perf_counter() - started, 2),
+                    "size_mb": round(target.stat().st_size / MB, 1),
+                },
+            )
+        return target
+
+    def _estimate(
+        self, meta: ModelMetadata, path: Path, n_slots: int, ctx_len: int, new_weights: bool
+    ) -> int:
+        """Weights (once per file) + f16 KV for every slot + logits and activations."""
+        weights = path.stat().st_size if new_weights else 0
+        kv = 2 * 2 * meta.n_layer * meta.n_head_kv * meta.head_dim * ctx_len * n_slots
+        compute = 4 * meta.n_vocab * max(n_slots, 1) + 4 * 16 * self.config.n_batch * meta.n_embd
+        return weights + kv + compute + 32 * MB
+
+    async def _make_room(self, name: str, needed: int) -> None:
+        budget = self.config.memory_budget_mb * MB
+        while True:
+            used = sum(m.memory_bytes for m in self._loaded.values())
+            count_ok = len(self._loaded) < self.config.max_loaded_models
+            if count_ok and used + needed <= budget:
+                return
+            victim = self._lru_victim()
+            if victim is None:
+                if not count_ok:
+                    raise ResourceExhausted(
+                        f"cannot load {name!r}: {len(self._loaded)} models loaded, the maximum "
+                        f"is {self.config.max_loaded_models}, and none can be unloaded",
+                        retry_after_s=5,
+                    )
+                raise ResourceExhausted(
+                    f"cannot load {name!r}: needs about {needed / MB:.0f} MiB, "
+                    f"{used / MB:.0f} MiB of the {budget / MB:.0f} MiB budget is in use by "
+                    f"models that cannot be unloaded",
+                    retry_after_s=5,
+                )
+            await self._unload_locked(victim, "memory")
+
+    def _lru_victim(self) -> str | None:
+        idle = [
+            (loaded.scheduler.last_used if loaded.scheduler else 0.0, n)
+            for n, loaded in self._loaded.items()
+            if not loaded.spec.pinned and (loaded.scheduler is None or loaded.scheduler.busy == 0)
+        ]
+        return min(idle)[1] if idle else None
+
+    def _open(
+        self, spec: LoadSpec, weights: _Weights, n_slots: int, ctx_len: int, estimate: int
+    ) -> _Loaded:
+        threads = spec.n_threads or os.cpu_count() or 1
+        context = Context(
+            weights.model,
+            ContextParams(
+                n_seq=1 if spec.embeddings else n_slots,
+                n_ctx_per_seq=ctx_len,
+                n_batch=max(self.config.n_batch, n_slots, ctx_len if spec.embeddings else 0),
+                n_threads=threads,
+                embeddings=spec.embeddings,
+            ),
+        )
+        source = weights.meta.chat_template or spec.chat_template
+        template = None
+        if source:
+            model = weights.model
+            template = ChatTemplate(
+                source, model.token_text(model.bos), model.token_text(model.eos)
+            )
+        return _Loaded(spec, weights, context, None, template, estimate, context.n_ctx_per_seq)
+
+    async def unload(self, name: str) -> None:
+        async with self._lock:
+            if name not in self._loaded:
+                raise NotFound(f"model {name!r} is not loaded", field="name")
+            await self._unload_locked(name, "request")
+
+    async def _unload_locked(self, name: str, reason: str) -> None:
+        loaded = self._loaded.pop(name)
+        if loaded.scheduler is not None:
+            await asyncio.to_thread(loaded.scheduler.close)
+        for adapter in loaded.adapters.values():
+            adapter.close()
+        loaded.context.close()
+        self._drop_weights(loaded.weights)
+        self.metrics.loaded.labels(name).set(0)
+        self.metrics.memory.labels(name).set(0)
+        if reason in ("memory", "keep_alive"):
+            self.metrics.evictions.labels(name, reason).inc()
+        log.info("model unloaded", extra={"model": name, "reason": reason})
+
+    def _drop_weights(self, weights: _Weights) -> None:
+        weights.refs -= 1
+        if weights.refs <= 0:
+            self._weights.pop(weights.key, None)
+            weights.model.close()
+
+    async def _get(self, name: str) -> _Loaded:
+        loaded = self._loaded.get(name)
+        if loaded is not None:
+            return loaded
+        entry = self._configured.get(name)
+        if entry is None:
+            known = ", ".join(sorted({*self._loaded, *self._configured})) or "none"
             raise NotFound(f"model {name!r} is not served here (available: {known})", field="model")
-        return model
+        started = time.perf_counter()
+        async with self._lock:
+            if name not in self._loaded:
+                await self._load_locked(_spec_from_config(entry))
+        self.metrics.load_wait.labels(name).observe(time.perf_counter() - started)
+        return self._loaded[name]
+
+    @property
+    def weights_loaded(self) -> int:
+        """Distinct model files in memory (names sharing a file count once)."""
+        return len(self._weights)
+
+    # --- generation ------------------------------------------------------------------------
 
     async def generate(self, request: Request) -> AsyncIterator[Event]:
-        """Stream Delta events, then one End. Cancelling the consumer stops decoding at once."""
-        request.sampling.validate()
-        model = self._model(request.model)
-        tokens = model.tokenize(request)
-        if len(tokens) >= model.context_length:
+        """Stream Delta events, then one End; leaving early cancels the sequence at once."""
+        name, adapter_name = _split_adapter(request.model, request.adapter)
+        loaded = await self._get(name)
+        model = loaded.weights.model
+        request.sampling.validate(model.n_vocab)
+        if loaded.scheduler is None:
+            raise FailedPrecondition(
+                f"model {name!r} serves embeddings, not generation", field="model"
+            )
+        tokens = self._tokens(loaded, request)
+        if len(tokens) >= loaded.context_length:
             raise InvalidArgument(
-                f"prompt is {len(tokens)} tokens but model {model.spec.name!r} has a context of "
-                f"{model.context_length} tokens (at least one must be left to generate)",
+                f"prompt is {len(tokens)} tokens but model {name!r} has a context of "
+                f"{loaded.context_length} tokens (at least one must be left to generate)",
                 field="messages" if request.messages is not None else "prompt",
                 reason="CONTEXT_LENGTH_EXCEEDED",
             )
-        if model.slot.locked() and model.waiting >= model.max_queue:
-            raise ResourceExhausted(
-                f"model {model.spec.name!r}: {model.waiting} requests already waiting",
-                retry_after_s=1.0,
+        adapters = await self._adapter_set(loaded, adapter_name, request.adapter_scale)
+        seq = SeqRequest(prompt=tokens, sampling=request.sampling, adapters=adapters)
+        async for event in loaded.scheduler.generate(seq):
+            yield event
+
+    def _tokens(self, loaded: _Loaded, request: Request) -> list[int]:
+        model = loaded.weights.model
+        if request.messages is not None:
+            if not request.messages:
+                raise InvalidArgument("messages must not be empty", field="messages")
+            if loaded.template is None:
+                raise FailedPrecondition(f"model {loaded.spec.name!r} has no chat template")
+            text = loaded.template.render(request.messages)
+            return model.tokenize(text, add_special=False)
+        if not request.prompt:
+            raise InvalidArgument("prompt must not be empty", field="prompt")
+        return model.tokenize(request.prompt, add_special=True)
+
+    async def _adapter_set(self, loaded: _Loaded, name: str, scale: float | None) -> AdapterSet:
+        if not name:
+            return ()
+        if self._adapters is None:
+            raise NotFound(f"adapter {name!r}: no adapter registry is configured", field="adapter")
+        adapter = await self._adapters(name)
+        if adapter.base_model not in ("", loaded.spec.name, loaded.weights.model.path.name):
+            raise InvalidArgument(
+                f"adapter {name!r} is for base model {adapter.base_model!r}, not "
+                f"{loaded.spec.name!r}",
+                field="adapter",
             )
-        labels = model.spec.name
-        model.waiting += 1
-        self.metrics.waiting.labels(labels).inc()
-        try:
-            await model.slot.acquire()
-        finally:
-            model.waiting -= 1
-            self.metrics.waiting.labels(labels).dec()
-        run = _Run(model, tokens, request.sampling, asyncio.get_running_loop(), self.metrics)
-        future = asyncio.get_running_loop().run_in_executor(model.executor, run.work)
-        # The slot frees only when the thread is done with the context, even if we are cancelled.
-        future.add_done_callback(lambda _: model.slot.release())
-        self.metrics.running.labels(labels).inc()
-        started = time.perf_counter()
-        first = True
-        finished = False
-        try:
-            while True:
-                item = await run.queue.get()
-                if isinstance(item, Delta):
-                    if first:
-                        self.metrics.ttft.labels(labels).observe(time.perf_counter() - started)
-                        first = False
-                    yield item
-                elif isinstance(item, End):
-                    finished = True
-                    self.metrics.requests.labels(labels, item.finish.value).inc()
-                    yield item
-                    return
-                else:
-                    finished = True
-                    self.metrics.requests.labels(labels, "error").inc()
-                    raise Internal("generation failed") from item
-        finally:
-            run.cancel.set()
-            if not finished:
-                self.metrics.requests.labels(labels, Finish.CANCELLED.value).inc()
-            self.metrics.running.labels(labels).dec()
+        lora = loaded.adapters.get(adapter.path)
+        if lora is None:
+            lora = await asyncio.to_thread(LoraAdapter, loaded.weights.model, adapter.path)
+            loaded.adapters[adapter.path] = lora
+        return ((lora, adapter.scale if scale is None else scale),)
+
+    async def tokenize(self, name: str, text: str, add_special: bool) -> list[int]:
+        loaded = await self._get(name)
+        return loaded.weights.model.tokenize(text, add_special=add_special)
+
+    async def detokenize(self, name: str, tokens: list[int]) -> str:
+        model = (await self._get(name)).weights.model
+        bad = [t for t in tokens if not model.valid_token(t)]
+        if bad:
+            raise InvalidArgument(
+                f"token ids outside the vocabulary of {name!r}: {bad[:5]}", field="tokens"
+            )
+        return b"".join(model.piece(t) for t in tokens).decode("utf-8", "replace")
+
+    async def embed(self, name: str, inputs: list[str]) -> tuple[list[list[float]], int]:
+        loaded = await self._get(name)
+        if not loaded.spec.embeddings:
+            raise FailedPrecondition(
+                f"model {name!r} does not serve embeddings (load it with embeddings=true)",
+                field="model",
+            )
+        if not inputs:
+            raise InvalidArgument("input must not be empty", field="inputs")
+        model = loaded.weights.model
+        batches = [model.tokenize(text, add_special=True) for text in inputs]
+        for i, tokens in enumerate(batches):
+            if not tokens or len(tokens) > loaded.context_length:
+                raise InvalidArgument(
+                    f"input {i} is {len(tokens)} tokens; the context of {name!r} is "
+                    f"{loaded.context_length}",
+                    field=f"inputs[{i}]",
+                )
+        async with loaded.embed_lock:
+            vectors = await asyncio.to_thread(_embed_all, loaded.context, batches)
+        return vectors, sum(len(t) for t in batches)
 
 
-def _open_llama(spec: ModelSpec) -> Any:
-    from llama_cpp import Llama
+def _embed_all(context: Context, inputs: list[list[int]]) -> list[list[float]]:
+    batch = Batch(max(len(t) for t in inputs))
+    try:
+        vectors = []
+        for tokens in inputs:
+            batch.clear()
+            batch.add_many(tokens, 0, 0, True)
+            for i in range(batch.n):
+                batch.raw.logits[i] = True
+            context.clear_seq(0)
+            context.decode(batch)
+            vectors.append(context.embedding(0))
+        context.clear_seq(0)
+        return vectors
+    finally:
+        batch.close()
 
-    return Llama(
-        model_path=str(spec.path),
-        n_ctx=spec.context_length,
-        n_threads=spec.n_threads or os.cpu_count() or 1,
-        n_batch=512,
-        verbose=False,
+
+def _read_metadata(path: Path) -> ModelMetadata:
+    model = Model(path, vocab_only=True)
+    try:
+        meta = model.metadata()
+    finally:
+        model.close()
+    return dataclasses.replace(meta, size_bytes=meta.size_bytes or path.stat().st_size)
+
+
+def _split_adapter(model: str, adapter: str) -> tuple[str, str]:
+    """`base:adapter` names an adapter inline; an explicit adapter field wins."""
+    base, sep, inline = model.partition(":")
+    if sep and not adapter:
+        return base, inline
+    return (base if sep else model), adapter
+
+
+def _spec_from_config(entry: ModelConfig) -> LoadSpec:
+    return LoadSpec(
+        name=entry.name,
+        path=entry.path,
+        context_length=entry.context_length,
+        parallel=entry.parallel,
+        quantization=entry.quantization,
+        pinned=entry.pinned,
+        embeddings=entry.embeddings,
+        chat_template=entry.chat_template,
+        package=entry.package,
+        n_threads=entry.n_threads,
     )
-
-
-@dataclass
-class _Run:
-    """One generation on the worker thread; hands events to the loop through a queue."""
-
-    model: _LoadedModel
-    tokens: list[int]
-    sampling: Sampling
-    loop: asyncio.AbstractEventLoop
-    metrics: EngineMetrics
-    queue: asyncio.Queue[Event | BaseException] = field(default_factory=asyncio.Queue)
-    cancel: threading.Event = field(default_factory=threading.Event)
-    generated: int = 0
-
-    def _put(self, item: Event | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-    def _should_stop(self, _ids: Any, _logits: Any) -> bool:
-        # Called by llama-cpp-python once per sampled token: count it, and stop if cancelled.
-        self.generated += 1
-        self.metrics.tokens.labels(self.model.spec.name).inc()
-        return self.cancel.is_set()
-
-    def work(self) -> None:
-        from llama_cpp import StoppingCriteriaList
-
-        name = self.model.spec.name
-        prompt_tokens = len(self.tokens)
-        self.metrics.prompt_tokens.labels(name).inc(prompt_tokens)
-        room = self.model.context_length - prompt_tokens
-        max_tokens = min(self.sampling.max_tokens or room, room)
-        seed = self.sampling.seed if self.sampling.seed is not None else random.getrandbits(31)
-        finish = Finish.STOP
-        # Prefill the whole prompt every time: reusing a cached prefix changes the shape of the
-        # prefill batches, hence the logits, and the same seed would no longer give the same text.
-        self.model.llama.reset()
-        try:
-            stream = self.model.llama.create_completion(
-                self.tokens,
-                max_tokens=max_tokens,
-                temperature=self.sampling.temperature,
-                top_p=self.sampling.top_p,
-                stop=list(self.sampling.stop) or None,
-                seed=seed,
-                repeat_penalty=1.0,
-                stream=True,
-                stopping_criteria=StoppingCriteriaList([self._should_stop]),
-            )
-            for chunk in stream:
-                choice = chunk["choices"][0]
-                if choice["text"]:
-                    self._put(Delta(choice["text"]))
-                if choice["finish_reason"] == "length":
-                    finish = Finish.LENGTH
-            if self.cancel.is_set():
-                finish = Finish.CANCELLED
-            # llama-cpp-python samples one token past max_tokens before it stops; never bill it.
-            self._put(End(finish, prompt_tokens, min(self.generated, max_tokens), name))
-        except Exception as error:
-            log.exception("generation failed", extra={"model": name})
-            self._put(error)

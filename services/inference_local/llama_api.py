@@ -1,0 +1,386 @@
+"""A thin, typed layer over llama.cpp's C API (through llama-cpp-python's ctypes bindings).
+
+Everything that touches ctypes lives here, so the scheduler reads as plain Python. Objects own
+their C resources and free them in `close()`; none of them is thread-safe: a context and its
+samplers are used only by the decode thread of their model.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import llama_cpp as C
+import numpy as np
+import numpy.typing as npt
+
+from slm.errors import FailedPrecondition, Internal, InvalidArgument
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+QUANT_TYPES: Mapping[str, int] = {
+    "q4_0": C.LLAMA_FTYPE_MOSTLY_Q4_0,
+    "q4_1": C.LLAMA_FTYPE_MOSTLY_Q4_1,
+    "q5_0": C.LLAMA_FTYPE_MOSTLY_Q5_0,
+    "q5_1": C.LLAMA_FTYPE_MOSTLY_Q5_1,
+    "q8_0": C.LLAMA_FTYPE_MOSTLY_Q8_0,
+    "q2_k": C.LLAMA_FTYPE_MOSTLY_Q2_K,
+    "q3_k_m": C.LLAMA_FTYPE_MOSTLY_Q3_K_M,
+    "q4_k_s": C.LLAMA_FTYPE_MOSTLY_Q4_K_S,
+    "q4_k_m": C.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+    "q5_k_m": C.LLAMA_FTYPE_MOSTLY_Q5_K_M,
+    "q6_k": C.LLAMA_FTYPE_MOSTLY_Q6_K,
+    "f16": C.LLAMA_FTYPE_MOSTLY_F16,
+}
+
+
+def init_backend() -> None:
+    """llama_backend_init, once per process."""
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            C.llama_backend_init()
+            C.llama_log_set(_SILENT_LOG, ctypes.c_void_p(0))
+            _backend_ready = True
+
+
+@C.llama_log_callback  # type: ignore[untyped-decorator]
+def _SILENT_LOG(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    # llama.cpp logs every tensor at load; our own JSON logs say what matters.
+    return None
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    architecture: str
+    context_length_train: int
+    chat_template: str | None
+    size_bytes: int
+    n_params: int
+    n_layer: int
+    n_embd: int
+    n_head_kv: int
+    head_dim: int
+    n_vocab: int
+    description: str
+
+
+class Model:
+    """Loaded weights (llama_model) and their vocabulary; shared by the contexts over it."""
+
+    def __init__(self, path: Path, *, vocab_only: bool = False) -> None:
+        init_backend()
+        params = C.llama_model_default_params()
+        params.vocab_only = vocab_only
+        # The repacked CPU weight layout computes a token's logits with different kernels
+        # depending on how many tokens share the batch; the plain layout gives every sequence
+        # the same logits alone or batched, which the same-seed guarantee needs.
+        params.use_extra_bufts = False
+        ptr = C.llama_model_load_from_file(str(path).encode(), params)
+        if not ptr:
+            raise InvalidArgument(f"{path.name} is not a loadable GGUF model", field="path")
+        self.ptr = ptr
+        self.path = path
+        self.vocab_only = vocab_only
+        self.vocab = C.llama_model_get_vocab(ptr)
+        self.n_vocab = int(C.llama_vocab_n_tokens(self.vocab))
+        self.bos = int(C.llama_vocab_bos(self.vocab))
+        self.eos = int(C.llama_vocab_eos(self.vocab))
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    def close(self) -> None:
+        if self.ptr:
+            C.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = C.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            C.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace")
+
+    def metadata(self) -> ModelMetadata:
+        """Read from the GGUF key/values, which a vocab-only load has too (llama.cpp aborts on
+        the hparam accessors when no tensors are loaded)."""
+        arch = self.meta("general.architecture") or "unknown"
+
+        def number(key: str, default: int = 0) -> int:
+            value = self.meta(f"{arch}.{key}")
+            try:
+                return int(value) if value else default
+            except ValueError:  # per-layer arrays: take the first entry
+                return int(value.strip("[]").split(",")[0]) if value else default
+
+        n_embd = number("embedding_length")
+        n_head = number("attention.head_count", 1)
+        template = self.meta("tokenizer.chat_template")
+        return ModelMetadata(
+            architecture=arch,
+            context_length_train=number("context_length"),
+            chat_template=template or None,
+            size_bytes=0 if self.vocab_only else int(C.llama_model_size(self.ptr)),
+            n_params=0 if self.vocab_only else int(C.llama_model_n_params(self.ptr)),
+            n_layer=number("block_count"),
+            n_embd=n_embd,
+            n_head_kv=number("attention.head_count_kv", n_head),
+            head_dim=number("attention.key_length", n_embd // max(1, n_head)),
+            n_vocab=self.n_vocab,
+            description=self.meta("general.name") or arch,
+        )
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+        data = text.encode()
+        capacity = len(data) + 16
+        tokens = (C.llama_token * capacity)()
+        n = C.llama_tokenize(
+            self.vocab, data, len(data), tokens, capacity, add_special, parse_special
+        )
+        if n < 0:
+            capacity = -n
+            tokens = (C.llama_token * capacity)()
+            n = C.llama_tokenize(
+                self.vocab, data, len(data), tokens, capacity, add_special, parse_special
+            )
+        return list(tokens[:n])
+
+    def piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes of one token; may be part of a UTF-8 character."""
+        buf = self._piece_buf
+        n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            big = ctypes.create_string_buffer(-n)
+            n = C.llama_token_to_piece(self.vocab, token, big, len(big), 0, special)
+            return big.raw[:n]
+        return buf.raw[:n]
+
+    def token_text(self, token: int) -> str:
+        return self.piece(token, special=True).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(C.llama_vocab_is_eog(self.vocab, token))
+
+    def valid_token(self, token: int) -> bool:
+        return 0 <= token < self.n_vocab
+
+
+class LoraAdapter:
+    """A LoRA adapter loaded against one model."""
+
+    def __init__(self, model: Model, path: Path) -> None:
+        ptr = C.llama_adapter_lora_init(model.ptr, str(path).encode())
+        if not ptr:
+            raise InvalidArgument(
+                f"{path.name} is not a LoRA adapter for this model", field="adapter"
+            )
+        self.ptr = ptr
+        self.path = path
+
+    def close(self) -> None:
+        if self.ptr:
+            C.llama_adapter_lora_free(self.ptr)
+            self.ptr = None
+
+
+@dataclass(frozen=True)
+class ContextParams:
+    n_seq: int
+    n_ctx_per_seq: int
+    n_batch: int = 512
+    n_threads: int = 1
+    embeddings: bool = False
+
+
+class Context:
+    """A llama_context with n_seq sequence slots, each with its own KV stream."""
+
+    def __init__(self, model: Model, params: ContextParams) -> None:
+        cparams = C.llama_context_default_params()
+        cparams.n_ctx = params.n_ctx_per_seq * params.n_seq
+        cparams.n_seq_max = params.n_seq
+        cparams.n_batch = params.n_batch
+        cparams.n_ubatch = params.n_batch
+        cparams.n_threads = params.n_threads
+        cparams.n_threads_batch = params.n_threads
+        cparams.kv_unified = False
+        cparams.no_perf = True
+        if params.embeddings:
+            cparams.embeddings = True
+            cparams.pooling_type = C.LLAMA_POOLING_TYPE_MEAN
+        ptr = C.llama_init_from_model(model.ptr, cparams)
+        if not ptr:
+            raise FailedPrecondition("llama.cpp could not create a context (out of memory?)")
+        self.ptr = ptr
+        self.model = model
+        self.params = params
+        self.memory = C.llama_get_memory(ptr)
+        self.n_ctx_per_seq = int(C.llama_n_ctx_seq(ptr)) or params.n_ctx_per_seq
+        self._adapters: tuple[tuple[int, float], ...] = ()
+
+    def close(self) -> None:
+        if self.ptr:
+            C.llama_free(self.ptr)
+            self.ptr = None
+
+    def decode(self, batch: Batch) -> None:
+        rc = C.llama_decode(self.ptr, batch.raw)
+        if rc != 0:
+            raise Internal(f"llama_decode failed with {rc} for a batch of {batch.n} tokens")
+
+    def clear_seq(self, seq: int) -> None:
+        C.llama_memory_seq_rm(self.memory, seq, -1, -1)
+
+    def seq_pos_max(self, seq: int) -> int:
+        return int(C.llama_memory_seq_pos_max(self.memory, seq))
+
+    def logits(self, index: int) -> npt.NDArray[np.float32]:
+        ptr = C.llama_get_logits_ith(self.ptr, index)
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+
+    def embedding(self, seq: int) -> list[float]:
+        ptr = C.llama_get_embeddings_seq(self.ptr, seq)
+        if not ptr:
+            raise Internal("llama.cpp returned no embedding")
+        n_embd = int(C.llama_model_n_embd(self.model.ptr))
+        return [float(v) for v in np.ctypeslib.as_array(ptr, shape=(n_embd,))]
+
+    def set_adapters(self, adapters: Sequence[tuple[LoraAdapter, float]]) -> None:
+        """Apply exactly these adapters to the next decodes (llama.cpp: per context, not per
+        sequence, so the scheduler groups sequences by adapter)."""
+        key = tuple((id(a), s) for a, s in adapters)
+        if key == self._adapters:
+            return
+        n = len(adapters)
+        ptrs = (C.llama_adapter_lora_p_ctypes * max(n, 1))(*[a.ptr for a, _ in adapters])
+        scales = (ctypes.c_float * max(n, 1))(*[s for _, s in adapters])
+        rc = C.llama_set_adapters_lora(self.ptr, ptrs if n else None, n, scales if n else None)
+        if rc != 0:
+            raise Internal(f"llama_set_adapters_lora failed with {rc}")
+        self._adapters = key
+
+
+class Batch:
+    """A reusable llama_batch of up to `capacity` tokens, one sequence id per token."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.raw = C.llama_batch_init(capacity, 0, 1)
+        self.n = 0
+
+    def close(self) -> None:
+        if self.capacity:
+            C.llama_batch_free(self.raw)
+            self.capacity = 0
+
+    def clear(self) -> None:
+        self.n = 0
+        self.raw.n_tokens = 0
+
+    def add(self, token: int, pos: int, seq: int, logits: bool) -> int:
+        """Append one token; returns its index (for reading its logits)."""
+        i = self.n
+        raw = self.raw
+        raw.token[i] = token
+        raw.pos[i] = pos
+        raw.n_seq_id[i] = 1
+        raw.seq_id[i][0] = seq
+        raw.logits[i] = logits
+        self.n = i + 1
+        raw.n_tokens = self.n
+        return i
+
+    def add_many(self, tokens: Sequence[int], start_pos: int, seq: int, last_logits: bool) -> int:
+        """Append a run of one sequence's tokens; returns the index of the last."""
+        for offset, token in enumerate(tokens):
+            self.add(token, start_pos + offset, seq, last_logits and offset == len(tokens) - 1)
+        return self.n - 1
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repetition_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
+    seed: int
+    logit_bias: Mapping[int, float]
+
+
+class Sampler:
+    """One sequence's llama.cpp sampler chain; its RNG state is the sequence's own."""
+
+    PENALTY_WINDOW = 64
+
+    def __init__(self, model: Model, config: SamplerConfig) -> None:
+        chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
+        self.ptr = chain
+        add: Callable[[Any], None] = lambda s: C.llama_sampler_chain_add(chain, s)  # noqa: E731
+        if config.logit_bias:
+            biases = (C.llama_logit_bias * len(config.logit_bias))()
+            for i, (token, bias) in enumerate(config.logit_bias.items()):
+                biases[i].token = token  # type: ignore[assignment]
+                biases[i].bias = bias
+            add(C.llama_sampler_init_logit_bias(model.n_vocab, len(config.logit_bias), biases))
+        if config.repetition_penalty != 1.0 or config.presence_penalty or config.frequency_penalty:
+            add(
+                C.llama_sampler_init_penalties(
+                    model.n_vocab,
+                    self.PENALTY_WINDOW,
+                    config.repetition_penalty,
+                    config.frequency_penalty,
+                    config.presence_penalty,
+                )
+            )
+        if config.temperature <= 0.0:
+            add(C.llama_sampler_init_greedy())
+            return
+        if config.top_k > 0:
+            add(C.llama_sampler_init_top_k(config.top_k))
+        if config.top_p < 1.0:
+            add(C.llama_sampler_init_top_p(config.top_p, 1))
+        if config.min_p > 0.0:
+            add(C.llama_sampler_init_min_p(config.min_p, 1))
+        add(C.llama_sampler_init_temp(config.temperature))
+        add(C.llama_sampler_init_dist(config.seed & 0xFFFFFFFF))
+
+    def accept_prompt(self, tokens: Iterable[int]) -> None:
+        """Penalties look at the prompt too, as llama.cpp's server does."""
+        for token in tokens:
+            C.llama_sampler_accept(self.ptr, token)
+
+    def sample(self, context: Context, index: int) -> int:
+        return int(C.llama_sampler_sample(self.ptr, context.ptr, index))
+
+    def close(self) -> None:
+        if self.ptr:
+            C.llama_sampler_free(self.ptr)
+            self.ptr = None
+
+
+def quantize(source: Path, target: Path, kind: str, n_threads: int) -> None:
+    """Write a re-quantized copy of a GGUF (blocking; minutes for big models)."""
+    ftype = QUANT_TYPES.get(kind.lower())
+    if ftype is None:
+        raise InvalidArgument(
+            f"unknown quantization {kind!r} (known: {', '.join(sorted(QUANT_TYPES))})",
+            field="quantization",
+        )
+    init_backend()
+    params = C.llama_model_quantize_default_params()
+    params.nthread = n_threads
+    params.ftype = ftype
+    params.allow_requantize = True
+    rc = C.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise FailedPrecondition(f"quantizing {source.name} to {kind} failed ({rc})")

@@ -1,0 +1,379 @@
+"""Continuous batching for one loaded model: every step is one llama_decode over all sequences.
+
+A dedicated thread runs the loop, so the asyncio event loop never waits on llama.cpp (ctypes
+releases the GIL while C runs). Each step it:
+
+1. drops cancelled sequences (their slot and KV are freed at once) and admits waiting ones into
+   free slots;
+2. puts one token of every decoding sequence into the batch, then fills the room left with
+   chunks of prompts still being prefilled, so long prompts never stall running streams;
+3. decodes, samples each sequence that produced logits with its own sampler chain, and hands
+   all new events to the event loop in one call.
+
+llama.cpp applies LoRA adapters per context, not per sequence, so a step only batches
+sequences that share an adapter set; groups take turns step by step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import collections
+import enum
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from inference_local.llama_api import Batch, Context, LoraAdapter, Model, Sampler
+from inference_local.sampling import (
+    Sampling,
+    StopMatcher,
+    TokenLogprob,
+    TopLogprob,
+    log_softmax_at,
+)
+from slm.errors import Internal, ResourceExhausted, SlmError
+
+log = logging.getLogger(__name__)
+
+AdapterSet = tuple[tuple[LoraAdapter, float], ...]
+
+
+class Finish(enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class End:
+    finish: Finish
+    prompt_tokens: int
+    completion_tokens: int
+    model: str
+
+
+Event = Delta | End
+
+
+@dataclass(eq=False)
+class SeqRequest:
+    """A generation handed to the scheduler; `cancelled` is set by the event loop."""
+
+    prompt: list[int]
+    sampling: Sampling
+    adapters: AdapterSet = ()
+    queue: asyncio.Queue[list[Event] | BaseException] = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(eq=False)
+class _Seq:
+    """A request occupying a sequence slot."""
+
+    request: SeqRequest
+    slot: int
+    sampler: Sampler
+    max_tokens: int
+    stops: StopMatcher
+    decoder: codecs.IncrementalDecoder
+    prompt_pos: int = 0
+    n_past: int = 0
+    generated: int = 0
+    next_token: int = -1
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prompt_pos < len(self.request.prompt)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    name: str
+    n_slots: int
+    max_queue: int
+    prefill_chunk: int
+    n_batch: int
+
+
+class SchedulerMetrics:
+    """What the scheduler reports; implemented over Prometheus by the engine."""
+
+    def step(self, batch_tokens: int, running: int, waiting: int, kv_used: float) -> None: ...
+
+    def token(self, n: int) -> None: ...
+
+    def first_token(self, seconds: float) -> None: ...
+
+    def finished(self, reason: str, prompt_tokens: int) -> None: ...
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        model: Model,
+        context: Context,
+        metrics: SchedulerMetrics,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.config = config
+        self._model = model
+        self._context = context
+        self._metrics = metrics
+        self._loop = loop
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[SeqRequest] = collections.deque()
+        self._active: list[_Seq] = []
+        self._free_slots = list(range(config.n_slots - 1, -1, -1))
+        self._batch = Batch(config.n_batch)
+        self._stopping = False
+        self._group_turn = 0
+        self.last_used = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name=f"decode-{config.name}", daemon=True)
+        self._thread.start()
+
+    # --- event loop side -------------------------------------------------------------------
+
+    @property
+    def busy(self) -> int:
+        with self._cond:
+            return len(self._active) + len(self._waiting)
+
+    async def generate(self, request: SeqRequest) -> AsyncIterator[Event]:
+        """Stream a request's events; leaving the iteration early cancels it."""
+        with self._cond:
+            if self._stopping:
+                raise ResourceExhausted(
+                    f"model {self.config.name!r} is unloading", retry_after_s=1.0
+                )
+            if not self._free_slots and len(self._waiting) >= self.config.max_queue:
+                raise ResourceExhausted(
+                    f"model {self.config.name!r}: all {self.config.n_slots} sequence slots busy "
+                    f"and {len(self._waiting)} requests waiting (queue limit "
+                    f"{self.config.max_queue})",
+                    retry_after_s=1.0,
+                )
+            self._waiting.append(request)
+            self.last_used = time.monotonic()
+            self._cond.notify()
+        done = False
+        try:
+            while True:
+                item = await request.queue.get()
+                if isinstance(item, BaseException):
+                    done = True
+                    raise item
+                for event in item:
+                    if isinstance(event, End):
+                        done = True
+                    yield event
+                if done:
+                    return
+        finally:
+            if not done:
+                request.cancelled = True
+                with self._cond:
+                    self._cond.notify()
+
+    def close(self) -> None:
+        """Stop the loop after failing whatever is still queued or running."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+        self._batch.close()
+
+    # --- decode thread ---------------------------------------------------------------------
+
+    def _deliver(self, outbox: list[tuple[SeqRequest, list[Event] | BaseException]]) -> None:
+        for request, item in outbox:
+            request.queue.put_nowait(item)
+
+    def _post(self, outbox: list[tuple[SeqRequest, list[Event] | BaseException]]) -> None:
+        if outbox:
+            # One hop to the event loop per step, whatever the number of sequences.
+            self._loop.call_soon_threadsafe(self._deliver, outbox)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._waiting and not self._active:
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                admitted = self._admit()
+            outbox: list[tuple[SeqRequest, list[Event] | BaseException]] = []
+            for request, error in admitted:
+                outbox.append((request, error))
+            try:
+                self._step(outbox)
+            except Exception as error:  # a failed decode fails the sequences in it, not the loop
+                log.exception("decode step failed", extra={"model": self.config.name})
+                failure = error if isinstance(error, SlmError) else Internal("decode failed")
+                for seq in list(self._active):
+                    outbox.append((seq.request, failure))
+                    self._release(seq)
+            self._post(outbox)
+        failure = ResourceExhausted(f"model {self.config.name!r} was unloaded", retry_after_s=1)
+        outbox = [(s.request, failure) for s in self._active]
+        outbox += [(r, failure) for r in self._waiting]
+        for seq in list(self._active):
+            self._release(seq)
+        self._waiting.clear()
+        self._post(outbox)
+
+    def _admit(self) -> list[tuple[SeqRequest, BaseException]]:
+        """Move waiting requests into free slots (called with the lock held)."""
+        refused: list[tuple[SeqRequest, BaseException]] = []
+        while self._waiting and self._free_slots:
+            request = self._waiting.popleft()
+            if request.cancelled:
+                continue
+            slot = self._free_slots.pop()
+            try:
+                sampler = Sampler(self._model, request.sampling.sampler_config())
+            except Exception as error:
+                self._free_slots.append(slot)
+                refused.append((request, error))
+                continue
+            if request.sampling.uses_penalties:
+                sampler.accept_prompt(request.prompt)
+            room = self._context.n_ctx_per_seq - len(request.prompt)
+            limit = min(request.sampling.max_tokens or room, room)
+            self._active.append(
+                _Seq(
+                    request=request,
+                    slot=slot,
+                    sampler=sampler,
+                    max_tokens=limit,
+                    stops=StopMatcher(request.sampling.stop),
+                    decoder=codecs.getincrementaldecoder("utf-8")("replace"),
+                )
+            )
+        return refused
+
+    def _release(self, seq: _Seq) -> None:
+        self._context.clear_seq(seq.slot)
+        seq.sampler.close()
+        self._active.remove(seq)
+        with self._cond:
+            self._free_slots.append(seq.slot)
+
+    def _finish(self, seq: _Seq, finish: Finish, events: list[Event], drain: bool = True) -> None:
+        if drain:
+            # Release what was held back: an incomplete character, or text that only looked
+            # like the start of a stop string.
+            text, stopped = seq.stops.feed(seq.decoder.decode(b"", final=True))
+            if stopped:
+                finish = Finish.STOP
+            else:
+                text += seq.stops.flush()
+            if text:
+                events.append(Delta(text))
+        events.append(End(finish, len(seq.request.prompt), seq.generated, self.config.name))
+        self._metrics.finished(finish.value, len(seq.request.prompt))
+        self._release(seq)
+
+    def _group(self) -> AdapterSet:
+        """The adapter set this step serves; sets take turns when several are active."""
+        sets: list[AdapterSet] = []
+        for seq in self._active:
+            if seq.request.adapters not in sets:
+                sets.append(seq.request.adapters)
+        self._group_turn = (self._group_turn + 1) % len(sets)
+        return sets[self._group_turn]
+
+    def _step(self, outbox: list[tuple[SeqRequest, list[Event] | BaseException]]) -> None:
+        for seq in [s for s in self._active if s.request.cancelled]:
+            self._metrics.finished(Finish.CANCELLED.value, len(seq.request.prompt))
+            self._release(seq)
+        if not self._active:
+            return
+        group = self._group()
+        members = [s for s in self._active if s.request.adapters == group]
+        batch = self._batch
+        batch.clear()
+        outputs: list[tuple[_Seq, int]] = []
+        for seq in members:
+            if not seq.prefilling:
+                outputs.append((seq, batch.add(seq.next_token, seq.n_past, seq.slot, True)))
+                seq.n_past += 1
+        room = batch.capacity - batch.n
+        for seq in members:
+            if room <= 0:
+                break
+            if seq.prefilling:
+                take = min(
+                    room, self.config.prefill_chunk, len(seq.request.prompt) - seq.prompt_pos
+                )
+                chunk = seq.request.prompt[seq.prompt_pos : seq.prompt_pos + take]
+                last = seq.prompt_pos + take == len(seq.request.prompt)
+                index = batch.add_many(chunk, seq.n_past, seq.slot, last)
+                seq.prompt_pos += take
+                seq.n_past += take
+                room -= take
+                if last:
+                    outputs.append((seq, index))
+        if batch.n == 0:
+            return
+        self._context.set_adapters(group)
+        self._context.decode(batch)
+        used = sum(s.n_past for s in self._active)
+        total = self._context.n_ctx_per_seq * self.config.n_slots
+        self._metrics.step(batch.n, len(self._active), len(self._waiting), used / total)
+        sampled = 0
+        for seq, index in outputs:
+            events: list[Event] = []
+            self._sample(seq, index, events)
+            sampled += 1
+            if events:
+                outbox.append((seq.request, events))
+        self._metrics.token(sampled)
+
+    def _sample(self, seq: _Seq, index: int, events: list[Event]) -> None:
+        model = self._model
+        token = seq.sampler.sample(self._context, index)
+        if seq.generated == 0:
+            self._metrics.first_token(time.perf_counter() - seq.request.submitted)
+        seq.generated += 1
+        logprobs: tuple[TokenLogprob, ...] = ()
+        if seq.request.sampling.logprobs:
+            logprobs = (self._logprob(token, index, seq.request.sampling.top_logprobs),)
+        if model.is_eog(token):
+            if logprobs:
+                events.append(Delta("", logprobs))
+            self._finish(seq, Finish.STOP, events)
+            return
+        text, stopped = seq.stops.feed(seq.decoder.decode(model.piece(token)))
+        if text or logprobs:
+            events.append(Delta(text, logprobs))
+        if stopped:
+            self._finish(seq, Finish.STOP, events, drain=False)
+        elif seq.generated >= seq.max_tokens or seq.n_past + 1 >= self._context.n_ctx_per_seq:
+            self._finish(seq, Finish.LENGTH, events)
+        else:
+            seq.next_token = token
+
+    def _logprob(self, token: int, index: int, top: int) -> TokenLogprob:
+        model = self._model
+        chosen, best = log_softmax_at(self._context.logits(index), token, top)
+        piece = model.piece(token)
+        return TokenLogprob(
+            token=piece.decode("utf-8", "replace"),
+            logprob=chosen,
+            bytes=piece,
+            top=tuple(
+                TopLogprob(model.piece(t).decode("utf-8", "replace"), lp, model.piece(t))
+                for t, lp in best
+            ),
+        )
