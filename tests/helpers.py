@@ -64,28 +64,41 @@ def to_toml(settings: Settings) -> str:
             return "true" if v else "false"
         if isinstance(v, int | float):
             return repr(v)
-        if v is None:
-            raise ValueError("None cannot be written to TOML")
+        if isinstance(v, list):
+            return "[" + ", ".join(value(i) for i in v if i is not None) + "]"
+        if isinstance(v, dict):
+            pairs = (f"{_key(k)} = {value(i)}" for k, i in v.items() if i is not None)
+            return "{" + ", ".join(pairs) + "}"
         text = str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
         return f'"{text}"'
 
+    def is_table_list(v: object) -> bool:
+        return isinstance(v, list) and bool(v) and all(isinstance(i, dict) for i in v)
+
     def table(prefix: str, data: dict[str, object]) -> None:
-        scalars = {
-            k: v for k, v in data.items() if not isinstance(v, dict | list) and v is not None
-        }
         if prefix:
             lines.append(f"[{prefix}]")
-        lines.extend(f"{k} = {value(v)}" for k, v in scalars.items())
         for k, v in data.items():
+            if v is not None and not isinstance(v, dict) and not is_table_list(v):
+                lines.append(f"{_key(k)} = {value(v)}")
+        for k, v in data.items():
+            name = f"{prefix}.{_key(k)}" if prefix else _key(k)
             if isinstance(v, dict):
-                table(f"{prefix}.{k}" if prefix else k, v)
-            elif isinstance(v, list):
+                table(name, v)
+            elif is_table_list(v):
+                assert isinstance(v, list)
                 for item in v:
-                    lines.append(f"[[{prefix}.{k}]]" if prefix else f"[[{k}]]")
-                    lines.extend(f"{ik} = {value(iv)}" for ik, iv in item.items() if iv is not None)
+                    lines.append(f"[[{name}]]")
+                    lines.extend(
+                        f"{_key(ik)} = {value(iv)}" for ik, iv in item.items() if iv is not None
+                    )
 
     table("", settings.model_dump(mode="json"))
     return "\n".join(lines) + "\n"
+
+
+def _key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else f'"{key}"'
 
 
 class Mesh:
