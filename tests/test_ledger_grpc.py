@@ -1,10 +1,25 @@
-"""LedgerService as a real grpc.aio server on port 0, called through a real stub."""
+"""LedgerService through real stubs: in-process on port 0, and as a real process that is
+killed with SIGKILL between an acknowledged Append and a restart (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
-import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
+import asyncio
+import csv
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+from helpers import mesh_settings
+from postgres_server import PostgresServer
+
+from slm.config import Settings
 from slm.server import GrpcService
 from slm.v1 import ledger_pb2, ledger_pb2_grpc, types_pb2
 
@@ -13,12 +28,27 @@ def address(service: GrpcService) -> str:
     return f"127.0.0.1:{service.port}"
 
 
+def stamp(unix_ns: int) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(unix_ns)
+    return ts
+
+
+def entry(n: int, tenant: str = "acme") -> ledger_pb2.LedgerEntry:
+    return ledger_pb2.LedgerEntry(
+        request_id=f"r{n}",
+        time=stamp(1_700_000_000_000_000_000 + n),
+        tenant=tenant,
+        model="m",
+        tier=types_pb2.TIER_LOCAL,
+        prompt_tokens=n,
+    )
+
+
 async def test_routing_and_policy_fields_round_trip(ledger_server: GrpcService) -> None:
-    now = Timestamp()
-    now.GetCurrentTime()
-    entry = ledger_pb2.LedgerEntry(
+    full = ledger_pb2.LedgerEntry(
         request_id="routed",
-        time=now,
+        time=stamp(1),
         key_id="key-7",
         adapter="legal-lora",
         hops=[
@@ -30,7 +60,170 @@ async def test_routing_and_policy_fields_round_trip(ledger_server: GrpcService) 
     )
     async with grpc.aio.insecure_channel(address(ledger_server)) as channel:
         ledger = ledger_pb2_grpc.LedgerServiceStub(channel)
-        appended = (await ledger.Append(ledger_pb2.AppendRequest(entry=entry))).record
+        appended = (await ledger.Append(ledger_pb2.AppendRequest(entry=full))).record
         listed = (await ledger.List(ledger_pb2.ListRequest())).records
-    assert appended.entry == entry
+    assert appended.entry == full
     assert list(listed) == [appended]
+
+
+async def test_list_filters_and_pages(ledger_server: GrpcService) -> None:
+    async with grpc.aio.insecure_channel(address(ledger_server)) as channel:
+        ledger = ledger_pb2_grpc.LedgerServiceStub(channel)
+        for i in range(10):
+            await ledger.Append(
+                ledger_pb2.AppendRequest(entry=entry(i, "acme" if i % 2 else "globex"))
+            )
+        request = ledger_pb2.ListRequest(
+            page_size=2,
+            tenant="acme",
+            start_time=stamp(1_700_000_000_000_000_000 + 3),
+            end_time=stamp(1_700_000_000_000_000_000 + 9),
+        )
+        seen: list[str] = []
+        while True:
+            page = await ledger.List(request)
+            seen += [r.entry.request_id for r in page.records]
+            if not page.next_page_token:
+                break
+            request.page_token = page.next_page_token
+        assert seen == ["r3", "r5", "r7"]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await ledger.List(ledger_pb2.ListRequest(start_time=stamp(10), end_time=stamp(5)))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_verify_and_export_csv(ledger_server: GrpcService) -> None:
+    async with grpc.aio.insecure_channel(address(ledger_server)) as channel:
+        ledger = ledger_pb2_grpc.LedgerServiceStub(channel)
+        empty = await ledger.Verify(ledger_pb2.VerifyRequest())
+        assert (empty.intact, empty.records_checked, empty.head_hash) == (True, 0, "")
+        last = None
+        for i in range(3):
+            last = (await ledger.Append(ledger_pb2.AppendRequest(entry=entry(i)))).record
+        verdict = await ledger.Verify(ledger_pb2.VerifyRequest())
+        assert last is not None
+        assert (verdict.intact, verdict.records_checked, verdict.head_sequence) == (True, 3, 3)
+        assert verdict.head_hash == last.hash
+        assert not verdict.HasField("first_break")
+        chunks = [
+            response.chunk
+            async for response in ledger.ExportCsv(ledger_pb2.ExportCsvRequest(tenant="acme"))
+        ]
+    rows = list(csv.DictReader(io.StringIO(b"".join(chunks).decode())))
+    assert [(r["sequence"], r["request_id"], r["hash"]) for r in rows[-1:]] == [
+        ("3", "r2", last.hash)
+    ]
+    assert len(rows) == 3
+
+
+# --- durability: a real ledger process, SIGKILL, restart ---------------------------------
+
+
+class LedgerProcess:
+    """`slm serve ledger` as a child process."""
+
+    def __init__(self, settings: Settings, state: Path) -> None:
+        self.settings = settings
+        self.config = state / "ledger.toml"
+        # Only the ledger's own section: everything else keeps its default.
+        ledger = settings.ledger
+        self.config.write_text(
+            "[ledger]\n"
+            f'backend = "{ledger.backend}"\n'
+            f'database = "{ledger.database}"\n'
+            f'postgres_dsn = "{ledger.postgres_dsn}"\n'
+            "[ledger.endpoint]\n"
+            f"port = {ledger.endpoint.port}\n"
+            f"metrics_port = {ledger.endpoint.metrics_port}\n"
+        )
+        self.log = state / "ledger.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self._serving = threading.Event()
+        self._copier = threading.Thread()
+
+    @property
+    def address(self) -> str:
+        return self.settings.ledger.endpoint.address
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "slm.cli", "--config", str(self.config), "serve", "ledger"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "SLM_CONFIG": ""},
+        )
+        self._serving = threading.Event()
+        self._copier = threading.Thread(target=self._copy_log, args=(self.process,), daemon=True)
+        self._copier.start()
+
+    def _copy_log(self, process: subprocess.Popen[bytes]) -> None:
+        assert process.stderr is not None
+        with self.log.open("ab") as log:
+            for line in process.stderr:
+                log.write(line)
+                log.flush()
+                # GrpcService logs "serving" once health is SERVING, i.e. the store is open.
+                if b'"msg": "serving"' in line:
+                    self._serving.set()
+
+    async def wait_serving(self) -> None:
+        if not await asyncio.to_thread(self._serving.wait, 60):
+            raise AssertionError(self.log.read_text())
+
+    def _reap(self) -> int:
+        assert self.process is not None
+        assert self.process.stderr is not None
+        code = self.process.wait(timeout=30)
+        self._copier.join(timeout=30)
+        self.process.stderr.close()
+        return code
+
+    def kill(self) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        return self._reap()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+            self._reap()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def ledger_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    settings = mesh_settings(tmp_path)
+    if request.param == "postgresql":
+        server: PostgresServer = request.getfixturevalue("postgres")
+        settings.ledger.backend = "postgresql"
+        settings.ledger.postgres_dsn = await server.new_database()
+    return settings
+
+
+async def test_an_acknowledged_record_survives_kill_9(
+    ledger_settings: Settings, tmp_path: Path
+) -> None:
+    ledger = LedgerProcess(ledger_settings, tmp_path)
+    ledger.start()
+    try:
+        async with grpc.aio.insecure_channel(ledger.address) as channel:
+            await ledger.wait_serving()
+            stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+            acknowledged = [
+                (await stub.Append(ledger_pb2.AppendRequest(entry=entry(i)))).record
+                for i in range(20)
+            ]
+        # No graceful shutdown, no chance to flush anything: only what was durable survives.
+        assert ledger.kill() == -signal.SIGKILL
+        ledger.start()
+        async with grpc.aio.insecure_channel(ledger.address) as channel:
+            await ledger.wait_serving()
+            stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+            listed = (await stub.List(ledger_pb2.ListRequest())).records
+            verdict = await stub.Verify(ledger_pb2.VerifyRequest())
+            after = (await stub.Append(ledger_pb2.AppendRequest(entry=entry(20)))).record
+    finally:
+        ledger.stop()
+    assert list(listed) == acknowledged
+    assert (verdict.intact, verdict.records_checked) == (True, 20)
+    assert (after.sequence, after.prev_hash) == (21, acknowledged[-1].hash)

@@ -1,31 +1,124 @@
-"""The ledger core: hash chain, paging, append-only, restart."""
+"""The ledger core on each backend (SQLite, a real PostgreSQL): chain, paging, filters,
+append-only, verification of tampered rows, CSV export, restart."""
 
 from __future__ import annotations
 
+import csv
+import io
 import itertools
+import json
 import sqlite3
-import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import pytest
+from postgres_server import PostgresServer
 
-from ledger.store import Entry, Hop, LedgerStore, canonical, chain_hash
+from ledger.csv_export import COLUMNS, csv_chunks
+from ledger.postgres import PostgresBackend
+from ledger.sqlite import SqliteBackend
+from ledger.store import (
+    Backend,
+    BreakReason,
+    Entry,
+    Hop,
+    LedgerStore,
+    Query,
+    canonical,
+    chain_hash,
+)
 from slm.errors import InvalidArgument
 
+BACKENDS = ["sqlite", "postgresql"]
 
-def entry(n: int) -> Entry:
-    return Entry(request_id=f"req-{n}", time_unix_ns=time.time_ns(), model="m", prompt_tokens=n)
+
+def entry(n: int, tenant: str = "acme", time_ns: int | None = None) -> Entry:
+    return Entry(
+        request_id=f"req-{n}",
+        time_unix_ns=time_ns if time_ns is not None else 1_700_000_000_000_000_000 + n,
+        tenant=tenant,
+        model="m",
+        prompt_tokens=n,
+    )
+
+
+@dataclass
+class Storage:
+    """A backend plus the test's own raw access to its table, bypassing the store."""
+
+    make: Callable[[], Backend]
+    # Runs SQL on the test's own connection ("?" placeholders), past the append-only triggers
+    # when bypass is true.
+    raw: Callable[[str, tuple[object, ...], bool], Awaitable[None]]
+    # The error the database raises when a trigger refuses a change.
+    refused: type[Exception]
+
+    async def tamper(self, sql: str, *args: object) -> None:
+        await self.raw(sql, args, True)
+
+
+@pytest.fixture(params=BACKENDS)
+async def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    if request.param == "sqlite":
+        path = tmp_path / "ledger.sqlite3"
+
+        async def raw_sqlite(sql: str, args: tuple[object, ...], bypass: bool) -> None:
+            db = sqlite3.connect(path, isolation_level=None)
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                triggers = db.execute(
+                    "SELECT name, sql FROM sqlite_master WHERE type = 'trigger'"
+                ).fetchall()
+                if bypass:
+                    # Dropped and recreated inside this one transaction of the test's own.
+                    for name, _ in triggers:
+                        db.execute(f"DROP TRIGGER {name}")
+                try:
+                    db.execute(sql, args)
+                finally:
+                    if bypass:
+                        for _, create in triggers:
+                            db.execute(create)
+                db.execute("COMMIT")
+            finally:
+                db.close()
+
+        return Storage(lambda: SqliteBackend(path), raw_sqlite, sqlite3.IntegrityError)
+
+    server: PostgresServer = request.getfixturevalue("postgres")
+    dsn = await server.new_database()
+
+    async def raw_postgres(sql: str, args: tuple[object, ...], bypass: bool) -> None:
+        numbered = sql
+        for i in range(len(args)):
+            numbered = numbered.replace("?", f"${i + 1}", 1)
+        db = await asyncpg.connect(dsn)
+        try:
+            async with db.transaction():
+                if bypass:
+                    # Disabled inside this one transaction of the test's own.
+                    await db.execute("ALTER TABLE records DISABLE TRIGGER USER")
+                await db.execute(numbered, *args)
+                if bypass:
+                    await db.execute("ALTER TABLE records ENABLE TRIGGER USER")
+        finally:
+            await db.close()
+
+    return Storage(lambda: PostgresBackend(dsn), raw_postgres, asyncpg.RaiseError)
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> LedgerStore:
-    s = LedgerStore(tmp_path / "ledger.sqlite3")
-    s.open()
-    return s
+async def store(storage: Storage) -> AsyncIterator[LedgerStore]:
+    s = LedgerStore(storage.make())
+    await s.open()
+    yield s
+    await s.close()
 
 
-def test_each_record_holds_the_hash_of_the_previous(store: LedgerStore) -> None:
-    records = [store.append(entry(i)) for i in range(5)]
+async def test_each_record_holds_the_hash_of_the_previous(store: LedgerStore) -> None:
+    records = [await store.append(entry(i)) for i in range(5)]
     assert records[0].prev_hash == ""
     for prev, cur in itertools.pairwise(records):
         assert cur.prev_hash == prev.hash
@@ -33,55 +126,164 @@ def test_each_record_holds_the_hash_of_the_previous(store: LedgerStore) -> None:
     # Anyone can re-derive a hash from the stored canonical body.
     last = records[-1]
     assert last.hash == chain_hash(last.prev_hash, canonical(last.sequence, last.entry))
+    assert (await store.list(0, "")).records == records
 
 
-def test_chain_continues_after_reopen(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.sqlite3"
-    first = LedgerStore(path)
-    first.open()
-    a = first.append(entry(1))
-    first.close()
-    second = LedgerStore(path)
-    second.open()
-    b = second.append(entry(2))
+async def test_chain_continues_after_reopen(storage: Storage) -> None:
+    first = LedgerStore(storage.make())
+    await first.open()
+    a = await first.append(entry(1))
+    await first.close()
+    second = LedgerStore(storage.make())
+    await second.open()
+    b = await second.append(entry(2))
+    await second.close()
     assert (b.sequence, b.prev_hash) == (a.sequence + 1, a.hash)
 
 
-def test_paging_walks_every_record_once(store: LedgerStore) -> None:
+async def test_two_stores_on_one_database_extend_one_chain(storage: Storage) -> None:
+    # Two ledger replicas (or processes) sharing the storage must not fork the chain.
+    a, b = LedgerStore(storage.make()), LedgerStore(storage.make())
+    await a.open()
+    await b.open()
+    for i in range(6):
+        await (a if i % 2 else b).append(entry(i))
+    verdict = await a.verify()
+    await a.close()
+    await b.close()
+    assert verdict.intact
+    assert verdict.records_checked == 6
+
+
+async def test_paging_walks_every_record_once(store: LedgerStore) -> None:
     for i in range(7):
-        store.append(entry(i))
+        await store.append(entry(i))
     seen: list[int] = []
     token = ""
     while True:
-        page = store.list(3, token)
+        page = await store.list(3, token)
         seen += [r.sequence for r in page.records]
         if not page.next_page_token:
             break
         token = page.next_page_token
     assert seen == list(range(1, 8))
-    assert store.list(0, "").records[0].entry == store.list(1, "").records[0].entry
 
 
-def test_records_cannot_be_changed_or_deleted_through_sql(store: LedgerStore) -> None:
-    store.append(entry(1))
-    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-        store.db.execute("UPDATE records SET body = 'x'")
-    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-        store.db.execute("DELETE FROM records")
+async def test_list_filters_by_tenant_and_time_range(store: LedgerStore) -> None:
+    for i in range(12):
+        await store.append(entry(i, tenant="acme" if i % 3 else "globex", time_ns=1000 + i))
+    acme = await store.list(0, "", Query(tenant="acme"))
+    assert [r.entry.request_id for r in acme.records] == [f"req-{i}" for i in range(12) if i % 3]
+    window = await store.list(0, "", Query(since_ns=1003, until_ns=1007))
+    assert [r.entry.time_unix_ns for r in window.records] == [1003, 1004, 1005, 1006]
+    both = await store.list(0, "", Query(tenant="globex", since_ns=1003, until_ns=1010))
+    assert [r.entry.request_id for r in both.records] == ["req-3", "req-6", "req-9"]
+    # Filtered paging: the token continues after the last match, not after a fixed offset.
+    first = await store.list(2, "", Query(tenant="globex"))
+    rest = await store.list(10, first.next_page_token, Query(tenant="globex"))
+    assert [r.entry.request_id for r in first.records + rest.records] == [
+        "req-0",
+        "req-3",
+        "req-6",
+        "req-9",
+    ]
+    assert rest.next_page_token == ""
+    assert (await store.list(0, "", Query(tenant="nobody"))).records == []
 
 
-@pytest.mark.parametrize(("size", "token"), [(1001, ""), (10, "abc")])
-def test_bad_paging_arguments_are_invalid(store: LedgerStore, size: int, token: str) -> None:
-    with pytest.raises(InvalidArgument):
-        store.list(size, token)
+async def test_records_cannot_be_changed_or_deleted(storage: Storage, store: LedgerStore) -> None:
+    await store.append(entry(1))
+    for sql in ("UPDATE records SET body = 'x'", "DELETE FROM records"):
+        with pytest.raises(storage.refused, match="append-only"):
+            await storage.raw(sql, (), False)
+    assert (await store.verify()).records_checked == 1
 
 
-def test_request_id_is_required(store: LedgerStore) -> None:
-    with pytest.raises(InvalidArgument, match="request_id"):
-        store.append(Entry(request_id="", time_unix_ns=0))
+async def test_intact_chain_verifies(store: LedgerStore) -> None:
+    assert (await store.verify()).intact
+    records = [await store.append(entry(i)) for i in range(4)]
+    verdict = await store.verify()
+    assert verdict.intact
+    assert (verdict.records_checked, verdict.head_sequence, verdict.head_hash) == (
+        4,
+        4,
+        records[-1].hash,
+    )
 
 
-def test_routing_and_policy_fields_are_stored_and_hashed(store: LedgerStore) -> None:
+async def test_verify_names_an_edited_body(storage: Storage, store: LedgerStore) -> None:
+    records = [await store.append(entry(i)) for i in range(6)]
+    body = json.loads(canonical(3, records[2].entry))
+    body["prompt_tokens"] = 0  # someone hides what a request cost
+    forged = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    await storage.tamper("UPDATE records SET body = ? WHERE sequence = ?", forged, 3)
+    verdict = await store.verify()
+    assert not verdict.intact
+    assert verdict.first_break is not None
+    assert (verdict.first_break.sequence, verdict.first_break.reason) == (
+        3,
+        BreakReason.HASH_MISMATCH,
+    )
+    assert (verdict.head_sequence, verdict.head_hash) == (2, records[1].hash)
+
+
+async def test_verify_names_a_rehashed_record(storage: Storage, store: LedgerStore) -> None:
+    # A forger who also recomputes the row's own hash breaks the next record's link.
+    records = [await store.append(entry(i)) for i in range(5)]
+    forged = canonical(2, entry(99))
+    digest = chain_hash(records[0].hash, forged)
+    await storage.tamper(
+        "UPDATE records SET body = ?, hash = ? WHERE sequence = ?", forged, digest, 2
+    )
+    verdict = await store.verify()
+    assert verdict.first_break is not None
+    assert (verdict.first_break.sequence, verdict.first_break.reason) == (
+        3,
+        BreakReason.PREV_HASH_MISMATCH,
+    )
+
+
+async def test_verify_names_a_deleted_record(storage: Storage, store: LedgerStore) -> None:
+    for i in range(5):
+        await store.append(entry(i))
+    await storage.tamper("DELETE FROM records WHERE sequence = ?", 4)
+    verdict = await store.verify()
+    assert verdict.first_break is not None
+    assert (verdict.first_break.sequence, verdict.first_break.reason) == (
+        4,
+        BreakReason.SEQUENCE_GAP,
+    )
+
+
+async def test_verify_names_a_moved_body(storage: Storage, store: LedgerStore) -> None:
+    # A body whose own sequence disagrees with its row, even with a matching hash.
+    await store.append(entry(1))
+    moved = canonical(7, entry(2))
+    records = (await store.list(0, "")).records
+    digest = chain_hash(records[0].hash, moved)
+    await storage.tamper(
+        "INSERT INTO records (sequence, body, prev_hash, hash) VALUES (?, ?, ?, ?)",
+        2,
+        moved,
+        records[0].hash,
+        digest,
+    )
+    verdict = await store.verify()
+    assert verdict.first_break is not None
+    assert (verdict.first_break.sequence, verdict.first_break.reason) == (
+        2,
+        BreakReason.MALFORMED_BODY,
+    )
+
+
+async def test_verify_walks_past_one_scan_batch(store: LedgerStore) -> None:
+    for i in range(1203):
+        await store.append(entry(i))
+    verdict = await store.verify()
+    assert (verdict.intact, verdict.records_checked) == (True, 1203)
+
+
+async def test_routing_and_policy_fields_are_stored_and_hashed(store: LedgerStore) -> None:
     full = Entry(
         request_id="req-full",
         time_unix_ns=1,
@@ -91,9 +293,56 @@ def test_routing_and_policy_fields_are_stored_and_hashed(store: LedgerStore) -> 
         entity_counts={"EMAIL_ADDRESS": 2, "CREDIT_CARD": 1},
         policy_decisions=("fallback:TIER_BURST",),
     )
-    record = store.append(full)
-    assert store.list(1, "").records[0] == record
+    record = await store.append(full)
+    assert (await store.list(1, "")).records[0] == record
     body = canonical(record.sequence, full)
     assert '"EMAIL_ADDRESS":2' in body
     assert '"intent":"legal"' in body
     assert record.hash == chain_hash("", body)
+
+
+async def test_csv_export_has_a_header_and_one_line_per_record(store: LedgerStore) -> None:
+    await store.append(
+        Entry(
+            request_id="=HYPERLINK(evil)",
+            time_unix_ns=1_700_000_000_123_456_789,
+            tenant="acme",
+            model='m,odd "name"',
+            tier=1,
+            hops=(Hop(model="router", tier=1, intent="legal"),),
+            entity_counts={"EMAIL_ADDRESS": 1},
+            policy_decisions=("a", "b"),
+        )
+    )
+    await store.append(entry(2, tenant="globex"))
+    text = "".join([chunk async for chunk in csv_chunks(store.scan(Query(tenant="acme")))])
+    rows = list(csv.reader(io.StringIO(text)))
+    assert rows[0] == list(COLUMNS)
+    assert len(rows) == 2
+    row = dict(zip(COLUMNS, rows[1], strict=True))
+    assert row["request_id"] == "'=HYPERLINK(evil)"  # stays text in a spreadsheet
+    assert row["model"] == 'm,odd "name"'
+    assert row["time"] == "2023-11-14T22:13:20.123456789Z"
+    assert row["tier"] == "TIER_LOCAL"
+    assert json.loads(row["hops"]) == [
+        {"model": "router", "tier": "TIER_LOCAL", "upstream": "", "intent": "legal"}
+    ]
+    assert json.loads(row["entity_counts"]) == {"EMAIL_ADDRESS": 1}
+    assert row["policy_decisions"] == "a;b"
+    assert row["sequence"] == "1"
+
+
+@pytest.mark.parametrize(("size", "token"), [(1001, ""), (10, "abc"), (10, "-4")])
+async def test_bad_paging_arguments_are_invalid(store: LedgerStore, size: int, token: str) -> None:
+    with pytest.raises(InvalidArgument):
+        await store.list(size, token)
+
+
+def test_an_inverted_time_range_is_invalid() -> None:
+    with pytest.raises(InvalidArgument, match="start_time"):
+        Query(since_ns=10, until_ns=5)
+
+
+async def test_request_id_is_required(store: LedgerStore) -> None:
+    with pytest.raises(InvalidArgument, match="request_id"):
+        await store.append(Entry(request_id="", time_unix_ns=0))

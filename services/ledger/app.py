@@ -6,8 +6,8 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from ledger.servicer import LedgerServicer
-from ledger.store import LedgerStore
-from slm.config import Settings
+from ledger.store import Backend, LedgerStore
+from slm.config import LedgerConfig, Settings
 from slm.v1 import ledger_pb2, ledger_pb2_grpc
 
 
@@ -23,11 +23,21 @@ class LedgerApp:
         ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(self.store), server)
 
     async def start(self) -> None:
-        self.store.open()
+        await self.store.open()
 
     async def stop(self) -> None:
-        self.store.close()
+        await self.store.close()
+
+
+def build_backend(config: LedgerConfig) -> Backend:
+    if config.backend == "postgresql":
+        from ledger.postgres import PostgresBackend
+
+        return PostgresBackend(config.postgres_dsn)
+    from ledger.sqlite import SqliteBackend
+
+    return SqliteBackend(config.database)
 
 
 def build_app(settings: Settings, registry: CollectorRegistry) -> LedgerApp:
-    return LedgerApp(LedgerStore(settings.ledger.database))
+    return LedgerApp(LedgerStore(build_backend(settings.ledger)))

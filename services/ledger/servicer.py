@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from ledger.store import Entry, Hop, LedgerStore, Record
+from ledger.csv_export import csv_chunks
+from ledger.store import Entry, Hop, LedgerStore, Query, Record, Verification
 from slm.v1 import ledger_pb2, ledger_pb2_grpc, types_pb2
 
 # grpc ships no type information; the servicer context is untyped.
@@ -78,6 +80,32 @@ def record_to_proto(record: Record) -> ledger_pb2.LedgerRecord:
     )
 
 
+def query_from_proto(tenant: str, start: Timestamp | None, end: Timestamp | None) -> Query:
+    return Query(
+        tenant=tenant,
+        since_ns=start.ToNanoseconds() if start is not None else None,
+        until_ns=end.ToNanoseconds() if end is not None else None,
+    )
+
+
+def verification_to_proto(result: Verification) -> ledger_pb2.VerifyResponse:
+    response = ledger_pb2.VerifyResponse(
+        intact=result.intact,
+        records_checked=result.records_checked,
+        head_sequence=result.head_sequence,
+        head_hash=result.head_hash,
+    )
+    if result.first_break is not None:
+        response.first_break.CopyFrom(
+            ledger_pb2.ChainBreak(
+                sequence=result.first_break.sequence,
+                reason=result.first_break.reason.value,  # type: ignore[arg-type]
+                detail=result.first_break.detail,
+            )
+        )
+    return response
+
+
 class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     def __init__(self, store: LedgerStore) -> None:
         self._store = store
@@ -85,14 +113,35 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def Append(
         self, request: ledger_pb2.AppendRequest, context: Context
     ) -> ledger_pb2.AppendResponse:
-        record = await self._store.append_async(entry_from_proto(request.entry))
+        record = await self._store.append(entry_from_proto(request.entry))
         return ledger_pb2.AppendResponse(record=record_to_proto(record))
 
     async def List(
         self, request: ledger_pb2.ListRequest, context: Context
     ) -> ledger_pb2.ListResponse:
-        page = await self._store.list_async(request.page_size, request.page_token)
+        query = query_from_proto(
+            request.tenant,
+            request.start_time if request.HasField("start_time") else None,
+            request.end_time if request.HasField("end_time") else None,
+        )
+        page = await self._store.list(request.page_size, request.page_token, query)
         return ledger_pb2.ListResponse(
             records=[record_to_proto(r) for r in page.records],
             next_page_token=page.next_page_token,
         )
+
+    async def Verify(
+        self, request: ledger_pb2.VerifyRequest, context: Context
+    ) -> ledger_pb2.VerifyResponse:
+        return verification_to_proto(await self._store.verify())
+
+    async def ExportCsv(
+        self, request: ledger_pb2.ExportCsvRequest, context: Context
+    ) -> AsyncIterator[ledger_pb2.ExportCsvResponse]:
+        query = query_from_proto(
+            request.tenant,
+            request.start_time if request.HasField("start_time") else None,
+            request.end_time if request.HasField("end_time") else None,
+        )
+        async for chunk in csv_chunks(self._store.scan(query)):
+            yield ledger_pb2.ExportCsvResponse(chunk=chunk.encode())

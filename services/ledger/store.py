@@ -1,33 +1,20 @@
-"""SQLite ledger store: append-only rows, each holding the SHA-256 of the one before."""
+"""The ledger core: hash-chained records over a storage backend, paging, verification, export."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import sqlite3
-import threading
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from enum import Enum
+from typing import Any, Protocol
 
 from slm.errors import InvalidArgument
 
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS records (
-    sequence   INTEGER PRIMARY KEY,
-    body       TEXT NOT NULL,
-    prev_hash  TEXT NOT NULL,
-    hash       TEXT NOT NULL UNIQUE
-);
--- Append-only: the database itself refuses edits and deletions made through SQL.
-CREATE TRIGGER IF NOT EXISTS records_no_update BEFORE UPDATE ON records
-BEGIN SELECT RAISE(ABORT, 'ledger records are append-only'); END;
-CREATE TRIGGER IF NOT EXISTS records_no_delete BEFORE DELETE ON records
-BEGIN SELECT RAISE(ABORT, 'ledger records are append-only'); END;
-"""
+# Rows read per backend call while walking the chain (verify, export).
+SCAN_BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -74,15 +61,88 @@ class Record:
 
 
 @dataclass(frozen=True)
+class Row:
+    """A record as the backend stores it: the body is the exact text that was hashed."""
+
+    sequence: int
+    body: str
+    prev_hash: str
+    hash: str
+
+
+@dataclass(frozen=True)
+class Query:
+    """Filters of List and export: one tenant and/or the half-open range [since, until)."""
+
+    tenant: str = ""
+    since_ns: int | None = None
+    until_ns: int | None = None
+
+    def __post_init__(self) -> None:
+        if (
+            self.since_ns is not None
+            and self.until_ns is not None
+            and self.since_ns > self.until_ns
+        ):
+            raise InvalidArgument("start_time is after end_time", field="start_time")
+
+
+@dataclass(frozen=True)
 class Page:
     records: list[Record] = field(default_factory=list)
     next_page_token: str = ""
 
 
+class BreakReason(Enum):
+    HASH_MISMATCH = 1
+    PREV_HASH_MISMATCH = 2
+    SEQUENCE_GAP = 3
+    MALFORMED_BODY = 4
+
+
+@dataclass(frozen=True)
+class ChainBreak:
+    sequence: int
+    reason: BreakReason
+    detail: str
+
+
+@dataclass(frozen=True)
+class Verification:
+    records_checked: int
+    head_sequence: int
+    head_hash: str
+    first_break: ChainBreak | None = None
+
+    @property
+    def intact(self) -> bool:
+        return self.first_break is None
+
+
+class Backend(Protocol):
+    """Storage of rows. Implementations refuse UPDATE and DELETE in the database itself and
+    report storage faults as slm.errors.Unavailable."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def append(self, seal: Callable[[int, str], tuple[str, str]]) -> Row:
+        """Atomically: read the head, call seal(next_sequence, head_hash) -> (body, hash),
+        insert the row and make it durable. Appends from several processes must serialise."""
+        ...
+
+    async def rows(self, after: int, limit: int, query: Query) -> list[Row]:
+        """Up to `limit` rows with sequence > after that match `query`, in sequence order."""
+        ...
+
+
 def canonical(sequence: int, entry: Entry) -> str:
     """The exact text that is hashed: sorted keys, no whitespace, so any reader can re-derive it."""
     return json.dumps(
-        {"sequence": sequence, **asdict(entry)}, sort_keys=True, separators=(",", ":")
+        {"sequence": sequence, **asdict(entry)},
+        sort_keys=True,
+        separators=(",", ":"),
     )
 
 
@@ -90,60 +150,76 @@ def chain_hash(prev_hash: str, body: str) -> str:
     return hashlib.sha256(f"{prev_hash}\n{body}".encode()).hexdigest()
 
 
+def decode(row: Row) -> Record:
+    data: dict[str, Any] = json.loads(row.body)
+    data.pop("sequence")
+    # Bodies written before a field existed simply lack it and decode to its default.
+    data["hops"] = tuple(Hop(**hop) for hop in data.get("hops", ()))
+    data["policy_decisions"] = tuple(data.get("policy_decisions", ()))
+    return Record(row.sequence, Entry(**data), row.prev_hash, row.hash)
+
+
+def check_link(row: Row, prev_sequence: int, prev_hash: str) -> ChainBreak | None:
+    """Whether `row` correctly follows the record (prev_sequence, prev_hash)."""
+    if row.sequence != prev_sequence + 1:
+        return ChainBreak(
+            prev_sequence + 1,
+            BreakReason.SEQUENCE_GAP,
+            f"record {prev_sequence + 1} is missing; the next stored record is {row.sequence}",
+        )
+    if row.prev_hash != prev_hash:
+        return ChainBreak(
+            row.sequence,
+            BreakReason.PREV_HASH_MISMATCH,
+            f"prev_hash is {row.prev_hash or '(empty)'}, "
+            f"the record before has hash {prev_hash or '(none)'}",
+        )
+    expected = chain_hash(row.prev_hash, row.body)
+    if row.hash != expected:
+        return ChainBreak(
+            row.sequence,
+            BreakReason.HASH_MISMATCH,
+            f"stored hash is {row.hash}, the stored body and prev_hash hash to {expected}",
+        )
+    try:
+        data = json.loads(row.body)
+        body_sequence = data["sequence"] if isinstance(data, dict) else None
+        decode(row)
+    except (ValueError, KeyError, TypeError) as error:
+        return ChainBreak(row.sequence, BreakReason.MALFORMED_BODY, f"undecodable body: {error}")
+    if body_sequence != row.sequence:
+        return ChainBreak(
+            row.sequence,
+            BreakReason.MALFORMED_BODY,
+            f"the body is record {body_sequence}, stored as record {row.sequence}",
+        )
+    return None
+
+
 class LedgerStore:
-    """The core: appends and pages through records. Thread-safe; blocking calls run off-loop.
+    """Appends, pages, verifies and exports records; what is stored is up to the backend."""
 
-    Durability: WAL with synchronous=FULL, so an acknowledged append survives a crash of the
-    process or the machine.
-    """
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
 
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._lock = threading.Lock()
-        self._db: sqlite3.Connection | None = None
-        self._last_hash = ""
-        self._last_sequence = 0
+    async def open(self) -> None:
+        await self._backend.open()
 
-    def open(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.executescript(_SCHEMA)
-        row = db.execute(
-            "SELECT sequence, hash FROM records ORDER BY sequence DESC LIMIT 1"
-        ).fetchone()
-        if row is not None:
-            self._last_sequence, self._last_hash = int(row[0]), str(row[1])
-        self._db = db
+    async def close(self) -> None:
+        await self._backend.close()
 
-    def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
-
-    @property
-    def db(self) -> sqlite3.Connection:
-        if self._db is None:
-            raise RuntimeError("ledger store is not open")
-        return self._db
-
-    def append(self, entry: Entry) -> Record:
+    async def append(self, entry: Entry) -> Record:
         if not entry.request_id:
             raise InvalidArgument("request_id is required", field="entry.request_id")
-        with self._lock:
-            sequence = self._last_sequence + 1
-            body = canonical(sequence, entry)
-            digest = chain_hash(self._last_hash, body)
-            self.db.execute(
-                "INSERT INTO records (sequence, body, prev_hash, hash) VALUES (?, ?, ?, ?)",
-                (sequence, body, self._last_hash, digest),
-            )
-            record = Record(sequence, entry, self._last_hash, digest)
-            self._last_sequence, self._last_hash = sequence, digest
-            return record
 
-    def list(self, page_size: int, page_token: str) -> Page:
+        def seal(sequence: int, prev_hash: str) -> tuple[str, str]:
+            body = canonical(sequence, entry)
+            return body, chain_hash(prev_hash, body)
+
+        row = await self._backend.append(seal)
+        return Record(row.sequence, entry, row.prev_hash, row.hash)
+
+    async def list(self, page_size: int, page_token: str, query: Query | None = None) -> Page:
         size = DEFAULT_PAGE if page_size == 0 else page_size
         if not 0 < size <= MAX_PAGE:
             raise InvalidArgument(f"page_size must be 1..{MAX_PAGE}", field="page_size")
@@ -153,26 +229,33 @@ class LedgerStore:
                 after = int(page_token)
             except ValueError:
                 raise InvalidArgument("malformed page_token", field="page_token") from None
-        rows = self.db.execute(
-            "SELECT sequence, body, prev_hash, hash FROM records WHERE sequence > ? "
-            "ORDER BY sequence LIMIT ?",
-            (after, size + 1),
-        ).fetchall()
-        records = [_decode(row) for row in rows[:size]]
+            if after < 0:
+                raise InvalidArgument("malformed page_token", field="page_token")
+        rows = await self._backend.rows(after, size + 1, query or Query())
+        records = [decode(row) for row in rows[:size]]
         more = len(rows) > size
         return Page(records, str(records[-1].sequence) if more and records else "")
 
-    async def append_async(self, entry: Entry) -> Record:
-        return await asyncio.to_thread(self.append, entry)
+    async def scan(self, query: Query | None = None) -> AsyncIterator[Sequence[Record]]:
+        """Every matching record, in batches, without holding a cursor open between them."""
+        after = 0
+        while True:
+            rows = await self._backend.rows(after, SCAN_BATCH, query or Query())
+            if not rows:
+                return
+            yield [decode(row) for row in rows]
+            after = rows[-1].sequence
 
-    async def list_async(self, page_size: int, page_token: str) -> Page:
-        return await asyncio.to_thread(self.list, page_size, page_token)
-
-
-def _decode(row: tuple[int, str, str, str]) -> Record:
-    data = json.loads(row[1])
-    data.pop("sequence")
-    # Bodies written before a field existed simply lack it and decode to its default.
-    data["hops"] = tuple(Hop(**hop) for hop in data.get("hops", ()))
-    data["policy_decisions"] = tuple(data.get("policy_decisions", ()))
-    return Record(int(row[0]), Entry(**data), row[2], row[3])
+    async def verify(self) -> Verification:
+        """Walk the whole chain from the first record; stop at the first broken link."""
+        checked, head_sequence, head_hash = 0, 0, ""
+        while True:
+            rows = await self._backend.rows(head_sequence, SCAN_BATCH, Query())
+            if not rows:
+                return Verification(checked, head_sequence, head_hash)
+            for row in rows:
+                checked += 1
+                broken = check_link(row, head_sequence, head_hash)
+                if broken is not None:
+                    return Verification(checked, head_sequence, head_hash, broken)
+                head_sequence, head_hash = row.sequence, row.hash

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from slm.v1 import types_pb2 as _types_pb2
 import builtins as _builtins
 import sys
@@ -19,6 +20,44 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ChainBreakReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ChainBreakReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChainBreakReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHAIN_BREAK_REASON_UNSPECIFIED: _ChainBreakReason.ValueType  # 0
+    CHAIN_BREAK_REASON_HASH_MISMATCH: _ChainBreakReason.ValueType  # 1
+    """The stored hash is not the SHA-256 of prev_hash and the stored body: the
+    body or the hash was altered.
+    """
+    CHAIN_BREAK_REASON_PREV_HASH_MISMATCH: _ChainBreakReason.ValueType  # 2
+    """prev_hash is not the hash of the record before: a record was replaced or
+    re-chained.
+    """
+    CHAIN_BREAK_REASON_SEQUENCE_GAP: _ChainBreakReason.ValueType  # 3
+    """A sequence number is missing: a record was deleted."""
+    CHAIN_BREAK_REASON_MALFORMED_BODY: _ChainBreakReason.ValueType  # 4
+    """The body is not a record of this sequence number."""
+
+class ChainBreakReason(_ChainBreakReason, metaclass=_ChainBreakReasonEnumTypeWrapper):
+    """Why a link of the chain is broken."""
+
+CHAIN_BREAK_REASON_UNSPECIFIED: ChainBreakReason.ValueType  # 0
+CHAIN_BREAK_REASON_HASH_MISMATCH: ChainBreakReason.ValueType  # 1
+"""The stored hash is not the SHA-256 of prev_hash and the stored body: the
+body or the hash was altered.
+"""
+CHAIN_BREAK_REASON_PREV_HASH_MISMATCH: ChainBreakReason.ValueType  # 2
+"""prev_hash is not the hash of the record before: a record was replaced or
+re-chained.
+"""
+CHAIN_BREAK_REASON_SEQUENCE_GAP: ChainBreakReason.ValueType  # 3
+"""A sequence number is missing: a record was deleted."""
+CHAIN_BREAK_REASON_MALFORMED_BODY: ChainBreakReason.ValueType  # 4
+"""The body is not a record of this sequence number."""
+Global___ChainBreakReason: _TypeAlias = ChainBreakReason  # noqa: Y015
 
 @_typing.final
 class LedgerEntry(_message.Message):
@@ -212,19 +251,35 @@ class ListRequest(_message.Message):
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """At most this many records; 0 means 100, at most 1000."""
     page_token: _builtins.str
-    """next_page_token of the previous response; "" for the first page."""
+    """next_page_token of the previous response; "" for the first page. Pass the
+    same filters with every page.
+    """
+    tenant: _builtins.str
+    """Only this tenant's records; "" for every tenant."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Only records with start_time <= time < end_time; unset means unbounded."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -255,3 +310,145 @@ class ListResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListResponse: _TypeAlias = ListResponse  # noqa: Y015
+
+@_typing.final
+class VerifyRequest(_message.Message):
+    """Request of LedgerService.Verify."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyRequest: _TypeAlias = VerifyRequest  # noqa: Y015
+
+@_typing.final
+class ChainBreak(_message.Message):
+    """The first broken link of the chain."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """The sequence number of the broken record (for a gap: the missing one)."""
+    reason: Global___ChainBreakReason.ValueType
+    detail: _builtins.str
+    """What was expected and what was found, for a human."""
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        reason: Global___ChainBreakReason.ValueType = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "reason", b"reason", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChainBreak: _TypeAlias = ChainBreak  # noqa: Y015
+
+@_typing.final
+class VerifyResponse(_message.Message):
+    """Response of LedgerService.Verify."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTACT_FIELD_NUMBER: _builtins.int
+    RECORDS_CHECKED_FIELD_NUMBER: _builtins.int
+    HEAD_HASH_FIELD_NUMBER: _builtins.int
+    HEAD_SEQUENCE_FIELD_NUMBER: _builtins.int
+    FIRST_BREAK_FIELD_NUMBER: _builtins.int
+    intact: _builtins.bool
+    """True when every record checked is intact."""
+    records_checked: _builtins.int
+    """Records checked, up to and including the first broken one."""
+    head_hash: _builtins.str
+    """Hash of the last intact record ("" for an empty ledger): compare it with a
+    head published earlier to detect records cut off at the end.
+    """
+    head_sequence: _builtins.int
+    """Sequence number of that record."""
+    @_builtins.property
+    def first_break(self) -> Global___ChainBreak:
+        """Set when intact is false."""
+
+    def __init__(
+        self,
+        *,
+        intact: _builtins.bool = ...,
+        records_checked: _builtins.int = ...,
+        head_hash: _builtins.str = ...,
+        head_sequence: _builtins.int = ...,
+        first_break: Global___ChainBreak | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first_break", b"first_break"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_break", b"first_break", "head_hash", b"head_hash", "head_sequence", b"head_sequence", "intact", b"intact", "records_checked", b"records_checked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyResponse: _TypeAlias = VerifyResponse  # noqa: Y015
+
+@_typing.final
+class ExportCsvRequest(_message.Message):
+    """Request of LedgerService.ExportCsv."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """Only this tenant's records; "" for every tenant."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Only records with start_time <= time < end_time; unset means unbounded."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportCsvRequest: _TypeAlias = ExportCsvRequest  # noqa: Y015
+
+@_typing.final
+class ExportCsvResponse(_message.Message):
+    """Response of LedgerService.ExportCsv: the next piece of the CSV text."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNK_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    """UTF-8; chunks end on line boundaries."""
+    def __init__(
+        self,
+        *,
+        chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportCsvResponse: _TypeAlias = ExportCsvResponse  # noqa: Y015

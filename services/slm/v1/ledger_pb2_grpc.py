@@ -46,6 +46,16 @@ class LedgerServiceStub:
                 request_serializer=slm_dot_v1_dot_ledger__pb2.ListRequest.SerializeToString,
                 response_deserializer=slm_dot_v1_dot_ledger__pb2.ListResponse.FromString,
                 _registered_method=True)
+        self.Verify = channel.unary_unary(
+                '/slm.v1.LedgerService/Verify',
+                request_serializer=slm_dot_v1_dot_ledger__pb2.VerifyRequest.SerializeToString,
+                response_deserializer=slm_dot_v1_dot_ledger__pb2.VerifyResponse.FromString,
+                _registered_method=True)
+        self.ExportCsv = channel.unary_stream(
+                '/slm.v1.LedgerService/ExportCsv',
+                request_serializer=slm_dot_v1_dot_ledger__pb2.ExportCsvRequest.SerializeToString,
+                response_deserializer=slm_dot_v1_dot_ledger__pb2.ExportCsvResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -63,8 +73,28 @@ class LedgerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def List(self, request, context):
-        """List returns records in sequence order, a page at a time.
-        Errors: INVALID_ARGUMENT (bad page_token or page_size).
+        """List returns records in sequence order, a page at a time, optionally only
+        those of one tenant and/or in a time range.
+        Errors: INVALID_ARGUMENT (bad page_token, page_size or time range),
+        UNAVAILABLE (storage down).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Verify(self, request, context):
+        """Verify walks the whole chain, recomputes every hash and reports the first
+        broken link, if any. A broken chain is a result, not an error.
+        Errors: UNAVAILABLE (storage down).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportCsv(self, request, context):
+        """ExportCsv streams the records matching the filters as CSV (RFC 4180, one
+        header line), in sequence order, in chunks.
+        Errors: INVALID_ARGUMENT (bad time range), UNAVAILABLE (storage down).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -82,6 +112,16 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.List,
                     request_deserializer=slm_dot_v1_dot_ledger__pb2.ListRequest.FromString,
                     response_serializer=slm_dot_v1_dot_ledger__pb2.ListResponse.SerializeToString,
+            ),
+            'Verify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Verify,
+                    request_deserializer=slm_dot_v1_dot_ledger__pb2.VerifyRequest.FromString,
+                    response_serializer=slm_dot_v1_dot_ledger__pb2.VerifyResponse.SerializeToString,
+            ),
+            'ExportCsv': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportCsv,
+                    request_deserializer=slm_dot_v1_dot_ledger__pb2.ExportCsvRequest.FromString,
+                    response_serializer=slm_dot_v1_dot_ledger__pb2.ExportCsvResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -140,6 +180,60 @@ class LedgerService:
             '/slm.v1.LedgerService/List',
             slm_dot_v1_dot_ledger__pb2.ListRequest.SerializeToString,
             slm_dot_v1_dot_ledger__pb2.ListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Verify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slm.v1.LedgerService/Verify',
+            slm_dot_v1_dot_ledger__pb2.VerifyRequest.SerializeToString,
+            slm_dot_v1_dot_ledger__pb2.VerifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportCsv(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/slm.v1.LedgerService/ExportCsv',
+            slm_dot_v1_dot_ledger__pb2.ExportCsvRequest.SerializeToString,
+            slm_dot_v1_dot_ledger__pb2.ExportCsvResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,8 +41,20 @@ class LedgerServiceStub:
     Errors: INVALID_ARGUMENT (missing request_id), UNAVAILABLE (storage down).
     """
     List: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListRequest, _ledger_pb2.ListResponse]
-    """List returns records in sequence order, a page at a time.
-    Errors: INVALID_ARGUMENT (bad page_token or page_size).
+    """List returns records in sequence order, a page at a time, optionally only
+    those of one tenant and/or in a time range.
+    Errors: INVALID_ARGUMENT (bad page_token, page_size or time range),
+    UNAVAILABLE (storage down).
+    """
+    Verify: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.VerifyRequest, _ledger_pb2.VerifyResponse]
+    """Verify walks the whole chain, recomputes every hash and reports the first
+    broken link, if any. A broken chain is a result, not an error.
+    Errors: UNAVAILABLE (storage down).
+    """
+    ExportCsv: _grpc.UnaryStreamMultiCallable[_ledger_pb2.ExportCsvRequest, _ledger_pb2.ExportCsvResponse]
+    """ExportCsv streams the records matching the filters as CSV (RFC 4180, one
+    header line), in sequence order, in chunks.
+    Errors: INVALID_ARGUMENT (bad time range), UNAVAILABLE (storage down).
     """
 
 @_typing.type_check_only
@@ -58,8 +70,20 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     Errors: INVALID_ARGUMENT (missing request_id), UNAVAILABLE (storage down).
     """
     List: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListRequest, _ledger_pb2.ListResponse]  # type: ignore[assignment]
-    """List returns records in sequence order, a page at a time.
-    Errors: INVALID_ARGUMENT (bad page_token or page_size).
+    """List returns records in sequence order, a page at a time, optionally only
+    those of one tenant and/or in a time range.
+    Errors: INVALID_ARGUMENT (bad page_token, page_size or time range),
+    UNAVAILABLE (storage down).
+    """
+    Verify: _aio.UnaryUnaryMultiCallable[_ledger_pb2.VerifyRequest, _ledger_pb2.VerifyResponse]  # type: ignore[assignment]
+    """Verify walks the whole chain, recomputes every hash and reports the first
+    broken link, if any. A broken chain is a result, not an error.
+    Errors: UNAVAILABLE (storage down).
+    """
+    ExportCsv: _aio.UnaryStreamMultiCallable[_ledger_pb2.ExportCsvRequest, _ledger_pb2.ExportCsvResponse]  # type: ignore[assignment]
+    """ExportCsv streams the records matching the filters as CSV (RFC 4180, one
+    header line), in sequence order, in chunks.
+    Errors: INVALID_ARGUMENT (bad time range), UNAVAILABLE (storage down).
     """
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -84,8 +108,32 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ledger_pb2.ListRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.ListResponse, _abc.Awaitable[_ledger_pb2.ListResponse]]:
-        """List returns records in sequence order, a page at a time.
-        Errors: INVALID_ARGUMENT (bad page_token or page_size).
+        """List returns records in sequence order, a page at a time, optionally only
+        those of one tenant and/or in a time range.
+        Errors: INVALID_ARGUMENT (bad page_token, page_size or time range),
+        UNAVAILABLE (storage down).
+        """
+
+    @_abc_1.abstractmethod
+    def Verify(
+        self,
+        request: _ledger_pb2.VerifyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.VerifyResponse, _abc.Awaitable[_ledger_pb2.VerifyResponse]]:
+        """Verify walks the whole chain, recomputes every hash and reports the first
+        broken link, if any. A broken chain is a result, not an error.
+        Errors: UNAVAILABLE (storage down).
+        """
+
+    @_abc_1.abstractmethod
+    def ExportCsv(
+        self,
+        request: _ledger_pb2.ExportCsvRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_ledger_pb2.ExportCsvResponse], _abc.AsyncIterator[_ledger_pb2.ExportCsvResponse]]:
+        """ExportCsv streams the records matching the filters as CSV (RFC 4180, one
+        header line), in sequence order, in chunks.
+        Errors: INVALID_ARGUMENT (bad time range), UNAVAILABLE (storage down).
         """
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
