@@ -1,0 +1,356 @@
+"""Delivers the Doorman's ledger records in order, through ledger outages: fail closed or spool."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import collections
+import contextlib
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import grpc
+from google.protobuf.message import DecodeError
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from slm.errors import Unavailable
+from slm.v1 import ledger_pb2, ledger_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+LedgerMode = Literal["fail_closed", "spool"]
+
+# Codes that say "the ledger cannot take it now"; anything else is the ledger refusing the
+# record itself, which no retry will change.
+TRANSIENT = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Delays between attempts to reach a ledger that is down: exponential, with full jitter."""
+
+    initial_s: float = 0.2
+    max_s: float = 5.0
+
+    def delay(self, failures: int) -> float:
+        ceiling = min(self.max_s, self.initial_s * 2 ** max(0, failures - 1))
+        return random.uniform(self.initial_s / 2, ceiling)
+
+
+class SinkMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.available = Gauge(
+            "slm_doorman_ledger_available",
+            "1 while the last attempt to reach the ledger succeeded.",
+            registry=registry,
+        )
+        self.backlog = Gauge(
+            "slm_doorman_ledger_backlog",
+            "Records not yet acknowledged by the ledger (in memory and in the spool).",
+            registry=registry,
+        )
+        self.spooled = Counter(
+            "slm_doorman_ledger_spooled", "Records written to the local spool.", registry=registry
+        )
+        self.rejected = Counter(
+            "slm_doorman_ledger_rejected",
+            "Records the ledger refused for good (not retried).",
+            registry=registry,
+        )
+
+
+class Spool:
+    """An append-only file of records, fsync'd, and the offset up to which it was replayed.
+
+    One line per record: base64 of the serialised LedgerEntry. A last line without its newline
+    is a write torn by a crash before its fsync returned, so it was never counted as kept; it
+    is cut off when the spool is opened.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path.expanduser()
+        self._offset_path = self.path.with_name(self.path.name + ".offset")
+        self._offset = 0
+        # Records after the offset, oldest first, with their size in the file.
+        self.pending: collections.deque[tuple[ledger_pb2.LedgerEntry, int]] = collections.deque()
+        # append and advance run in worker threads; a shutdown may overlap the two.
+        self._lock = threading.Lock()
+
+    def load(self) -> None:
+        if not self.path.exists():
+            return
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            self._offset = int(self._offset_path.read_text())
+        data = self.path.read_bytes()
+        complete = data.rfind(b"\n") + 1
+        if complete < len(data):
+            log.warning(
+                "ledger spool: cutting off a torn last record", extra={"path": str(self.path)}
+            )
+            with self.path.open("r+b") as spool:
+                spool.truncate(complete)
+                os.fsync(spool.fileno())
+        for line in data[self._offset : complete].splitlines(keepends=True):
+            try:
+                entry = ledger_pb2.LedgerEntry.FromString(
+                    base64.b64decode(line.rstrip(b"\n"), validate=True)
+                )
+            except (binascii.Error, DecodeError):
+                log.error("ledger spool: skipping an unreadable record")
+                # Replaying the record before it also steps over this line.
+                if self.pending:
+                    previous, size = self.pending.pop()
+                    self.pending.append((previous, size + len(line)))
+                else:
+                    self._offset += len(line)
+            else:
+                self.pending.append((entry, len(line)))
+
+    def append(self, entries: Iterable[ledger_pb2.LedgerEntry]) -> None:
+        """Write and fsync: when this returns, the records survive a crash of the Doorman."""
+        lines = [(e, base64.b64encode(e.SerializeToString()) + b"\n") for e in entries]
+        with self._lock:
+            self._append(lines)
+
+    def _append(self, lines: list[tuple[ledger_pb2.LedgerEntry, bytes]]) -> None:
+        created = not self.path.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("ab") as spool:
+            spool.write(b"".join(line for _, line in lines))
+            spool.flush()
+            os.fsync(spool.fileno())
+        if created:
+            _fsync_dir(self.path.parent)
+        self.pending.extend((e, len(line)) for e, line in lines)
+
+    def advance(self) -> None:
+        """The oldest pending record is in the ledger: never replay it again."""
+        with self._lock:
+            self._advance()
+
+    def _advance(self) -> None:
+        _, size = self.pending.popleft()
+        self._offset += size
+        if not self.pending:
+            # Everything replayed: start an empty file rather than growing one forever.
+            with self.path.open("r+b") as spool:
+                spool.truncate(0)
+                os.fsync(spool.fileno())
+            self._offset = 0
+            self._offset_path.unlink(missing_ok=True)
+            return
+        temporary = self._offset_path.with_suffix(".tmp")
+        with temporary.open("w") as out:
+            out.write(str(self._offset))
+            out.flush()
+            os.fsync(out.fileno())
+        temporary.replace(self._offset_path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LedgerSink:
+    """Sends records to the ledger one at a time, oldest first, off the request path.
+
+    While the ledger cannot be reached, `fail_closed` keeps the records in memory, retries
+    them with backoff and makes `admit` refuse new requests; `spool` writes them to the spool
+    file and keeps serving. Either way the spool is replayed, in order, before newer records
+    once the ledger answers again, and records still held at shutdown are written to it.
+    """
+
+    def __init__(
+        self,
+        stub: ledger_pb2_grpc.LedgerServiceStub,
+        mode: LedgerMode,
+        spool_path: Path,
+        registry: CollectorRegistry,
+        *,
+        backoff: Backoff | None = None,
+        append_timeout_s: float = 5.0,
+    ) -> None:
+        self._stub = stub
+        self._mode = mode
+        self._spool = Spool(spool_path)
+        self._metrics = SinkMetrics(registry)
+        self._backoff = backoff or Backoff()
+        self._append_timeout_s = append_timeout_s
+        self._queue: collections.deque[ledger_pb2.LedgerEntry] = collections.deque()
+        self._available = True
+        self._spool_broken = False
+        self._failures = 0
+        self._retry_at = 0.0
+        self._wakeup = asyncio.Event()
+        self._settled = asyncio.Event()
+        self._delivered = asyncio.Event()
+        self._closing = False
+        self._worker: asyncio.Task[None] | None = None
+        self._metrics.available.set(1)
+
+    @property
+    def available(self) -> bool:
+        return self._available
+
+    @property
+    def backlog(self) -> int:
+        return len(self._queue) + len(self._spool.pending)
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._spool.load)
+        if self._spool.pending:
+            log.info("ledger spool: replaying", extra={"records": len(self._spool.pending)})
+        self._update_backlog()
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name="ledger-sink")
+
+    def admit(self) -> None:
+        """Raise Unavailable when a new request must be refused because of the ledger."""
+        retry_after = max(1.0, self._retry_at - time.monotonic())
+        if self._mode == "fail_closed" and not self._available:
+            raise Unavailable(
+                "the audit ledger cannot be reached; requests are refused until it is back",
+                reason="LEDGER_UNAVAILABLE",
+                retry_after_s=retry_after,
+            )
+        if self._spool_broken:
+            raise Unavailable(
+                "the audit ledger and the local spool both failed",
+                reason="LEDGER_UNAVAILABLE",
+                retry_after_s=retry_after,
+            )
+
+    def submit(self, entry: ledger_pb2.LedgerEntry) -> None:
+        self._queue.append(entry)
+        self._update_backlog()
+        self._settled.clear()
+        self._wakeup.set()
+
+    async def delivered(self) -> None:
+        """Wait until the ledger has acknowledged every record submitted so far."""
+        await self._delivered.wait()
+
+    async def settled(self) -> None:
+        """Wait until the sink has done all it can for now (delivered, or waiting to retry)."""
+        self._wakeup.set()
+        self._settled.clear()
+        await self._settled.wait()
+
+    async def drain(self, timeout_s: float = 10.0) -> None:
+        """Shutdown: deliver what is held, spool what cannot be delivered in time, stop."""
+        self._closing = True
+        self._wakeup.set()
+        if self._worker is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._worker), timeout_s)
+        except TimeoutError:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+        if self._queue:
+            await self._to_spool()
+        self._worker = None
+
+    # --- the worker -------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            if self._available or time.monotonic() >= self._retry_at:
+                await self._pump()
+            if not self._available and self._queue and (self._mode == "spool" or self._closing):
+                await self._to_spool()
+            self._update_backlog()
+            if (
+                self._closing
+                and not self._queue
+                and (not self._spool.pending or not self._available)
+            ):
+                return
+            self._settled.set()
+            timeout = None if self._available else max(0.0, self._retry_at - time.monotonic())
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+
+    async def _pump(self) -> None:
+        # Oldest first: the spool always holds records older than those in memory.
+        while self._spool.pending:
+            if not await self._send(self._spool.pending[0][0]):
+                return
+            await asyncio.to_thread(self._spool.advance)
+        while self._queue:
+            if not await self._send(self._queue[0]):
+                return
+            self._queue.popleft()
+
+    async def _send(self, entry: ledger_pb2.LedgerEntry) -> bool:
+        """True when the ledger took the record (or refused it for good), False to retry."""
+        try:
+            await self._stub.Append(
+                ledger_pb2.AppendRequest(entry=entry), timeout=self._append_timeout_s
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() not in TRANSIENT:
+                self._metrics.rejected.inc()
+                log.error(
+                    "ledger refused a record",
+                    extra={"code": error.code().name, "ledger_request_id": entry.request_id},
+                )
+                return True
+            self._failures += 1
+            self._retry_at = time.monotonic() + self._backoff.delay(self._failures)
+            if self._available:
+                log.error(
+                    "ledger unreachable",
+                    extra={"code": error.code().name, "mode": self._mode},
+                )
+            self._available = False
+            self._metrics.available.set(0)
+            return False
+        if not self._available:
+            log.info("ledger reachable again", extra={"backlog": self.backlog})
+        self._available, self._failures = True, 0
+        self._metrics.available.set(1)
+        return True
+
+    async def _to_spool(self) -> None:
+        entries = list(self._queue)
+        try:
+            await asyncio.to_thread(self._spool.append, entries)
+        except OSError as error:
+            self._spool_broken = True
+            log.error("ledger spool: write failed", extra={"error": str(error)})
+            return
+        self._spool_broken = False
+        self._metrics.spooled.inc(len(entries))
+        for _ in entries:
+            self._queue.popleft()
+
+    def _update_backlog(self) -> None:
+        backlog = self.backlog
+        self._metrics.backlog.set(backlog)
+        if backlog:
+            self._delivered.clear()
+        else:
+            self._delivered.set()
