@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 JOBS ?= $(shell nproc)
 PYTEST_ARGS ?=
 
-.PHONY: help setup model run test lint proto proto-check licenses bench clean
+.PHONY: help setup model run test lint proto proto-check licenses bench clean deps
 
 help:
 	@echo "make run    - set up and start the whole mesh (API on http://127.0.0.1:8080)"
@@ -37,8 +37,14 @@ model: setup
 run: model
 	$(BIN)/slm up
 
-test: model
+test: model deps
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Servers the tests start themselves, from Debian packages; a no-op once they are installed.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+deps:
+	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q redis-server; }
 
 bench: model
 	$(BIN)/python bench/mesh_overhead.py

@@ -1,15 +1,25 @@
-"""Builds the Doorman from settings: channels to its tiers and the ledger."""
+"""Builds the Doorman from settings: upstream channels and routes, policy stages, the ledger."""
 
 from __future__ import annotations
+
+import logging
 
 import grpc
 from prometheus_client import CollectorRegistry
 
-from doorman.core import Doorman, DoormanMetrics, Upstream
+from doorman.auth import Authenticator, Tenant
+from doorman.breaker import CircuitBreaker
+from doorman.core import Doorman, DoormanMetrics, Policy
+from doorman.limits import BucketStore, MemoryBuckets, RedisBuckets, TenantLimiter, TierQueue
+from doorman.routing import TIERS, Manifest, RetryPolicy, Route, Router, RoutingTable
+from doorman.safety import SafetyFilter
+from doorman.sanitize import PresidioDetector, Sanitiser
 from doorman.servicer import DoormanServicer
-from slm.config import DoormanConfig, Settings, TelemetryConfig
-from slm.discovery import Resolver, StaticResolver, build_resolver, connect
-from slm.v1 import doorman_pb2, doorman_pb2_grpc, inference_pb2_grpc, ledger_pb2_grpc, types_pb2
+from slm.config import DoormanConfig, RouteStep, Settings, TelemetryConfig, TenantConfig
+from slm.server import open_channel
+from slm.v1 import doorman_pb2, doorman_pb2_grpc, inference_pb2_grpc, ledger_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 
 class DoormanApp:
@@ -18,29 +28,114 @@ class DoormanApp:
     )
 
     def __init__(
-        self,
-        config: DoormanConfig,
-        telemetry_config: TelemetryConfig,
-        registry: CollectorRegistry,
-        resolver: Resolver | None = None,
+        self, config: DoormanConfig, telemetry_config: TelemetryConfig, registry: CollectorRegistry
     ) -> None:
         self.config = config
-        resolver = resolver or StaticResolver()
+        self._telemetry_config = telemetry_config
         # Channels connect lazily, so the Doorman starts even while its upstreams are still loading.
-        self._channels = [
-            connect(resolver, config.inference_local, telemetry_config),
-            connect(resolver, config.ledger, telemetry_config),
-        ]
-        local = Upstream(
-            tier=types_pb2.TIER_LOCAL,
-            address=config.inference_local,
-            stub=inference_pb2_grpc.InferenceServiceStub(self._channels[0]),
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._breakers: dict[str, CircuitBreaker] = {}
+        ledger = ledger_pb2_grpc.LedgerServiceStub(self._channel(config.ledger))
+        metrics = DoormanMetrics(registry)
+        routing = config.routing
+        table = RoutingTable(
+            default=[self._route(RouteStep(tier="local", upstream=config.inference_local))],
+            routes={r.model: [self._route(step) for step in r.chain] for r in routing.routes},
+            manifests={
+                m.alias: Manifest(m.alias, m.router_model, dict(m.intents), m.fallback)
+                for m in routing.manifests
+            },
         )
+        router = Router(
+            RetryPolicy(
+                attempts=routing.retry_attempts,
+                initial_backoff_s=routing.retry_initial_backoff_s,
+                max_backoff_s=routing.retry_max_backoff_s,
+                first_token_timeout_s=routing.first_token_timeout_s,
+            ),
+            on_upstream_error=lambda tier, code: metrics.upstream_errors.labels(tier, code).inc(),
+        )
+        self._buckets: BucketStore | None = None
         self.doorman = Doorman(
-            local,
-            ledger_pb2_grpc.LedgerServiceStub(self._channels[1]),
-            DoormanMetrics(registry),
-            config.default_timeout_s,
+            table, router, ledger, metrics, config.default_timeout_s, self._policy(table)
+        )
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        if address not in self._channels:
+            self._channels[address] = open_channel(address, self._telemetry_config)
+        return self._channels[address]
+
+    def _route(self, step: RouteStep) -> Route:
+        if step.upstream not in self._breakers:
+            routing = self.config.routing
+            self._breakers[step.upstream] = CircuitBreaker(
+                routing.breaker_failures, routing.breaker_reset_s
+            )
+        sanitize = step.sanitize
+        if sanitize is None:
+            sanitize = step.tier in self.config.privacy.sanitize_tiers
+        return Route(
+            tier=TIERS[step.tier],
+            address=step.upstream,
+            stub=inference_pb2_grpc.InferenceServiceStub(self._channel(step.upstream)),
+            breaker=self._breakers[step.upstream],
+            # Tier C only ever sees sanitised text, whatever a route says.
+            sanitize=sanitize or step.tier == "external",
+            model=step.model,
+        )
+
+    def _policy(self, table: RoutingTable) -> Policy:
+        config = self.config
+        authenticator = Authenticator(
+            ((digest, _tenant(t)) for t in config.tenants for digest in t.key_hashes),
+            pepper=config.key_pepper,
+            required=config.auth_enabled,
+        )
+        if not authenticator.required:
+            log.warning(
+                "authentication is off: every caller is tenant 'anonymous'; allowed only because "
+                "the Doorman listens on loopback (%s)",
+                config.endpoint.host,
+            )
+        limiter = None
+        if any(_tenant(t).limited for t in config.tenants):
+            self._buckets = (
+                RedisBuckets(config.limits.redis_url)
+                if config.limits.backend == "redis"
+                else MemoryBuckets()
+            )
+            limiter = TenantLimiter(self._buckets)
+        routes = [route for model in {"", *table.aliases} for route in table.chain(model)]
+        sanitiser = None
+        if any(route.sanitize for route in routes):
+            privacy = config.privacy
+            sanitiser = Sanitiser(
+                PresidioDetector(
+                    privacy.entities,
+                    privacy.custom_patterns,
+                    privacy.deny_terms,
+                    privacy.min_score,
+                )
+            )
+        safety = config.safety
+        return Policy(
+            authenticator=authenticator,
+            limiter=limiter,
+            tier_queues={
+                TIERS[q.tier]: TierQueue(q.tier, q.max_concurrent, q.max_queue)
+                for q in config.limits.tier_queues
+            },
+            sanitiser=sanitiser,
+            safety=(
+                SafetyFilter(
+                    safety.input_deny,
+                    safety.output_deny,
+                    redact=safety.output_action == "redact",
+                    window=safety.output_window_chars,
+                )
+                if safety.input_deny or safety.output_deny
+                else None
+            ),
         )
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -51,10 +146,22 @@ class DoormanApp:
 
     async def stop(self) -> None:
         await self.doorman.drain()
-        for channel in self._channels:
+        if self._buckets is not None:
+            await self._buckets.close()
+        for channel in self._channels.values():
             await channel.close(None)
 
 
+def _tenant(config: TenantConfig) -> Tenant:
+    return Tenant(
+        name=config.name,
+        allowed_models=frozenset(config.allowed_models),
+        rpm=config.rpm,
+        tpm=config.tpm,
+        max_concurrent=config.max_concurrent,
+        priority=config.priority,
+    )
+
+
 def build_app(settings: Settings, registry: CollectorRegistry) -> DoormanApp:
-    resolver = build_resolver(settings.discovery)
-    return DoormanApp(settings.doorman, settings.telemetry, registry, resolver)
+    return DoormanApp(settings.doorman, settings.telemetry, registry)

@@ -15,10 +15,16 @@ Context: TypeAlias = Any
 
 
 def _call_info(context: Context, operation: str) -> CallInfo:
+    authorization = None
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            authorization = value
+            break
     return CallInfo(
         request_id=request_id_var.get(),
         operation=operation,
         timeout_s=context.time_remaining(),
+        authorization=authorization,
     )
 
 
@@ -64,5 +70,19 @@ class DoormanServicer(doorman_pb2_grpc.DoormanServiceServicer):
         self, request: doorman_pb2.DoormanServiceListModelsRequest, context: Context
     ) -> doorman_pb2.DoormanServiceListModelsResponse:
         return doorman_pb2.DoormanServiceListModelsResponse(
-            models=await self._doorman.list_models()
+            models=await self._doorman.list_models(_call_info(context, "ListModels"))
+        )
+
+    async def Embed(
+        self, request: doorman_pb2.DoormanServiceEmbedRequest, context: Context
+    ) -> doorman_pb2.DoormanServiceEmbedResponse:
+        if not request.model:
+            raise InvalidArgument("model is required", field="model")
+        if not request.inputs:
+            raise InvalidArgument("inputs must not be empty", field="inputs")
+        response = await self._doorman.embed(
+            request.model, list(request.inputs), _call_info(context, "Embed")
+        )
+        return doorman_pb2.DoormanServiceEmbedResponse(
+            embeddings=response.embeddings, prompt_tokens=response.prompt_tokens
         )

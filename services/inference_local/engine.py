@@ -342,20 +342,23 @@ class Engine:
         path = await asyncio.to_thread(self._model_file, spec)
         key = (path, spec.quantization or "")
         weights = self._weights.get(key)
-        meta = weights.meta if weights else await asyncio.to_thread(_read_metadata, path)
-        n_slots = spec.parallel or self.config.parallel
-        ctx_len = spec.context_length or 2048
-        estimate = self._estimate(meta, path, n_slots, ctx_len, weights is None)
-        await self._make_room(spec.name, estimate)
-        if weights is None:
-            model = await asyncio.to_thread(Model, path)
-            weights = _Weights(model, meta, key)
-            self._weights[key] = weights
-        weights.refs += 1
+        if weights is not None:
+            # Hold the shared weights, so making room cannot free them under us.
+            weights.refs += 1
         try:
+            meta = weights.meta if weights else await asyncio.to_thread(_read_metadata, path)
+            n_slots = spec.parallel or self.config.parallel
+            ctx_len = spec.context_length or 2048
+            estimate = self._estimate(meta, path, n_slots, ctx_len, weights is None)
+            await self._make_room(spec.name, estimate)
+            if weights is None:
+                model = await asyncio.to_thread(Model, path)
+                weights = _Weights(model, meta, key, refs=1)
+                self._weights[key] = weights
             loaded = await asyncio.to_thread(self._open, spec, weights, n_slots, ctx_len, estimate)
         except BaseException:
-            self._drop_weights(weights)
+            if weights is not None:
+                self._drop_weights(weights)
             raise
         if not spec.embeddings:
             loaded.scheduler = Scheduler(

@@ -1,0 +1,145 @@
+"""Continuous batching and sampling features of the engine, on the real default model."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from helpers import DEFAULT_MODEL
+from prometheus_client import CollectorRegistry
+
+from inference_local.engine import Delta, End, Engine, Event, Request
+from inference_local.sampling import Sampling
+from slm.config import InferenceLocalConfig, ModelConfig
+from slm.errors import InvalidArgument, ResourceExhausted
+from slm.server import GrpcService
+
+PROMPT = "Once upon a time, in a small village by the sea,"
+
+
+@pytest.fixture
+def engine(inference_server: GrpcService) -> Engine:
+    return inference_server.app.engine  # type: ignore[attr-defined,no-any-return]
+
+
+async def collect(engine: Engine, request: Request) -> tuple[str, End, list[Delta]]:
+    events: list[Event] = [e async for e in engine.generate(request)]
+    deltas = [e for e in events if isinstance(e, Delta)]
+    end = events[-1]
+    assert isinstance(end, End)
+    return "".join(d.text for d in deltas), end, deltas
+
+
+def sampled(seed: int, **kw: object) -> Request:
+    sampling = Sampling(max_tokens=24, temperature=0.8, seed=seed, **kw)  # type: ignore[arg-type]
+    return Request(DEFAULT_MODEL, sampling, prompt=PROMPT)
+
+
+def _value(metric: object, *labels: str) -> float:
+    return float(metric.labels(*labels)._value.get())  # type: ignore[attr-defined]
+
+
+def _hist(metric: object, label: str) -> tuple[float, float]:
+    """(sum, count) of a labelled histogram."""
+    child = metric.labels(label)  # type: ignore[attr-defined]
+    samples = {s.name: s.value for s in child._samples()}
+    return samples["_sum"], samples["_count"]
+
+
+async def test_same_seed_same_text_alone_or_batched(engine: Engine) -> None:
+    alone, _, _ = await collect(engine, sampled(11))
+    steps_before = _hist(engine.metrics.batch_tokens, DEFAULT_MODEL)[1]
+    tokens_before = _value(engine.metrics.tokens, DEFAULT_MODEL)
+    results = await asyncio.gather(*(collect(engine, sampled(s)) for s in (11, 12, 13, 14)))
+    assert results[0][0] == alone
+    assert len({r[0] for r in results}) > 1
+    steps = _hist(engine.metrics.batch_tokens, DEFAULT_MODEL)[1] - steps_before
+    tokens = _value(engine.metrics.tokens, DEFAULT_MODEL) - tokens_before
+    # Four streams were decoded together: far fewer steps than sampled tokens.
+    assert steps < tokens * 0.6, (steps, tokens)
+
+
+async def test_logprobs_and_top_logprobs(engine: Engine) -> None:
+    request = Request(
+        DEFAULT_MODEL,
+        Sampling(max_tokens=5, temperature=0, logprobs=True, top_logprobs=3),
+        prompt=PROMPT,
+    )
+    _, end, deltas = await collect(engine, request)
+    logprobs = [lp for d in deltas for lp in d.logprobs]
+    assert len(logprobs) == end.completion_tokens
+    for lp in logprobs:
+        assert lp.logprob <= 0
+        assert len(lp.top) == 3
+        # Greedy decoding picks the most likely token.
+        assert lp.top[0].token == lp.token
+        assert lp.top[0].logprob == pytest.approx(lp.logprob)
+        assert lp.top[0].logprob >= lp.top[1].logprob >= lp.top[2].logprob
+
+
+async def test_logit_bias_bans_and_forces_tokens(engine: Engine) -> None:
+    greedy = Sampling(max_tokens=3, temperature=0)
+    base, _, _ = await collect(engine, Request(DEFAULT_MODEL, greedy, prompt=PROMPT))
+    first = (await engine.tokenize(DEFAULT_MODEL, base, add_special=False))[0]
+    banned = Sampling(max_tokens=3, temperature=0, logit_bias={first: -100.0})
+    text, _, _ = await collect(engine, Request(DEFAULT_MODEL, banned, prompt=PROMPT))
+    assert (await engine.tokenize(DEFAULT_MODEL, text, add_special=False))[0] != first
+    forced_token = (await engine.tokenize(DEFAULT_MODEL, " zebra", add_special=False))[0]
+    forced = Sampling(max_tokens=1, temperature=0, logit_bias={forced_token: 100.0})
+    text, _, _ = await collect(engine, Request(DEFAULT_MODEL, forced, prompt=PROMPT))
+    assert text == await engine.detokenize(DEFAULT_MODEL, [forced_token])
+
+
+async def test_penalties_change_sampling_and_bad_values_are_refused(engine: Engine) -> None:
+    plain, _, _ = await collect(engine, Request(DEFAULT_MODEL, Sampling(max_tokens=40,
+                                temperature=0), prompt="one one one one one one"))
+    penalised, _, _ = await collect(engine, Request(DEFAULT_MODEL, Sampling(
+        max_tokens=40, temperature=0, repetition_penalty=1.8, frequency_penalty=1.0),
+        prompt="one one one one one one"))
+    assert plain != penalised
+    with pytest.raises(InvalidArgument, match="presence_penalty"):
+        await collect(engine, sampled(1, presence_penalty=3.0))
+    with pytest.raises(InvalidArgument, match="logit_bias"):
+        await collect(engine, sampled(1, logit_bias={10**9: 1.0}))
+
+
+async def test_tokenize_detokenize_round_trip(engine: Engine) -> None:
+    tokens = await engine.tokenize(DEFAULT_MODEL, "Hello, wörld!", add_special=False)
+    assert tokens
+    assert await engine.detokenize(DEFAULT_MODEL, tokens) == "Hello, wörld!"
+    with pytest.raises(InvalidArgument, match="outside the vocabulary"):
+        await engine.detokenize(DEFAULT_MODEL, [-1])
+
+
+async def drain(stream: AsyncIterator[Event]) -> None:
+    async for _ in stream:
+        pass
+
+
+async def test_full_queue_is_refused_at_once(model_path: object) -> None:
+    config = InferenceLocalConfig(
+        models=[ModelConfig(name="one-slot", path=DEFAULT_MODEL_FILE, parallel=1,
+                            context_length=512)],
+        max_queue=1,
+        keep_alive_s=0,
+    )
+    engine = Engine(config, CollectorRegistry())
+    await engine.start()
+    try:
+        long = Request("one-slot", Sampling(max_tokens=400, temperature=1.0, seed=1),
+                       prompt="Count: one, two,")
+        running = engine.generate(long)
+        assert isinstance(await anext(running), Delta)  # it holds the only slot now
+        waiting = asyncio.create_task(drain(engine.generate(long)))
+        while _value(engine.metrics.waiting, "one-slot") < 1 and not waiting.done():
+            await asyncio.sleep(0)  # let the waiting request reach the queue
+        with pytest.raises(ResourceExhausted, match="queue limit 1"):
+            await drain(engine.generate(long))
+        await running.aclose()  # type: ignore[attr-defined]
+        waiting.cancel()
+    finally:
+        await engine.close()
+
+
+DEFAULT_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"

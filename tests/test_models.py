@@ -1,0 +1,135 @@
+"""Model lifecycle: shared weights, memory budget, LRU keep-alive, on-demand load, quantize."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from helpers import SHARED_MODELS_DIR
+from prometheus_client import CollectorRegistry
+
+from inference_local.engine import Delta, Engine, LoadSpec, Request
+from inference_local.sampling import Sampling
+from slm.config import InferenceLocalConfig, ModelConfig
+from slm.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+
+FILE = "gemma-3-270m-q4_k_m.gguf"
+
+
+def make_engine(tmp_path: Path, **overrides: object) -> Engine:
+    fields: dict[str, object] = {
+        "models_dir": SHARED_MODELS_DIR,
+        "cache_dir": tmp_path / "quantized",
+        "models": [],
+        "parallel": 2,
+        "keep_alive_s": 0,
+        **overrides,
+    }
+    return Engine(InferenceLocalConfig(**fields), CollectorRegistry())  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def engine(model_path: Path, tmp_path: Path) -> AsyncIterator[Engine]:
+    e = make_engine(tmp_path)
+    await e.start()
+    yield e
+    await e.close()
+
+
+async def generate_text(engine: Engine, name: str) -> str:
+    request = Request(name, Sampling(max_tokens=4, temperature=0), prompt="Hello")
+    return "".join([e.text async for e in engine.generate(request) if isinstance(e, Delta)])
+
+
+async def test_two_names_share_one_copy_of_the_weights(engine: Engine) -> None:
+    await engine.load(LoadSpec("a", FILE, context_length=256))
+    await engine.load(LoadSpec("b", FILE, context_length=256))
+    assert engine.weights_loaded == 1
+    assert await generate_text(engine, "a") == await generate_text(engine, "b")
+    await engine.unload("a")
+    assert await generate_text(engine, "b")
+    assert {m.name: m.loaded for m in engine.models()} == {"b": True}
+    with pytest.raises(NotFound):
+        await engine.unload("a")
+    info = next(m for m in engine.models() if m.name == "b")
+    assert (info.architecture, info.context_length, info.has_chat_template) == ("gemma3", 256, False)
+    assert info.size_bytes > 100 << 20
+
+
+async def test_paths_stay_inside_the_model_directories(engine: Engine) -> None:
+    with pytest.raises(InvalidArgument, match="outside the model directories"):
+        await engine.load(LoadSpec("evil", "../../../etc/passwd"))
+    with pytest.raises(InvalidArgument, match="outside the model directories"):
+        await engine.load(LoadSpec("evil", "/etc/passwd"))
+    with pytest.raises(InvalidArgument, match="does not exist"):
+        await engine.load(LoadSpec("missing", "nope.gguf"))
+
+
+async def test_memory_budget_refuses_with_the_numbers(model_path: Path, tmp_path: Path) -> None:
+    engine = make_engine(tmp_path, memory_budget_mb=100)
+    with pytest.raises(ResourceExhausted, match=r"needs about \d+ MiB, 0 MiB of the 100 MiB"):
+        await engine.load(LoadSpec("big", FILE))
+    await engine.close()
+
+
+async def test_lru_eviction_and_pinning(model_path: Path, tmp_path: Path) -> None:
+    engine = make_engine(tmp_path, max_loaded_models=1)
+    await engine.load(LoadSpec("first", FILE, context_length=256))
+    await engine.load(LoadSpec("second", FILE, context_length=256))
+    assert [m.name for m in engine.models() if m.loaded] == ["second"]
+    assert engine.metrics.evictions.labels("first", "memory")._value.get() == 1
+    await engine.close()
+
+    engine = make_engine(tmp_path, max_loaded_models=1)
+    await engine.load(LoadSpec("pinned", FILE, context_length=256, pinned=True))
+    with pytest.raises(ResourceExhausted, match="the maximum is 1"):
+        await engine.load(LoadSpec("other", FILE, context_length=256))
+    await engine.close()
+
+
+async def test_keep_alive_unloads_idle_unpinned_models(model_path: Path, tmp_path: Path) -> None:
+    engine = make_engine(tmp_path, keep_alive_s=60)
+    await engine.load(LoadSpec("idle", FILE, context_length=256))
+    await engine.load(LoadSpec("kept", FILE, context_length=256, pinned=True))
+    import time
+
+    assert await engine.evict_idle(time.monotonic()) == []
+    assert await engine.evict_idle(time.monotonic() + 3600) == ["idle"]
+    assert [m.name for m in engine.models() if m.loaded] == ["kept"]
+    await engine.close()
+
+
+async def test_configured_model_loads_on_demand(model_path: Path, tmp_path: Path) -> None:
+    lazy = ModelConfig(name="lazy", path=FILE, preload=False, context_length=256)
+    engine = make_engine(tmp_path, models=[lazy])
+    await engine.start()
+    assert [(m.name, m.loaded) for m in engine.models()] == [("lazy", False)]
+    assert await generate_text(engine, "lazy")
+    assert [(m.name, m.loaded) for m in engine.models()] == [("lazy", True)]
+    samples = {s.name: s.value for s in engine.metrics.load_wait.labels("lazy")._samples()}
+    assert samples["_count"] == 1
+    await engine.close()
+
+
+async def test_quantize_on_load_writes_the_cache_once(engine: Engine, tmp_path: Path) -> None:
+    await engine.load(LoadSpec("q8", FILE, context_length=256, quantization="q8_0"))
+    cached = list((tmp_path / "quantized").glob("*.gguf"))
+    assert [p.name for p in cached] == ["gemma-3-270m-q4_k_m.q8_0.gguf"]
+    assert await generate_text(engine, "q8")
+    with pytest.raises(InvalidArgument, match="unknown quantization"):
+        await engine.load(LoadSpec("bad", FILE, quantization="q3_xyz"))
+
+
+async def test_embeddings_only_from_embedding_models(engine: Engine) -> None:
+    await engine.load(LoadSpec("embed", FILE, context_length=256, embeddings=True))
+    vectors, tokens = await engine.embed("embed", ["hello world", "a cat sat on the mat"])
+    assert len(vectors) == 2
+    assert len(vectors[0]) == 640
+    assert vectors[0] != vectors[1]
+    assert tokens > 4
+    with pytest.raises(FailedPrecondition, match="serves embeddings, not generation"):
+        await generate_text(engine, "embed")
+    await engine.load(LoadSpec("gen", FILE, context_length=256))
+    with pytest.raises(FailedPrecondition, match="does not serve embeddings"):
+        await engine.embed("gen", ["x"])
