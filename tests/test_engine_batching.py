@@ -132,8 +132,8 @@ async def test_full_queue_is_refused_at_once(model_path: object) -> None:
         running = engine.generate(long)
         assert isinstance(await anext(running), Delta)  # it holds the only slot now
         waiting = asyncio.create_task(drain(engine.generate(long)))
-        while _value(engine.metrics.waiting, "one-slot") < 1 and not waiting.done():
-            await asyncio.sleep(0)  # let the waiting request reach the queue
+        # One turn of the loop runs the task up to its first suspension: by then it is queued.
+        await asyncio.sleep(0)
         with pytest.raises(ResourceExhausted, match="queue limit 1"):
             await drain(engine.generate(long))
         await running.aclose()  # type: ignore[attr-defined]

@@ -53,7 +53,8 @@ async def test_two_names_share_one_copy_of_the_weights(engine: Engine) -> None:
     with pytest.raises(NotFound):
         await engine.unload("a")
     info = next(m for m in engine.models() if m.name == "b")
-    assert (info.architecture, info.context_length, info.has_chat_template) == ("gemma3", 256, False)
+    assert (info.architecture, info.context_length) == ("gemma3", 256)
+    assert not info.has_chat_template
     assert info.size_bytes > 100 << 20
 
 
