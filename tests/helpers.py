@@ -49,6 +49,7 @@ def mesh_settings(state_dir: Path) -> Settings:
             endpoint=ServiceEndpoint(port=ports["doorman"], metrics_port=metrics["doorman"]),
             inference_local=f"127.0.0.1:{ports['inference']}",
             ledger=f"127.0.0.1:{ports['ledger']}",
+            ledger_spool=state_dir / "doorman-ledger.spool",
         ),
         gateway=GatewayConfig(port=ports["gateway"], doorman=f"127.0.0.1:{ports['doorman']}"),
         envoy=EnvoyConfig(port=ports["envoy"], admin_port=free_port()),

@@ -12,15 +12,15 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
-from helpers import free_port, mesh_settings
+from helpers import DEFAULT_MODEL, free_port, mesh_settings
 from prometheus_client import CollectorRegistry
 
 from doorman.ledger_sink import Backoff, LedgerMode, LedgerSink, Spool
 from ledger.app import build_app
 from slm.config import ServiceEndpoint
-from slm.errors import Unavailable
+from slm.errors import Unavailable, from_rpc_error
 from slm.server import GrpcService
-from slm.v1 import ledger_pb2, ledger_pb2_grpc
+from slm.v1 import doorman_pb2, doorman_pb2_grpc, ledger_pb2, ledger_pb2_grpc, types_pb2
 
 # The sink retries fast; the channel must reconnect as fast to notice the ledger is back.
 FAST_RECONNECT = (
@@ -191,3 +191,40 @@ def test_an_unreadable_spool_line_is_skipped(tmp_path: Path) -> None:
     again.advance()
     again.advance()
     assert path.read_bytes() == b""
+
+
+# --- through the Doorman: a real engine, no ledger -------------------------------------
+
+
+async def test_the_doorman_refuses_requests_while_the_ledger_is_down(
+    inference_server: GrpcService, tmp_path: Path
+) -> None:
+    from doorman.app import build_app as build_doorman
+
+    settings = mesh_settings(tmp_path)
+    settings.doorman.inference_local = f"127.0.0.1:{inference_server.port}"
+    settings.doorman.ledger = f"127.0.0.1:{free_port()}"  # nothing listens there
+    registry = CollectorRegistry()
+    endpoint = ServiceEndpoint(port=0, metrics_port=0)
+    request = doorman_pb2.ChatRequest(
+        model=DEFAULT_MODEL,
+        messages=[types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content="Hi")],
+        sampling=types_pb2.SamplingParams(max_tokens=2, seed=1),
+    )
+    app = build_doorman(settings, registry)
+    async with (
+        GrpcService("doorman", app, endpoint, settings.telemetry, registry) as service,
+        grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel,
+    ):
+        stub = doorman_pb2_grpc.DoormanServiceStub(channel)
+        # Served: the Doorman learns the ledger is down only when the record cannot be written.
+        first = [r async for r in stub.Chat(request)]
+        assert first[-1].HasField("end")
+        await asyncio.wait_for(app.doorman._ledger.settled(), DEADLINE_S)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            [r async for r in stub.Chat(request)]
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    error = from_rpc_error(caught.value)
+    assert (error.reason, error.retry_after_s is not None) == ("LEDGER_UNAVAILABLE", True)
+    # Shutdown kept the undelivered record: it waits in the spool for the ledger.
+    assert len(settings.doorman.ledger_spool.read_bytes().splitlines()) == 1

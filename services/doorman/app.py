@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 from doorman.auth import Authenticator, Tenant
 from doorman.breaker import CircuitBreaker
 from doorman.core import Doorman, DoormanMetrics, Policy
+from doorman.ledger_sink import LedgerSink
 from doorman.limits import BucketStore, MemoryBuckets, RedisBuckets, TenantLimiter, TierQueue
 from doorman.routing import TIERS, Manifest, RetryPolicy, Route, Router, RoutingTable
 from doorman.safety import SafetyFilter
@@ -35,7 +36,13 @@ class DoormanApp:
         # Channels connect lazily, so the Doorman starts even while its upstreams are still loading.
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
-        ledger = ledger_pb2_grpc.LedgerServiceStub(self._channel(config.ledger))
+        ledger = LedgerSink(
+            ledger_pb2_grpc.LedgerServiceStub(self._channel(config.ledger)),
+            config.ledger_mode,
+            config.ledger_spool,
+            registry,
+        )
+        self._ledger = ledger
         metrics = DoormanMetrics(registry)
         routing = config.routing
         table = RoutingTable(
@@ -142,7 +149,7 @@ class DoormanApp:
         doorman_pb2_grpc.add_DoormanServiceServicer_to_server(DoormanServicer(self.doorman), server)
 
     async def start(self) -> None:
-        return None
+        await self._ledger.start()
 
     async def stop(self) -> None:
         await self.doorman.drain()

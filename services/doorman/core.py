@@ -19,13 +19,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from doorman.auth import Authenticator, Principal, Tenant
+from doorman.ledger_sink import LedgerSink
 from doorman.limits import TenantLimiter, TierQueue
 from doorman.rehydrate import Rehydrator
 from doorman.routing import Attempts, IntentClassifier, Manifest, Route, Router, RoutingTable
 from doorman.safety import OutputFilter, SafetyFilter
 from doorman.sanitize import Masking, Sanitiser
 from slm.errors import SlmError, Unavailable, from_rpc_error
-from slm.v1 import inference_pb2, ledger_pb2, ledger_pb2_grpc, types_pb2
+from slm.v1 import inference_pb2, ledger_pb2, types_pb2
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ class Doorman:
         self,
         table: RoutingTable,
         router: Router,
-        ledger: ledger_pb2_grpc.LedgerServiceStub,
+        ledger: LedgerSink,
         metrics: DoormanMetrics,
         default_timeout_s: float,
         policy: Policy | None = None,
@@ -237,6 +238,7 @@ class Doorman:
         policy = self._policy
         principal = policy.authenticator.authenticate(call.authorization)
         policy.authenticator.check_model(principal, request.model)
+        self._ledger.admit()
         tenant = principal.tenant
         started = time.perf_counter()
         outcome = _Outcome(principal, request.model)
@@ -514,7 +516,7 @@ class Doorman:
             entry.prompt_tokens = end.usage.prompt_tokens
             entry.completion_tokens = end.usage.completion_tokens
         # Off the token path: the client has its answer before the ledger write finishes.
-        self._spawn(self._append(entry))
+        self._ledger.submit(entry)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -529,17 +531,8 @@ class Doorman:
                 "token usage not charged", extra={"tenant": tenant.name, "error": error.message}
             )
 
-    async def _append(self, entry: ledger_pb2.LedgerEntry) -> None:
-        try:
-            await self._ledger.Append(ledger_pb2.AppendRequest(entry=entry), timeout=10)
-        except grpc.aio.AioRpcError as error:
-            self._metrics.ledger_errors.inc()
-            log.error(
-                "ledger append failed",
-                extra={"code": error.code().name, "ledger_request_id": entry.request_id},
-            )
-
     async def drain(self) -> None:
         """Wait for ledger writes still in flight; called on shutdown."""
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
+        await self._ledger.drain()

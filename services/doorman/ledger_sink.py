@@ -207,6 +207,7 @@ class LedgerSink:
         self._delivered = asyncio.Event()
         self._closing = False
         self._worker: asyncio.Task[None] | None = None
+        self._started = False
         self._metrics.available.set(1)
 
     @property
@@ -222,6 +223,10 @@ class LedgerSink:
         if self._spool.pending:
             log.info("ledger spool: replaying", extra={"records": len(self._spool.pending)})
         self._update_backlog()
+        self._started = True
+        self._spawn_worker()
+
+    def _spawn_worker(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="ledger-sink")
 
     def admit(self) -> None:
@@ -242,6 +247,8 @@ class LedgerSink:
 
     def submit(self, entry: ledger_pb2.LedgerEntry) -> None:
         self._queue.append(entry)
+        if self._started and self._worker is None:
+            self._spawn_worker()  # after a drain: the sink keeps working
         self._update_backlog()
         self._settled.clear()
         self._wakeup.set()
@@ -257,7 +264,10 @@ class LedgerSink:
         await self._settled.wait()
 
     async def drain(self, timeout_s: float = 10.0) -> None:
-        """Shutdown: deliver what is held, spool what cannot be delivered in time, stop."""
+        """Deliver what is held, spool what cannot be delivered in time; called on shutdown.
+
+        The worker stops; a later `submit` starts it again.
+        """
         self._closing = True
         self._wakeup.set()
         if self._worker is None:
@@ -271,6 +281,7 @@ class LedgerSink:
         if self._queue:
             await self._to_spool()
         self._worker = None
+        self._closing = False
 
     # --- the worker -------------------------------------------------------------------
 
