@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import slm
 from gateway import errors, protocol
+from gateway.admin_adapters import adapters_router
 from gateway.serving import CallContext, GatewayMetrics, OpenAIServing, call_metadata
 from slm.config import Settings
 from slm.discovery import build_resolver, connect
@@ -222,6 +223,7 @@ def build_app(settings: Settings) -> FastAPI:
         """The service-slm version this gateway runs."""
         return {"version": slm.__version__}
 
+    app.include_router(adapters_router(settings))
     _install_error_handlers(app)
     _install_openapi(app)
     app.add_middleware(_EdgeMiddleware, metrics=metrics)

@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import IO
 
 from slm.config import (
+    AdapterRegistryConfig,
     DoormanConfig,
     EnvoyConfig,
     GatewayConfig,
     InferenceLocalConfig,
+    InferenceRemoteConfig,
     LedgerConfig,
     ServiceEndpoint,
     Settings,
@@ -38,9 +40,20 @@ def mesh_settings(state_dir: Path) -> Settings:
         endpoint=ServiceEndpoint(port=ports["inference"], metrics_port=metrics["inference"]),
         models_dir=SHARED_MODELS_DIR,
     )
+    remote_port, registry_port = free_port(), free_port()
+    registry = f"127.0.0.1:{registry_port}"
     return Settings(
         state_dir=state_dir,
         inference_local=inference,
+        inference_remote=InferenceRemoteConfig(
+            endpoint=ServiceEndpoint(port=remote_port, metrics_port=free_port()),
+            adapter_registry=registry,
+        ),
+        adapters=AdapterRegistryConfig(
+            endpoint=ServiceEndpoint(port=registry_port, metrics_port=free_port()),
+            store_dir=state_dir / "adapters",
+            database=state_dir / "adapters.sqlite3",
+        ),
         ledger=LedgerConfig(
             endpoint=ServiceEndpoint(port=ports["ledger"], metrics_port=metrics["ledger"]),
             database=state_dir / "ledger.sqlite3",
@@ -51,7 +64,13 @@ def mesh_settings(state_dir: Path) -> Settings:
             ledger=f"127.0.0.1:{ports['ledger']}",
             ledger_spool=state_dir / "doorman-ledger.spool",
         ),
-        gateway=GatewayConfig(port=ports["gateway"], doorman=f"127.0.0.1:{ports['doorman']}"),
+        gateway=GatewayConfig(
+            port=ports["gateway"],
+            doorman=f"127.0.0.1:{ports['doorman']}",
+            adapter_registry=registry,
+            inference_local=f"127.0.0.1:{ports['inference']}",
+            ledger=f"127.0.0.1:{ports['ledger']}",
+        ),
         envoy=EnvoyConfig(port=ports["envoy"], admin_port=free_port()),
     )
 

@@ -13,7 +13,15 @@ from prometheus_client import CollectorRegistry
 from slm.config import Settings, load_settings
 from slm.logs import configure_logging
 
-SERVICES = ("ledger", "inference-local", "doorman", "gateway", "envoy")
+SERVICES = (
+    "ledger",
+    "inference-local",
+    "adapter-registry",
+    "inference-remote",
+    "doorman",
+    "gateway",
+    "envoy",
+)
 
 
 async def serve_grpc(name: str, settings: Settings) -> None:
@@ -31,6 +39,14 @@ async def serve_grpc(name: str, settings: Settings) -> None:
         from inference_local.app import build_app as build_inference
 
         app, endpoint = build_inference(settings, registry), settings.inference_local.endpoint
+    elif name == "adapter-registry":
+        from adapters.app import build_app as build_adapters
+
+        app, endpoint = build_adapters(settings, registry), settings.adapters.endpoint
+    elif name == "inference-remote":
+        from inference_remote.app import build_app as build_remote
+
+        app, endpoint = build_remote(settings, registry), settings.inference_remote.endpoint
     else:
         from doorman.app import build_app as build_doorman
 

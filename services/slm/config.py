@@ -330,6 +330,7 @@ class GatewayConfig(Section):
     # Where the admin endpoints reach the services they manage.
     inference_local: str = f"{LOOPBACK}:50052"
     ledger: str = f"{LOOPBACK}:50056"
+    adapter_registry: str = f"{LOOPBACK}:50055"
 
 
 class EnvoyConfig(Section):
@@ -371,6 +372,112 @@ class TelemetryConfig(Section):
     debug_log_content: bool = False
 
 
+class UpstreamConfig(Section):
+    """One OpenAI-compatible HTTP server behind inference-remote."""
+
+    # Label in metrics, logs and StreamEnd.upstream; unique within the model.
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    # Base URL of the OpenAI API, with its /v1, e.g. "http://vllm-0:8000/v1".
+    url: str = Field(pattern=r"^https?://[^/]+")
+    # "vllm": tier gpu, loads LoRA adapters at run time; "openai": tier gpu, any other
+    # OpenAI-compatible server (llama.cpp, another mesh); "external": tier external, host
+    # must be on inference_remote.external_allowlist and an API key is required.
+    kind: Literal["vllm", "openai", "external"] = "vllm"
+    # The model's name at this upstream; default: the name clients use.
+    model: str | None = None
+    # Requests in flight to this upstream at most; more wait (up to queue_timeout_s).
+    max_concurrency: int = Field(default=16, ge=1)
+    # Bearer key: read from this file (e.g. a mounted Secret) or this environment variable.
+    api_key_file: Path | None = None
+    api_key_env: str | None = None
+    # Where the upstream sees the adapter registry's store (a shared volume); default: the
+    # registry's own path, for upstreams on the same host.
+    adapter_mount: str | None = None
+
+
+class RemoteModelConfig(Section):
+    """A model served by a pool of upstreams."""
+
+    name: str = Field(min_length=1)
+    upstreams: list[UpstreamConfig] = Field(min_length=1)
+    context_length: int = Field(default=0, ge=0)
+
+
+class InferenceRemoteConfig(Section):
+    endpoint: ServiceEndpoint = ServiceEndpoint(port=50053, metrics_port=9153)
+    # Empty: the service starts, serves health, and lists no models.
+    models: list[RemoteModelConfig] = []
+    # Hosts "external" upstreams may have; any other is refused when the config loads.
+    external_allowlist: list[str] = []
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    # Longest wait for the first token; past it the request is retried on another upstream.
+    first_token_timeout_s: float = Field(default=60.0, gt=0)
+    # Longest silence between two chunks once the stream has started.
+    read_timeout_s: float = Field(default=60.0, gt=0)
+    # Upstreams tried per request, all before the first token.
+    max_attempts: int = Field(default=3, ge=1)
+    # Longest wait for a free slot when every healthy upstream is at max_concurrency.
+    queue_timeout_s: float = Field(default=5.0, ge=0)
+    health_interval_s: float = Field(default=5.0, gt=0)
+    # Requests whose first this-many characters agree go to the same upstream while it is
+    # healthy and not busier than the least busy by more than affinity_slack; 0 disables.
+    prefix_affinity_chars: int = Field(default=256, ge=0)
+    affinity_slack: int = Field(default=4, ge=0)
+    # AdapterRegistryService, asked on an adapter's first use; "" disables adapters.
+    adapter_registry: str = f"{LOOPBACK}:50055"
+
+    @model_validator(mode="after")
+    def _external_upstreams(self) -> InferenceRemoteConfig:
+        from urllib.parse import urlsplit
+
+        allowed = {host.lower() for host in self.external_allowlist}
+        for model in self.models:
+            names = [u.name for u in model.upstreams]
+            if len(set(names)) != len(names):
+                raise ValueError(f"inference_remote model {model.name!r}: upstream names repeat")
+            for upstream in model.upstreams:
+                if upstream.kind != "external":
+                    continue
+                host = (urlsplit(upstream.url).hostname or "").lower()
+                if host not in allowed:
+                    raise ValueError(
+                        f"inference_remote upstream {upstream.name!r}: host {host!r} is not on "
+                        "inference_remote.external_allowlist"
+                    )
+                if upstream.api_key_file is None and upstream.api_key_env is None:
+                    raise ValueError(
+                        f"inference_remote upstream {upstream.name!r}: an external upstream "
+                        "needs api_key_file or api_key_env"
+                    )
+        return self
+
+
+class AdapterRegistryConfig(Section):
+    endpoint: ServiceEndpoint = ServiceEndpoint(port=50055, metrics_port=9155)
+    # Content-addressed artefacts: <store_dir>/<sha256>/.
+    store_dir: Path = Path("~/.cache/service-slm/adapters")
+    # "sqlite" (embedded default, `database`) or "postgresql" (`postgres_dsn`).
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    database: Path = Path("~/.cache/service-slm/adapters.sqlite3")
+    # e.g. "postgresql://slm@db:5432/adapters"; put a password in SLM_ADAPTERS__POSTGRES_DSN.
+    postgres_dsn: str = ""
+    # Local source paths must lie inside one of these; empty: any path the service can read.
+    source_dirs: list[Path] = []
+    # Largest artefact accepted, in bytes.
+    max_artefact_bytes: int = Field(default=4 << 30, ge=1)
+
+    @field_validator("store_dir", "database")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @model_validator(mode="after")
+    def _dsn_for_postgresql(self) -> AdapterRegistryConfig:
+        if self.backend == "postgresql" and not self.postgres_dsn:
+            raise ValueError("adapters: backend = 'postgresql' needs postgres_dsn")
+        return self
+
+
 class Settings(BaseSettings):
     """The whole mesh's configuration; each service reads its own section."""
 
@@ -390,6 +497,8 @@ class Settings(BaseSettings):
     envoy: EnvoyConfig = EnvoyConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     discovery: DiscoveryConfig = DiscoveryConfig()
+    inference_remote: InferenceRemoteConfig = InferenceRemoteConfig()
+    adapters: AdapterRegistryConfig = AdapterRegistryConfig()
 
     @field_validator("state_dir")
     @classmethod

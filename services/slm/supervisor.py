@@ -76,6 +76,19 @@ class Supervisor:
                 ),
             ),
             Child(
+                "adapter-registry",
+                lambda: grpc_serving(
+                    f"{_connect_host(s.adapters.endpoint.host)}:{s.adapters.endpoint.port}"
+                ),
+            ),
+            Child(
+                "inference-remote",
+                lambda: grpc_serving(
+                    f"{_connect_host(s.inference_remote.endpoint.host)}:"
+                    f"{s.inference_remote.endpoint.port}"
+                ),
+            ),
+            Child(
                 "doorman",
                 lambda: grpc_serving(
                     f"{_connect_host(s.doorman.endpoint.host)}:{s.doorman.endpoint.port}"

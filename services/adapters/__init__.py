@@ -1,0 +1,1 @@
+"""The adapter registry: LoRA adapter metadata and a content-addressed artefact store."""

@@ -1,0 +1,1 @@
+"""inference-remote: InferenceService over OpenAI-compatible HTTP upstreams."""

@@ -1,0 +1,454 @@
+"""The remote tier's core: model -> pool, attempts before the first token, runtime LoRA."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from inference_remote.pool import Pool, Upstream
+from inference_remote.upstream import Chunk, UpstreamFailure, UpstreamRejected
+from slm.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+# Adapter lookups are cached this long, so a busy adapter does not re-hash its artefact in the
+# registry on every request; a deleted adapter stops being served within this delay.
+ADAPTER_TTL_S = 10.0
+# Sampling fields only vLLM-style servers accept; OpenAI's API refuses unknown fields.
+EXTENSION_FIELDS = ("top_k", "min_p", "repetition_penalty")
+
+
+class Finish(enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    CONTENT_FILTER = "content_filter"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Request:
+    model: str
+    sampling: Sampling
+    prompt: str | None = None
+    messages: tuple[Message, ...] | None = None
+    adapter: str = ""
+    adapter_scale: float | None = None
+
+    def text_prefix(self, length: int) -> str:
+        if self.prompt is not None:
+            return self.prompt[:length]
+        joined = "\n".join(f"{m.role}:{m.content}" for m in self.messages or ())
+        return joined[:length]
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+
+
+@dataclass(frozen=True)
+class End:
+    finish: Finish
+    prompt_tokens: int
+    completion_tokens: int
+    model: str
+    upstream: str
+    external: bool
+
+
+Event = Delta | End
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """What the registry says about an adapter, reduced to what a remote load needs."""
+
+    name: str
+    base_model: str
+    peft: bool
+    sha256: str
+    path: str
+    store_path: str
+    tiers: tuple[str, ...]
+
+
+class AdapterSource(Protocol):
+    async def get(self, name: str) -> AdapterRef:
+        """The adapter, its checksum verified; NotFound when it is not registered."""
+
+
+@dataclass(frozen=True)
+class ModelPool:
+    name: str
+    pool: Pool
+    context_length: int
+
+
+class RemoteMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "slm_remote_requests",
+            "Generations by outcome.",
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self.attempts = Counter(
+            "slm_remote_attempts",
+            "Attempts sent to upstreams.",
+            ["model", "upstream"],
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "slm_remote_upstream_errors",
+            "Upstream failures, by tier and reason.",
+            ["tier", "model", "upstream", "reason"],
+            registry=registry,
+        )
+        self.outstanding = Gauge(
+            "slm_remote_outstanding_requests",
+            "Requests in flight to an upstream.",
+            ["model", "upstream"],
+            registry=registry,
+        )
+        self.healthy = Gauge(
+            "slm_remote_upstream_healthy",
+            "1 while the upstream passes its health probe.",
+            ["model", "upstream"],
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "slm_remote_ttft_seconds",
+            "Time from request to first token through an upstream.",
+            ["model"],
+            registry=registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.tokens = Counter(
+            "slm_remote_completion_tokens",
+            "Completion tokens received from upstreams.",
+            ["model"],
+            registry=registry,
+        )
+        self.adapter_loads = Counter(
+            "slm_remote_adapter_loads",
+            "Runtime LoRA loads into upstreams, by outcome.",
+            ["upstream", "outcome"],
+            registry=registry,
+        )
+
+
+def tier_of(upstream: Upstream) -> str:
+    return "external" if upstream.kind == "external" else "gpu"
+
+
+def host_of(url: str) -> str:
+    return (urlsplit(url).hostname or "").lower()
+
+
+def request_body(request: Request, upstream: Upstream, model: str) -> tuple[str, dict[str, Any]]:
+    """The OpenAI path and JSON body of one attempt."""
+    body: dict[str, Any] = {"model": model, "stream": True}
+    # vLLM and OpenAI send usage in a last chunk when asked; others ignore the option.
+    body["stream_options"] = {"include_usage": True}
+    s = request.sampling
+    fields: dict[str, Any] = {
+        "max_tokens": s.max_tokens,
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "seed": s.seed,
+        "presence_penalty": s.presence_penalty,
+        "frequency_penalty": s.frequency_penalty,
+    }
+    if upstream.kind != "external":
+        fields.update(top_k=s.top_k, min_p=s.min_p, repetition_penalty=s.repetition_penalty)
+    body.update({k: v for k, v in fields.items() if v is not None})
+    if s.stop:
+        body["stop"] = list(s.stop)
+    if s.logit_bias:
+        body["logit_bias"] = {str(token): bias for token, bias in s.logit_bias}
+    if request.prompt is not None:
+        body["prompt"] = request.prompt
+        return "/completions", body
+    messages = []
+    for m in request.messages or ():
+        message = {"role": m.role, "content": m.content}
+        if m.name:
+            message["name"] = m.name
+        messages.append(message)
+    body["messages"] = messages
+    return "/chat/completions", body
+
+
+def validate(request: Request) -> None:
+    if not request.model:
+        raise InvalidArgument("model is required", field="model")
+    if request.prompt is None and request.messages is None:
+        raise InvalidArgument("one of prompt or chat is required", field="input")
+    if request.prompt is not None and not request.prompt:
+        raise InvalidArgument("prompt must not be empty", field="prompt")
+    if request.messages is not None and not request.messages:
+        raise InvalidArgument("messages must not be empty", field="messages")
+    s = request.sampling
+    if s.max_tokens is not None and s.max_tokens < 1:
+        raise InvalidArgument("max_tokens must be at least 1", field="sampling.max_tokens")
+    if s.temperature is not None and not 0.0 <= s.temperature <= 2.0:
+        raise InvalidArgument("temperature must be in [0, 2]", field="sampling.temperature")
+    if s.top_p is not None and not 0.0 < s.top_p <= 1.0:
+        raise InvalidArgument("top_p must be in (0, 1]", field="sampling.top_p")
+    if request.adapter_scale is not None and request.adapter_scale != 1.0:
+        # vLLM applies a LoRA at its trained scale; there is no per-request scale to pass on.
+        raise InvalidArgument(
+            "adapter_scale other than 1.0 is not supported by remote upstreams",
+            field="adapter_scale",
+        )
+
+
+FINISH = {"stop": Finish.STOP, "length": Finish.LENGTH, "content_filter": Finish.CONTENT_FILTER}
+
+
+class RemoteInference:
+    """Generations through pools of OpenAI-compatible upstreams; no transport of its own."""
+
+    def __init__(
+        self,
+        models: Sequence[ModelPool],
+        metrics: RemoteMetrics,
+        *,
+        external_allowlist: Sequence[str],
+        max_attempts: int,
+        queue_timeout_s: float,
+        prefix_affinity_chars: int,
+        adapters: AdapterSource | None = None,
+    ) -> None:
+        self._models: Mapping[str, ModelPool] = {m.name: m for m in models}
+        self.metrics = metrics
+        self._max_attempts = max_attempts
+        self._queue_timeout_s = queue_timeout_s
+        self._affinity_chars = prefix_affinity_chars
+        self._adapters = adapters
+        self._adapter_cache: dict[str, tuple[float, AdapterRef]] = {}
+        allowed = {h.lower() for h in external_allowlist}
+        for model in models:
+            for upstream in model.pool.upstreams:
+                # The config refuses these already; the core refuses them again on its own.
+                if upstream.kind == "external" and host_of(upstream.client.base_url) not in allowed:
+                    raise PermissionDenied(
+                        f"external upstream {upstream.name!r} is not on the allowlist"
+                    )
+
+    def models(self) -> list[ModelPool]:
+        return list(self._models.values())
+
+    def pools(self) -> list[Pool]:
+        return [m.pool for m in self._models.values()]
+
+    def _resolve(self, request: Request) -> tuple[ModelPool, str]:
+        entry = self._models.get(request.model)
+        if entry is not None:
+            return entry, request.adapter
+        # "base:adapter" names an adapter of a served base model.
+        base, sep, adapter = request.model.rpartition(":")
+        if sep and base in self._models and adapter:
+            if request.adapter and request.adapter != adapter:
+                raise InvalidArgument(
+                    "the model names one adapter and the adapter field another", field="adapter"
+                )
+            return self._models[base], adapter
+        raise NotFound(f"model {request.model!r} is not served by inference-remote", field="model")
+
+    async def _adapter(self, name: str, base_model: str) -> AdapterRef:
+        if self._adapters is None:
+            raise FailedPrecondition("inference-remote has no adapter registry configured")
+        cached = self._adapter_cache.get(name)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < ADAPTER_TTL_S:
+            ref = cached[1]
+        else:
+            ref = await self._adapters.get(name)
+            self._adapter_cache[name] = (now, ref)
+        if ref.base_model != base_model:
+            raise InvalidArgument(
+                f"adapter {name!r} is for model {ref.base_model!r}, not {base_model!r}",
+                field="adapter",
+            )
+        if not ref.peft:
+            raise FailedPrecondition(
+                f"adapter {name!r} is a GGUF adapter; vLLM upstreams load PEFT adapters"
+            )
+        if ref.tiers and "gpu" not in ref.tiers:
+            raise FailedPrecondition(f"adapter {name!r} is not registered for tier gpu")
+        return ref
+
+    async def _ensure_adapter(self, upstream: Upstream, ref: AdapterRef) -> None:
+        """Load the adapter into the upstream on its first use there (vLLM runtime LoRA)."""
+        if upstream.adapters.get(ref.name) == ref.sha256:
+            return
+        lock = upstream.adapter_locks.setdefault(ref.name, asyncio.Lock())
+        async with lock:
+            if upstream.adapters.get(ref.name) == ref.sha256:
+                return
+            if ref.name in upstream.adapters:
+                # Re-registered under the same name with other weights: replace it.
+                await upstream.client.unload_lora_adapter(ref.name)
+                del upstream.adapters[ref.name]
+            path = ref.path
+            if upstream.adapter_mount:
+                path = f"{upstream.adapter_mount.rstrip('/')}/{ref.store_path}"
+            try:
+                await upstream.client.load_lora_adapter(ref.name, path)
+            except UpstreamFailure:
+                self.metrics.adapter_loads.labels(upstream.name, "error").inc()
+                raise
+            self.metrics.adapter_loads.labels(upstream.name, "loaded").inc()
+            upstream.adapters[ref.name] = ref.sha256
+
+    def _affinity_key(self, request: Request, adapter: str) -> bytes | None:
+        prefix = ""
+        if self._affinity_chars:
+            text = request.text_prefix(self._affinity_chars)
+            if len(text) >= self._affinity_chars:
+                prefix = text
+        if not prefix and not adapter:
+            return None
+        return hashlib.sha256(f"{adapter}\0{prefix}".encode()).digest()
+
+    async def generate(self, request: Request) -> AsyncIterator[Event]:
+        """Stream one generation; attempts move to another upstream only before the first token.
+
+        After the first token, a failing upstream ends the stream with UNAVAILABLE: the text
+        already sent cannot be taken back, so it is not silently continued elsewhere.
+        """
+        validate(request)
+        entry, adapter_name = self._resolve(request)
+        pool = entry.pool
+        ref = await self._adapter(adapter_name, entry.name) if adapter_name else None
+
+        def eligible(u: Upstream) -> bool:
+            return ref is None or u.kind == "vllm"
+
+        if ref is not None and not any(u.kind == "vllm" for u in pool.upstreams):
+            raise FailedPrecondition(
+                f"model {entry.name!r} has no vLLM upstream to load adapter {ref.name!r}"
+            )
+        key = self._affinity_key(request, adapter_name)
+        tried: set[str] = set()
+        last: UpstreamFailure | None = None
+        started = time.perf_counter()
+        for _ in range(self._max_attempts):
+            try:
+                upstream = await pool.acquire(key, tried, eligible, self._queue_timeout_s)
+            except Unavailable:
+                break
+            tried.add(upstream.name)
+            labels = (entry.name, upstream.name)
+            self.metrics.outstanding.labels(*labels).inc()
+            self.metrics.attempts.labels(*labels).inc()
+            sent_text = False
+            try:
+                if ref is not None:
+                    await self._ensure_adapter(upstream, ref)
+                model = ref.name if ref is not None else upstream.model
+                path, body = request_body(request, upstream, model)
+                chunks = 0
+                last_chunk = Chunk()
+                finish: str | None = None
+                async for chunk in upstream.client.stream(path, body):
+                    if chunk.finish_reason:
+                        finish = chunk.finish_reason
+                    if chunk.prompt_tokens is not None:
+                        last_chunk = chunk
+                    if chunk.text:
+                        if not sent_text:
+                            self.metrics.ttft.labels(entry.name).observe(
+                                time.perf_counter() - started
+                            )
+                        sent_text = True
+                        chunks += 1
+                        yield Delta(chunk.text)
+                # Servers that report no usage (llama.cpp's) stream one token per chunk.
+                completion = last_chunk.completion_tokens
+                completion = chunks if completion is None else completion
+                self.metrics.tokens.labels(entry.name).inc(completion)
+                self.metrics.requests.labels(entry.name, "ok").inc()
+                yield End(
+                    finish=FINISH.get(finish or "stop", Finish.STOP),
+                    prompt_tokens=last_chunk.prompt_tokens or 0,
+                    completion_tokens=completion,
+                    model=request.model,
+                    upstream=upstream.name,
+                    external=upstream.kind == "external",
+                )
+                return
+            except UpstreamRejected as error:
+                self.metrics.requests.labels(entry.name, "rejected").inc()
+                raise InvalidArgument(
+                    f"upstream {upstream.name} refused: {error.message}"
+                ) from error
+            except UpstreamFailure as failure:
+                self.metrics.upstream_errors.labels(
+                    tier_of(upstream), entry.name, upstream.name, failure.reason
+                ).inc()
+                log.warning(
+                    "upstream failed",
+                    extra={
+                        "model": entry.name,
+                        "upstream": upstream.name,
+                        "reason": failure.reason,
+                        "after_first_token": sent_text,
+                    },
+                )
+                if failure.unhealthy:
+                    await pool.mark(upstream, False)
+                if sent_text:
+                    self.metrics.requests.labels(entry.name, "broken").inc()
+                    raise Unavailable(
+                        f"upstream {upstream.name} failed after the stream started: "
+                        f"{failure.message}",
+                        reason="UPSTREAM_BROKEN",
+                    ) from failure
+                last = failure
+            finally:
+                self.metrics.outstanding.labels(*labels).dec()
+                await pool.release(upstream)
+        self.metrics.requests.labels(entry.name, "unavailable").inc()
+        detail = f": last error from {sorted(tried)}: {last.message}" if last else ""
+        raise Unavailable(
+            f"no upstream of model {entry.name!r} could serve the request{detail}",
+            retry_after_s=1.0,
+        )
