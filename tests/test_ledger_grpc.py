@@ -8,6 +8,7 @@ import csv
 import io
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -16,7 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
-from helpers import mesh_settings
+from helpers import free_port, mesh_settings
 from postgres_server import PostgresServer
 
 from slm.config import Settings
@@ -227,3 +228,52 @@ async def test_an_acknowledged_record_survives_kill_9(
     assert list(listed) == acknowledged
     assert (verdict.intact, verdict.records_checked) == (True, 20)
     assert (after.sequence, after.prev_hash) == (21, acknowledged[-1].hash)
+
+
+# --- the CLI: `slm ledger verify|export` against a real server ---------------------------
+
+
+async def slm(*args: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "slm.cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "SLM_CONFIG": ""},
+    )
+    out, _ = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode()
+
+
+async def test_cli_verifies_exports_and_names_a_tampered_record(
+    ledger_server: GrpcService, tmp_path: Path
+) -> None:
+    target = address(ledger_server)
+    async with grpc.aio.insecure_channel(target) as channel:
+        ledger = ledger_pb2_grpc.LedgerServiceStub(channel)
+        for i in range(4):
+            await ledger.Append(ledger_pb2.AppendRequest(entry=entry(i, "acme" if i else "x")))
+    code, out = await slm("ledger", "verify", "--address", target)
+    assert (code, out.split(",")[0]) == (0, "intact: 4 records")
+    csv_path = tmp_path / "out.csv"
+    since = "2023-11-14T22:13:20.000000001+00:00"  # excludes r0 by time as well as by tenant
+    code, out = await slm(
+        "ledger", "export", "--address", target, "--tenant", "acme", "--since", since,
+        "-o", str(csv_path),
+    )  # fmt: skip
+    assert code == 0, out
+    rows = list(csv.DictReader(io.StringIO(csv_path.read_text())))
+    assert [r["request_id"] for r in rows] == ["r1", "r2", "r3"]
+    # The fixture's ledger database: edit record 2 behind the triggers' back.
+    db = sqlite3.connect(tmp_path / "ledger.sqlite3", isolation_level=None)
+    db.execute("DROP TRIGGER records_no_update")
+    db.execute("UPDATE records SET body = replace(body, '\"r1\"', '\"r9\"') WHERE sequence = 2")
+    db.close()
+    code, out = await slm("ledger", "verify", "--address", target)
+    assert code == 1
+    assert out.startswith("BROKEN at record 2: HASH_MISMATCH")
+    code, out = await slm("ledger", "verify", "--address", f"127.0.0.1:{free_port()}")
+    assert code == 2

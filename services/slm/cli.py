@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("up", help="start the whole mesh and supervise it")
     serve_parser = commands.add_parser("serve", help="run one service in the foreground")
     serve_parser.add_argument("service", choices=SERVICES)
+    from ledger.commands import add_arguments as add_ledger_arguments
+
+    add_ledger_arguments(commands.add_parser("ledger", help="verify the ledger or export CSV"))
     models = commands.add_parser("models", help="model files")
     models.add_argument("action", choices=["assemble"])
     args = parser.parse_args(argv)
@@ -106,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"slm: bad configuration: {error}", file=sys.stderr)
         return 2
+    if args.command == "ledger":
+        from ledger.commands import run as run_ledger
+
+        return run_ledger(args, settings.ledger.endpoint.address)
     if args.command == "up":
         from slm.supervisor import run_up
 
