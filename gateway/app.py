@@ -25,7 +25,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import slm
 from gateway import errors, protocol
 from gateway.admin_adapters import adapters_router
+from gateway.admin_models import models_router
+from gateway.embeddings import embeddings_router
 from gateway.serving import CallContext, GatewayMetrics, OpenAIServing, call_metadata
+from gateway.ui_routes import install_ui
 from slm.config import Settings
 from slm.discovery import build_resolver, connect
 from slm.logs import request_id_var
@@ -223,7 +226,10 @@ def build_app(settings: Settings) -> FastAPI:
         """The service-slm version this gateway runs."""
         return {"version": slm.__version__}
 
+    install_ui(app, runtime.require, limit)
     app.include_router(adapters_router(settings))
+    app.include_router(models_router(settings))
+    app.include_router(embeddings_router(settings))
     _install_error_handlers(app)
     _install_openapi(app)
     app.add_middleware(_EdgeMiddleware, metrics=metrics)

@@ -39,6 +39,12 @@ FINISH_REASONS: Mapping[types_pb2.FinishReason.ValueType, str] = {
     types_pb2.FINISH_REASON_CONTENT_FILTER: "content_filter",
 }
 
+TIERS: Mapping[types_pb2.Tier.ValueType, str] = {
+    types_pb2.TIER_LOCAL: "local",
+    types_pb2.TIER_GPU: "gpu",
+    types_pb2.TIER_EXTERNAL: "external",
+}
+
 SSE_DONE = b"data: [DONE]\n\n"
 SSE_MEDIA_TYPE = "text/event-stream"
 _SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
@@ -156,6 +162,29 @@ def usage_dict(usage: types_pb2.Usage) -> dict[str, int]:
     }
 
 
+def slm_extension(end: types_pb2.StreamEnd) -> dict[str, Any]:
+    """service-slm's own figures, as a top-level "slm" object on the final chunk or response.
+
+    Which tier and upstream served the answer, and how much personal data of each type the
+    Doorman masked before the request left and restored in the answer. OpenAI clients ignore
+    unknown top-level fields, so this is safe to send to all of them.
+    """
+    return {
+        "tier": TIERS.get(end.tier),
+        "upstream": end.upstream or None,
+        "masked_entities": dict(end.masked_entities),
+        "hops": [
+            {
+                "model": h.model,
+                "tier": TIERS.get(h.tier),
+                "upstream": h.upstream,
+                "intent": h.intent,
+            }
+            for h in end.hops
+        ],
+    }
+
+
 def sse(payload: Mapping[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
@@ -203,8 +232,11 @@ class ResponseFormat:
             chunk["usage"] = None
         return chunk
 
-    def finish(self, reason: str) -> bytes:
-        return sse(self._chunk([self._choice(None, reason)]))
+    def finish(self, reason: str, end: types_pb2.StreamEnd | None = None) -> bytes:
+        chunk = self._chunk([self._choice(None, reason)])
+        if end is not None:
+            chunk["slm"] = slm_extension(end)
+        return sse(chunk)
 
     def usage(self, usage: types_pb2.Usage) -> bytes:
         return sse({**self._head, "choices": [], "usage": usage_dict(usage)})
@@ -417,7 +449,15 @@ class OpenAIServing:
         except grpc.RpcError as error:
             return errors.from_grpc(error).response()
         data = [
-            {"id": m.name, "object": "model", "created": 0, "owned_by": m.owned_by}
+            # Beyond OpenAI's fields: whether the model is in memory now, and its context.
+            {
+                "id": m.name,
+                "object": "model",
+                "created": 0,
+                "owned_by": m.owned_by,
+                "loaded": m.loaded,
+                "context_length": m.context_length,
+            }
             for m in reply.models
         ]
         return _json({"object": "list", "data": data})
@@ -478,7 +518,7 @@ class OpenAIServing:
             elif kind == "end":
                 end = event.end
                 self._count_tokens(ctx.route, end.usage)
-                response = _json(fmt.complete("".join(parts), end))
+                response = _json({**fmt.complete("".join(parts), end), "slm": slm_extension(end)})
                 await _drain(call)
                 return response
             event = await _next(call)
@@ -511,7 +551,7 @@ class OpenAIServing:
                 elif kind == "end":
                     end = event.end
                     self._count_tokens(ctx.route, end.usage)
-                    yield fmt.finish(finish_reason(end.finish_reason))
+                    yield fmt.finish(finish_reason(end.finish_reason), end)
                     if fmt.include_usage:
                         yield fmt.usage(end.usage)
                     yield SSE_DONE
@@ -527,6 +567,25 @@ class OpenAIServing:
         finally:
             if not finished:
                 call.cancel()
+
+    async def chat_events(
+        self, body: ChatCompletionRequest, ctx: CallContext
+    ) -> AsyncIterator[bytes]:
+        """The SSE events of a streamed chat, for a transport other than HTTP (the WebSocket).
+
+        A refusal before the first event raises grpc.RpcError, so the caller can answer it as a
+        plain error; closing the iterator early cancels the generation.
+        """
+        call = self._doorman.Chat(chat_request(body), metadata=ctx.metadata)
+        fmt = ChatFormat(ctx.request_id, body.model, body.include_usage)
+        try:
+            first = await _next(cast(GenerationCall, call))
+            async for event in self._stream(cast(GenerationCall, call), first, fmt, ctx):
+                yield event
+            if not call.done():
+                await _drain(cast(GenerationCall, call))
+        finally:
+            call.cancel()
 
     def _count_tokens(self, route: str, usage: types_pb2.Usage) -> None:
         self._metrics.prompt_tokens.labels(route).inc(usage.prompt_tokens)
