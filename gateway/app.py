@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import slm
 from gateway import errors, protocol
 from gateway.admin_adapters import adapters_router
+from gateway.admin_ledger import ledger_router
 from gateway.admin_models import models_router
 from gateway.embeddings import embeddings_router
 from gateway.serving import CallContext, GatewayMetrics, OpenAIServing, call_metadata
@@ -229,6 +230,7 @@ def build_app(settings: Settings) -> FastAPI:
     install_ui(app, runtime.require, limit)
     app.include_router(adapters_router(settings))
     app.include_router(models_router(settings))
+    app.include_router(ledger_router(settings))
     app.include_router(embeddings_router(settings))
     _install_error_handlers(app)
     _install_openapi(app)
