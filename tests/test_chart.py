@@ -15,7 +15,7 @@ from typing import Any
 import helm_python as helm
 import kubernetes_validate
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]
 from pydantic import BaseModel
 
 from slm.config import Settings
@@ -326,9 +326,9 @@ def test_rendered_config_is_valid_and_names_the_charts_services(name: str) -> No
         service, container_port = _service_port(objects, address)
         assert service["metadata"]["name"] == full(component)
         # The component's config binds exactly the port its container declares.
-        section = {"inference-local": "inference_local"}.get(component, component)
-        assert getattr(settings, section).endpoint.port == container_port
-        assert getattr(settings, section).endpoint.host == "0.0.0.0"
+        attribute = {"inference-local": "inference_local"}.get(component, component)
+        assert getattr(settings, attribute).endpoint.port == container_port
+        assert getattr(settings, attribute).endpoint.host == "0.0.0.0"
         # Headless, so gRPC's DNS resolver balances over every pod.
         assert service["spec"]["clusterIP"] == "None"
 
