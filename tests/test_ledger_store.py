@@ -346,3 +346,13 @@ def test_an_inverted_time_range_is_invalid() -> None:
 async def test_request_id_is_required(store: LedgerStore) -> None:
     with pytest.raises(InvalidArgument, match="request_id"):
         await store.append(Entry(request_id="", time_unix_ns=0))
+
+
+def test_postgresql_backend_needs_a_dsn() -> None:
+    from pydantic import ValidationError
+
+    from slm.config import LedgerConfig
+
+    with pytest.raises(ValidationError, match="postgres_dsn"):
+        LedgerConfig(backend="postgresql")
+    assert LedgerConfig(backend="postgresql", postgres_dsn="postgresql://x@h/db").postgres_dsn
