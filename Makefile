@@ -49,6 +49,10 @@ deps:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
 		{ $(SUDO) apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q postgresql; }
+	@# The UI tests drive Debian's chromium with playwright (never `playwright install`).
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v curl >/dev/null || \
+		{ $(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver curl; }
 
 bench: model
 	$(BIN)/python bench/mesh_overhead.py

@@ -1,0 +1,212 @@
+// The admin page: models, adapters, ledger and live metrics, all through /admin/* with the key.
+// An endpoint this gateway does not have shows "not available" instead of breaking the page.
+"use strict";
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const keyInput = $("admin_key");
+  keyInput.value = sessionStorage.getItem("slm.admin_key") || "";
+  const key = () => keyInput.value.trim();
+
+  function state(id, text, kind) {
+    const node = $(id);
+    node.textContent = text;
+    node.className = `state ${kind || ""}`;
+  }
+
+  // What a failed reply means to the operator.
+  function explain(reply, what) {
+    if (reply.status === 404 || reply.status === 405) return [`Not available: this gateway has no ${what} endpoint.`, "unavailable"];
+    if (reply.status === 401) return ["Admin key required: enter it above.", "bad"];
+    if (reply.status === 403) return [slm.errorText(reply.status, reply.body), "bad"];
+    return [`Failed: ${slm.errorText(reply.status, reply.body)}`, "bad"];
+  }
+
+  // The list inside a reply, whatever the endpoint calls it.
+  function rows(body, ...names) {
+    if (Array.isArray(body)) return body;
+    for (const name of [...names, "data", "items"]) if (body && Array.isArray(body[name])) return body[name];
+    return [];
+  }
+
+  function cell(value) {
+    if (value === null || value === undefined) return "";
+    if (typeof value === "object") return JSON.stringify(value);
+    return String(value);
+  }
+
+  // A table of objects: columns are their keys, in first-seen order, at most `limit` of them.
+  function table(id, items, {actions, limit = 8} = {}) {
+    const columns = [];
+    for (const item of items) for (const name of Object.keys(item)) if (!columns.includes(name)) columns.push(name);
+    const shown = columns.slice(0, limit);
+    const head = slm.el("tr", {}, ...shown.map((c) => slm.el("th", {scope: "col"}, c)), actions ? slm.el("th", {scope: "col"}, "") : null);
+    const body = items.map((item) => slm.el("tr", {},
+      ...shown.map((c) => slm.el("td", {class: /hash|id|sha/.test(c) ? "mono" : ""}, cell(item[c]))),
+      actions ? slm.el("td", {}, actions(item)) : null));
+    $(id).replaceChildren(items.length ? slm.el("table", {}, slm.el("thead", {}, head), slm.el("tbody", {}, ...body)) : "");
+  }
+
+  // --- models --------------------------------------------------------------------------------
+  async function loadModels() {
+    const reply = await slm.request("GET", "/admin/models", {key: key()});
+    if (reply.ok) {
+      const items = rows(reply.body, "models");
+      state("models-state", `${items.length} model(s)`, "good");
+      const view = items.map((m) => ({name: m.id || m.name, loaded: m.loaded === undefined ? "" : (m.loaded ? "yes" : "no"), context: m.context_length, architecture: m.architecture, size: m.size_bytes ? `${(m.size_bytes / 1048576).toFixed(0)} MiB` : "", pinned: m.pinned ? "yes" : ""}));
+      table("models-table", view, {actions: (m) => m.loaded === "no" ? "" : slm.el("button", {type: "button", class: "danger", onclick: () => unload(m.name)}, "Unload")});
+      return;
+    }
+    const [text, kind] = explain(reply, "/admin/models");
+    // Without the admin listing, show what clients can use, so the page still says something.
+    const served = await slm.request("GET", "/v1/models");
+    state("models-state", served.ok ? `${text} Served models (from /v1/models):` : text, kind);
+    table("models-table", served.ok ? rows(served.body) : [], {actions: (m) => slm.el("button", {type: "button", class: "danger", onclick: () => unload(m.id)}, "Unload")});
+  }
+
+  async function unload(name) {
+    const reply = await slm.request("POST", "/admin/models/unload", {key: key(), body: {name}});
+    if (!reply.ok) return state("models-state", explain(reply, "/admin/models/unload")[0], explain(reply, "")[1]);
+    state("models-state", `Unloaded ${name}`, "good");
+    loadModels();
+  }
+
+  $("load-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const form = new FormData(event.target);
+    const body = {name: form.get("name")};
+    if (form.get("path")) body.path = form.get("path");
+    state("models-state", `Loading ${body.name}…`);
+    const reply = await slm.request("POST", "/admin/models/load", {key: key(), body});
+    if (!reply.ok) return state("models-state", ...explain(reply, "/admin/models/load"));
+    state("models-state", `Loaded ${body.name}`, "good");
+    loadModels();
+  });
+
+  // --- adapters ------------------------------------------------------------------------------
+  async function loadAdapters() {
+    const reply = await slm.request("GET", "/admin/adapters", {key: key()});
+    if (!reply.ok) {
+      table("adapters-table", []);
+      return state("adapters-state", ...explain(reply, "/admin/adapters"));
+    }
+    const items = rows(reply.body, "adapters");
+    state("adapters-state", `${items.length} adapter(s)`, "good");
+    const view = items.map((a) => ({name: a.name, base_model: a.base_model, format: a.format, sha256: a.sha256 ? `${a.sha256.slice(0, 12)}…` : "", scale: a.default_scale, tiers: (a.tiers || []).join(" ")}));
+    table("adapters-table", view, {actions: (a) => slm.el("button", {type: "button", class: "danger", onclick: () => deleteAdapter(a.name)}, "Delete")});
+  }
+
+  async function deleteAdapter(name) {
+    const reply = await slm.request("DELETE", `/admin/adapters/${encodeURIComponent(name)}`, {key: key()});
+    if (!reply.ok) return state("adapters-state", ...explain(reply, "DELETE /admin/adapters/{name}"));
+    loadAdapters();
+  }
+
+  $("adapter-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const body = Object.fromEntries(new FormData(event.target));
+    const reply = await slm.request("POST", "/admin/adapters", {key: key(), body});
+    if (!reply.ok) return state("adapters-state", ...explain(reply, "POST /admin/adapters"));
+    event.target.reset();
+    loadAdapters();
+  });
+
+  // --- ledger --------------------------------------------------------------------------------
+  const LEDGER_WINDOW_MS = 24 * 3600 * 1000;
+  const SHOWN_RECORDS = 20;
+
+  // One ledger record as a flat row: what was served, how, and its place in the chain.
+  function ledgerRow(record) {
+    const e = record.entry;
+    if (!e) return record;
+    const masked = Object.entries(e.entity_counts || {}).map(([k, v]) => `${k}×${v}`).join(" ");
+    return {
+      sequence: record.sequence,
+      time: e.time ? new Date(e.time).toLocaleString() : "",
+      tenant: e.tenant,
+      model: e.model,
+      tier: String(e.tier || "").replace("TIER_", "").toLowerCase(),
+      finish: String(e.finish_reason || "").replace("FINISH_REASON_", "").toLowerCase(),
+      tokens: `${e.prompt_tokens ?? 0} → ${e.completion_tokens ?? 0}`,
+      "TTFT ms": e.ttft_ms === undefined ? "" : Math.round(e.ttft_ms),
+      masked,
+      hash: record.hash ? `${record.hash.slice(0, 12)}…` : "",
+    };
+  }
+
+  async function loadLedger() {
+    const chain = await slm.request("GET", "/admin/ledger/verify", {key: key()});
+    if (chain.ok) {
+      const b = chain.body || {};
+      const count = b.records_checked ?? b.records ?? b.count;
+      const detail = count === undefined ? "" : ` (${count} records checked)`;
+      if (b.intact === false) {
+        const brk = b.first_break || {};
+        state("chain-state", `Chain BROKEN at record ${brk.sequence ?? "?"}: ${brk.reason || ""} ${brk.detail || ""}`, "bad");
+      } else {
+        state("chain-state", `Chain intact${detail}`, "good");
+      }
+    } else {
+      state("chain-state", ...explain(chain, "/admin/ledger/verify"));
+    }
+    // Records come oldest first: ask for the last day's and show the newest.
+    const since = new Date(Date.now() - LEDGER_WINDOW_MS).toISOString();
+    const records = await slm.request("GET", `/admin/ledger/records?page_size=1000&since=${encodeURIComponent(since)}`, {key: key()});
+    if (!records.ok) {
+      table("ledger-table", []);
+      return state("ledger-state", ...explain(records, "/admin/ledger/records"));
+    }
+    const rowsShown = rows(records.body, "records", "entries").slice(-SHOWN_RECORDS).reverse().map(ledgerRow);
+    state("ledger-state", rowsShown.length ? `${rowsShown.length} most recent record(s), newest first` : "No records in the last 24 hours");
+    table("ledger-table", rowsShown, {limit: 10});
+  }
+
+  // --- metrics -------------------------------------------------------------------------------
+  let previous = null;
+  async function loadMetrics() {
+    const [metrics, ready] = await Promise.all([
+      fetch("/metrics").then((r) => (r.ok ? r.text() : null)).catch(() => null),
+      slm.request("GET", "/readyz"),
+    ]);
+    if (metrics === null) {
+      $("metrics").replaceChildren();
+      return state("metrics-state", "Not available: /metrics did not answer.", "unavailable");
+    }
+    const s = slm.parseMetrics(metrics);
+    const now = performance.now();
+    const requests = slm.sum(s, "slm_gateway_requests_total");
+    const generated = slm.sum(s, "slm_gateway_completion_tokens_total");
+    const ttftSum = slm.sum(s, "slm_gateway_time_to_first_token_seconds_sum");
+    const ttftCount = slm.sum(s, "slm_gateway_time_to_first_token_seconds_count");
+    const errors = slm.sum(s, "slm_gateway_requests_total", (l) => Number(l.status) >= 500);
+    let rate = "–";
+    if (previous) {
+      const seconds = (now - previous.at) / 1000;
+      if (seconds > 0) rate = ((generated - previous.generated) / seconds).toFixed(1);
+    }
+    previous = {at: now, generated};
+    const tiles = [
+      ["Doorman", ready.ok ? "ready" : "not ready"],
+      ["HTTP requests", requests],
+      ["server errors", errors],
+      ["prompt tokens", slm.sum(s, "slm_gateway_prompt_tokens_total")],
+      ["generated tokens", generated],
+      ["tokens/s now", rate],
+      ["mean TTFT", ttftCount ? `${((ttftSum / ttftCount) * 1000).toFixed(0)} ms` : "–"],
+    ];
+    $("metrics").replaceChildren(...tiles.map(([name, value]) => slm.el("div", {class: "metric"},
+      slm.el("div", {class: "value"}, value), slm.el("div", {class: "name"}, name))));
+    state("metrics-state", `updated ${new Date().toLocaleTimeString()}`);
+  }
+
+  function refresh() { loadModels(); loadAdapters(); loadLedger(); }
+
+  $("keyform").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sessionStorage.setItem("slm.admin_key", key());
+    refresh();
+  });
+  refresh();
+  loadMetrics();
+  setInterval(loadMetrics, 2000);
+})();

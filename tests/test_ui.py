@@ -1,0 +1,187 @@
+"""The chat UI and admin page in headless Chromium (Debian's), through Envoy, on the real mesh."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import DEFAULT_MODEL, Mesh, metric_value
+from playwright.sync_api import BrowserContext, Page, sync_playwright
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+LONG_ANSWER = 1500
+
+
+@pytest.fixture(scope="module")
+def browser_context(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[BrowserContext]:
+    if shutil.which(CHROMIUM) is None:
+        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1100, "height": 720},
+            # The pages' CSP forbids eval, which Playwright's wait_for_function needs.
+            bypass_csp=True,
+        )
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+class PageProbe:
+    """A page plus what went wrong in it: script errors and requests to other origins."""
+
+    def __init__(self, page: Page, base_url: str) -> None:
+        self.page = page
+        self.errors: list[str] = []
+        self.foreign: list[str] = []
+        # The chat socket goes to the same host and port, over ws://.
+        self._origins = (base_url, base_url.replace("http://", "ws://", 1))
+        page.on("pageerror", lambda error: self.errors.append(str(error)))
+        page.on("request", lambda request: self._check(request.url))
+        page.on("websocket", lambda socket: self._check(socket.url))
+
+    def _check(self, url: str) -> None:
+        if not url.startswith(self._origins):
+            self.foreign.append(url)
+
+
+@pytest.fixture
+def probe(browser_context: BrowserContext, mesh: Mesh) -> Iterator[PageProbe]:
+    page = browser_context.new_page()
+    page.set_default_timeout(120_000)
+    yield PageProbe(page, mesh.base_url)
+    page.close()
+
+
+def open_chat(probe: PageProbe, mesh: Mesh) -> Page:
+    page = probe.page
+    page.goto(f"{mesh.base_url}/")
+    page.wait_for_function("document.querySelector('#model').value !== ''")
+    page.select_option("#model", DEFAULT_MODEL)
+    return page
+
+
+def engine_cancelled(mesh: Mesh) -> float:
+    text = httpx.get(mesh.inference_metrics_url).text
+    return metric_value(
+        text, "slm_engine_requests_total", model=DEFAULT_MODEL, finish_reason="cancelled"
+    )
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 60) -> bool:
+    """Poll a condition another process makes true (it has no event to wait on)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_chat_streams_an_answer_with_its_figures(probe: PageProbe, mesh: Mesh) -> None:
+    page = open_chat(probe, mesh)
+    page.fill("#system", "You are terse.")
+    page.fill("#temperature", "0")
+    page.fill("#max_tokens", "24")
+    page.fill("#prompt", "Name three colours.")
+    page.click("#send")
+    answer = page.locator(".message.assistant").last
+    # Streamed: text shows while the answer is still marked as streaming.
+    page.wait_for_function(
+        "(() => { const m = [...document.querySelectorAll('.message.assistant')].pop();"
+        " return m.classList.contains('done') ||"
+        " (m.classList.contains('streaming') && m.querySelector('.text').textContent.length > 0);"
+        " })()"
+    )
+    answer.locator(".figures").wait_for()
+    page.screenshot(path=str(ARTIFACTS / "ui-chat.png"))
+    assert answer.get_attribute("class") is not None
+    assert "done" in (answer.get_attribute("class") or "")
+    assert answer.locator(".text").inner_text().strip()
+    figures = answer.locator(".figures").inner_text()
+    assert "tier A · local" in figures
+    assert "TTFT" in figures
+    assert "tokens" in figures
+    assert page.locator("#stop").is_disabled()
+    assert probe.errors == []
+    assert probe.foreign == []
+
+
+def test_stop_ends_generation_in_the_engine(probe: PageProbe, mesh: Mesh) -> None:
+    page = open_chat(probe, mesh)
+    before = engine_cancelled(mesh)
+    page.fill("#temperature", "1")
+    page.fill("#max_tokens", str(LONG_ANSWER))
+    page.fill("#prompt", "Count from one to one thousand: one, two,")
+    page.click("#send")
+    # Text is arriving: the answer is streaming, so Stop cuts it short.
+    page.wait_for_function(
+        "document.querySelector('.message.assistant.streaming .text')?.textContent.length > 10"
+    )
+    assert page.locator("#stop").is_enabled()
+    page.click("#stop")
+    answer = page.locator(".message.assistant").last
+    answer.locator(".figures").wait_for()
+    page.screenshot(path=str(ARTIFACTS / "ui-stopped.png"))
+    assert "stopped" in (answer.get_attribute("class") or "")
+    assert "stopped by you" in answer.locator(".figures").inner_text()
+    assert page.locator("#stop").is_disabled()
+    assert page.locator("#send").is_enabled()
+    # Closing the socket cancelled the call through Envoy, the gateway and the Doorman.
+    assert wait_for(lambda: engine_cancelled(mesh) >= before + 1), "the engine never cancelled"
+    assert probe.errors == []
+
+
+def test_admin_page_shows_every_section(probe: PageProbe, mesh: Mesh) -> None:
+    page = probe.page
+    page.goto(f"{mesh.base_url}/admin")
+    page.locator(".metric").first.wait_for()
+    for state in ("#models-state", "#adapters-state", "#chain-state", "#ledger-state"):
+        page.wait_for_function(f"document.querySelector('{state}').textContent !== ''")
+    page.screenshot(path=str(ARTIFACTS / "ui-admin.png"), full_page=True)
+    # Each section either shows its data or says plainly that the endpoint is missing.
+    for state in ("#models-state", "#adapters-state", "#chain-state", "#ledger-state"):
+        text = page.locator(state).inner_text()
+        assert "Failed" not in text, (state, text)
+    assert DEFAULT_MODEL in page.locator("#models-table").inner_text()
+    assert "Doorman" in page.locator("#metrics").inner_text()
+    assert probe.errors == []
+    assert probe.foreign == []
+
+
+def test_pages_are_self_contained_and_locked_down(mesh: Mesh) -> None:
+    for path in ("/", "/admin", "/ui/chat.js", "/ui/style.css"):
+        response = httpx.get(f"{mesh.base_url}{path}")
+        assert response.status_code == 200, path
+        assert "script-src 'self'" in response.headers["content-security-policy"]
+        assert "http://" not in response.text.replace(mesh.base_url, "")
+        assert "https://" not in response.text
+    assert httpx.get(f"{mesh.base_url}/ui/missing.js").status_code == 404
+    etag = httpx.get(f"{mesh.base_url}/ui/chat.js").headers["etag"]
+    cached = httpx.get(f"{mesh.base_url}/ui/chat.js", headers={"if-none-match": etag})
+    assert cached.status_code == 304

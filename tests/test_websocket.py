@@ -1,0 +1,209 @@
+"""The chat WebSocket: the same chunks as SSE, errors as frames, cancel on close (via Envoy)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from helpers import DEFAULT_MODEL, Mesh, metric_value
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Origin
+
+from gateway.protocol import RequestInvalid
+from gateway.ui_routes import DONE_FRAME, parse_ws_request, same_origin, sse_payload
+
+WS_PATH = "/v1/chat/completions/ws"
+GREEDY = {"temperature": 0, "seed": 7, "max_tokens": 12}
+MESSAGES = [{"role": "user", "content": "Name three colours."}]
+
+
+# --- the core, with plain inputs ---------------------------------------------------------------
+
+
+def test_frames_carry_exactly_the_sse_payload() -> None:
+    assert sse_payload(b'data: {"a":1}\n\n') == '{"a":1}'
+    assert sse_payload(b"data: [DONE]\n\n") == DONE_FRAME
+
+
+def test_a_message_is_a_chat_request_that_streams_and_may_carry_a_key() -> None:
+    body, key = parse_ws_request(json.dumps({"model": "m", "messages": MESSAGES, "api_key": "k1"}))
+    assert (body.model, body.streaming, key) == ("m", True, "k1")
+    body, key = parse_ws_request(json.dumps({"model": "m", "messages": MESSAGES}))
+    assert key is None
+    with pytest.raises(RequestInvalid, match="not valid JSON"):
+        parse_ws_request("{")
+    with pytest.raises(RequestInvalid, match="JSON object"):
+        parse_ws_request("[]")
+    with pytest.raises(RequestInvalid) as missing:
+        parse_ws_request(json.dumps({"model": "m"}))
+    assert missing.value.param == "messages"
+
+
+def test_only_same_origin_browsers_may_connect() -> None:
+    assert same_origin({"host": "mesh:8080"})
+    assert same_origin({"host": "mesh:8080", "origin": "http://mesh:8080"})
+    assert not same_origin({"host": "mesh:8080", "origin": "https://evil.example"})
+
+
+# --- the whole mesh, through Envoy ---------------------------------------------------------------
+
+
+def ws_url(mesh: Mesh) -> str:
+    return mesh.base_url.replace("http://", "ws://", 1) + WS_PATH
+
+
+async def answer(socket: ClientConnection, request: dict[str, Any]) -> list[dict[str, Any]]:
+    """Send one request, read its frames up to [DONE], parsed."""
+    await socket.send(json.dumps(request))
+    chunks = []
+    while (frame := await socket.recv()) != DONE_FRAME:
+        chunks.append(json.loads(frame))
+    return chunks
+
+
+async def read_until_closed(socket: ClientConnection) -> None:
+    while True:
+        await socket.recv()
+
+
+def sse_chunks(mesh: Mesh, request: dict[str, Any]) -> list[dict[str, Any]]:
+    chunks = []
+    body = {**request, "stream": True}
+    with httpx.stream(
+        "POST", f"{mesh.base_url}/v1/chat/completions", json=body, timeout=300
+    ) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[6:]))
+    return chunks
+
+
+def text_of(chunks: list[dict[str, Any]]) -> str:
+    return "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+
+
+def without_ids(chunk: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in chunk.items() if k not in ("id", "created")}
+
+
+@pytest.mark.e2e
+async def test_same_chunks_as_sse(mesh: Mesh) -> None:
+    request = {
+        "model": DEFAULT_MODEL,
+        "messages": MESSAGES,
+        **GREEDY,
+        "stream_options": {"include_usage": True},
+    }
+    async with connect(ws_url(mesh)) as socket:
+        frames = await answer(socket, request)
+    events = sse_chunks(mesh, request)
+    assert [without_ids(c) for c in frames] == [without_ids(c) for c in events]
+    assert len({c["id"] for c in frames}) == 1
+    finishes = [c["choices"][0]["finish_reason"] for c in frames if c["choices"]]
+    assert [f for f in finishes if f] == [finishes[-1]]
+    *body, last = frames
+    assert last["usage"]["completion_tokens"] > 0
+    assert all(c["usage"] is None for c in body)
+    # The final chunk names the tier that served it: service-slm's "slm" extension.
+    final = next(c for c in frames if c["choices"] and c["choices"][0]["finish_reason"])
+    assert final["slm"]["tier"] == "local"
+    assert final["slm"]["masked_entities"] == {} or all(
+        v > 0 for v in final["slm"]["masked_entities"].values()
+    )
+
+
+@pytest.mark.e2e
+async def test_one_socket_serves_requests_in_turn_and_errors_as_frames(mesh: Mesh) -> None:
+    async with connect(ws_url(mesh)) as socket:
+        first = await answer(socket, {"model": DEFAULT_MODEL, "messages": MESSAGES, **GREEDY})
+        await socket.send("{not json")
+        invalid = json.loads(await socket.recv())
+        assert await socket.recv() == DONE_FRAME
+        unknown = await answer(socket, {"model": "no-such-model", "messages": MESSAGES})
+        second = await answer(socket, {"model": DEFAULT_MODEL, "messages": MESSAGES, **GREEDY})
+    assert text_of(first) == text_of(second)
+    assert first[0]["id"] != second[0]["id"]
+    assert invalid["error"]["type"] == "invalid_request_error"
+    assert len(unknown) == 1
+    assert unknown[0]["error"]["type"] == "not_found_error"
+
+
+def engine_counters(mesh: Mesh) -> tuple[float, float]:
+    text = httpx.get(mesh.inference_metrics_url).text
+    return (
+        metric_value(text, "slm_engine_generated_tokens_total", model=DEFAULT_MODEL),
+        metric_value(
+            text, "slm_engine_requests_total", model=DEFAULT_MODEL, finish_reason="cancelled"
+        ),
+    )
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 60) -> bool:
+    """Poll a condition another process makes true (it has no event to wait on)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.e2e
+async def test_closing_the_socket_stops_the_engine(mesh: Mesh) -> None:
+    tokens_before, cancelled_before = engine_counters(mesh)
+    request = {
+        "model": DEFAULT_MODEL,
+        "messages": [{"role": "user", "content": "Count from one to one thousand."}],
+        "max_tokens": 1500,
+        "temperature": 1.0,
+        "seed": 3,
+    }
+    async with connect(ws_url(mesh)) as socket:
+        await socket.send(json.dumps(request))
+        received = 0
+        while received < 3:
+            chunk = json.loads(await socket.recv())
+            received += bool(chunk["choices"] and chunk["choices"][0]["delta"].get("content"))
+    assert wait_for(lambda: engine_counters(mesh)[1] == cancelled_before + 1)
+    generated = engine_counters(mesh)[0] - tokens_before
+    assert 3 <= generated < 1500, generated
+
+
+@pytest.mark.e2e
+async def test_a_second_request_while_streaming_closes_the_socket(mesh: Mesh) -> None:
+    request = {"model": DEFAULT_MODEL, "messages": MESSAGES, "max_tokens": 400}
+    async with connect(ws_url(mesh)) as socket:
+        await socket.send(json.dumps(request))
+        await socket.recv()  # the opening chunk: the generation is running
+        await socket.send(json.dumps(request))
+        with pytest.raises(ConnectionClosed) as closed:
+            await read_until_closed(socket)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1008
+
+
+@pytest.mark.e2e
+async def test_refused_from_another_origin_and_when_too_big(mesh: Mesh) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(ws_url(mesh), origin=Origin("https://evil.example")):
+            pass
+    assert refused.value.response.status_code == 403
+    huge = json.dumps(
+        {
+            "model": DEFAULT_MODEL,
+            "messages": [
+                {"role": "user", "content": "x" * (mesh.settings.gateway.max_body_bytes + 1)}
+            ],
+        }
+    )
+    async with connect(ws_url(mesh), max_size=None) as socket:
+        await socket.send(huge)
+        with pytest.raises(ConnectionClosed) as closed:
+            await read_until_closed(socket)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1009
