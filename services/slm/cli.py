@@ -10,6 +10,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from slm import cli_client
 from slm.config import Settings, load_settings
 from slm.logs import configure_logging
 
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
 
     add_ledger_arguments(commands.add_parser("ledger", help="verify the ledger or export CSV"))
     models = commands.add_parser("models", help="model files")
-    models.add_argument("action", choices=["assemble"])
+    models.add_argument("action", choices=["assemble", *cli_client.MODEL_ACTIONS])
+    cli_client.add_arguments(commands, models)
     args = parser.parse_args(argv)
 
     try:
@@ -109,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"slm: bad configuration: {error}", file=sys.stderr)
         return 2
+    if cli_client.handles(args):
+        return cli_client.run(args, settings)
     if args.command == "ledger":
         from ledger.commands import run as run_ledger
 
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         configure_logging(args.service, settings.telemetry.log_level)
         return serve(args.service, settings)
-    return assemble_models(settings)
+    return cli_client.assemble_command(settings)
 
 
 if __name__ == "__main__":
