@@ -334,6 +334,11 @@ async def serve_gateway(settings: Settings, *, grace_s: int = 30) -> None:
 
 def run_gateway(settings: Settings) -> None:
     """Blocking entry point: serve_gateway on a uvloop event loop when uvloop is installed."""
+    from slm import telemetry
+
+    # Like every gRPC service (slm.cli.serve_grpc); FastAPI's own instrumentation then makes
+    # the HTTP request the root span of its trace.
+    telemetry.setup_tracing("gateway", settings.telemetry)
     if importlib.util.find_spec("uvloop"):
         import uvloop
 
