@@ -338,7 +338,8 @@ class RemoteInference:
             self.metrics.adapter_loads.labels(upstream.name, "loaded").inc()
             upstream.adapters[ref.name] = ref.sha256
 
-    def _affinity_key(self, request: Request, adapter: str) -> bytes | None:
+    def affinity_key(self, request: Request, adapter: str) -> bytes | None:
+        """Requests with equal keys go to the same upstream while it is healthy."""
         prefix = ""
         if self._affinity_chars:
             text = request.text_prefix(self._affinity_chars)
@@ -366,7 +367,7 @@ class RemoteInference:
             raise FailedPrecondition(
                 f"model {entry.name!r} has no vLLM upstream to load adapter {ref.name!r}"
             )
-        key = self._affinity_key(request, adapter_name)
+        key = self.affinity_key(request, adapter_name)
         tried: set[str] = set()
         last: UpstreamFailure | None = None
         started = time.perf_counter()

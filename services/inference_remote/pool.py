@@ -108,7 +108,13 @@ class Pool:
                     retry_after_s=1.0,
                 ) from None
         chosen.outstanding += 1
+        await self._notify()
         return chosen
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Return once `predicate` holds; it is re-checked whenever a slot or health changes."""
+        async with self._changed:
+            await self._changed.wait_for(predicate)
 
     async def release(self, upstream: Upstream) -> None:
         upstream.outstanding -= 1
