@@ -9,8 +9,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import DEFAULT_MODEL, Mesh, metric_value
+from helpers import DEFAULT_MODEL, Mesh, mesh_settings, metric_value
 from playwright.sync_api import BrowserContext, Page, sync_playwright
+
+from slm.config import PrivacyConfig
 
 pytestmark = pytest.mark.e2e
 
@@ -155,6 +157,42 @@ def test_stop_ends_generation_in_the_engine(probe: PageProbe, mesh: Mesh) -> Non
     # Closing the socket cancelled the call through Envoy, the gateway and the Doorman.
     assert wait_for(lambda: engine_cancelled(mesh) >= before + 1), "the engine never cancelled"
     assert probe.errors == []
+
+
+@pytest.fixture(scope="module")
+def privacy_mesh(model_path: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    """A mesh whose Doorman masks personal data even for the local tier."""
+    state = tmp_path_factory.mktemp("ui-privacy-mesh")
+    settings = mesh_settings(state)
+    settings.doorman = settings.doorman.model_copy(
+        update={"privacy": PrivacyConfig(sanitize_tiers=["local"])}
+    )
+    mesh = Mesh(settings, state / "slm.toml", state / "mesh.log")
+    mesh.start()
+    yield mesh
+    assert mesh.stop() == 0, mesh.log_tail()
+
+
+def test_masked_personal_data_is_marked(
+    browser_context: BrowserContext, privacy_mesh: Mesh
+) -> None:
+    probe = PageProbe(browser_context.new_page(), privacy_mesh.base_url)
+    probe.page.set_default_timeout(120_000)
+    page = open_chat(probe, privacy_mesh)
+    page.fill("#temperature", "0")
+    page.fill("#max_tokens", "16")
+    page.fill("#prompt", "Write to jane.doe@example.com and say hello.")
+    page.click("#send")
+    answer = page.locator(".message.assistant").last
+    answer.locator(".figures").wait_for()
+    page.screenshot(path=str(ARTIFACTS / "ui-masked.png"))
+    mark = answer.locator(".masked")
+    assert mark.count() == 1
+    assert "EMAIL_ADDRESS \u00d71" in mark.inner_text()
+    assert "masked upstream and restored" in mark.inner_text()
+    assert "Personal data: 1 item(s)" in mark.inner_text()
+    assert probe.errors == []
+    probe.page.close()
 
 
 def test_admin_page_shows_every_section(probe: PageProbe, mesh: Mesh) -> None:

@@ -53,7 +53,7 @@
     if (reply.ok) {
       const items = rows(reply.body, "models");
       state("models-state", `${items.length} model(s)`, "good");
-      const view = items.map((m) => ({name: m.id || m.name, loaded: m.loaded === undefined ? "" : (m.loaded ? "yes" : "no"), context: m.context_length, architecture: m.architecture, size: m.size_bytes ? `${(m.size_bytes / 1048576).toFixed(0)} MiB` : "", pinned: m.pinned ? "yes" : ""}));
+      const view = items.map((m) => ({name: m.id || m.name, loaded: m.loaded === undefined ? "" : (m.loaded ? "yes" : "no"), context: m.context_length, size: m.size_bytes ? `${(m.size_bytes / 1048576).toFixed(0)} MiB` : "", pinned: m.pinned ? "yes" : ""}));
       table("models-table", view, {actions: (m) => m.loaded === "no" ? "" : slm.el("button", {type: "button", class: "danger", onclick: () => unload(m.name)}, "Unload")});
       return;
     }

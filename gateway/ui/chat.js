@@ -152,7 +152,7 @@
       const total = masked.reduce((n, [, count]) => n + count, 0);
       const detail = masked.map(([type, count]) => `${type} ×${count}`).join(", ");
       parts.push(slm.el("span", {class: "masked", title: "Replaced by placeholders before the request left the mesh, restored in this answer"},
-        `🛡 ${total} personal data item(s) masked upstream and restored: ${detail}`));
+        `Personal data: ${total} item(s) masked upstream and restored (${detail})`));
     }
     return slm.el("div", {class: "figures", "data-testid": "figures"}, ...parts);
   }
