@@ -18,9 +18,11 @@ def test_load_embed_unload(mesh: Mesh) -> None:
     assert models[DEFAULT_MODEL]["loaded"] is True
 
     admin = f"{mesh.base_url}/admin/models"
-    loaded = httpx.post(f"{admin}/load", json={"name": "gemma-embed", "path": FILE,
-                                               "embeddings": True, "context_length": 256},
-                        timeout=120)
+    loaded = httpx.post(
+        f"{admin}/load",
+        json={"name": "gemma-embed", "path": FILE, "embeddings": True, "context_length": 256},
+        timeout=120,
+    )
     assert loaded.status_code == 200, loaded.text
     assert loaded.json()["embeddings"] is True
     listed = {m["id"]: m for m in httpx.get(admin).json()["data"]}

@@ -92,11 +92,20 @@ async def test_logit_bias_bans_and_forces_tokens(engine: Engine) -> None:
 
 
 async def test_penalties_change_sampling_and_bad_values_are_refused(engine: Engine) -> None:
-    plain, _, _ = await collect(engine, Request(DEFAULT_MODEL, Sampling(max_tokens=40,
-                                temperature=0), prompt="one one one one one one"))
-    penalised, _, _ = await collect(engine, Request(DEFAULT_MODEL, Sampling(
-        max_tokens=40, temperature=0, repetition_penalty=1.8, frequency_penalty=1.0),
-        prompt="one one one one one one"))
+    plain, _, _ = await collect(
+        engine,
+        Request(
+            DEFAULT_MODEL, Sampling(max_tokens=40, temperature=0), prompt="one one one one one one"
+        ),
+    )
+    penalised, _, _ = await collect(
+        engine,
+        Request(
+            DEFAULT_MODEL,
+            Sampling(max_tokens=40, temperature=0, repetition_penalty=1.8, frequency_penalty=1.0),
+            prompt="one one one one one one",
+        ),
+    )
     assert plain != penalised
     with pytest.raises(InvalidArgument, match="presence_penalty"):
         await collect(engine, sampled(1, presence_penalty=3.0))
@@ -119,16 +128,18 @@ async def drain(stream: AsyncIterator[Event]) -> None:
 
 async def test_full_queue_is_refused_at_once(model_path: object) -> None:
     config = InferenceLocalConfig(
-        models=[ModelConfig(name="one-slot", path=DEFAULT_MODEL_FILE, parallel=1,
-                            context_length=512)],
+        models=[
+            ModelConfig(name="one-slot", path=DEFAULT_MODEL_FILE, parallel=1, context_length=512)
+        ],
         max_queue=1,
         keep_alive_s=0,
     )
     engine = Engine(config, CollectorRegistry())
     await engine.start()
     try:
-        long = Request("one-slot", Sampling(max_tokens=400, temperature=1.0, seed=1),
-                       prompt="Count: one, two,")
+        long = Request(
+            "one-slot", Sampling(max_tokens=400, temperature=1.0, seed=1), prompt="Count: one, two,"
+        )
         running = engine.generate(long)
         assert isinstance(await anext(running), Delta)  # it holds the only slot now
         waiting = asyncio.create_task(drain(engine.generate(long)))

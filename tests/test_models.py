@@ -26,7 +26,7 @@ def make_engine(tmp_path: Path, **overrides: object) -> Engine:
         "keep_alive_s": 0,
         **overrides,
     }
-    return Engine(InferenceLocalConfig(**fields), CollectorRegistry())  # type: ignore[arg-type]
+    return Engine(InferenceLocalConfig(**fields), CollectorRegistry())
 
 
 @pytest.fixture

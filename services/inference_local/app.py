@@ -5,7 +5,8 @@ from __future__ import annotations
 import grpc
 from prometheus_client import CollectorRegistry
 
-from inference_local.engine import AdapterResolver, Engine
+from inference_local.adapters import RegistryAdapters
+from inference_local.engine import Engine
 from inference_local.servicer import InferenceServicer
 from slm.config import InferenceLocalConfig, Settings
 from slm.v1 import inference_pb2, inference_pb2_grpc
@@ -20,9 +21,10 @@ class InferenceLocalApp:
         self,
         config: InferenceLocalConfig,
         registry: CollectorRegistry,
-        adapters: AdapterResolver | None = None,
+        adapters: RegistryAdapters | None = None,
     ) -> None:
         self.config = config
+        self._adapters = adapters
         self.engine = Engine(config, registry, adapters)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -35,7 +37,15 @@ class InferenceLocalApp:
 
     async def stop(self) -> None:
         await self.engine.close()
+        if self._adapters is not None:
+            await self._adapters.close()
 
 
 def build_app(settings: Settings, registry: CollectorRegistry) -> InferenceLocalApp:
-    return InferenceLocalApp(settings.inference_local, registry)
+    config = settings.inference_local
+    adapters = (
+        RegistryAdapters(config.adapter_registry, settings.telemetry)
+        if config.adapter_registry
+        else None
+    )
+    return InferenceLocalApp(config, registry, adapters)

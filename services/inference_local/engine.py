@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -230,7 +231,7 @@ class _Loaded:
     template: ChatTemplate | None
     memory_bytes: int
     context_length: int
-    adapters: dict[Path, LoraAdapter] = field(default_factory=dict)
+    adapters: dict[str, tuple[LoraAdapter, float]] = field(default_factory=dict)
     embed_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -496,9 +497,10 @@ class Engine:
         loaded = self._loaded.pop(name)
         if loaded.scheduler is not None:
             await asyncio.to_thread(loaded.scheduler.close)
-        for adapter in loaded.adapters.values():
-            adapter.close()
+        # The context may still point at its adapters: free it first.
         loaded.context.close()
+        for adapter, _ in loaded.adapters.values():
+            adapter.close()
         self._drop_weights(loaded.weights)
         self.metrics.loaded.labels(name).set(0)
         self.metrics.memory.labels(name).set(0)
@@ -573,20 +575,28 @@ class Engine:
     async def _adapter_set(self, loaded: _Loaded, name: str, scale: float | None) -> AdapterSet:
         if not name:
             return ()
-        if self._adapters is None:
-            raise NotFound(f"adapter {name!r}: no adapter registry is configured", field="adapter")
-        adapter = await self._adapters(name)
-        if adapter.base_model not in ("", loaded.spec.name, loaded.weights.model.path.name):
+        if scale is not None and not (math.isfinite(scale) and -8.0 <= scale <= 8.0):
             raise InvalidArgument(
-                f"adapter {name!r} is for base model {adapter.base_model!r}, not "
-                f"{loaded.spec.name!r}",
-                field="adapter",
+                "adapter_scale must be a finite number in [-8, 8]", field="adapter_scale"
             )
-        lora = loaded.adapters.get(adapter.path)
-        if lora is None:
+        cached = loaded.adapters.get(name)
+        if cached is None:
+            if self._adapters is None:
+                raise NotFound(
+                    f"adapter {name!r}: no adapter registry is configured", field="adapter"
+                )
+            # Resolved (and its checksum verified by the registry) once per load into a model.
+            adapter = await self._adapters(name)
+            if adapter.base_model not in ("", loaded.spec.name, loaded.weights.model.path.name):
+                raise InvalidArgument(
+                    f"adapter {name!r} is for base model {adapter.base_model!r}, not "
+                    f"{loaded.spec.name!r}",
+                    field="adapter",
+                )
             lora = await asyncio.to_thread(LoraAdapter, loaded.weights.model, adapter.path)
-            loaded.adapters[adapter.path] = lora
-        return ((lora, adapter.scale if scale is None else scale),)
+            cached = loaded.adapters[name] = (lora, adapter.scale)
+        lora, default_scale = cached
+        return ((lora, default_scale if scale is None else scale),)
 
     async def tokenize(self, name: str, text: str, add_special: bool) -> list[int]:
         loaded = await self._get(name)

@@ -108,6 +108,8 @@ class InferenceLocalConfig(Section):
     max_loaded_models: int = Field(default=4, ge=1)
     # Unpinned models idle this long are unloaded (least recently used first); 0 keeps them.
     keep_alive_s: float = Field(default=900.0, ge=0)
+    # AdapterRegistryService resolving LoRA adapter names; "" disables adapters.
+    adapter_registry: str = f"{LOOPBACK}:50055"
 
     @field_validator("models_dir", "cache_dir")
     @classmethod

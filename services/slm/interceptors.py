@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 import uuid
@@ -115,8 +116,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 start = time.perf_counter()
                 code = grpc.StatusCode.OK
                 try:
-                    async for response in stream(request, context):
-                        yield response
+                    if inspect.isasyncgenfunction(stream):
+                        async for response in stream(request, context):
+                            yield response
+                    else:
+                        # Handlers that write with context.write() (grpc's health Watch).
+                        await stream(request, context)
                 except grpc.aio.AbortError:
                     code = context.code() or grpc.StatusCode.UNKNOWN
                     raise

@@ -151,6 +151,9 @@ async def wait_for_signal() -> None:
 
 CHANNEL_OPTIONS: Sequence[tuple[str, int]] = (
     ("grpc.keepalive_time_ms", 30_000),
+    # grpc's default backoff grows to 120 s; a restarted peer should be found within seconds.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
     ("grpc.max_receive_message_length", 16 << 20),
 )
 
