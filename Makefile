@@ -56,6 +56,7 @@ deps:
 
 bench: model
 	$(BIN)/python bench/mesh_overhead.py
+	$(BIN)/python bench/batching.py
 
 proto: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -Iproto \

@@ -135,10 +135,28 @@ class _GenerationRequest(_Wire):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stop: Stop = []
     seed: int | None = Field(default=None, ge=0, le=_UINT64_MAX)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    # Token id (as a string, as OpenAI sends it) -> bias in [-100, 100].
+    logit_bias: dict[str, float] | None = None
+    # vLLM's extensions, which llama.cpp's server accepts too.
+    top_k: int | None = Field(default=None, ge=0, le=_UINT32_MAX)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = 1
     user: str | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (value or {}).items():
+            if not token.isdigit() or int(token) > 2**31 - 1:
+                raise PydanticCustomError("logit_bias", "logit_bias keys must be token ids")
+            if not -100.0 <= bias <= 100.0:
+                raise PydanticCustomError("logit_bias", "logit_bias values must be in [-100, 100]")
+        return value
 
     @field_validator("n")
     @classmethod

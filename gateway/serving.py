@@ -125,6 +125,12 @@ def sampling_params(body: _GenerationRequest) -> types_pb2.SamplingParams:
         params.top_p = body.top_p
     if body.seed is not None:
         params.seed = body.seed
+    for name in ("presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty"):
+        value = getattr(body, name)
+        if value is not None:
+            setattr(params, name, value)
+    for token, bias in (body.logit_bias or {}).items():
+        params.logit_bias[int(token)] = bias
     return params
 
 

@@ -205,3 +205,41 @@ def test_health_version_and_request_id(mesh: Mesh) -> None:
 def test_oversized_body_is_refused(mesh: Mesh) -> None:
     big = {"model": DEFAULT_MODEL, "prompt": "x" * (2 << 20)}
     assert httpx.post(f"{mesh.base_url}/v1/completions", json=big).status_code == 413
+
+
+def test_full_sampling_parameters_reach_the_engine(client: openai.OpenAI) -> None:
+    prompt = "The three primary colours are"
+
+    def forced(token_id: int) -> str:
+        reply = client.completions.create(
+            model=DEFAULT_MODEL,
+            prompt=prompt,
+            max_tokens=1,
+            temperature=0.9,
+            seed=1,
+            logit_bias={str(token_id): 100},
+        )
+        return reply.choices[0].text
+
+    # A +100 bias forces its token whatever the sampler would have picked.
+    assert forced(1000) == forced(1000)
+    assert forced(1000) != forced(2000)
+    reply = client.completions.create(
+        model=DEFAULT_MODEL,
+        prompt=prompt,
+        max_tokens=8,
+        temperature=0.7,
+        seed=3,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        extra_body={"top_k": 20, "min_p": 0.1, "repetition_penalty": 1.2},
+    )
+    assert reply.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.completions.create(
+            model=DEFAULT_MODEL, prompt=prompt, max_tokens=1, logit_bias={"abc": 1}
+        )
+    with pytest.raises(openai.BadRequestError, match="top_k"):
+        client.completions.create(
+            model=DEFAULT_MODEL, prompt=prompt, max_tokens=1, extra_body={"top_k": -1}
+        )

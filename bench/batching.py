@@ -1,0 +1,329 @@
+"""Continuous batching: aggregate throughput, TTFT and inter-token latency under concurrency.
+
+Three servers on the same model and machine, in one run:
+- service-slm, the whole mesh through Envoy (inference-local with 32 sequence slots);
+- llama-cpp-python's own OpenAI server (`python -m llama_cpp.server`);
+- llama.cpp's C++ `llama-server` with --parallel equal to the concurrency, built from the
+  sources vendored in the llama-cpp-python sdist (bench/build_llama_server.sh, not committed).
+
+Every request streams /v1/completions with a ~120-token prompt, a fixed seed per request, and
+the end-of-generation tokens banned so that each produces exactly max_tokens tokens.
+
+    make bench-batching        # or: .venv/bin/python bench/batching.py --concurrency 1 4 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from helpers import DEFAULT_MODEL, Mesh, free_port, mesh_settings
+
+RESULTS = Path(__file__).parent / "results"
+# Gemma 3's <eos> and <end_of_turn>: banned so every stream runs to max_tokens.
+NO_EOS = {"1": -100, "106": -100}
+PARAGRAPH = (
+    "The lighthouse stood at the edge of the northern cliffs, where the wind never rested and "
+    "the sea turned grey long before the first storms of autumn. For forty years the keeper had "
+    "climbed its spiral stairs each evening to light the great lamp, polishing the lenses until "
+    "they shone like water. Ships passing in the night would see the beam sweep across the waves "
+    "and know that someone was watching over them. One morning, walking along the shore below "
+    "the tower, the keeper found a bottle wedged between two rocks, its glass worn smooth by the "
+    "tide. Continue the story:"
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    start: float
+    first: float
+    end: float
+    tokens: int
+    gaps: tuple[float, ...]
+    error: str = ""
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+async def one_stream(
+    client: httpx.AsyncClient, url: str, model: str, index: int, max_tokens: int
+) -> Sample:
+    body = {
+        "model": model,
+        "prompt": f"Story {index}. {PARAGRAPH}",
+        "max_tokens": max_tokens,
+        "temperature": 0.8,
+        "top_p": 0.95,
+        "seed": 1000 + index,
+        "stream": True,
+        "logit_bias": NO_EOS,
+    }
+    start = time.perf_counter()
+    first = 0.0
+    last = start
+    tokens = 0
+    gaps: list[float] = []
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                if not choices[0].get("text"):
+                    continue
+                now = time.perf_counter()
+                if tokens == 0:
+                    first = now
+                else:
+                    gaps.append(now - last)
+                last = now
+                tokens += 1
+    except httpx.HTTPError as error:
+        # llama_cpp.server drops concurrent streams; count them instead of stopping the run.
+        return Sample(start, first or last, last, tokens, tuple(gaps), type(error).__name__)
+    return Sample(start, first or last, last, tokens, tuple(gaps))
+
+
+async def level(url: str, model: str, concurrency: int, max_tokens: int) -> dict[str, float]:
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        await one_stream(client, url, model, 999, 4)  # warm the connection and the model
+        samples = await asyncio.gather(
+            *(one_stream(client, url, model, i, max_tokens) for i in range(concurrency))
+        )
+    wall = max(s.end for s in samples) - min(s.start for s in samples)
+    # Throughput counts only streams that completed: a dropped stream served nobody.
+    ok = [s for s in samples if not s.error and s.tokens == max_tokens]
+    tokens = sum(s.tokens for s in ok)
+    ttft = [(s.first - s.start) * 1000 for s in ok] or [float("nan")]
+    itl = [g * 1000 for s in ok for g in s.gaps]
+    return {
+        "failed_streams": len(samples) - len(ok),
+        "tokens_per_s": tokens / wall,
+        "tokens": tokens,
+        "wall_s": wall,
+        "ttft_p50_ms": statistics.median(ttft),
+        "ttft_p99_ms": percentile(ttft, 99),
+        "itl_p50_ms": percentile(itl, 50),
+        "itl_p99_ms": percentile(itl, 99),
+    }
+
+
+def wait_http(url: str, process: subprocess.Popen[bytes], timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before {url} answered")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer in {timeout_s}s")
+
+
+@contextlib.contextmanager
+def process(command: list[str], health: str, log: Path) -> Iterator[None]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        try:
+            wait_http(health, proc)
+            yield
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def llama_server_binary() -> str:
+    script = Path(__file__).parent / "build_llama_server.sh"
+    out = subprocess.run([str(script)], check=True, capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+async def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    from inference_local.models import ensure_model_file
+    from slm.config import InferenceLocalConfig, ModelConfig
+
+    state = Path(tempfile.mkdtemp(prefix="slm-bench-batching-"))
+    settings = mesh_settings(state)
+    entry = InferenceLocalConfig().models[0]
+    model_file = ensure_model_file(
+        [settings.inference_local.models_dir], entry.path, entry.package, entry.name
+    )
+    slots = max(args.concurrency)
+    settings.inference_local.models = [
+        ModelConfig(**{**entry.model_dump(), "parallel": slots, "context_length": args.ctx})
+    ]
+    threads = str(os.cpu_count() or 1)
+    results: dict[str, Any] = {
+        "concurrency": args.concurrency,
+        "max_tokens": args.max_tokens,
+        "cpu_count": os.cpu_count(),
+        "servers": {},
+    }
+
+    async def sweep(name: str, url: str, model: str, levels: list[int]) -> None:
+        for max_tokens in args.max_tokens:
+            for c in levels:
+                r = await level(url, model, c, max_tokens)
+                results["servers"].setdefault(name, {})[f"{c}x{max_tokens}"] = r
+                failed = f"  {r['failed_streams']:.0f} failed" if r["failed_streams"] else ""
+                print(
+                    f"{name:<16} c={c:<3} out={max_tokens:<4} {r['tokens_per_s']:8.1f} tok/s "
+                    f"TTFT p50 {r['ttft_p50_ms']:8.1f} ms  ITL p50 {r['itl_p50_ms']:6.1f} ms "
+                    f"p99 {r['itl_p99_ms']:7.1f} ms{failed}",
+                    flush=True,
+                )
+
+    if "mesh" in args.servers:
+        mesh = Mesh(settings, state / "slm.toml", state / "mesh.log")
+        mesh.start()
+        try:
+            await sweep("service-slm", mesh.base_url, DEFAULT_MODEL, args.concurrency)
+        finally:
+            mesh.stop()
+    if "llama_cpp.server" in args.servers:
+        port = free_port()
+        command = [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(model_file),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            str(args.ctx),
+            "--n_threads",
+            threads,
+            "--n_threads_batch",
+            threads,
+        ]
+        with process(command, f"http://127.0.0.1:{port}/v1/models", state / "lcp.log"):
+            await sweep(
+                "llama_cpp.server", f"http://127.0.0.1:{port}", DEFAULT_MODEL, args.concurrency
+            )
+    if "llama-server" in args.servers:
+        binary = llama_server_binary()
+        for c in args.concurrency:
+            port = free_port()
+            command = [
+                binary,
+                "-m",
+                str(model_file),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--parallel",
+                str(c),
+                "-c",
+                str(args.ctx * c),
+                "-t",
+                threads,
+                "-tb",
+                threads,
+                "--no-webui",
+            ]
+            with process(command, f"http://127.0.0.1:{port}/health", state / f"ls-{c}.log"):
+                await sweep("llama-server", f"http://127.0.0.1:{port}", DEFAULT_MODEL, [c])
+    return results
+
+
+def report(results: dict[str, Any]) -> None:
+    servers = results["servers"]
+    mesh = servers.get("service-slm", {})
+    print("\nratios of service-slm to each peer (throughput: higher is better; TTFT: lower)")
+    for peer in ("llama_cpp.server", "llama-server"):
+        for key, ours in mesh.items():
+            theirs = servers.get(peer, {}).get(key)
+            if theirs:
+                speed = ours["tokens_per_s"] / theirs["tokens_per_s"]
+                ttft = ours["ttft_p50_ms"] / theirs["ttft_p50_ms"]
+                print(f"  vs {peer:<16} {key:<8} throughput x{speed:.2f}  TTFT p50 x{ttft:.2f}")
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, levels in results["servers"].items():
+        for max_tokens in results["max_tokens"]:
+            points = sorted(
+                (int(k.split("x")[0]), v) for k, v in levels.items() if k.endswith(f"x{max_tokens}")
+            )
+            xs = [c for c, _ in points]
+            axes[0].plot(
+                xs,
+                [v["tokens_per_s"] for _, v in points],
+                marker="o",
+                label=f"{name} ({max_tokens} out)",
+            )
+            axes[1].plot(
+                xs,
+                [v["ttft_p50_ms"] for _, v in points],
+                marker="o",
+                label=f"{name} ({max_tokens} out)",
+            )
+    axes[0].set(xlabel="concurrent streams", ylabel="aggregate output tokens/s", xscale="log")
+    axes[1].set(xlabel="concurrent streams", ylabel="TTFT p50 (ms)", xscale="log", yscale="log")
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"continuous batching on {results['cpu_count']} CPU cores, Gemma 3 270M Q4_K_M")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16, 32])
+    parser.add_argument("--max-tokens", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--ctx", type=int, default=512, help="context per sequence")
+    parser.add_argument(
+        "--servers", nargs="+", default=["mesh", "llama_cpp.server", "llama-server"]
+    )
+    args = parser.parse_args()
+    results = asyncio.run(run_all(args))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "batching.json").write_text(json.dumps(results, indent=2))
+    plot(results, RESULTS / "batching.png")
+    report(results)
+    print(f"\nJSON: {RESULTS / 'batching.json'}  plot: {RESULTS / 'batching.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
