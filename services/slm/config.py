@@ -110,6 +110,12 @@ class InferenceLocalConfig(Section):
     keep_alive_s: float = Field(default=900.0, ge=0)
     # AdapterRegistryService resolving LoRA adapter names; "" disables adapters.
     adapter_registry: str = f"{LOOPBACK}:50055"
+    # KVCacheService sharing prefix states between replicas and restarts; "" uses none.
+    kv_cache: str = ""
+    # This process's own memory for prefix states; 0 with no kv_cache disables prefix caching.
+    prefix_cache_mb: int = Field(default=0, ge=0)
+    # Tokens per hashed block: prefixes are cached at block boundaries.
+    prefix_block_tokens: int = Field(default=64, ge=16)
 
     @field_validator("models_dir", "cache_dir")
     @classmethod
@@ -480,6 +486,37 @@ class AdapterRegistryConfig(Section):
         return self
 
 
+class MooncakeConfig(Section):
+    """A Mooncake distributed store (mooncake-transfer-engine; its master must be running)."""
+
+    local_hostname: str = "localhost"
+    metadata_server: str = "http://127.0.0.1:8080/metadata"
+    master_server_address: str = "127.0.0.1:50051"
+    protocol: Literal["tcp", "rdma"] = "tcp"
+    device_name: str = ""
+    global_segment_size_mb: int = Field(default=3200, ge=1)
+    local_buffer_size_mb: int = Field(default=512, ge=1)
+
+
+class KVCacheConfig(Section):
+    endpoint: ServiceEndpoint = ServiceEndpoint(port=50054, metrics_port=9154)
+    # Memory tier budget (least recently used entries go first).
+    memory_mb: int = Field(default=1024, ge=0)
+    # Disk tier: survives restarts; 0 disables it.
+    disk_dir: Path = Path("~/.cache/service-slm/kv-cache")
+    disk_mb: int = Field(default=8192, ge=0)
+    # Optional third tier shared across kv-cache replicas.
+    backend: Literal["none", "mooncake"] = "none"
+    mooncake: MooncakeConfig = MooncakeConfig()
+    # Largest entry accepted by Put.
+    max_entry_mb: int = Field(default=512, ge=1)
+
+    @field_validator("disk_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+
 class Settings(BaseSettings):
     """The whole mesh's configuration; each service reads its own section."""
 
@@ -501,6 +538,7 @@ class Settings(BaseSettings):
     discovery: DiscoveryConfig = DiscoveryConfig()
     inference_remote: InferenceRemoteConfig = InferenceRemoteConfig()
     adapters: AdapterRegistryConfig = AdapterRegistryConfig()
+    kv_cache: KVCacheConfig = KVCacheConfig()
 
     @field_validator("state_dir")
     @classmethod
