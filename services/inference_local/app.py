@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry
 
 from inference_local.adapters import RegistryAdapters
 from inference_local.engine import Engine
+from inference_local.prefix_cache import PrefixCache, PrefixCacheMetrics, open_client
 from inference_local.servicer import InferenceServicer
 from slm.config import InferenceLocalConfig, Settings
 from slm.v1 import inference_pb2, inference_pb2_grpc
@@ -22,10 +23,12 @@ class InferenceLocalApp:
         config: InferenceLocalConfig,
         registry: CollectorRegistry,
         adapters: RegistryAdapters | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.config = config
         self._adapters = adapters
-        self.engine = Engine(config, registry, adapters)
+        self._prefix_cache = prefix_cache
+        self.engine = Engine(config, registry, adapters, prefix_cache)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
@@ -37,6 +40,8 @@ class InferenceLocalApp:
 
     async def stop(self) -> None:
         await self.engine.close()
+        if self._prefix_cache is not None:
+            await self._prefix_cache.close()
         if self._adapters is not None:
             await self._adapters.close()
 
@@ -48,4 +53,12 @@ def build_app(settings: Settings, registry: CollectorRegistry) -> InferenceLocal
         if config.adapter_registry
         else None
     )
-    return InferenceLocalApp(config, registry, adapters)
+    prefix_cache = None
+    if config.kv_cache or config.prefix_cache_mb:
+        prefix_cache = PrefixCache(
+            config.prefix_block_tokens,
+            config.prefix_cache_mb << 20,
+            open_client(config.kv_cache, settings.telemetry) if config.kv_cache else None,
+            PrefixCacheMetrics(registry),
+        )
+    return InferenceLocalApp(config, registry, adapters, prefix_cache)

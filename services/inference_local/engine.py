@@ -27,6 +27,7 @@ from inference_local.llama_api import (
     quantize,
 )
 from inference_local.models import ensure_model_file
+from inference_local.prefix_cache import PrefixCache
 from inference_local.sampling import Sampling
 from inference_local.scheduler import (
     AdapterSet,
@@ -243,10 +244,12 @@ class Engine:
         config: InferenceLocalConfig,
         registry: CollectorRegistry,
         adapters: AdapterResolver | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.config = config
         self.metrics = EngineMetrics(registry)
         self._adapters = adapters
+        self._prefix_cache = prefix_cache
         self._configured = {m.name: m for m in config.models}
         self._loaded: dict[str, _Loaded] = {}
         self._weights: dict[tuple[Path, str], _Weights] = {}
@@ -556,6 +559,13 @@ class Engine:
             )
         adapters = await self._adapter_set(loaded, adapter_name, request.adapter_scale)
         seq = SeqRequest(prompt=tokens, sampling=request.sampling, adapters=adapters)
+        if self._prefix_cache is not None:
+            cache = self._prefix_cache
+            # A state is only valid for the weights and adapter set that computed it.
+            fingerprint = await cache.fingerprint(
+                loaded.weights.model.path, [(a.path, scale) for a, scale in adapters]
+            )
+            seq.prefix = await cache.plan(name, fingerprint, tokens)
         async for event in loaded.scheduler.generate(seq):
             yield event
 

@@ -241,6 +241,22 @@ class Context:
     def seq_pos_max(self, seq: int) -> int:
         return int(C.llama_memory_seq_pos_max(self.memory, seq))
 
+    def seq_state(self, seq: int) -> bytes:
+        """A copy of one sequence's KV state (llama.cpp's own format, for this model)."""
+        size = int(C.llama_state_seq_get_size(self.ptr, seq))
+        buf = (ctypes.c_uint8 * size)()
+        n = int(C.llama_state_seq_get_data(self.ptr, buf, size, seq))
+        return bytes(memoryview(buf)[:n])
+
+    def set_seq_state(self, seq: int, state: bytes) -> bool:
+        """Replace one sequence's KV with a saved state; False when llama.cpp refuses it."""
+        self.clear_seq(seq)
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if int(C.llama_state_seq_set_data(self.ptr, buf, len(state), seq)) == 0:
+            self.clear_seq(seq)
+            return False
+        return True
+
     def logits(self, index: int) -> npt.NDArray[np.float32]:
         ptr = C.llama_get_logits_ith(self.ptr, index)
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))

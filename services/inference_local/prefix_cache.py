@@ -7,9 +7,10 @@ snapshotted exactly at a block boundary and restored whole, never truncated: wit
 sliding-window layers a truncated state would lack window cells, while a whole one is exact
 (so the context keeps its small SWA cache, swa_full stays off).
 
-Which boundaries are snapshotted: the last one of each prompt, and the longest prefix this
-process has already seen in an earlier prompt (where conversations and documents branch), so
-the second request that shares a prefix with the first leaves a state for every later one.
+Which boundaries are snapshotted: the last one of each prompt; one block before it when nothing
+of the prompt was known (a short question after a shared document); and the longest prefix
+this process has already seen in an earlier prompt (where conversations and documents branch),
+so the second request that shares a prefix with the first leaves a state for every later one.
 """
 
 from __future__ import annotations
@@ -277,7 +278,10 @@ class PrefixCache:
                 self._seen.move_to_end((fingerprint, h))
             while len(self._seen) > _SEEN_LIMIT:
                 self._seen.popitem(last=False)
-            for n in (branch, len(hashes)):
+            # A prompt sharing nothing known yet also snapshots one block before its last
+            # boundary: a short question after a long document usually starts in that block.
+            guess = len(hashes) - 1 if restore is None and not branch else 0
+            for n in (branch, guess, len(hashes)):
                 if n > known and (fingerprint, hashes[n - 1]) not in self._states:
                     save.add(n * self.block_tokens)
         return PrefixPlan(self, model, fingerprint, hashes, restore, tuple(sorted(save)))

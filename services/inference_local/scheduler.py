@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from inference_local.llama_api import Batch, Context, LoraAdapter, Model, Sampler
+from inference_local.prefix_cache import PrefixPlan
 from inference_local.sampling import (
     Sampling,
     StopMatcher,
@@ -74,6 +75,8 @@ class SeqRequest:
     queue: asyncio.Queue[list[Event] | BaseException] = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
+    # Prefix caching: a state to restore at admission and where to snapshot; None: none.
+    prefix: PrefixPlan | None = None
 
 
 @dataclass(eq=False)
@@ -260,7 +263,27 @@ class Scheduler:
                     decoder=codecs.getincrementaldecoder("utf-8")("replace"),
                 )
             )
+            if request.prefix is not None and request.prefix.restore is not None:
+                self._restore(self._active[-1], request.prefix)
         return refused
+
+    def _restore(self, seq: _Seq, plan: PrefixPlan) -> None:
+        """Start a sequence from a cached prefix state; a refused state is a full prefill."""
+        assert plan.restore is not None
+        if self._context.set_seq_state(seq.slot, plan.restore.state):
+            seq.prompt_pos = seq.n_past = plan.restore.n_tokens
+        else:
+            log.warning("prefix state refused by llama.cpp", extra={"model": self.config.name})
+
+    def _snapshot(self, seqs: list[_Seq]) -> None:
+        """Copy the states of sequences that reached a snapshot point; the cache stores them
+        off this thread."""
+        for seq in seqs:
+            plan = seq.request.prefix
+            if plan is not None and plan.wants(seq.prompt_pos):
+                started = time.perf_counter()
+                state = self._context.seq_state(seq.slot)
+                plan.store(seq.prompt_pos, state, time.perf_counter() - started)
 
     def _release(self, seq: _Seq) -> None:
         self._context.clear_seq(seq.slot)
@@ -316,6 +339,11 @@ class Scheduler:
                 take = min(
                     room, self.config.prefill_chunk, len(seq.request.prompt) - seq.prompt_pos
                 )
+                if seq.request.prefix is not None:
+                    # A chunk ends at a snapshot point, so the state there can be copied.
+                    point = seq.request.prefix.next_save(seq.prompt_pos)
+                    if point is not None:
+                        take = min(take, point - seq.prompt_pos)
                 chunk = seq.request.prompt[seq.prompt_pos : seq.prompt_pos + take]
                 last = seq.prompt_pos + take == len(seq.request.prompt)
                 index = batch.add_many(chunk, seq.n_past, seq.slot, last)
@@ -328,6 +356,7 @@ class Scheduler:
             return
         self._context.set_adapters(group)
         self._context.decode(batch)
+        self._snapshot([s for s in members if s.request.prefix is not None])
         used = sum(s.n_past for s in self._active)
         total = self._context.n_ctx_per_seq * self.config.n_slots
         self._metrics.step(batch.n, len(self._active), len(self._waiting), used / total)

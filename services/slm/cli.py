@@ -17,6 +17,7 @@ from slm.logs import configure_logging
 SERVICES = (
     "ledger",
     "inference-local",
+    "kv-cache",
     "adapter-registry",
     "inference-remote",
     "doorman",
@@ -40,6 +41,10 @@ async def serve_grpc(name: str, settings: Settings) -> None:
         from inference_local.app import build_app as build_inference
 
         app, endpoint = build_inference(settings, registry), settings.inference_local.endpoint
+    elif name == "kv-cache":
+        from kvcache.app import build_app as build_kv_cache
+
+        app, endpoint = build_kv_cache(settings, registry), settings.kv_cache.endpoint
     elif name == "adapter-registry":
         from adapters.app import build_app as build_adapters
 

@@ -97,6 +97,18 @@ class Supervisor:
             Child("gateway", lambda: http_ok(f"{self.gateway_url}/readyz")),
             Child("envoy", lambda: http_ok(f"{self.api_url}/readyz")),
         ]
+        if s.inference_local.kv_cache:
+            # Only a mesh whose inference-local uses the kv-cache service runs one; it starts
+            # before inference-local so the first requests can already share prefixes.
+            self.children.insert(
+                1,
+                Child(
+                    "kv-cache",
+                    lambda: grpc_serving(
+                        f"{_connect_host(s.kv_cache.endpoint.host)}:{s.kv_cache.endpoint.port}"
+                    ),
+                ),
+            )
 
     @property
     def api_url(self) -> str:

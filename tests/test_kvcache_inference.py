@@ -1,0 +1,159 @@
+"""inference-local with prefix caching on the real default model: a restored prefix gives the
+same text as a full prefill at temperature 0, from this process's memory and from the kv-cache
+service (a second replica), and a state is used only with the model and adapter set that
+made it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from helpers import DEFAULT_MODEL, SHARED_MODELS_DIR
+from lora_fixture import make_lora_gguf
+from prometheus_client import CollectorRegistry
+
+from inference_local.engine import Adapter, Delta, Engine, Request
+from inference_local.prefix_cache import KVCacheClient, PrefixCache, PrefixCacheMetrics
+from inference_local.sampling import Sampling
+from kvcache.app import build_app
+from slm.config import InferenceLocalConfig, KVCacheConfig, ModelConfig, ServiceEndpoint, Settings
+from slm.server import GrpcService
+
+DOCUMENT = " ".join(
+    f"Clause {i}: the tenant pays {i * 7} euros on day {i % 28 + 1} of each month."
+    for i in range(1, 19)
+)
+PROMPT = f"Read this contract.\n{DOCUMENT}\nQuestion: how much is paid under clause 3? Answer:"
+OTHER = f"Read this contract.\n{DOCUMENT}\nQuestion: on which day is clause 5 paid? Answer:"
+BLOCK = 64
+
+
+@dataclass
+class Replica:
+    engine: Engine
+    cache: PrefixCache
+    metrics: PrefixCacheMetrics
+
+
+def config() -> InferenceLocalConfig:
+    return InferenceLocalConfig(
+        models_dir=SHARED_MODELS_DIR,
+        keep_alive_s=0,
+        parallel=2,
+        models=[
+            ModelConfig(name=DEFAULT_MODEL, path="gemma-3-270m-q4_k_m.gguf", context_length=1024)
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+async def kv_service(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[GrpcService]:
+    settings = Settings(
+        kv_cache=KVCacheConfig(
+            endpoint=ServiceEndpoint(port=0, metrics_port=0),
+            disk_dir=tmp_path_factory.mktemp("kv"),
+        )
+    )
+    registry = CollectorRegistry()
+    app = build_app(settings, registry)
+    async with GrpcService(
+        "kv-cache", app, settings.kv_cache.endpoint, settings.telemetry, registry
+    ) as service:
+        yield service
+
+
+@pytest.fixture(scope="module")
+def adapter_file(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_lora_gguf(model_path, tmp_path_factory.mktemp("lora") / "tone.gguf", seed=3)
+
+
+async def start_replica(service: GrpcService | None, adapter: Path) -> Replica:
+    async def resolve(name: str) -> Adapter:
+        return Adapter(adapter, 0.5, DEFAULT_MODEL)
+
+    registry = CollectorRegistry()
+    metrics = PrefixCacheMetrics(registry)
+    client = (
+        KVCacheClient(grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")) if service else None
+    )
+    cache = PrefixCache(BLOCK, 256 << 20, client, metrics)
+    engine = Engine(config(), registry, resolve, cache)
+    await engine.start()
+    return Replica(engine, cache, metrics)
+
+
+async def stop(replica: Replica) -> None:
+    await replica.engine.close()
+    await replica.cache.close()
+
+
+@pytest.fixture(scope="module")
+async def plain() -> AsyncIterator[Engine]:
+    engine = Engine(config(), CollectorRegistry())
+    await engine.start()
+    yield engine
+    await engine.close()
+
+
+@pytest.fixture(scope="module")
+async def first(kv_service: GrpcService, adapter_file: Path) -> AsyncIterator[Replica]:
+    replica = await start_replica(kv_service, adapter_file)
+    yield replica
+    await stop(replica)
+
+
+async def text(engine: Engine, prompt: str, adapter: str = "") -> str:
+    request = Request(
+        DEFAULT_MODEL, Sampling(max_tokens=16, temperature=0), prompt=prompt, adapter=adapter
+    )
+    return "".join([e.text async for e in engine.generate(request) if isinstance(e, Delta)])
+
+
+def count(metric: object, *labels: str) -> float:
+    return float(metric.labels(*labels)._value.get())  # type: ignore[attr-defined]
+
+
+async def test_warm_output_is_identical_to_cold_and_to_no_cache(
+    plain: Engine, first: Replica, kv_service: GrpcService, adapter_file: Path
+) -> None:
+    reference = await text(plain, PROMPT)
+    assert reference
+    m = first.metrics
+    assert await text(first.engine, PROMPT) == reference  # cold: snapshots as it prefills
+    assert count(m.misses, DEFAULT_MODEL) == 1
+    await first.cache.flush()
+    assert await text(first.engine, PROMPT) == reference  # warm, from its own memory
+    assert count(m.hits, DEFAULT_MODEL, "memory") == 1
+    saved = count(m.tokens_saved, DEFAULT_MODEL)
+    assert saved >= BLOCK
+    assert saved % BLOCK == 0
+    # Another question over the same document restores the shared part only.
+    assert await text(first.engine, OTHER) == await text(plain, OTHER)
+    assert count(m.hits, DEFAULT_MODEL, "memory") == 2
+    await first.cache.flush()
+
+    # A second replica, with nothing in its own memory, restores from the kv-cache service.
+    second = await start_replica(kv_service, adapter_file)
+    try:
+        assert await text(second.engine, PROMPT) == reference
+        assert count(second.metrics.hits, DEFAULT_MODEL, "service") == 1
+        assert count(second.metrics.tokens_saved, DEFAULT_MODEL) == saved
+    finally:
+        await stop(second)
+
+
+async def test_a_state_is_used_only_with_its_model_and_adapter_set(
+    plain: Engine, first: Replica
+) -> None:
+    m = first.metrics
+    await text(first.engine, PROMPT)  # the base model's states are cached by now
+    misses, hits = count(m.misses, DEFAULT_MODEL), count(m.hits, DEFAULT_MODEL, "memory")
+    tuned = await text(first.engine, PROMPT, adapter="tone")
+    assert count(m.misses, DEFAULT_MODEL) == misses + 1
+    await first.cache.flush()
+    assert await text(first.engine, PROMPT, adapter="tone") == tuned
+    assert count(m.hits, DEFAULT_MODEL, "memory") == hits + 1
+    assert await text(first.engine, PROMPT) == await text(plain, PROMPT)
