@@ -137,3 +137,57 @@ async def test_entries_survive_a_restart_from_disk(tmp_path: Path) -> None:
     assert replies[0].chunk == b"prefix state"
     await kv.close()
     await second.__aexit__(None, None, None)
+
+
+def test_slm_up_runs_kv_cache_only_when_inference_local_uses_it(tmp_path: Path) -> None:
+    from slm.config import InferenceLocalConfig
+    from slm.supervisor import Supervisor
+
+    plain = Supervisor(Settings(state_dir=tmp_path), None)
+    assert "kv-cache" not in [c.name for c in plain.children]
+    settings = Settings(
+        state_dir=tmp_path, inference_local=InferenceLocalConfig(kv_cache="127.0.0.1:50054")
+    )
+    names = [c.name for c in Supervisor(settings, None).children]
+    assert names.index("kv-cache") < names.index("inference-local")
+
+
+async def test_slm_serve_kv_cache_as_a_process_keeps_entries_over_a_restart(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+    import sys
+
+    from helpers import free_port, to_toml
+
+    from slm.supervisor import grpc_serving
+
+    settings = kv_settings(tmp_path)
+    port = free_port()
+    settings.kv_cache.endpoint = ServiceEndpoint(port=port, metrics_port=free_port())
+    config = tmp_path / "slm.toml"
+    config.write_text(to_toml(settings))
+    address = f"127.0.0.1:{port}"
+
+    async def serve() -> asyncio.subprocess.Process:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "slm.cli", "--config", str(config), "serve", "kv-cache",
+            stdin=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        while not await grpc_serving(address):
+            assert process.returncode is None
+            await asyncio.sleep(0.2)  # polling the health check, not synchronising on time
+        return process
+
+    process = await serve()
+    kv = KVCacheClient(grpc.aio.insecure_channel(address))
+    await kv.put("fp", "h1", 64, b"state")
+    await kv.close()
+    process.terminate()
+    assert await process.wait() == 0
+    process = await serve()
+    kv = KVCacheClient(grpc.aio.insecure_channel(address))
+    assert await kv.get("fp", "h1") == b"state"
+    await kv.close()
+    process.terminate()
+    await process.wait()
