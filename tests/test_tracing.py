@@ -175,12 +175,6 @@ async def test_the_ledger_append_is_traced_hop_to_hop(
     assert ledger.parent_id == to_ledger.span_id
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the Doorman's LedgerSink appends from a worker task started with the service, so "
-    "the Append runs outside the request's trace context (services/doorman/ledger_sink.py "
-    "would need to carry the submitting context to _send)",
-)
 async def test_the_ledger_append_joins_the_requests_trace(
     hops: dict[tuple[str, str, int], Span],
 ) -> None:

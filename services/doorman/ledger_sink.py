@@ -19,6 +19,7 @@ from typing import Literal
 
 import grpc
 from google.protobuf.message import DecodeError
+from opentelemetry import context as otel_context
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from slm.errors import Unavailable
@@ -198,6 +199,9 @@ class LedgerSink:
         self._backoff = backoff or Backoff()
         self._append_timeout_s = append_timeout_s
         self._queue: collections.deque[ledger_pb2.LedgerEntry] = collections.deque()
+        # The trace context each record was submitted in, so its Append joins the request's
+        # trace although a worker task sends it (keyed by the entry object while it is queued).
+        self._contexts: dict[int, otel_context.Context] = {}
         self._available = True
         self._spool_broken = False
         self._failures = 0
@@ -247,6 +251,7 @@ class LedgerSink:
 
     def submit(self, entry: ledger_pb2.LedgerEntry) -> None:
         self._queue.append(entry)
+        self._contexts[id(entry)] = otel_context.get_current()
         if self._started and self._worker is None:
             self._spawn_worker()  # after a drain: the sink keeps working
         self._update_backlog()
@@ -313,10 +318,12 @@ class LedgerSink:
         while self._queue:
             if not await self._send(self._queue[0]):
                 return
-            self._queue.popleft()
+            self._contexts.pop(id(self._queue.popleft()), None)
 
     async def _send(self, entry: ledger_pb2.LedgerEntry) -> bool:
         """True when the ledger took the record (or refused it for good), False to retry."""
+        submitted = self._contexts.get(id(entry))
+        token = otel_context.attach(submitted) if submitted is not None else None
         try:
             await self._stub.Append(
                 ledger_pb2.AppendRequest(entry=entry), timeout=self._append_timeout_s
@@ -339,6 +346,9 @@ class LedgerSink:
             self._available = False
             self._metrics.available.set(0)
             return False
+        finally:
+            if token is not None:
+                otel_context.detach(token)
         if not self._available:
             log.info("ledger reachable again", extra={"backlog": self.backlog})
         self._available, self._failures = True, 0
@@ -356,7 +366,7 @@ class LedgerSink:
         self._spool_broken = False
         self._metrics.spooled.inc(len(entries))
         for _ in entries:
-            self._queue.popleft()
+            self._contexts.pop(id(self._queue.popleft()), None)
 
     def _update_backlog(self) -> None:
         backlog = self.backlog
