@@ -189,12 +189,23 @@ class _GenerationRequest(_Wire):
     def token_limit(self) -> int | None:
         return self.max_tokens
 
+    @property
+    def logprob_request(self) -> tuple[bool, int]:
+        """Whether token log probabilities were asked, and how many alternatives each."""
+        return False, 0
+
 
 class ChatCompletionRequest(_GenerationRequest):
     """Body of POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=_UINT32_MAX)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @property
+    def logprob_request(self) -> tuple[bool, int]:
+        return bool(self.logprobs), self.top_logprobs or 0
 
     @property
     def token_limit(self) -> int | None:
@@ -208,6 +219,12 @@ class CompletionRequest(_GenerationRequest):
     """Body of POST /v1/completions."""
 
     prompt: Prompt
+    # The legacy API: the number of alternatives per token (0-5) turns logprobs on.
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+
+    @property
+    def logprob_request(self) -> tuple[bool, int]:
+        return self.logprobs is not None, self.logprobs or 0
 
 
 class RequestInvalid(Exception):
@@ -277,7 +294,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: Literal["stop", "length", "content_filter"]
 
 
@@ -293,7 +310,7 @@ class ChatCompletion(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
     finish_reason: Literal["stop", "length", "content_filter"]
 
 

@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -131,6 +131,10 @@ def sampling_params(body: _GenerationRequest) -> types_pb2.SamplingParams:
             setattr(params, name, value)
     for token, bias in (body.logit_bias or {}).items():
         params.logit_bias[int(token)] = bias
+    want, top = body.logprob_request
+    if want:
+        params.logprobs = True
+        params.top_logprobs = top
     return params
 
 
@@ -247,9 +251,28 @@ class ResponseFormat:
     def usage(self, usage: types_pb2.Usage) -> bytes:
         return sse({**self._head, "choices": [], "usage": usage_dict(usage)})
 
-    def complete(self, text: str, end: types_pb2.StreamEnd) -> dict[str, Any]:
+    def complete(
+        self, text: str, end: types_pb2.StreamEnd, logprobs: LogprobList = ()
+    ) -> dict[str, Any]:
         """The whole, non-streamed response."""
         raise NotImplementedError
+
+    def logprobs_json(self, logprobs: LogprobList) -> dict[str, Any]:
+        """OpenAI's logprobs object of one choice, for these tokens."""
+        raise NotImplementedError
+
+    def delta_with_logprobs(self, text: str, logprobs: LogprobList) -> bytes:
+        """A content chunk carrying logprobs: the slow path, taken only when they were asked."""
+        choice = self._choice(text, None)
+        choice["logprobs"] = self.logprobs_json(logprobs)
+        return sse(self._chunk([choice]))
+
+
+LogprobList = Sequence[types_pb2.TokenLogprob]
+
+
+def _token_entry(lp: types_pb2.TokenLogprob | types_pb2.TopLogprob) -> dict[str, Any]:
+    return {"token": lp.token, "logprob": lp.logprob, "bytes": list(lp.bytes)}
 
 
 class ChatFormat(ResponseFormat):
@@ -273,7 +296,17 @@ class ChatFormat(ResponseFormat):
         }
         return sse(self._chunk([choice]))
 
-    def complete(self, text: str, end: types_pb2.StreamEnd) -> dict[str, Any]:
+    def logprobs_json(self, logprobs: LogprobList) -> dict[str, Any]:
+        return {
+            "content": [
+                {**_token_entry(lp), "top_logprobs": [_token_entry(t) for t in lp.top_logprobs]}
+                for lp in logprobs
+            ]
+        }
+
+    def complete(
+        self, text: str, end: types_pb2.StreamEnd, logprobs: LogprobList = ()
+    ) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": self.object_name,
@@ -283,7 +316,7 @@ class ChatFormat(ResponseFormat):
                 {
                     "index": 0,
                     "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
+                    "logprobs": self.logprobs_json(logprobs) if logprobs else None,
                     "finish_reason": finish_reason(end.finish_reason),
                 }
             ],
@@ -303,7 +336,24 @@ class CompletionFormat(ResponseFormat):
     def _choice(self, text: str | None, reason: str | None) -> dict[str, Any]:
         return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
 
-    def complete(self, text: str, end: types_pb2.StreamEnd) -> dict[str, Any]:
+    _offset = 0
+
+    def logprobs_json(self, logprobs: LogprobList) -> dict[str, Any]:
+        # The legacy completions shape: parallel lists, offsets into the generated text.
+        offsets = []
+        for lp in logprobs:
+            offsets.append(self._offset)
+            self._offset += len(lp.token)
+        return {
+            "tokens": [lp.token for lp in logprobs],
+            "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{t.token: t.logprob for t in lp.top_logprobs} for lp in logprobs],
+            "text_offset": offsets,
+        }
+
+    def complete(
+        self, text: str, end: types_pb2.StreamEnd, logprobs: LogprobList = ()
+    ) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": self.object_name,
@@ -313,7 +363,7 @@ class CompletionFormat(ResponseFormat):
                 {
                     "index": 0,
                     "text": text,
-                    "logprobs": None,
+                    "logprobs": self.logprobs_json(logprobs) if logprobs else None,
                     "finish_reason": finish_reason(end.finish_reason),
                 }
             ],
@@ -515,16 +565,19 @@ class OpenAIServing:
         ctx: CallContext,
     ) -> Response:
         parts: list[str] = []
+        logprobs: list[types_pb2.TokenLogprob] = []
         while event is not None:
             kind = event.WhichOneof("event")
             if kind == "delta":
                 if not parts:
                     self._metrics.ttft.labels(ctx.route).observe(time.perf_counter() - ctx.started)
                 parts.append(event.delta.text)
+                logprobs.extend(event.delta.logprobs)
             elif kind == "end":
                 end = event.end
                 self._count_tokens(ctx.route, end.usage)
-                response = _json({**fmt.complete("".join(parts), end), "slm": slm_extension(end)})
+                body = fmt.complete("".join(parts), end, logprobs)
+                response = _json({**body, "slm": slm_extension(end)})
                 await _drain(call)
                 return response
             event = await _next(call)
@@ -547,12 +600,14 @@ class OpenAIServing:
                 kind = event.WhichOneof("event")
                 if kind == "delta":
                     text = event.delta.text
-                    if text:
-                        if first_token:
-                            first_token = False
-                            self._metrics.ttft.labels(ctx.route).observe(
-                                time.perf_counter() - ctx.started
-                            )
+                    if text and first_token:
+                        first_token = False
+                        self._metrics.ttft.labels(ctx.route).observe(
+                            time.perf_counter() - ctx.started
+                        )
+                    if event.delta.logprobs:
+                        yield fmt.delta_with_logprobs(text, event.delta.logprobs)
+                    elif text:
                         yield fmt.delta(text)
                 elif kind == "end":
                     end = event.end

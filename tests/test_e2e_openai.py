@@ -243,3 +243,48 @@ def test_full_sampling_parameters_reach_the_engine(client: openai.OpenAI) -> Non
         client.completions.create(
             model=DEFAULT_MODEL, prompt=prompt, max_tokens=1, extra_body={"top_k": -1}
         )
+
+
+def test_logprobs_chat_and_completions(client: openai.OpenAI) -> None:
+    chat = client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=MESSAGES,
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content
+    assert len(content) <= 4
+    for entry in content:
+        assert entry.logprob <= 0
+        assert len(entry.top_logprobs) == 2
+        # Greedy: the chosen token is the most likely one.
+        assert entry.top_logprobs[0].token == entry.token
+    assert "".join(e.token for e in content).startswith(chat.choices[0].message.content or "")
+
+    completion = client.completions.create(
+        model=DEFAULT_MODEL, prompt="The sky is", max_tokens=3, temperature=0, logprobs=1
+    )
+    lp = completion.choices[0].logprobs
+    assert lp is not None
+    assert lp.tokens
+    assert lp.token_logprobs is not None
+    assert len(lp.tokens) == len(lp.token_logprobs)
+    streamed = [
+        c.choices[0].logprobs
+        for c in client.completions.create(
+            model=DEFAULT_MODEL,
+            prompt="The sky is",
+            max_tokens=3,
+            temperature=0,
+            logprobs=1,
+            stream=True,
+        )
+        if c.choices and c.choices[0].logprobs
+    ]
+    assert [t for s in streamed for t in (s.tokens or [])] == lp.tokens
+    assert chat.choices[0].logprobs is not None
+    plain = client.completions.create(model=DEFAULT_MODEL, prompt="Hi", max_tokens=2)
+    assert plain.choices[0].logprobs is None
