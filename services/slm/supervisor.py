@@ -202,6 +202,7 @@ async def run_up(settings: Settings, config_path: Path | None) -> int:
     if start in done and start.exception() is None:
         print(
             f"service-slm is up\n"
+            f"  Chat UI:            {supervisor.api_url}/  (admin: {supervisor.api_url}/admin)\n"
             f"  OpenAI API (Envoy): {supervisor.api_url}/v1\n"
             f"  gRPC (Envoy):       {supervisor.api_url.removeprefix('http://')}\n"
             f"  REST gateway:       {supervisor.gateway_url}\n"
