@@ -201,15 +201,19 @@ def metrics(settings: Settings) -> dict[str, float]:
         f"http://127.0.0.1:{settings.inference_local.endpoint.metrics_port}/metrics", timeout=5
     ).text
     model = {"model": DEFAULT_MODEL}
+
+    def value(name: str, **labels: str) -> float:
+        return metric_value(text, f"slm_engine_prefix_cache_{name}", **model, **labels)
+
     return {
-        "hits_memory": metric_value(text, "slm_prefix_cache_hits_total", tier="memory", **model),
-        "hits_service": metric_value(text, "slm_prefix_cache_hits_total", tier="service", **model),
-        "misses": metric_value(text, "slm_prefix_cache_misses_total", **model),
-        "tokens_saved": metric_value(text, "slm_prefix_cache_prefill_tokens_saved_total", **model),
-        "state_copy_s_sum": metric_value(text, "slm_prefix_cache_state_copy_seconds_sum", **model),
-        "state_copy_count": metric_value(
-            text, "slm_prefix_cache_state_copy_seconds_count", **model
-        ),
+        "requests_memory": value("requests_total", tier="memory"),
+        "requests_service": value("requests_total", tier="service"),
+        "requests_miss": value("requests_total", tier="miss"),
+        "tokens_restored_memory": value("hits_total", tier="memory"),
+        "tokens_restored_service": value("hits_total", tier="service"),
+        "tokens_queried": value("queries_total"),
+        "state_copy_s_sum": value("state_copy_seconds_sum"),
+        "state_copy_count": value("state_copy_seconds_count"),
     }
 
 
@@ -247,6 +251,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 results["metrics_second_replica"] = metrics(b)
     results["warm_identical_to_cold"] = restart_text == cold_text
     results["cold_text"] = cold_text
+    # service-slm's part is kept even if llama-server is not there yet.
+    print(json.dumps({"ttft_s": ttft}), flush=True)
     if not args.skip_llama_server:
         binary = llama_server_binary(args.build_wait_s)
         port = free_port()

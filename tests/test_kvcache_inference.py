@@ -123,26 +123,26 @@ async def test_warm_output_is_identical_to_cold_and_to_no_cache(
     assert reference
     m = first.metrics
     assert await text(first.engine, PROMPT) == reference  # cold: snapshots as it prefills
-    assert count(m.misses, DEFAULT_MODEL) == 1
+    assert count(m.requests, DEFAULT_MODEL, "miss") == 1
     await first.cache.flush()
     assert await text(first.engine, PROMPT) == reference  # warm, from its own memory
-    assert count(m.hits, DEFAULT_MODEL, "memory") == 1
-    saved = count(m.tokens_saved, DEFAULT_MODEL)
+    assert count(m.requests, DEFAULT_MODEL, "memory") == 1
+    saved = count(m.hits, DEFAULT_MODEL, "memory")
     assert saved >= BLOCK
     assert saved % BLOCK == 0
     # Another question over the same document restores the shared part only.
     other = await text(plain, OTHER)
     assert await text(first.engine, OTHER) == other
-    assert count(m.hits, DEFAULT_MODEL, "memory") == 2
+    assert count(m.requests, DEFAULT_MODEL, "memory") == 2
     await first.cache.flush()
     # Restored sequences batched together with one that waits for a slot. Batched greedy
     # text can drift from solo text after some tokens even with no cache (the kernels are not
     # batch-invariant for these prompts), so the first token, from the prefill, is compared.
-    hits = count(m.hits, DEFAULT_MODEL, "memory")
+    hits = count(m.requests, DEFAULT_MODEL, "memory")
     batched = await asyncio.gather(
         *(text(first.engine, p, max_tokens=1) for p in (PROMPT, OTHER, PROMPT))
     )
-    assert count(m.hits, DEFAULT_MODEL, "memory") == hits + 3
+    assert count(m.requests, DEFAULT_MODEL, "memory") == hits + 3
     solo = [await text(plain, p, max_tokens=1) for p in (PROMPT, OTHER)]
     assert batched == [solo[0], solo[1], solo[0]]
 
@@ -150,8 +150,8 @@ async def test_warm_output_is_identical_to_cold_and_to_no_cache(
     second = await start_replica(kv_service, adapter_file)
     try:
         assert await text(second.engine, PROMPT) == reference
-        assert count(second.metrics.hits, DEFAULT_MODEL, "service") == 1
-        assert count(second.metrics.tokens_saved, DEFAULT_MODEL) == saved
+        assert count(second.metrics.requests, DEFAULT_MODEL, "service") == 1
+        assert count(second.metrics.hits, DEFAULT_MODEL, "service") == saved
     finally:
         await stop(second)
 
@@ -161,10 +161,13 @@ async def test_a_state_is_used_only_with_its_model_and_adapter_set(
 ) -> None:
     m = first.metrics
     await text(first.engine, PROMPT)  # the base model's states are cached by now
-    misses, hits = count(m.misses, DEFAULT_MODEL), count(m.hits, DEFAULT_MODEL, "memory")
+    misses, hits = (
+        count(m.requests, DEFAULT_MODEL, "miss"),
+        count(m.requests, DEFAULT_MODEL, "memory"),
+    )
     tuned = await text(first.engine, PROMPT, adapter="tone")
-    assert count(m.misses, DEFAULT_MODEL) == misses + 1
+    assert count(m.requests, DEFAULT_MODEL, "miss") == misses + 1
     await first.cache.flush()
     assert await text(first.engine, PROMPT, adapter="tone") == tuned
-    assert count(m.hits, DEFAULT_MODEL, "memory") == hits + 1
+    assert count(m.requests, DEFAULT_MODEL, "memory") == hits + 1
     assert await text(first.engine, PROMPT) == await text(plain, PROMPT)

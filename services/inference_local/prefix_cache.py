@@ -99,36 +99,42 @@ class PrefixPlan:
 
 
 class PrefixCacheMetrics:
+    """Token counts follow vLLM's prefix-cache metrics (hits / queries is the hit rate the
+    chart's dashboard draws)."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.hits = Counter(
-            "slm_prefix_cache_hits",
-            "Requests whose prefix state was restored, by the tier it came from.",
+        self.requests = Counter(
+            "slm_engine_prefix_cache_requests",
+            "Generations by where their prefix state came from (memory, service) or miss.",
             ["model", "tier"],
             registry=registry,
         )
-        self.misses = Counter(
-            "slm_prefix_cache_misses",
-            "Requests with no restorable prefix state.",
-            ["model"],
+        self.hits = Counter(
+            "slm_engine_prefix_cache_hits",
+            "Prompt tokens restored instead of prefilled (prefill tokens saved), by tier.",
+            ["model", "tier"],
             registry=registry,
         )
-        self.tokens_saved = Counter(
-            "slm_prefix_cache_prefill_tokens_saved",
-            "Prompt tokens restored instead of prefilled.",
+        self.queries = Counter(
+            "slm_engine_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
             ["model"],
             registry=registry,
         )
         self.bytes_restored = Counter(
-            "slm_prefix_cache_restored_bytes", "State bytes restored.", ["model"], registry=registry
+            "slm_engine_prefix_cache_restored_bytes",
+            "State bytes restored, by tier.",
+            ["model", "tier"],
+            registry=registry,
         )
         self.bytes_stored = Counter(
-            "slm_prefix_cache_stored_bytes",
+            "slm_engine_prefix_cache_stored_bytes",
             "State bytes snapshotted, by destination (memory, service).",
             ["model", "tier"],
             registry=registry,
         )
         self.copy_seconds = Histogram(
-            "slm_prefix_cache_state_copy_seconds",
+            "slm_engine_prefix_cache_state_copy_seconds",
             "Time the decode thread spends copying a sequence state out.",
             ["model"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
@@ -259,12 +265,13 @@ class PrefixCache:
             except Exception:  # the cache is an optimisation: an outage is a miss
                 log.warning("kv-cache service unavailable", exc_info=True)
         restored_blocks = restore.n_tokens // self.block_tokens if restore else 0
+        self._metrics.queries.labels(model).inc(len(prompt))
         if restore is None:
-            self._metrics.misses.labels(model).inc()
+            self._metrics.requests.labels(model, "miss").inc()
         else:
-            self._metrics.hits.labels(model, restore.tier).inc()
-            self._metrics.tokens_saved.labels(model).inc(restore.n_tokens)
-            self._metrics.bytes_restored.labels(model).inc(len(restore.state))
+            self._metrics.requests.labels(model, restore.tier).inc()
+            self._metrics.hits.labels(model, restore.tier).inc(restore.n_tokens)
+            self._metrics.bytes_restored.labels(model, restore.tier).inc(len(restore.state))
         known = max(restored_blocks, remote_blocks)
         save: set[int] = set()
         with self._lock:
