@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,3 +50,24 @@ def test_crashed_child_is_restarted(own_mesh: Mesh) -> None:
     [restarted] = child_pids(own_mesh.config_path, "doorman")
     assert restarted != doorman
     assert "child exited; restarting" in own_mesh.log_tail()
+
+
+def test_children_die_with_a_killed_supervisor(model_path: Path, tmp_path: Path) -> None:
+    mesh = Mesh(mesh_settings(tmp_path), tmp_path / "slm.toml", tmp_path / "mesh.log")
+    mesh.start()
+    assert mesh.process is not None
+    services = ("ledger", "inference-local", "doorman", "gateway")
+    children = [pid for s in services for pid in child_pids(mesh.config_path, s)]
+    assert len(children) == len(services)
+    # Watch each child through a pidfd: it becomes readable when the process exits.
+    watches = {pid: os.pidfd_open(pid) for pid in children}
+    mesh.process.kill()  # SIGKILL: the supervisor cannot stop anything itself
+    try:
+        for pid, fd in watches.items():
+            readable, _, _ = select.select([fd], [], [], 60)
+            assert readable, f"child {pid} outlived its supervisor"
+    finally:
+        for fd in watches.values():
+            os.close(fd)
+        mesh.stop()
+    assert child_pids(mesh.config_path, "doorman") == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -131,6 +132,7 @@ class Supervisor:
             env=os.environ.copy(),
             # Own process group: Ctrl-C reaches the supervisor only, which stops children in order.
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         child.started_at = time.monotonic()
         log.info("started", extra={"child": child.name, "pid": child.process.pid})
@@ -186,6 +188,21 @@ class Supervisor:
                     process.kill()
                 await process.wait()
             log.info("stopped", extra={"child": child.name, "code": process.returncode})
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the supervisor dies, however it dies.
+
+    Children run in their own sessions, so without this a SIGKILLed `slm up` would leave the
+    whole mesh running, holding its ports (Linux only; elsewhere children must be stopped by
+    hand after a crash of the supervisor).
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
 
 
 def _connect_host(host: str) -> str:
