@@ -57,6 +57,7 @@ deps:
 bench: model
 	$(BIN)/python bench/mesh_overhead.py
 	$(BIN)/python bench/batching.py
+	$(BIN)/python bench/kv_prefix.py
 
 proto: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -Iproto \
