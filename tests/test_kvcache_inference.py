@@ -17,7 +17,12 @@ from lora_fixture import make_lora_gguf
 from prometheus_client import CollectorRegistry
 
 from inference_local.engine import Adapter, Delta, Engine, Request
-from inference_local.prefix_cache import KVCacheClient, PrefixCache, PrefixCacheMetrics
+from inference_local.prefix_cache import (
+    KVCacheClient,
+    PrefixCache,
+    PrefixCacheMetrics,
+    block_hashes,
+)
 from inference_local.sampling import Sampling
 from kvcache.app import build_app
 from slm.config import InferenceLocalConfig, KVCacheConfig, ModelConfig, ServiceEndpoint, Settings
@@ -171,3 +176,29 @@ async def test_a_state_is_used_only_with_its_model_and_adapter_set(
     assert await text(first.engine, PROMPT, adapter="tone") == tuned
     assert count(m.requests, DEFAULT_MODEL, "memory") == hits + 1
     assert await text(first.engine, PROMPT) == await text(plain, PROMPT)
+
+
+async def test_a_state_llama_cpp_refuses_is_a_full_prefill(
+    plain: Engine, kv_service: GrpcService, adapter_file: Path, model_path: Path
+) -> None:
+    replica = await start_replica(kv_service, adapter_file)
+    try:
+        engine = replica.engine
+        tokens = await engine.tokenize(DEFAULT_MODEL, PROMPT, add_special=True)
+        hashes = block_hashes(tokens[: len(tokens) - 1], BLOCK)
+        fingerprint = await replica.cache.fingerprint(model_path, [])
+        # Well-formed for the service (its checksum matches), garbage for llama.cpp.
+        client = KVCacheClient(grpc.aio.insecure_channel(f"127.0.0.1:{kv_service.port}"))
+        await client.put(fingerprint, hashes[-1], len(hashes) * BLOCK, b"\x07" * 4096)
+        await client.close()
+        assert await text(engine, PROMPT) == await text(plain, PROMPT)
+        assert count(replica.metrics.requests, DEFAULT_MODEL, "service") == 1
+        # The full prefill replaced the refused entry with a good state.
+        await replica.cache.flush()
+        client = KVCacheClient(grpc.aio.insecure_channel(f"127.0.0.1:{kv_service.port}"))
+        replaced = await client.get(fingerprint, hashes[-1])
+        await client.close()
+        assert replaced is not None
+        assert len(replaced) > 4096
+    finally:
+        await stop(replica)

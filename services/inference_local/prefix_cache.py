@@ -92,6 +92,12 @@ class PrefixPlan:
     def wants(self, position: int) -> bool:
         return position in self.save_at and position not in self.saved
 
+    def refused(self) -> None:
+        """llama.cpp refused the restored state (another build wrote it, or it is damaged):
+        the sequence prefills from the start and snapshots there to replace it."""
+        if self.restore is not None:
+            self.save_at = tuple(sorted({*self.save_at, self.restore.n_tokens}))
+
     def store(self, position: int, state: bytes, copy_seconds: float) -> None:
         """Called on the decode thread with the copied state; the rest happens elsewhere."""
         self.saved.append(position)

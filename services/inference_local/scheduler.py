@@ -274,6 +274,7 @@ class Scheduler:
             seq.prompt_pos = seq.n_past = plan.restore.n_tokens
         else:
             log.warning("prefix state refused by llama.cpp", extra={"model": self.config.name})
+            plan.refused()
 
     def _snapshot(self, seqs: list[_Seq]) -> None:
         """Copy the states of sequences that reached a snapshot point; the cache stores them
