@@ -181,11 +181,15 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     settings.inference_local.models = [
         ModelConfig(**{**entry.model_dump(), "parallel": slots, "context_length": args.ctx})
     ]
-    threads = str(os.cpu_count() or 1)
+    from inference_local.engine import default_threads
+
+    # Every server gets the thread count inference-local uses by default (all cores but one).
+    threads = str(default_threads())
     results: dict[str, Any] = {
         "concurrency": args.concurrency,
         "max_tokens": args.max_tokens,
         "cpu_count": os.cpu_count(),
+        "threads": int(threads),
         "servers": {},
     }
 

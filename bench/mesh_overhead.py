@@ -1,8 +1,9 @@
-"""Latency the mesh adds (Envoy -> gateway -> Doorman -> inference-local) over in-process llama.cpp.
+"""Latency the mesh adds (Envoy -> gateway -> Doorman -> inference-local) over in-process engines.
 
-Both paths do identical work per request: the same prompt tokens, a full prefill (the engine
-resets its context per request) and greedy decoding, so the difference is the mesh itself.
-Runs are interleaved so that machine noise hits both paths alike.
+Two in-process baselines: llama-cpp-python's high-level API (llama_cpp), and inference-local's
+own continuous-batching engine (engine) driven in-process. Every path does identical work per
+request: the same prompt tokens, a full prefill and greedy decoding, so mesh minus engine is the
+mesh's hops alone. Runs are interleaved so that machine noise hits every path alike.
 
     make bench            # or: .venv/bin/python bench/mesh_overhead.py --iterations 50
 """
@@ -117,6 +118,28 @@ async def through_grpc(stub: Any, max_tokens: int) -> Sample:
     return Sample(ttft or time.perf_counter() - start, time.perf_counter() - start, count)
 
 
+async def in_process_engine(engine: Any, max_tokens: int) -> Sample:
+    """inference-local's own engine (continuous batching scheduler) called in-process: the
+    baseline that isolates what the mesh's hops add."""
+    from inference_local.engine import Delta, Request
+    from inference_local.sampling import Sampling
+
+    request = Request(
+        DEFAULT_MODEL,
+        Sampling(max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=1),
+        prompt=PROMPT,
+    )
+    start = time.perf_counter()
+    ttft = 0.0
+    count = 0
+    async for event in engine.generate(request):
+        if isinstance(event, Delta) and event.text:
+            if count == 0:
+                ttft = time.perf_counter() - start
+            count += 1
+    return Sample(ttft or time.perf_counter() - start, time.perf_counter() - start, count)
+
+
 def summary(samples: list[Sample]) -> dict[str, float]:
     ttft = [s.ttft_s * 1000 for s in samples]
     total = [s.total_s * 1000 for s in samples]
@@ -149,10 +172,18 @@ async def main() -> int:
     llama = Llama(
         model_path=str(model_file),
         n_ctx=entry.context_length,
-        n_threads=os.cpu_count() or 1,
+        n_threads=max(1, (os.cpu_count() or 1) - 1),  # as inference-local's default
         n_batch=512,
         verbose=False,
     )
+    from prometheus_client import CollectorRegistry
+
+    from inference_local.engine import Engine
+
+    engine = Engine(
+        settings.inference_local.model_copy(update={"keep_alive_s": 0}), CollectorRegistry()
+    )
+    await engine.start()
     mesh = Mesh(settings, state / "slm.toml", state / "mesh.log")
     mesh.start()
     results: dict[str, Any] = {
@@ -165,10 +196,16 @@ async def main() -> int:
             stub = doorman_pb2_grpc.DoormanServiceStub(channel)
             with httpx.Client(timeout=120) as client:
                 for max_tokens in (1, 64):
-                    runs: dict[str, list[Sample]] = {"direct": [], "mesh_http": [], "mesh_grpc": []}
+                    runs: dict[str, list[Sample]] = {
+                        "llama_cpp": [],
+                        "engine": [],
+                        "mesh_http": [],
+                        "mesh_grpc": [],
+                    }
                     for i in range(args.warmup + args.iterations):
                         samples = {
-                            "direct": direct(llama, max_tokens),
+                            "llama_cpp": direct(llama, max_tokens),
+                            "engine": await in_process_engine(engine, max_tokens),
                             "mesh_http": through_http(client, mesh.base_url, max_tokens),
                             "mesh_grpc": await through_grpc(stub, max_tokens),
                         }
@@ -179,13 +216,14 @@ async def main() -> int:
     finally:
         mesh.stop()
         llama.close()
+        await engine.close()
 
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "mesh_overhead.json"
     out.write_text(json.dumps(results, indent=2))
-    print(f"\nmesh overhead vs in-process llama.cpp ({args.iterations} interleaved runs each)")
+    print(f"\nmesh overhead vs in-process engines ({args.iterations} interleaved runs each)")
     header = (
-        f"{'case':<22}{'path':<11}{'TTFT p50':>10}{'TTFT p99':>10}{'total p50':>11}"
+        f"{'case':<22}{'path':<12}{'TTFT p50':>10}{'TTFT p99':>10}{'total p50':>11}"
         f"{'total p99':>11}{'tokens':>8}"
     )
     print(header)
@@ -193,15 +231,16 @@ async def main() -> int:
         case = results[f"max_tokens_{max_tokens}"]
         for path, s in case.items():
             print(
-                f"{'max_tokens=' + str(max_tokens):<22}{path:<11}{s['ttft_p50_ms']:>9.2f}m"
+                f"{'max_tokens=' + str(max_tokens):<22}{path:<12}{s['ttft_p50_ms']:>9.2f}m"
                 f"{s['ttft_p99_ms']:>9.2f}m{s['total_p50_ms']:>10.2f}m{s['total_p99_ms']:>10.2f}m"
                 f"{s['tokens']:>8.0f}"
             )
-        base = case["direct"]
+        base = case["engine"]
         for path in ("mesh_http", "mesh_grpc"):
             m = case[path]
             print(
-                f"  {path}: added p50 {m['total_p50_ms'] - base['total_p50_ms']:+.2f} ms "
+                f"  {path} vs engine in-process: added p50 "
+                f"{m['total_p50_ms'] - base['total_p50_ms']:+.2f} ms "
                 f"(ratio {m['total_p50_ms'] / base['total_p50_ms']:.3f}), "
                 f"p99 {m['total_p99_ms'] - base['total_p99_ms']:+.2f} ms "
                 f"(ratio {m['total_p99_ms'] / base['total_p99_ms']:.3f}); "

@@ -99,6 +99,8 @@ class InferenceLocalConfig(Section):
     max_queue: int = Field(default=256, ge=0)
     # Default sequence slots per model.
     parallel: int = Field(default=8, ge=1, le=256)
+    # llama.cpp threads per model; unset: all cores but one, which the rest of the mesh needs.
+    n_threads: int | None = Field(default=None, ge=1)
     # Tokens per decode step (decode tokens of every running sequence plus prefill chunks).
     n_batch: int = Field(default=512, ge=32)
     # Largest piece of one prompt prefilled per step, so running streams keep flowing.
