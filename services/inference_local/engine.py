@@ -147,6 +147,13 @@ class EngineMetrics:
         self.kv_used = Gauge(
             "slm_engine_kv_used_ratio", "Share of KV cells in use.", ["model"], registry=registry
         )
+        self.inter_token = Histogram(
+            "slm_engine_inter_token_seconds",
+            "Time between two sampled tokens of one sequence.",
+            ["model"],
+            buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56),
+            registry=registry,
+        )
         self.ttft = Histogram(
             "slm_engine_ttft_seconds",
             "Submission to first sampled token.",
@@ -196,6 +203,7 @@ class _ModelMetrics(SchedulerMetrics):
         self._batch = m.batch_tokens.labels(name)
         self._kv = m.kv_used.labels(name)
         self._ttft = m.ttft.labels(name)
+        self._itl = m.inter_token.labels(name)
         self._name = name
 
     def step(self, batch_tokens: int, running: int, waiting: int, kv_used: float) -> None:
@@ -209,6 +217,9 @@ class _ModelMetrics(SchedulerMetrics):
 
     def first_token(self, seconds: float) -> None:
         self._ttft.observe(seconds)
+
+    def inter_token(self, seconds: float) -> None:
+        self._itl.observe(seconds)
 
     def finished(self, reason: str, prompt_tokens: int) -> None:
         self._requests.labels(self._name, reason).inc()

@@ -93,6 +93,7 @@ class _Seq:
     n_past: int = 0
     generated: int = 0
     next_token: int = -1
+    last_token_at: float = 0.0
 
     @property
     def prefilling(self) -> bool:
@@ -116,6 +117,8 @@ class SchedulerMetrics:
     def token(self, n: int) -> None: ...
 
     def first_token(self, seconds: float) -> None: ...
+
+    def inter_token(self, seconds: float) -> None: ...
 
     def finished(self, reason: str, prompt_tokens: int) -> None: ...
 
@@ -373,8 +376,12 @@ class Scheduler:
     def _sample(self, seq: _Seq, index: int, events: list[Event]) -> None:
         model = self._model
         token = seq.sampler.sample(self._context, index)
+        now = time.perf_counter()
         if seq.generated == 0:
-            self._metrics.first_token(time.perf_counter() - seq.request.submitted)
+            self._metrics.first_token(now - seq.request.submitted)
+        else:
+            self._metrics.inter_token(now - seq.last_token_at)
+        seq.last_token_at = now
         seq.generated += 1
         logprobs: tuple[TokenLogprob, ...] = ()
         if seq.request.sampling.logprobs:
