@@ -141,8 +141,6 @@ def test_models_load_and_unload(mesh: Mesh) -> None:
     name = "gemma-copy"
     path = InferenceLocalConfig().models[0].path
     loaded = slm("models", "load", name, "--path", path, "--url", mesh.base_url)
-    if "this mesh has no POST /admin/models/load" in loaded.stderr:
-        pytest.skip("the gateway has no /admin/models/load yet (the lead's issue 3)")
     assert loaded.returncode == 0, loaded.stderr
     assert f"loading {name}: done" in loaded.stderr
     listed = slm("models", "list", "--url", mesh.base_url)
@@ -154,8 +152,6 @@ def test_models_load_and_unload(mesh: Mesh) -> None:
 @pytest.mark.e2e
 def test_adapters_list(mesh: Mesh) -> None:
     result = slm("adapters", "list", "--url", mesh.base_url)
-    if "this mesh has no GET /admin/adapters" in result.stderr:
-        pytest.skip("the gateway has no /admin/adapters yet (issue 5)")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     missing = slm("adapters", "delete", "no-such-adapter", "--url", mesh.base_url)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from helpers import DEFAULT_MODEL, Mesh, mesh_settings, metric_value
+from helpers import DEFAULT_MODEL, Mesh, mesh_settings, metric_value, wait_for
 from playwright.sync_api import BrowserContext, Page, sync_playwright
 
 from slm.config import PrivacyConfig
@@ -93,16 +92,6 @@ def engine_cancelled(mesh: Mesh) -> float:
     return metric_value(
         text, "slm_engine_requests_total", model=DEFAULT_MODEL, finish_reason="cancelled"
     )
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float = 60) -> bool:
-    """Poll a condition another process makes true (it has no event to wait on)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def test_chat_streams_an_answer_with_its_figures(probe: PageProbe, mesh: Mesh) -> None:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
-from helpers import DEFAULT_MODEL, Mesh, metric_value
+from helpers import DEFAULT_MODEL, Mesh, metric_value, wait_for
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin
@@ -141,16 +139,6 @@ def engine_counters(mesh: Mesh) -> tuple[float, float]:
             text, "slm_engine_requests_total", model=DEFAULT_MODEL, finish_reason="cancelled"
         ),
     )
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float = 60) -> bool:
-    """Poll a condition another process makes true (it has no event to wait on)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 @pytest.mark.e2e
