@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import json
 import logging
@@ -199,7 +200,7 @@ def sse(payload: Mapping[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
-class ResponseFormat:
+class ResponseFormat(abc.ABC):
     """How one endpoint spells its response and its stream chunks.
 
     The content chunk is sent once per token, so its JSON is a prebuilt prefix and suffix around
@@ -226,8 +227,9 @@ class ResponseFormat:
         tail = self._delta_close + ',"logprobs":null,"finish_reason":null}]' + usage_tail + "}\n\n"
         self._delta_suffix = tail.encode()
 
+    @abc.abstractmethod
     def _choice(self, text: str | None, reason: str | None) -> dict[str, Any]:
-        raise NotImplementedError
+        """One choice of a chunk."""
 
     def opening(self) -> bytes | None:
         """A chunk to send before any text, if the endpoint has one."""
@@ -251,15 +253,15 @@ class ResponseFormat:
     def usage(self, usage: types_pb2.Usage) -> bytes:
         return sse({**self._head, "choices": [], "usage": usage_dict(usage)})
 
+    @abc.abstractmethod
     def complete(
         self, text: str, end: types_pb2.StreamEnd, logprobs: LogprobList = ()
     ) -> dict[str, Any]:
         """The whole, non-streamed response."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def logprobs_json(self, logprobs: LogprobList) -> dict[str, Any]:
         """OpenAI's logprobs object of one choice, for these tokens."""
-        raise NotImplementedError
 
     def delta_with_logprobs(self, text: str, logprobs: LogprobList) -> bytes:
         """A content chunk carrying logprobs: the slow path, taken only when they were asked."""
