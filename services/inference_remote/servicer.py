@@ -8,16 +8,11 @@ from typing import Any, TypeAlias
 from inference_remote.core import Delta, Finish, Message, RemoteInference, Request, Sampling
 from slm.errors import FailedPrecondition, InvalidArgument
 from slm.v1 import inference_pb2, inference_pb2_grpc, types_pb2
+from slm.wire import chat_turns
 
 # grpc ships no type information; the servicer context is untyped.
 Context: TypeAlias = Any
 
-ROLE_NAMES = {
-    types_pb2.ROLE_SYSTEM: "system",
-    types_pb2.ROLE_USER: "user",
-    types_pb2.ROLE_ASSISTANT: "assistant",
-    types_pb2.ROLE_TOOL: "tool",
-}
 FINISH_REASONS = {
     Finish.STOP: types_pb2.FINISH_REASON_STOP,
     Finish.LENGTH: types_pb2.FINISH_REASON_LENGTH,
@@ -61,13 +56,9 @@ def request_from_proto(request: inference_pb2.GenerateRequest) -> Request:
     if kind == "prompt":
         return Request(prompt=request.prompt, **common)
     if kind == "chat":
-        messages = []
-        for i, m in enumerate(request.chat.messages):
-            role = ROLE_NAMES.get(m.role)
-            if role is None:
-                raise InvalidArgument(f"messages[{i}].role is not set", field=f"messages[{i}].role")
-            messages.append(Message(role, m.content, m.name))
-        return Request(messages=tuple(messages), **common)
+        turns = chat_turns(request.chat.messages)
+        messages = tuple(Message(t.role, t.content, t.name) for t in turns)
+        return Request(messages=messages, **common)
     return Request(**common)
 
 
