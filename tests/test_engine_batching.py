@@ -154,3 +154,43 @@ async def test_full_queue_is_refused_at_once(model_path: object) -> None:
 
 
 DEFAULT_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
+
+
+def _contract(topic: int) -> str:
+    clauses = " ".join(
+        f"Clause {i}: the {topic}th tenant pays {i * 7 + topic} euros on day {i % 28 + 1}."
+        for i in range(1, 31)
+    )
+    return f"Read this contract.\n{clauses}\nQuestion: what is paid under clause 3? Answer:"
+
+
+async def test_long_prompts_same_text_alone_or_batched_while_slots_move(model_path: object) -> None:
+    """Prompts longer than a prefill chunk, batched with a stream that ends early: the slot it
+    frees makes the engine move a running sequence down, and every text still equals the text
+    of the same request run alone."""
+    registry = CollectorRegistry()
+    config = InferenceLocalConfig(
+        models=[ModelConfig(name="four", path=DEFAULT_MODEL_FILE, parallel=4, context_length=1024)],
+        keep_alive_s=0,
+    )
+    engine = Engine(config, registry)
+    await engine.start()
+    try:
+
+        def long(i: int) -> Request:
+            sampling = Sampling(max_tokens=16, temperature=0.8, seed=100 + i)
+            return Request("four", sampling, prompt=_contract(i))
+
+        # More than a chunk, so a prompt is read in several passes.
+        assert len(await engine.tokenize("four", _contract(0), True)) > config.prefill_chunk + 64
+        alone = [(await collect(engine, long(i)))[0] for i in range(3)]
+        short = Request("four", Sampling(max_tokens=2, temperature=0.0), prompt="Hello")
+        moves_before = _value(engine.metrics.moves, "four")
+        batched = await asyncio.gather(
+            collect(engine, short), *(collect(engine, long(i)) for i in range(3))
+        )
+        assert [text for text, _, _ in batched[1:]] == alone
+        assert len(set(alone)) == 3
+        assert _value(engine.metrics.moves, "four") > moves_before
+    finally:
+        await engine.close()

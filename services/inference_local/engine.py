@@ -139,9 +139,15 @@ class EngineMetrics:
         )
         self.batch_tokens = Histogram(
             "slm_engine_batch_tokens",
-            "Tokens per llama_decode step.",
+            "Tokens computed per scheduler step (a token per running sequence, prompt chunks).",
             ["model"],
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=registry,
+        )
+        self.moves = Counter(
+            "slm_engine_sequence_moves",
+            "Sequences moved to a lower slot to keep the running slots contiguous.",
+            ["model"],
             registry=registry,
         )
         self.kv_used = Gauge(
@@ -204,6 +210,7 @@ class _ModelMetrics(SchedulerMetrics):
         self._kv = m.kv_used.labels(name)
         self._ttft = m.ttft.labels(name)
         self._itl = m.inter_token.labels(name)
+        self._moves = m.moves.labels(name)
         self._name = name
 
     def step(self, batch_tokens: int, running: int, waiting: int, kv_used: float) -> None:
@@ -214,6 +221,9 @@ class _ModelMetrics(SchedulerMetrics):
 
     def token(self, n: int) -> None:
         self._tokens.inc(n)
+
+    def moved(self) -> None:
+        self._moves.inc()
 
     def first_token(self, seconds: float) -> None:
         self._ttft.observe(seconds)

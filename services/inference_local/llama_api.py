@@ -238,6 +238,14 @@ class Context:
     def clear_seq(self, seq: int) -> None:
         C.llama_memory_seq_rm(self.memory, seq, -1, -1)
 
+    def move_seq(self, src: int, dst: int) -> None:
+        """Move a sequence to another (empty) slot. Its KV cells keep their indices, so it
+        computes exactly as before; llama.cpp copies the buffers at the start of the next
+        decode, so nothing may write `src`'s slot until then."""
+        C.llama_memory_seq_rm(self.memory, dst, -1, -1)
+        C.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+        C.llama_memory_seq_rm(self.memory, src, -1, -1)
+
     def seq_pos_max(self, seq: int) -> int:
         return int(C.llama_memory_seq_pos_max(self.memory, seq))
 

@@ -1,14 +1,23 @@
-"""Continuous batching for one loaded model: every step is one llama_decode over all sequences.
+"""Continuous batching for one loaded model: every step decodes all running sequences at once.
 
 A dedicated thread runs the loop, so the asyncio event loop never waits on llama.cpp (ctypes
 releases the GIL while C runs). Each step it:
 
-1. drops cancelled sequences (their slot and KV are freed at once) and admits waiting ones into
-   free slots;
-2. puts one token of every decoding sequence into the batch, then fills the room left with
-   chunks of prompts still being prefilled, so long prompts never stall running streams;
-3. decodes, samples each sequence that produced logits with its own sampler chain, and hands
-   all new events to the event loop in one call.
+1. drops cancelled sequences (their slot and KV are freed at once), admits waiting ones into
+   the lowest free slots, and moves sequences down into slots left free, so that the running
+   slots stay contiguous;
+2. decodes one token of every running sequence in one llama_decode, samples each with its own
+   sampler chain and hands the new events to the event loop in one call;
+3. prefills chunks of prompts still being read, each chunk in its own llama_decode, as long as
+   the step's token budget lasts, so long prompts never stall running streams.
+
+Why the shapes matter. With one KV stream per slot, llama.cpp computes a batch in one pass only
+over a run of consecutive sequence ids holding the same number of tokens; every break in the
+run costs another pass over all the weights (a third more per step with 16 scattered slots).
+And its CPU attention picks its kernel by the number of a sequence's tokens in the pass (tiled
+from 64 up), so a token's logits depend on the pass it was computed in. Decode passes hold one
+token per sequence, and a prompt's chunk boundaries depend only on the prompt and its prefix
+plan, never on what else is running: the same seed gives the same text alone or batched.
 
 llama.cpp applies LoRA adapters per context, not per sequence, so a step only batches
 sequences that share an adapter set; groups take turns step by step.
@@ -20,6 +29,7 @@ import asyncio
 import codecs
 import collections
 import enum
+import heapq
 import logging
 import threading
 import time
@@ -116,6 +126,8 @@ class SchedulerMetrics:
 
     def token(self, n: int) -> None: ...
 
+    def moved(self) -> None: ...
+
     def first_token(self, seconds: float) -> None: ...
 
     def inter_token(self, seconds: float) -> None: ...
@@ -140,8 +152,9 @@ class Scheduler:
         self._cond = threading.Condition()
         self._waiting: collections.deque[SeqRequest] = collections.deque()
         self._active: list[_Seq] = []
-        self._free_slots = list(range(config.n_slots - 1, -1, -1))
+        self._free_slots = list(range(config.n_slots))  # a heap: the lowest slot first
         self._batch = Batch(config.n_batch)
+        self._chunk = min(config.prefill_chunk, config.n_batch)
         self._stopping = False
         self._group_turn = 0
         self.last_used = time.monotonic()
@@ -245,11 +258,11 @@ class Scheduler:
             request = self._waiting.popleft()
             if request.cancelled:
                 continue
-            slot = self._free_slots.pop()
+            slot = heapq.heappop(self._free_slots)
             try:
                 sampler = Sampler(self._model, request.sampling.sampler_config())
             except Exception as error:
-                self._free_slots.append(slot)
+                heapq.heappush(self._free_slots, slot)
                 refused.append((request, error))
                 continue
             if request.sampling.uses_penalties:
@@ -294,7 +307,7 @@ class Scheduler:
         seq.sampler.close()
         self._active.remove(seq)
         with self._cond:
-            self._free_slots.append(seq.slot)
+            heapq.heappush(self._free_slots, seq.slot)
 
     def _finish(self, seq: _Seq, finish: Finish, events: list[Event], drain: bool = True) -> None:
         if drain:
@@ -320,57 +333,93 @@ class Scheduler:
         self._group_turn = (self._group_turn + 1) % len(sets)
         return sets[self._group_turn]
 
+    def _compact(self) -> None:
+        """Move the sequences in the highest slots down into free lower ones, so the running
+        slots form one run. Called right before a decode, which carries out the copies before
+        anything else can write the vacated slots."""
+        with self._cond:
+            while self._free_slots and self._active:
+                top = max(self._active, key=lambda s: s.slot)
+                if self._free_slots[0] > top.slot:
+                    return
+                slot = heapq.heappop(self._free_slots)
+                self._context.move_seq(top.slot, slot)
+                heapq.heappush(self._free_slots, top.slot)
+                top.slot = slot
+                self._metrics.moved()
+
+    def _chunk_end(self, seq: _Seq) -> int:
+        """Where the sequence's next prompt chunk ends: a function of the prompt and its prefix
+        plan only, so the chunks are the same whatever else shares the steps."""
+        prompt = seq.request.prompt
+        end = min(len(prompt), seq.prompt_pos + self._chunk)
+        if seq.request.prefix is not None:
+            # A chunk ends at a snapshot point, so the state there can be copied.
+            point = seq.request.prefix.next_save(seq.prompt_pos)
+            if point is not None:
+                end = min(end, point)
+        return end
+
     def _step(self, outbox: list[tuple[SeqRequest, list[Event] | BaseException]]) -> None:
         for seq in [s for s in self._active if s.request.cancelled]:
             self._metrics.finished(Finish.CANCELLED.value, len(seq.request.prompt))
             self._release(seq)
         if not self._active:
             return
+        self._compact()
         group = self._group()
         members = [s for s in self._active if s.request.adapters == group]
-        batch = self._batch
-        batch.clear()
-        outputs: list[tuple[_Seq, int]] = []
-        for seq in members:
-            if not seq.prefilling:
-                outputs.append((seq, batch.add(seq.next_token, seq.n_past, seq.slot, True)))
-                seq.n_past += 1
-        room = batch.capacity - batch.n
-        for seq in members:
-            if room <= 0:
-                break
-            if seq.prefilling:
-                take = min(
-                    room, self.config.prefill_chunk, len(seq.request.prompt) - seq.prompt_pos
-                )
-                if seq.request.prefix is not None:
-                    # A chunk ends at a snapshot point, so the state there can be copied.
-                    point = seq.request.prefix.next_save(seq.prompt_pos)
-                    if point is not None:
-                        take = min(take, point - seq.prompt_pos)
-                chunk = seq.request.prompt[seq.prompt_pos : seq.prompt_pos + take]
-                last = seq.prompt_pos + take == len(seq.request.prompt)
-                index = batch.add_many(chunk, seq.n_past, seq.slot, last)
-                seq.prompt_pos += take
-                seq.n_past += take
-                room -= take
-                if last:
-                    outputs.append((seq, index))
-        if batch.n == 0:
-            return
         self._context.set_adapters(group)
-        self._context.decode(batch)
-        self._snapshot([s for s in members if s.request.prefix is not None])
+        batch = self._batch
+        decoding = sorted((s for s in members if not s.prefilling), key=lambda s: s.slot)
+        sampled = 0
+        if decoding:
+            batch.clear()
+            outputs = [
+                (seq, batch.add(seq.next_token, seq.n_past, seq.slot, True)) for seq in decoding
+            ]
+            self._context.decode(batch)
+            for seq, index in outputs:
+                seq.n_past += 1
+                events: list[Event] = []
+                self._sample(seq, index, events)
+                if events:
+                    outbox.append((seq.request, events))
+            sampled += len(outputs)
+            # Running streams get their tokens now, not after the prompt chunks below.
+            self._post(outbox[:])
+            outbox.clear()
+        budget = batch.capacity - len(decoding)
+        prefilled = 0
+        for seq in [s for s in members if s.prefilling]:
+            end = self._chunk_end(seq)
+            take = end - seq.prompt_pos
+            if prefilled and take > budget:
+                continue
+            last = end == len(seq.request.prompt)
+            batch.clear()
+            index = batch.add_many(
+                seq.request.prompt[seq.prompt_pos : end], seq.n_past, seq.slot, last
+            )
+            self._context.decode(batch)
+            seq.prompt_pos = seq.n_past = end
+            budget -= take
+            prefilled += take
+            if seq.request.prefix is not None:
+                self._snapshot([seq])
+            if last:
+                events = []
+                self._sample(seq, index, events)
+                sampled += 1
+                if events:
+                    outbox.append((seq.request, events))
+            if budget <= 0:
+                break
         used = sum(s.n_past for s in self._active)
         total = self._context.n_ctx_per_seq * self.config.n_slots
-        self._metrics.step(batch.n, len(self._active), len(self._waiting), used / total)
-        sampled = 0
-        for seq, index in outputs:
-            events: list[Event] = []
-            self._sample(seq, index, events)
-            sampled += 1
-            if events:
-                outbox.append((seq.request, events))
+        self._metrics.step(
+            len(decoding) + prefilled, len(self._active), len(self._waiting), used / total
+        )
         self._metrics.token(sampled)
 
     def _sample(self, seq: _Seq, index: int, events: list[Event]) -> None:
