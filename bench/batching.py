@@ -1,13 +1,16 @@
 """Continuous batching: aggregate throughput, TTFT and inter-token latency under concurrency.
 
-Three servers on the same model and machine, in one run:
-- service-slm, the whole mesh through Envoy (inference-local with 32 sequence slots);
+Three servers on the same model and machine, in one run, every one given the same thread count:
+- service-slm, the whole mesh through Envoy (inference-local with as many sequence slots as
+  the highest concurrency);
 - llama-cpp-python's own OpenAI server (`python -m llama_cpp.server`);
 - llama.cpp's C++ `llama-server` with --parallel equal to the concurrency, built from the
   sources vendored in the llama-cpp-python sdist (bench/build_llama_server.sh, not committed).
 
 Every request streams /v1/completions with a ~120-token prompt, a fixed seed per request, and
-the end-of-generation tokens banned so that each produces exactly max_tokens tokens.
+the end-of-generation tokens banned so that each produces exactly max_tokens tokens. The
+servers stay up together and each level runs on all of them in turn, so a slow minute on a
+shared machine hits every server; --repeat N runs each level N times and keeps the median.
 
     make bench-batching        # or: .venv/bin/python bench/batching.py --concurrency 1 4 16
 """
@@ -193,73 +196,56 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "servers": {},
     }
 
-    async def sweep(name: str, url: str, model: str, levels: list[int]) -> None:
-        for max_tokens in args.max_tokens:
-            for c in levels:
-                r = await level(url, model, c, max_tokens)
-                results["servers"].setdefault(name, {})[f"{c}x{max_tokens}"] = r
-                failed = f"  {r['failed_streams']:.0f} failed" if r["failed_streams"] else ""
-                print(
-                    f"{name:<16} c={c:<3} out={max_tokens:<4} {r['tokens_per_s']:8.1f} tok/s "
-                    f"TTFT p50 {r['ttft_p50_ms']:8.1f} ms  ITL p50 {r['itl_p50_ms']:6.1f} ms "
-                    f"p99 {r['itl_p99_ms']:7.1f} ms{failed}",
-                    flush=True,
-                )
+    async def measure(name: str, url: str, c: int, max_tokens: int) -> None:
+        runs = [await level(url, DEFAULT_MODEL, c, max_tokens) for _ in range(args.repeat)]
+        # The run of median throughput stands for the level; all runs are kept.
+        r: dict[str, Any] = dict(sorted(runs, key=lambda run: run["tokens_per_s"])[len(runs) // 2])
+        r["runs_tokens_per_s"] = [run["tokens_per_s"] for run in runs]
+        results["servers"].setdefault(name, {})[f"{c}x{max_tokens}"] = r
+        failed = f"  {r['failed_streams']:.0f} failed" if r["failed_streams"] else ""
+        print(
+            f"{name:<16} c={c:<3} out={max_tokens:<4} {r['tokens_per_s']:8.1f} tok/s "
+            f"TTFT p50 {r['ttft_p50_ms']:8.1f} ms  ITL p50 {r['itl_p50_ms']:6.1f} ms "
+            f"p99 {r['itl_p99_ms']:7.1f} ms{failed}",
+            flush=True,
+        )
 
-    if "mesh" in args.servers:
-        mesh = Mesh(settings, state / "slm.toml", state / "mesh.log")
-        mesh.start()
-        try:
-            await sweep("service-slm", mesh.base_url, DEFAULT_MODEL, args.concurrency)
-        finally:
-            mesh.stop()
-    if "llama_cpp.server" in args.servers:
-        port = free_port()
-        command = [
-            sys.executable,
-            "-m",
-            "llama_cpp.server",
-            "--model",
-            str(model_file),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--n_ctx",
-            str(args.ctx),
-            "--n_threads",
-            threads,
-            "--n_threads_batch",
-            threads,
-        ]
-        with process(command, f"http://127.0.0.1:{port}/v1/models", state / "lcp.log"):
-            await sweep(
-                "llama_cpp.server", f"http://127.0.0.1:{port}", DEFAULT_MODEL, args.concurrency
-            )
-    if "llama-server" in args.servers:
-        binary = llama_server_binary()
-        for c in args.concurrency:
+    def llama_server(binary: str, c: int) -> contextlib.AbstractContextManager[None]:
+        port = ports["llama-server"] = free_port()
+        command = [binary, "-m", str(model_file), "--host", "127.0.0.1", "--port", str(port)]
+        command += ["--parallel", str(c), "-c", str(args.ctx * c), "-t", threads, "-tb", threads]
+        command += ["--no-webui"]
+        return process(command, f"http://127.0.0.1:{port}/health", state / f"ls-{c}.log")
+
+    # Every server stays up for the whole run and the levels interleave the servers, so that
+    # a slow minute on a shared machine hits all of them rather than one.
+    ports: dict[str, int] = {}
+    urls: dict[str, str] = {}
+    with contextlib.ExitStack() as stack:
+        if "mesh" in args.servers:
+            mesh = Mesh(settings, state / "slm.toml", state / "mesh.log")
+            mesh.start()
+            stack.callback(mesh.stop)
+            urls["service-slm"] = mesh.base_url
+        if "llama_cpp.server" in args.servers:
             port = free_port()
-            command = [
-                binary,
-                "-m",
-                str(model_file),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--parallel",
-                str(c),
-                "-c",
-                str(args.ctx * c),
-                "-t",
-                threads,
-                "-tb",
-                threads,
-                "--no-webui",
-            ]
-            with process(command, f"http://127.0.0.1:{port}/health", state / f"ls-{c}.log"):
-                await sweep("llama-server", f"http://127.0.0.1:{port}", DEFAULT_MODEL, [c])
+            command = [sys.executable, "-m", "llama_cpp.server", "--model", str(model_file)]
+            command += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(args.ctx)]
+            command += ["--n_threads", threads, "--n_threads_batch", threads]
+            stack.enter_context(
+                process(command, f"http://127.0.0.1:{port}/v1/models", state / "lcp.log")
+            )
+            urls["llama_cpp.server"] = f"http://127.0.0.1:{port}"
+        binary = llama_server_binary() if "llama-server" in args.servers else ""
+        for c in args.concurrency:
+            with contextlib.ExitStack() as per_level:
+                if binary:
+                    # --parallel equal to the concurrency, as llama.cpp's docs advise.
+                    per_level.enter_context(llama_server(binary, c))
+                    urls["llama-server"] = f"http://127.0.0.1:{ports['llama-server']}"
+                for max_tokens in args.max_tokens:
+                    for name, url in urls.items():
+                        await measure(name, url, c, max_tokens)
     return results
 
 
@@ -316,6 +302,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     parser.add_argument("--max-tokens", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--ctx", type=int, default=512, help="context per sequence")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per level (median kept)")
     parser.add_argument(
         "--servers", nargs="+", default=["mesh", "llama_cpp.server", "llama-server"]
     )
