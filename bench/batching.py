@@ -20,8 +20,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -39,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from helpers import DEFAULT_MODEL, Mesh, free_port, mesh_settings
 
 RESULTS = Path(__file__).parent / "results"
+RUNS = itertools.count(1)
 # Gemma 3's <eos> and <end_of_turn>: banned so every stream runs to max_tokens.
 NO_EOS = {"1": -100, "106": -100}
 PARAGRAPH = (
@@ -70,11 +73,13 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def one_stream(
-    client: httpx.AsyncClient, url: str, model: str, index: int, max_tokens: int
+    client: httpx.AsyncClient, url: str, model: str, index: int, max_tokens: int, run: int
 ) -> Sample:
     body = {
         "model": model,
-        "prompt": f"Story {index}. {PARAGRAPH}",
+        # Every run has prompts of its own: no server reuses a prompt it saw in an earlier run
+        # (llama-server keeps each slot's last prompt cached).
+        "prompt": f"Story {run}.{index}. {PARAGRAPH}",
         "max_tokens": max_tokens,
         "temperature": 0.8,
         "top_p": 0.95,
@@ -112,9 +117,10 @@ async def one_stream(
 async def level(url: str, model: str, concurrency: int, max_tokens: int) -> dict[str, float]:
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        await one_stream(client, url, model, 999, 4)  # warm the connection and the model
+        run = next(RUNS)
+        await one_stream(client, url, model, 999, 4, run)  # warm the connection and the model
         samples = await asyncio.gather(
-            *(one_stream(client, url, model, i, max_tokens) for i in range(concurrency))
+            *(one_stream(client, url, model, i, max_tokens, run) for i in range(concurrency))
         )
     wall = max(s.end for s in samples) - min(s.start for s in samples)
     # Throughput counts only streams that completed: a dropped stream served nobody.
@@ -307,6 +313,8 @@ def main() -> int:
         "--servers", nargs="+", default=["mesh", "llama_cpp.server", "llama-server"]
     )
     args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so the servers this run started are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results = asyncio.run(run_all(args))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "batching.json").write_text(json.dumps(results, indent=2))

@@ -101,9 +101,12 @@ class InferenceLocalConfig(Section):
     parallel: int = Field(default=8, ge=1, le=256)
     # llama.cpp threads per model; unset: all cores but one, which the rest of the mesh needs.
     n_threads: int | None = Field(default=None, ge=1)
-    # Tokens per decode step (decode tokens of every running sequence plus prefill chunks).
+    # Tokens computed per step: one per running sequence, then whole prompt chunks while room
+    # is left (at least one chunk a step).
     n_batch: int = Field(default=512, ge=32)
-    # Largest piece of one prompt prefilled per step, so running streams keep flowing.
+    # Largest piece of one prompt prefilled per step, so running streams keep flowing. Chunk
+    # boundaries depend on the prompt alone, so the same seed gives the same text alone or
+    # batched; llama.cpp's CPU attention is fastest from 64 tokens a chunk.
     prefill_chunk: int = Field(default=256, ge=16)
     # Estimated weights + KV + compute of all loaded models must stay under this.
     memory_budget_mb: int = Field(default=8192, ge=64)
