@@ -9,7 +9,8 @@ releases the GIL while C runs). Each step it:
 2. decodes one token of every running sequence in one llama_decode, samples each with its own
    sampler chain and hands the new events to the event loop in one call;
 3. prefills chunks of prompts still being read, each chunk in its own llama_decode, as long as
-   the step's token budget lasts, so long prompts never stall running streams.
+   the step's token budget lasts, so long prompts never stall running streams; a prompt's
+   first token goes out as soon as its last chunk is read.
 
 Why the shapes matter. With one KV stream per slot, llama.cpp computes a batch in one pass only
 over a run of consecutive sequence ids holding the same number of tokens; every break in the
@@ -412,7 +413,8 @@ class Scheduler:
                 self._sample(seq, index, events)
                 sampled += 1
                 if events:
-                    outbox.append((seq.request, events))
+                    # Its first token goes out now, not after the step's other chunks.
+                    self._post([(seq.request, events)])
             if budget <= 0:
                 break
         used = sum(s.n_past for s in self._active)
