@@ -156,12 +156,12 @@ async def test_full_queue_is_refused_at_once(model_path: object) -> None:
 DEFAULT_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
 
 
-def _contract(topic: int) -> str:
-    clauses = " ".join(
+def _contract(topic: int, clauses: int = 30) -> str:
+    text = " ".join(
         f"Clause {i}: the {topic}th tenant pays {i * 7 + topic} euros on day {i % 28 + 1}."
-        for i in range(1, 31)
+        for i in range(1, clauses + 1)
     )
-    return f"Read this contract.\n{clauses}\nQuestion: what is paid under clause 3? Answer:"
+    return f"Read this contract.\n{text}\nQuestion: what is paid under clause 3? Answer:"
 
 
 async def test_long_prompts_same_text_alone_or_batched_while_slots_move(model_path: object) -> None:
@@ -192,5 +192,56 @@ async def test_long_prompts_same_text_alone_or_batched_while_slots_move(model_pa
         assert [text for text, _, _ in batched[1:]] == alone
         assert len(set(alone)) == 3
         assert _value(engine.metrics.moves, "four") > moves_before
+    finally:
+        await engine.close()
+
+
+def _steps_over(engine: Engine, model: str, tokens: int) -> float:
+    """How many scheduler steps so far computed more than `tokens` tokens."""
+    child = engine.metrics.batch_tokens.labels(model)
+    samples = child._samples()
+    total = next(s.value for s in samples if s.name == "_count")
+    within = next(
+        s.value for s in samples if s.name == "_bucket" and float(s.labels["le"]) == tokens
+    )
+    return float(total - within)
+
+
+async def test_a_burst_of_prompts_is_read_a_chunk_a_step_while_a_stream_runs(
+    model_path: object,
+) -> None:
+    """Prompts arriving together while a stream runs are read one chunk's worth per step, with a
+    decode of the running stream between them, so it never waits for the whole burst."""
+    config = InferenceLocalConfig(
+        models=[ModelConfig(name="four", path=DEFAULT_MODEL_FILE, parallel=4, context_length=512)],
+        prefill_chunk=128,
+        keep_alive_s=0,
+    )
+    engine = Engine(config, CollectorRegistry())
+    await engine.start()
+    try:
+        # Each prompt fits in a chunk, two do not: a step reading two computes over 128 tokens.
+        size = len(await engine.tokenize("four", _contract(0, clauses=5), True))
+        assert 64 < size <= 128
+        no_eos = {1: -100.0, 106: -100.0}
+        stream = engine.generate(
+            Request(
+                "four",
+                Sampling(max_tokens=300, temperature=1.0, seed=1, logit_bias=no_eos),
+                prompt="Count: one, two,",
+            )
+        )
+        assert isinstance(await anext(stream), Delta)  # it is decoding now
+        before = _steps_over(engine, "four", 128)
+        burst = [
+            Request("four", Sampling(max_tokens=2, temperature=0.0), prompt=_contract(i, 5))
+            for i in range(3)
+        ]
+        answers = await asyncio.gather(*(collect(engine, r) for r in burst))
+        assert all(end.completion_tokens == 2 for _, end, _ in answers)
+        assert _steps_over(engine, "four", 128) == before
+        # The stream ran through the burst and is still running.
+        assert isinstance(await anext(stream), Delta)
+        await stream.aclose()  # type: ignore[attr-defined]
     finally:
         await engine.close()

@@ -8,8 +8,9 @@ releases the GIL while C runs). Each step it:
    slots stay contiguous;
 2. decodes one token of every running sequence in one llama_decode, samples each with its own
    sampler chain and hands the new events to the event loop in one call;
-3. prefills chunks of prompts still being read, each chunk in its own llama_decode, as long as
-   the step's token budget lasts, so long prompts never stall running streams; a prompt's
+3. prefills chunks of prompts still being read, each chunk in its own llama_decode: while
+   streams are running, one chunk's worth of prompt tokens a step, so a burst of new prompts
+   never stalls them for long; with none running, as much as the batch holds. A prompt's
    first token goes out as soon as its last chunk is read.
 
 Why the shapes matter. With one KV stream per slot, llama.cpp computes a batch in one pass only
@@ -390,7 +391,11 @@ class Scheduler:
             # Running streams get their tokens now, not after the prompt chunks below.
             self._post(outbox[:])
             outbox.clear()
-        budget = batch.capacity - len(decoding)
+        # While streams are running, a step reads at most one chunk of prompts (at least one
+        # chunk), so their next token never waits for more than a chunk's prefill; with none
+        # running, nobody waits and a step reads as much as the batch holds.
+        running = bool(decoding) or any(not s.prefilling for s in self._active)
+        budget = self._chunk if running else batch.capacity
         prefilled = 0
         for seq in [s for s in members if s.prefilling]:
             end = self._chunk_end(seq)

@@ -101,10 +101,11 @@ class InferenceLocalConfig(Section):
     parallel: int = Field(default=8, ge=1, le=256)
     # llama.cpp threads per model; unset: all cores but one, which the rest of the mesh needs.
     n_threads: int | None = Field(default=None, ge=1)
-    # Tokens computed per step: one per running sequence, then whole prompt chunks while room
-    # is left (at least one chunk a step).
+    # Prompt tokens a step reads when no stream is running (at least one chunk a step).
     n_batch: int = Field(default=512, ge=32)
-    # Largest piece of one prompt prefilled per step, so running streams keep flowing. Chunk
+    # Largest piece of one prompt prefilled in one pass, and the prompt tokens a step reads
+    # while streams are running (at least one chunk), so a burst of new prompts stalls them for
+    # one chunk's prefill at a time: lower it for steadier inter-token latency. Chunk
     # boundaries depend on the prompt alone, so the same seed gives the same text alone or
     # batched; llama.cpp's CPU attention is fastest from 64 tokens a chunk.
     prefill_chunk: int = Field(default=256, ge=16)
