@@ -1,16 +1,19 @@
 """Continuous batching: aggregate throughput, TTFT and inter-token latency under concurrency.
 
-Three servers on the same model and machine, in one run, every one given the same thread count:
+Four servers on the same model and machine, in one run, every one given the same thread count:
 - service-slm, the whole mesh through Envoy (inference-local with as many sequence slots as
   the highest concurrency);
+- the direct engine: inference-local's Engine in this process, same settings, no mesh, which
+  shows what the mesh costs;
 - llama-cpp-python's own OpenAI server (`python -m llama_cpp.server`);
 - llama.cpp's C++ `llama-server` with --parallel equal to the concurrency, built from the
   sources vendored in the llama-cpp-python sdist (bench/build_llama_server.sh, not committed).
 
-Every request streams /v1/completions with a ~120-token prompt, a fixed seed per request, and
-the end-of-generation tokens banned so that each produces exactly max_tokens tokens. The
-servers stay up together and each level runs on all of them in turn, so a slow minute on a
-shared machine hits every server; --repeat N runs each level N times and keeps the median.
+Every request streams a ~120-token prompt (/v1/completions over HTTP; Engine.generate for the
+direct engine), a fixed seed per request, and the end-of-generation tokens banned so that each
+produces exactly max_tokens tokens. The servers stay up together and each level runs on all of
+them in turn, so a slow minute on a shared machine hits every server; --repeat N runs each
+level N times, every other round in reverse order, and keeps the median.
 
     make bench-batching        # or: .venv/bin/python bench/batching.py --concurrency 1 4 16
 """
@@ -114,14 +117,58 @@ async def one_stream(
     return Sample(start, first or last, last, tokens, tuple(gaps))
 
 
-async def level(url: str, model: str, concurrency: int, max_tokens: int) -> dict[str, float]:
+async def engine_stream(engine: Any, model: str, index: int, max_tokens: int, run: int) -> Sample:
+    """The same request as one_stream, straight to an Engine in this process."""
+    from inference_local.engine import Delta, Request
+    from inference_local.sampling import Sampling
+
+    sampling = Sampling(
+        max_tokens=max_tokens,
+        temperature=0.8,
+        top_p=0.95,
+        seed=1000 + index,
+        logit_bias={int(t): b for t, b in NO_EOS.items()},
+    )
+    request = Request(model, sampling, prompt=f"Story {run}.{index}. {PARAGRAPH}")
+    start = time.perf_counter()
+    first = 0.0
+    last = start
+    tokens = 0
+    gaps: list[float] = []
+    async for event in engine.generate(request):
+        if not isinstance(event, Delta) or not event.text:
+            continue
+        now = time.perf_counter()
+        if tokens == 0:
+            first = now
+        else:
+            gaps.append(now - last)
+        last = now
+        tokens += 1
+    return Sample(start, first or last, last, tokens, tuple(gaps))
+
+
+async def level(
+    target: str | Any, model: str, concurrency: int, max_tokens: int
+) -> dict[str, float]:
+    """One level against a URL (OpenAI HTTP) or an Engine object (the direct engine)."""
+    run = next(RUNS)
+    if not isinstance(target, str):
+        await engine_stream(target, model, 999, 4, run)
+        samples = await asyncio.gather(
+            *(engine_stream(target, model, i, max_tokens, run) for i in range(concurrency))
+        )
+        return summarise(samples, max_tokens)
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        run = next(RUNS)
-        await one_stream(client, url, model, 999, 4, run)  # warm the connection and the model
+        await one_stream(client, target, model, 999, 4, run)  # warm the connection and the model
         samples = await asyncio.gather(
-            *(one_stream(client, url, model, i, max_tokens, run) for i in range(concurrency))
+            *(one_stream(client, target, model, i, max_tokens, run) for i in range(concurrency))
         )
+    return summarise(samples, max_tokens)
+
+
+def summarise(samples: list[Sample], max_tokens: int) -> dict[str, float]:
     wall = max(s.end for s in samples) - min(s.start for s in samples)
     # Throughput counts only streams that completed: a dropped stream served nobody.
     ok = [s for s in samples if not s.error and s.tokens == max_tokens]
@@ -202,19 +249,27 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "servers": {},
     }
 
-    async def measure(name: str, url: str, c: int, max_tokens: int) -> None:
-        runs = [await level(url, DEFAULT_MODEL, c, max_tokens) for _ in range(args.repeat)]
-        # The run of median throughput stands for the level; all runs are kept.
-        r: dict[str, Any] = dict(sorted(runs, key=lambda run: run["tokens_per_s"])[len(runs) // 2])
-        r["runs_tokens_per_s"] = [run["tokens_per_s"] for run in runs]
-        results["servers"].setdefault(name, {})[f"{c}x{max_tokens}"] = r
-        failed = f"  {r['failed_streams']:.0f} failed" if r["failed_streams"] else ""
-        print(
-            f"{name:<16} c={c:<3} out={max_tokens:<4} {r['tokens_per_s']:8.1f} tok/s "
-            f"TTFT p50 {r['ttft_p50_ms']:8.1f} ms  ITL p50 {r['itl_p50_ms']:6.1f} ms "
-            f"p99 {r['itl_p99_ms']:7.1f} ms{failed}",
-            flush=True,
-        )
+    async def measure(targets: dict[str, Any], c: int, max_tokens: int) -> None:
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+        names = list(targets)
+        for repeat in range(args.repeat):
+            # Every other round runs the servers in reverse order, so a machine that speeds up
+            # or slows down during the level favours none of them.
+            for name in names if repeat % 2 == 0 else names[::-1]:
+                runs[name].append(await level(targets[name], DEFAULT_MODEL, c, max_tokens))
+        for name in names:
+            # The run of median throughput stands for the level; all runs are kept.
+            ordered = sorted(runs[name], key=lambda run: run["tokens_per_s"])
+            r: dict[str, Any] = dict(ordered[len(ordered) // 2])
+            r["runs_tokens_per_s"] = [run["tokens_per_s"] for run in runs[name]]
+            results["servers"].setdefault(name, {})[f"{c}x{max_tokens}"] = r
+            failed = f"  {r['failed_streams']:.0f} failed" if r["failed_streams"] else ""
+            print(
+                f"{name:<16} c={c:<3} out={max_tokens:<4} {r['tokens_per_s']:8.1f} tok/s "
+                f"TTFT p50 {r['ttft_p50_ms']:8.1f} ms  ITL p50 {r['itl_p50_ms']:6.1f} ms "
+                f"p99 {r['itl_p99_ms']:7.1f} ms{failed}",
+                flush=True,
+            )
 
     def llama_server(binary: str, c: int) -> contextlib.AbstractContextManager[None]:
         port = ports["llama-server"] = free_port()
@@ -226,13 +281,24 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     # Every server stays up for the whole run and the levels interleave the servers, so that
     # a slow minute on a shared machine hits all of them rather than one.
     ports: dict[str, int] = {}
-    urls: dict[str, str] = {}
-    with contextlib.ExitStack() as stack:
+    urls: dict[str, Any] = {}
+    async with contextlib.AsyncExitStack() as stack:
         if "mesh" in args.servers:
             mesh = Mesh(settings, state / "slm.toml", state / "mesh.log")
             mesh.start()
             stack.callback(mesh.stop)
             urls["service-slm"] = mesh.base_url
+        if "engine" in args.servers:
+            # The direct engine: inference-local's Engine in this process, no mesh in front.
+            from prometheus_client import CollectorRegistry
+
+            from inference_local.engine import Engine
+
+            config = settings.inference_local.model_copy(update={"keep_alive_s": 0})
+            engine = Engine(config, CollectorRegistry())
+            await engine.start()
+            stack.push_async_callback(engine.close)
+            urls["engine (direct)"] = engine
         if "llama_cpp.server" in args.servers:
             port = free_port()
             command = [sys.executable, "-m", "llama_cpp.server", "--model", str(model_file)]
@@ -250,8 +316,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
                     per_level.enter_context(llama_server(binary, c))
                     urls["llama-server"] = f"http://127.0.0.1:{ports['llama-server']}"
                 for max_tokens in args.max_tokens:
-                    for name, url in urls.items():
-                        await measure(name, url, c, max_tokens)
+                    await measure(urls, c, max_tokens)
     return results
 
 
@@ -259,7 +324,7 @@ def report(results: dict[str, Any]) -> None:
     servers = results["servers"]
     mesh = servers.get("service-slm", {})
     print("\nratios of service-slm to each peer (throughput: higher is better; TTFT: lower)")
-    for peer in ("llama_cpp.server", "llama-server"):
+    for peer in ("engine (direct)", "llama_cpp.server", "llama-server"):
         for key, ours in mesh.items():
             theirs = servers.get(peer, {}).get(key)
             if theirs:
@@ -310,7 +375,10 @@ def main() -> int:
     parser.add_argument("--ctx", type=int, default=512, help="context per sequence")
     parser.add_argument("--repeat", type=int, default=1, help="runs per level (median kept)")
     parser.add_argument(
-        "--servers", nargs="+", default=["mesh", "llama_cpp.server", "llama-server"]
+        "--servers",
+        nargs="+",
+        default=["mesh", "engine", "llama_cpp.server", "llama-server"],
+        choices=["mesh", "engine", "llama_cpp.server", "llama-server"],
     )
     args = parser.parse_args()
     # SIGTERM unwinds like Ctrl-C, so the servers this run started are stopped.
