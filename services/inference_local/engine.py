@@ -393,6 +393,7 @@ class Engine:
                     self.config.max_queue,
                     self.config.prefill_chunk,
                     max(self.config.n_batch, n_slots),
+                    self.config.sample_threads or min(8, os.cpu_count() or 1),
                 ),
                 weights.model,
                 loaded.context,

@@ -265,6 +265,11 @@ class Context:
             return False
         return True
 
+    def settle_outputs(self) -> None:
+        """Put the last decode's outputs in batch order now. llama.cpp does it on the first read,
+        which writes to the context; after this call, samplers on several threads only read."""
+        C.llama_get_logits_ith(self.ptr, -1)
+
     def logits(self, index: int) -> npt.NDArray[np.float32]:
         ptr = C.llama_get_logits_ith(self.ptr, index)
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))

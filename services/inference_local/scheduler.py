@@ -7,7 +7,8 @@ releases the GIL while C runs). Each step it:
    the lowest free slots, and moves sequences down into slots left free, so that the running
    slots stay contiguous;
 2. decodes one token of every running sequence in one llama_decode, samples each with its own
-   sampler chain and hands the new events to the event loop in one call;
+   sampler chain (on several threads: with a 262k vocabulary, sampling costs about as much as
+   a GPU's decode of the token) and hands the new events to the event loop in one call;
 3. prefills chunks of prompts still being read, each chunk in its own llama_decode: while
    streams are running, one chunk's worth of prompt tokens a step, so a burst of new prompts
    never stalls them for long; with none running, as much as the batch holds. A prompt's
@@ -30,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import collections
+import concurrent.futures
 import enum
 import heapq
 import logging
@@ -119,6 +121,8 @@ class SchedulerConfig:
     max_queue: int
     prefill_chunk: int
     n_batch: int
+    # Threads sampling a step's sequences, the decode thread included (1: it alone).
+    sample_threads: int = 1
 
 
 class SchedulerMetrics:
@@ -160,6 +164,13 @@ class Scheduler:
         self._stopping = False
         self._group_turn = 0
         self.last_used = time.monotonic()
+        self._samplers = (
+            concurrent.futures.ThreadPoolExecutor(
+                config.sample_threads - 1, thread_name_prefix=f"sample-{config.name}"
+            )
+            if config.sample_threads > 1
+            else None
+        )
         self._thread = threading.Thread(target=self._run, name=f"decode-{config.name}", daemon=True)
         self._thread.start()
 
@@ -212,6 +223,8 @@ class Scheduler:
             self._stopping = True
             self._cond.notify()
         self._thread.join()
+        if self._samplers is not None:
+            self._samplers.shutdown()
         self._batch.close()
 
     # --- decode thread ---------------------------------------------------------------------
@@ -381,10 +394,11 @@ class Scheduler:
                 (seq, batch.add(seq.next_token, seq.n_past, seq.slot, True)) for seq in decoding
             ]
             self._context.decode(batch)
-            for seq, index in outputs:
+            tokens = self._sample_all([(seq.sampler, index) for seq, index in outputs])
+            for (seq, index), token in zip(outputs, tokens, strict=True):
                 seq.n_past += 1
                 events: list[Event] = []
-                self._sample(seq, index, events)
+                self._emit(seq, index, token, events)
                 if events:
                     outbox.append((seq.request, events))
             sampled += len(outputs)
@@ -415,7 +429,7 @@ class Scheduler:
                 self._snapshot([seq])
             if last:
                 events = []
-                self._sample(seq, index, events)
+                self._emit(seq, index, seq.sampler.sample(self._context, index), events)
                 sampled += 1
                 if events:
                     # Its first token goes out now, not after the step's other chunks.
@@ -429,9 +443,34 @@ class Scheduler:
         )
         self._metrics.token(sampled)
 
-    def _sample(self, seq: _Seq, index: int, events: list[Event]) -> None:
+    def _sample_all(self, work: list[tuple[Sampler, int]]) -> list[int]:
+        """Sample every decoded sequence; each sampler has its own chain and RNG, so spreading
+        them over threads changes no token (ctypes lets go of the GIL while llama.cpp samples)."""
+        context = self._context
+        if self._samplers is None or len(work) < 2:
+            return [sampler.sample(context, index) for sampler, index in work]
+        context.settle_outputs()
+        tokens = [0] * len(work)
+        share = min(self.config.sample_threads, len(work))
+
+        def run(first: int) -> None:
+            for i in range(first, len(work), share):
+                sampler, index = work[i]
+                tokens[i] = sampler.sample(context, index)
+
+        others = [self._samplers.submit(run, first) for first in range(1, share)]
+        try:
+            run(0)
+        finally:
+            # Never leave a sampler in use on another thread: a failed step frees them.
+            concurrent.futures.wait(others)
+        for future in others:
+            future.result()
+        return tokens
+
+    def _emit(self, seq: _Seq, index: int, token: int, events: list[Event]) -> None:
+        """Turn a sequence's sampled token into events, and finish it when it is done."""
         model = self._model
-        token = seq.sampler.sample(self._context, index)
         now = time.perf_counter()
         if seq.generated == 0:
             self._metrics.first_token(now - seq.request.submitted)

@@ -101,6 +101,10 @@ class InferenceLocalConfig(Section):
     parallel: int = Field(default=8, ge=1, le=256)
     # llama.cpp threads per model; unset: all cores but one, which the rest of the mesh needs.
     n_threads: int | None = Field(default=None, ge=1)
+    # Threads that sample a step's sequences in parallel, the decode thread included; unset:
+    # one per core, at most 8. With a 262k vocabulary a token's sampling costs about 1 ms of
+    # CPU, more than a GPU's decode of it.
+    sample_threads: int | None = Field(default=None, ge=1, le=64)
     # Prompt tokens a step reads when no stream is running (at least one chunk a step).
     n_batch: int = Field(default=512, ge=32)
     # Largest piece of one prompt prefilled in one pass, and the prompt tokens a step reads
