@@ -1,0 +1,232 @@
+"""Continuous batching on a CUDA GPU: inference-local's Engine, in this process, against
+llama.cpp's C++ `llama-server`, both over one CUDA build of the same llama.cpp sources.
+
+A one-off measurement that runs on a CUDA machine (the device `run` tool's H100), not part of
+`make bench-batching`. Three servers take turns at 1, 16 and 64 concurrent streams (--concurrency):
+- engine: the Engine with its default sample_threads (one sampling thread per core, at most 8);
+- engine-serial: the same Engine with sample_threads=1, each sequence sampled in turn on the
+  decode thread;
+- llama-server: --parallel N, -c 512*N, -t and -tb the Engine's n_threads (all cores but one).
+Each level is bench/batching.py's level(), imported, so the requests and the statistics are
+batching.py's; llama-server is started and stopped by its process(). Each stream has a ~120-token
+prompt, a fixed seed per request, and 128 output tokens with the end-of-generation tokens banned.
+Each Engine gets `parallel` equal to the concurrency and 512 tokens of context a slot. Every layer
+goes to the GPU in all three (n_gpu_layers 999, -ngl 999). All three stay up during a level and take
+turns, every other round in reverse order (--repeat rounds); the run with the median throughput is
+kept. The JSON goes to --out, with a Markdown table and the ratios engine/llama-server and
+engine/engine-serial. llama-server logs each level beside --log, in llama-server-1.log,
+llama-server-16.log and so on.
+
+The device machine starts bare. Setup, in calls made one right after another:
+- carry the Python wheels the services need and a pruned llama.cpp source tarball;
+- build it with CMake (-DGGML_CUDA=ON -DBUILD_SHARED_LIBS=ON, targets llama-server and
+  llama). llama_cpp's Python files load its libllama.so through LLAMA_CPP_LIB_PATH;
+- carry the GGUF model in chunks of under 64 MiB, written at their offsets and checked by sha256.
+Then:
+
+    PYTHONPATH=/tmp/site LLAMA_CPP_LIB_PATH=/tmp/gb/build/bin \
+    LLAMA_SERVER=/tmp/gb/build/bin/llama-server PYTHONUNBUFFERED=1 \
+        python3 bench/gpu_engine.py --model /tmp/gb/models/gemma-3-270m-q4_k_m.gguf \
+        --out $OUT/gpu_engine.json --log $OUT/llama-server.log
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "services"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import llama_cpp
+
+_default_model_params = llama_cpp.llama_model_default_params
+
+
+def _all_layers_on_gpu() -> Any:
+    # inference-local's Model takes llama.cpp's default model params; put every layer on the GPU
+    # explicitly (llama.cpp's default, -1, means the same), without touching services/.
+    params = _default_model_params()
+    params.n_gpu_layers = 999
+    return params
+
+
+llama_cpp.llama_model_default_params = _all_layers_on_gpu
+
+# The requests, the streams and their statistics: bench/batching.py's level(), used as is (it
+# puts tests/ on sys.path for helpers.py). Imported by name, not with an import statement, so
+# that mypy run on this file alone, with neither tests/ nor services/ on its path, does not
+# follow into batching.py; the project-wide mypy checks batching.py itself.
+batching: Any = importlib.import_module("batching")
+
+
+@contextlib.contextmanager
+def llama_server(
+    binary: str, model: Path, c: int, ctx: int, threads: int, log: Path
+) -> Iterator[str]:
+    """llama-server with every layer on the GPU, started and stopped by batching.process."""
+    port = batching.free_port()
+    command = [binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--parallel", str(c), "-c", str(ctx * c), "-t", str(threads), "-tb", str(threads)]
+    command += ["-ngl", "999", "--no-webui"]
+    print("llama-server:", " ".join(command), flush=True)
+    url = f"http://127.0.0.1:{port}"
+    with batching.process(command, f"{url}/health", log):
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def engine_at(model: Path, c: int, ctx: int, sample_threads: int | None) -> Any:
+    from prometheus_client import CollectorRegistry
+
+    from inference_local.engine import Engine  # type: ignore[import-not-found, unused-ignore]
+    from slm.config import InferenceLocalConfig, ModelConfig  # type: ignore[import-not-found, unused-ignore]
+
+    base = InferenceLocalConfig(models_dir=model.parent)
+    entry = base.models[0]
+    models = [
+        ModelConfig(
+            **{**entry.model_dump(), "path": model.name, "parallel": c, "context_length": ctx}
+        )
+    ]
+    update = {"models": models, "keep_alive_s": 0, "sample_threads": sample_threads}
+    config = base.model_copy(update=update)
+    engine = Engine(config, CollectorRegistry())
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.close()
+
+
+def gpu_memory() -> str:
+    with contextlib.suppress(Exception):
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        return out.stdout.strip()
+    return "?"
+
+
+SERVERS = ("engine", "engine-serial", "llama-server")
+
+
+async def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    from inference_local.engine import default_threads  # type: ignore[import-not-found, unused-ignore]
+
+    threads = default_threads()
+    # The Engine's own default when sample_threads is unset (engine.py: one per core, at most 8).
+    sample_threads = min(8, os.cpu_count() or 1)
+    binary = os.environ["LLAMA_SERVER"]
+    model = Path(args.model)
+    log = Path(args.log)  # one llama-server log a level, e.g. llama-server-16.log
+    results: dict[str, Any] = {
+        "concurrency": args.concurrency,
+        "max_tokens": args.max_tokens,
+        "ctx_per_seq": args.ctx,
+        "repeat": args.repeat,
+        "threads": threads,
+        "sample_threads": {"engine": sample_threads, "engine-serial": 1},
+        "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+        "servers": {},
+    }
+    print(
+        f"llama_supports_gpu_offload={results['gpu_offload']} threads={threads} "
+        f"sample_threads={sample_threads}",
+        flush=True,
+    )
+    for c in args.concurrency:
+        async with contextlib.AsyncExitStack() as stack:
+            engine = await stack.enter_async_context(engine_at(model, c, args.ctx, None))
+            serial = await stack.enter_async_context(engine_at(model, c, args.ctx, 1))
+            print(f"c={c}: engines loaded, GPU memory used {gpu_memory()}", flush=True)
+            level_log = log.with_name(f"{log.stem}-{c}{log.suffix}")
+            url = stack.enter_context(llama_server(binary, model, c, args.ctx, threads, level_log))
+            print(f"c={c}: llama-server up, GPU memory used {gpu_memory()}", flush=True)
+            targets: dict[str, Any] = dict(zip(SERVERS, (engine, serial, url), strict=True))
+            names = list(targets)
+            runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+            for repeat in range(args.repeat):
+                for name in names if repeat % 2 == 0 else names[::-1]:
+                    runs[name].append(
+                        await batching.level(
+                            targets[name], batching.DEFAULT_MODEL, c, args.max_tokens
+                        )
+                    )
+            for name in names:
+                ordered = sorted(runs[name], key=lambda r: r["tokens_per_s"])
+                r: dict[str, Any] = dict(ordered[len(ordered) // 2])
+                r["runs_tokens_per_s"] = [x["tokens_per_s"] for x in runs[name]]
+                results["servers"].setdefault(name, {})[str(c)] = r
+                failed = f"  {r['failed_streams']:.0f} failed" if r["failed_streams"] else ""
+                each = [round(x) for x in r["runs_tokens_per_s"]]
+                print(
+                    f"{name:<13} c={c:<3} {r['tokens_per_s']:8.1f} tok/s  "
+                    f"TTFT p50 {r['ttft_p50_ms']:7.1f} ms  ITL p50 {r['itl_p50_ms']:6.2f} ms "
+                    f"p99 {r['itl_p99_ms']:7.2f} ms  runs {each}{failed}",
+                    flush=True,
+                )
+    return results
+
+
+def report(results: dict[str, Any]) -> str:
+    servers = results["servers"]
+    lines = [
+        "| streams | server | tok/s | TTFT p50 ms | ITL p50 ms | ITL p99 ms | runs tok/s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for c in results["concurrency"]:
+        for name in SERVERS:
+            r = servers[name][str(c)]
+            each = ", ".join(f"{x:.0f}" for x in r["runs_tokens_per_s"])
+            lines.append(
+                f"| {c} | {name} | {r['tokens_per_s']:.1f} | {r['ttft_p50_ms']:.1f} | "
+                f"{r['itl_p50_ms']:.2f} | {r['itl_p99_ms']:.2f} | {each} |"
+            )
+    for other in ("llama-server", "engine-serial"):
+        lines += ["", f"| streams | engine/{other} tok/s | TTFT p50 | ITL p50 | ITL p99 |"]
+        lines += ["| --- | --- | --- | --- | --- |"]
+        for c in results["concurrency"]:
+            e, s = servers["engine"][str(c)], servers[other][str(c)]
+            ratios = [
+                e[key] / s[key]
+                for key in ("tokens_per_s", "ttft_p50_ms", "itl_p50_ms", "itl_p99_ms")
+            ]
+            lines.append(f"| {c} | " + " | ".join(f"x{x:.2f}" for x in ratios) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--ctx", type=int, default=512, help="context per sequence")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per level (median kept)")
+    parser.add_argument("--out", default="gpu_engine.json")
+    parser.add_argument("--log", default="/tmp/llama-server.log")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    results = asyncio.run(run_all(args))
+    table = report(results)
+    results["table"] = table
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print("\n" + table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
