@@ -4,7 +4,8 @@ Four servers on the same model and machine, in one run, every one given the same
 - service-slm, the whole mesh through Envoy (inference-local with as many sequence slots as
   the highest concurrency);
 - the direct engine: inference-local's Engine in this process, same settings, no mesh, which
-  shows what the mesh costs;
+  shows what the mesh costs (and, with --servers engine-repacked, the same with llama.cpp's
+  repacked CPU weights, which llama-server uses and the engine leaves off by default);
 - llama-cpp-python's own OpenAI server (`python -m llama_cpp.server`);
 - llama.cpp's C++ `llama-server` with --parallel equal to the concurrency, built from the
   sources vendored in the llama-cpp-python sdist (bench/build_llama_server.sh, not committed).
@@ -234,9 +235,10 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         [settings.inference_local.models_dir], entry.path, entry.package, entry.name
     )
     slots = max(args.concurrency)
-    settings.inference_local.models = [
+    slots_models = [
         ModelConfig(**{**entry.model_dump(), "parallel": slots, "context_length": args.ctx})
     ]
+    settings.inference_local.models = slots_models
     from inference_local.engine import default_threads
 
     # Every server gets the thread count inference-local uses by default (all cores but one).
@@ -288,17 +290,23 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
             mesh.start()
             stack.callback(mesh.stop)
             urls["service-slm"] = mesh.base_url
-        if "engine" in args.servers:
-            # The direct engine: inference-local's Engine in this process, no mesh in front.
+        for server, repack in (("engine", False), ("engine-repacked", True)):
+            if server not in args.servers:
+                continue
+            # The direct engine: inference-local's Engine in this process, no mesh in front;
+            # repacked: with llama.cpp's repacked CPU weights, as llama-server loads them.
             from prometheus_client import CollectorRegistry
 
             from inference_local.engine import Engine
 
-            config = settings.inference_local.model_copy(update={"keep_alive_s": 0})
+            models = [m.model_copy(update={"repack_weights": repack}) for m in slots_models]
+            config = settings.inference_local.model_copy(
+                update={"keep_alive_s": 0, "models": models}
+            )
             engine = Engine(config, CollectorRegistry())
             await engine.start()
             stack.push_async_callback(engine.close)
-            urls["engine (direct)"] = engine
+            urls["engine (repacked)" if repack else "engine (direct)"] = engine
         if "llama_cpp.server" in args.servers:
             port = free_port()
             command = [sys.executable, "-m", "llama_cpp.server", "--model", str(model_file)]
@@ -324,7 +332,7 @@ def report(results: dict[str, Any]) -> None:
     servers = results["servers"]
     mesh = servers.get("service-slm", {})
     print("\nratios of service-slm to each peer (throughput: higher is better; TTFT: lower)")
-    for peer in ("engine (direct)", "llama_cpp.server", "llama-server"):
+    for peer in ("engine (direct)", "engine (repacked)", "llama_cpp.server", "llama-server"):
         for key, ours in mesh.items():
             theirs = servers.get(peer, {}).get(key)
             if theirs:
@@ -378,7 +386,7 @@ def main() -> int:
         "--servers",
         nargs="+",
         default=["mesh", "engine", "llama_cpp.server", "llama-server"],
-        choices=["mesh", "engine", "llama_cpp.server", "llama-server"],
+        choices=["mesh", "engine", "engine-repacked", "llama_cpp.server", "llama-server"],
     )
     args = parser.parse_args()
     # SIGTERM unwinds like Ctrl-C, so the servers this run started are stopped.

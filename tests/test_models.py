@@ -58,6 +58,17 @@ async def test_two_names_share_one_copy_of_the_weights(engine: Engine) -> None:
     assert info.size_bytes > 100 << 20
 
 
+async def test_repacked_weights_are_a_copy_of_their_own(engine: Engine) -> None:
+    """repack_weights loads llama.cpp's repacked CPU layout, which cannot be shared with the
+    plain one: the same file under that option is a second copy, and it serves."""
+    await engine.load(LoadSpec("plain", FILE, context_length=256))
+    await engine.load(LoadSpec("repacked", FILE, context_length=256, repack_weights=True))
+    assert engine.weights_loaded == 2
+    assert await generate_text(engine, "repacked")
+    with pytest.raises(FailedPrecondition, match="already loaded"):
+        await engine.load(LoadSpec("plain", FILE, context_length=256, repack_weights=True))
+
+
 async def test_paths_stay_inside_the_model_directories(engine: Engine) -> None:
     with pytest.raises(InvalidArgument, match="outside the model directories"):
         await engine.load(LoadSpec("evil", "../../../etc/passwd"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -88,6 +89,7 @@ class LoadSpec:
     chat_template: str | None = None
     package: str | None = None
     n_threads: int | None = None
+    repack_weights: bool = False
 
 
 @dataclass(frozen=True)
@@ -240,7 +242,7 @@ class _ModelMetrics(SchedulerMetrics):
 class _Weights:
     model: Model
     meta: ModelMetadata
-    key: tuple[Path, str]
+    key: tuple[Path, str, bool]
     refs: int = 0
 
 
@@ -273,7 +275,7 @@ class Engine:
         self._prefix_cache = prefix_cache
         self._configured = {m.name: m for m in config.models}
         self._loaded: dict[str, _Loaded] = {}
-        self._weights: dict[tuple[Path, str], _Weights] = {}
+        self._weights: dict[tuple[Path, str, bool], _Weights] = {}
         self._lock = asyncio.Lock()
         self._reaper: asyncio.Task[None] | None = None
 
@@ -357,7 +359,11 @@ class Engine:
     async def _load_locked(self, spec: LoadSpec) -> ModelInfo:
         existing = self._loaded.get(spec.name)
         if existing is not None:
-            if existing.spec.path != spec.path or existing.spec.quantization != spec.quantization:
+            if (existing.spec.path, existing.spec.quantization, existing.spec.repack_weights) != (
+                spec.path,
+                spec.quantization,
+                spec.repack_weights,
+            ):
                 raise FailedPrecondition(
                     f"model name {spec.name!r} is already loaded from {existing.spec.path}",
                     field="name",
@@ -365,7 +371,7 @@ class Engine:
             return self._info(existing)
         started = time.perf_counter()
         path = await asyncio.to_thread(self._model_file, spec)
-        key = (path, spec.quantization or "")
+        key = (path, spec.quantization or "", spec.repack_weights)
         weights = self._weights.get(key)
         if weights is not None:
             # Hold the shared weights, so making room cannot free them under us.
@@ -377,7 +383,9 @@ class Engine:
             estimate = self._estimate(meta, path, n_slots, ctx_len, weights is None)
             await self._make_room(spec.name, estimate)
             if weights is None:
-                model = await asyncio.to_thread(Model, path)
+                model = await asyncio.to_thread(
+                    functools.partial(Model, path, repack=spec.repack_weights)
+                )
                 weights = _Weights(model, meta, key, refs=1)
                 self._weights[key] = weights
             loaded = await asyncio.to_thread(self._open, spec, weights, n_slots, ctx_len, estimate)
@@ -721,4 +729,5 @@ def _spec_from_config(entry: ModelConfig) -> LoadSpec:
         chat_template=entry.chat_template,
         package=entry.package,
         n_threads=entry.n_threads,
+        repack_weights=entry.repack_weights,
     )

@@ -73,14 +73,15 @@ class ModelMetadata:
 class Model:
     """Loaded weights (llama_model) and their vocabulary; shared by the contexts over it."""
 
-    def __init__(self, path: Path, *, vocab_only: bool = False) -> None:
+    def __init__(self, path: Path, *, vocab_only: bool = False, repack: bool = False) -> None:
         init_backend()
         params = C.llama_model_default_params()
         params.vocab_only = vocab_only
-        # The repacked CPU weight layout computes a token's logits with different kernels
-        # depending on how many tokens share the batch; the plain layout gives every sequence
-        # the same logits alone or batched, which the same-seed guarantee needs.
-        params.use_extra_bufts = False
+        # The repacked CPU weight layout (llama-server's default) computes a token's logits
+        # with other kernels when it shares the batch with 3 more (logits differ by up to 0.9);
+        # the plain layout gives every sequence the same logits alone or batched, which the
+        # same-seed guarantee needs.
+        params.use_extra_bufts = repack
         ptr = C.llama_model_load_from_file(str(path).encode(), params)
         if not ptr:
             raise InvalidArgument(f"{path.name} is not a loadable GGUF model", field="path")

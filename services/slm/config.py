@@ -78,6 +78,9 @@ class ModelConfig(Section):
     pinned: bool = False
     # Serve embeddings (mean pooled) instead of generation.
     embeddings: bool = False
+    # llama.cpp's repacked CPU weight layout, as llama-server uses it: a few % faster on CPU,
+    # but the same seed may then give different text alone and batched.
+    repack_weights: bool = False
 
 
 class InferenceLocalConfig(Section):
