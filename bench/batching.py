@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,30 @@ class Sample:
     error: str = ""
 
 
+@dataclass
+class Timeline:
+    """One stream's clock: when it started and when each of its tokens arrived."""
+
+    start: float = field(default_factory=time.perf_counter)
+    first: float = 0.0
+    last: float = 0.0
+    tokens: int = 0
+    gaps: list[float] = field(default_factory=list)
+
+    def token(self) -> None:
+        now = time.perf_counter()
+        if self.tokens == 0:
+            self.first = now
+        else:
+            self.gaps.append(now - self.last)
+        self.last = now
+        self.tokens += 1
+
+    def sample(self, error: str = "") -> Sample:
+        last = self.last or self.start
+        return Sample(self.start, self.first or last, last, self.tokens, tuple(self.gaps), error)
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -91,11 +115,7 @@ async def one_stream(
         "stream": True,
         "logit_bias": NO_EOS,
     }
-    start = time.perf_counter()
-    first = 0.0
-    last = start
-    tokens = 0
-    gaps: list[float] = []
+    timeline = Timeline()
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
             response.raise_for_status()
@@ -103,19 +123,12 @@ async def one_stream(
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 choices = json.loads(line[6:]).get("choices") or [{}]
-                if not choices[0].get("text"):
-                    continue
-                now = time.perf_counter()
-                if tokens == 0:
-                    first = now
-                else:
-                    gaps.append(now - last)
-                last = now
-                tokens += 1
+                if choices[0].get("text"):
+                    timeline.token()
     except httpx.HTTPError as error:
         # llama_cpp.server drops concurrent streams; count them instead of stopping the run.
-        return Sample(start, first or last, last, tokens, tuple(gaps), type(error).__name__)
-    return Sample(start, first or last, last, tokens, tuple(gaps))
+        return timeline.sample(type(error).__name__)
+    return timeline.sample()
 
 
 async def engine_stream(engine: Any, model: str, index: int, max_tokens: int, run: int) -> Sample:
@@ -131,22 +144,11 @@ async def engine_stream(engine: Any, model: str, index: int, max_tokens: int, ru
         logit_bias={int(t): b for t, b in NO_EOS.items()},
     )
     request = Request(model, sampling, prompt=f"Story {run}.{index}. {PARAGRAPH}")
-    start = time.perf_counter()
-    first = 0.0
-    last = start
-    tokens = 0
-    gaps: list[float] = []
+    timeline = Timeline()
     async for event in engine.generate(request):
-        if not isinstance(event, Delta) or not event.text:
-            continue
-        now = time.perf_counter()
-        if tokens == 0:
-            first = now
-        else:
-            gaps.append(now - last)
-        last = now
-        tokens += 1
-    return Sample(start, first or last, last, tokens, tuple(gaps))
+        if isinstance(event, Delta) and event.text:
+            timeline.token()
+    return timeline.sample()
 
 
 async def level(
