@@ -401,7 +401,7 @@ class Engine:
                     self.config.max_queue,
                     self.config.prefill_chunk,
                     max(self.config.n_batch, n_slots),
-                    self.config.sample_threads or min(8, os.cpu_count() or 1),
+                    self.config.sample_threads or default_sample_threads(),
                 ),
                 weights.model,
                 loaded.context,
@@ -698,6 +698,11 @@ def default_threads() -> int:
     descheduled (measured on 2 cores with the other one busy: 0.5 tok/s with 2 threads, 21 tok/s
     with 1)."""
     return max(1, (os.cpu_count() or 1) - 1)
+
+
+def default_sample_threads() -> int:
+    """One sampling thread per core, at most 8: samplers only run between two decodes."""
+    return min(8, os.cpu_count() or 1)
 
 
 def _read_metadata(path: Path) -> ModelMetadata:

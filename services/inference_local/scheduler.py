@@ -307,15 +307,14 @@ class Scheduler:
             log.warning("prefix state refused by llama.cpp", extra={"model": self.config.name})
             plan.refused()
 
-    def _snapshot(self, seqs: list[_Seq]) -> None:
-        """Copy the states of sequences that reached a snapshot point; the cache stores them
-        off this thread."""
-        for seq in seqs:
-            plan = seq.request.prefix
-            if plan is not None and plan.wants(seq.prompt_pos):
-                started = time.perf_counter()
-                state = self._context.seq_state(seq.slot)
-                plan.store(seq.prompt_pos, state, time.perf_counter() - started)
+    def _snapshot(self, seq: _Seq) -> None:
+        """Copy the sequence's state if it reached a snapshot point; the cache stores it off
+        this thread."""
+        plan = seq.request.prefix
+        if plan is not None and plan.wants(seq.prompt_pos):
+            started = time.perf_counter()
+            state = self._context.seq_state(seq.slot)
+            plan.store(seq.prompt_pos, state, time.perf_counter() - started)
 
     def _release(self, seq: _Seq) -> None:
         self._context.clear_seq(seq.slot)
@@ -386,6 +385,10 @@ class Scheduler:
         members = [s for s in self._active if s.request.adapters == group]
         self._context.set_adapters(group)
         batch = self._batch
+        # While streams are running, a step reads at most one chunk of prompts (at least one
+        # chunk), so their next token never waits for more than a chunk's prefill; with none
+        # running, nobody waits and a step reads as much as the batch holds.
+        budget = self._chunk if any(not s.prefilling for s in self._active) else batch.capacity
         decoding = sorted((s for s in members if not s.prefilling), key=lambda s: s.slot)
         sampled = 0
         if decoding:
@@ -405,11 +408,6 @@ class Scheduler:
             # Running streams get their tokens now, not after the prompt chunks below.
             self._post(outbox[:])
             outbox.clear()
-        # While streams are running, a step reads at most one chunk of prompts (at least one
-        # chunk), so their next token never waits for more than a chunk's prefill; with none
-        # running, nobody waits and a step reads as much as the batch holds.
-        running = bool(decoding) or any(not s.prefilling for s in self._active)
-        budget = self._chunk if running else batch.capacity
         prefilled = 0
         for seq in [s for s in members if s.prefilling]:
             end = self._chunk_end(seq)
@@ -425,8 +423,7 @@ class Scheduler:
             seq.prompt_pos = seq.n_past = end
             budget -= take
             prefilled += take
-            if seq.request.prefix is not None:
-                self._snapshot([seq])
+            self._snapshot(seq)
             if last:
                 events = []
                 self._emit(seq, index, seq.sampler.sample(self._context, index), events)
