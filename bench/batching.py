@@ -190,6 +190,34 @@ def summarise(samples: list[Sample], max_tokens: int) -> dict[str, float]:
     }
 
 
+async def interleaved(
+    targets: dict[str, Any], concurrency: int, max_tokens: int, repeat: int
+) -> dict[str, dict[str, Any]]:
+    """One level on every target, `repeat` rounds; prints and returns each target's median run
+    (by throughput) with the throughput of all its runs."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+    names = list(targets)
+    for round_ in range(repeat):
+        # Every other round runs the servers in reverse order, so a machine that speeds up or
+        # slows down during the level favours none of them.
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            runs[name].append(await level(targets[name], DEFAULT_MODEL, concurrency, max_tokens))
+    medians: dict[str, dict[str, Any]] = {}
+    for name in names:
+        ordered = sorted(runs[name], key=lambda run: run["tokens_per_s"])
+        r: dict[str, Any] = dict(ordered[len(ordered) // 2])
+        r["runs_tokens_per_s"] = [run["tokens_per_s"] for run in runs[name]]
+        medians[name] = r
+        failed = f"  {r['failed_streams']:.0f} failed" if r["failed_streams"] else ""
+        print(
+            f"{name:<16} c={concurrency:<3} out={max_tokens:<4} {r['tokens_per_s']:8.1f} tok/s "
+            f"TTFT p50 {r['ttft_p50_ms']:8.1f} ms  ITL p50 {r['itl_p50_ms']:6.1f} ms "
+            f"p99 {r['itl_p99_ms']:7.1f} ms{failed}",
+            flush=True,
+        )
+    return medians
+
+
 def wait_http(url: str, process: subprocess.Popen[bytes], timeout_s: float = 300) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -254,26 +282,9 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     }
 
     async def measure(targets: dict[str, Any], c: int, max_tokens: int) -> None:
-        runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
-        names = list(targets)
-        for repeat in range(args.repeat):
-            # Every other round runs the servers in reverse order, so a machine that speeds up
-            # or slows down during the level favours none of them.
-            for name in names if repeat % 2 == 0 else names[::-1]:
-                runs[name].append(await level(targets[name], DEFAULT_MODEL, c, max_tokens))
-        for name in names:
-            # The run of median throughput stands for the level; all runs are kept.
-            ordered = sorted(runs[name], key=lambda run: run["tokens_per_s"])
-            r: dict[str, Any] = dict(ordered[len(ordered) // 2])
-            r["runs_tokens_per_s"] = [run["tokens_per_s"] for run in runs[name]]
+        levels = await interleaved(targets, c, max_tokens, args.repeat)
+        for name, r in levels.items():
             results["servers"].setdefault(name, {})[f"{c}x{max_tokens}"] = r
-            failed = f"  {r['failed_streams']:.0f} failed" if r["failed_streams"] else ""
-            print(
-                f"{name:<16} c={c:<3} out={max_tokens:<4} {r['tokens_per_s']:8.1f} tok/s "
-                f"TTFT p50 {r['ttft_p50_ms']:8.1f} ms  ITL p50 {r['itl_p50_ms']:6.1f} ms "
-                f"p99 {r['itl_p99_ms']:7.1f} ms{failed}",
-                flush=True,
-            )
 
     def llama_server(binary: str, c: int) -> contextlib.AbstractContextManager[None]:
         port = ports["llama-server"] = free_port()

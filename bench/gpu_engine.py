@@ -125,11 +125,13 @@ SERVERS = ("engine", "engine-serial", "llama-server")
 
 
 async def run_all(args: argparse.Namespace) -> dict[str, Any]:
-    from inference_local.engine import default_threads  # type: ignore[import-not-found, unused-ignore]
+    from inference_local.engine import (  # type: ignore[import-not-found, unused-ignore]
+        default_sample_threads,
+        default_threads,
+    )
 
     threads = default_threads()
-    # The Engine's own default when sample_threads is unset (engine.py: one per core, at most 8).
-    sample_threads = min(8, os.cpu_count() or 1)
+    sample_threads = default_sample_threads()
     binary = os.environ["LLAMA_SERVER"]
     model = Path(args.model)
     log = Path(args.log)  # one llama-server log a level, e.g. llama-server-16.log
@@ -157,28 +159,9 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
             url = stack.enter_context(llama_server(binary, model, c, args.ctx, threads, level_log))
             print(f"c={c}: llama-server up, GPU memory used {gpu_memory()}", flush=True)
             targets: dict[str, Any] = dict(zip(SERVERS, (engine, serial, url), strict=True))
-            names = list(targets)
-            runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
-            for repeat in range(args.repeat):
-                for name in names if repeat % 2 == 0 else names[::-1]:
-                    runs[name].append(
-                        await batching.level(
-                            targets[name], batching.DEFAULT_MODEL, c, args.max_tokens
-                        )
-                    )
-            for name in names:
-                ordered = sorted(runs[name], key=lambda r: r["tokens_per_s"])
-                r: dict[str, Any] = dict(ordered[len(ordered) // 2])
-                r["runs_tokens_per_s"] = [x["tokens_per_s"] for x in runs[name]]
+            levels = await batching.interleaved(targets, c, args.max_tokens, args.repeat)
+            for name, r in levels.items():
                 results["servers"].setdefault(name, {})[str(c)] = r
-                failed = f"  {r['failed_streams']:.0f} failed" if r["failed_streams"] else ""
-                each = [round(x) for x in r["runs_tokens_per_s"]]
-                print(
-                    f"{name:<13} c={c:<3} {r['tokens_per_s']:8.1f} tok/s  "
-                    f"TTFT p50 {r['ttft_p50_ms']:7.1f} ms  ITL p50 {r['itl_p50_ms']:6.2f} ms "
-                    f"p99 {r['itl_p99_ms']:7.2f} ms  runs {each}{failed}",
-                    flush=True,
-                )
     return results
 
 
