@@ -8,11 +8,13 @@ releases the GIL while C runs). Each step it:
    slots stay contiguous;
 2. decodes one token of every running sequence in one llama_decode, samples each with its own
    sampler chain (on several threads: with a 262k vocabulary, sampling costs about as much as
-   a GPU's decode of the token) and hands the new events to the event loop in one call;
+   a GPU's decode of the token) and hands the new events to the event loop in one call, made
+   right before the next llama_decode: that call lets go of the GIL for its whole length, so
+   the event loop's work on the events never holds up the step;
 3. prefills chunks of prompts still being read, each chunk in its own llama_decode: while
    streams are running, one chunk's worth of prompt tokens a step, so a burst of new prompts
    never stalls them for long; with none running, as much as the batch holds. A prompt's
-   first token goes out as soon as its last chunk is read.
+   first token goes out as soon as its last chunk is read (with the next llama_decode).
 
 Why the shapes matter. With one KV stream per slot, llama.cpp computes a batch in one pass only
 over a run of consecutive sequence ids holding the same number of tokens; every break in the
@@ -37,7 +39,7 @@ import heapq
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
 from inference_local.llama_api import Batch, Context, LoraAdapter, Model, Sampler
@@ -160,6 +162,7 @@ class Scheduler:
         self._active: list[_Seq] = []
         self._free_slots = list(range(config.n_slots))  # a heap: the lowest slot first
         self._batch = Batch(config.n_batch)
+        self._outgoing: list[tuple[SeqRequest, list[Event] | BaseException]] = []
         self._chunk = min(config.prefill_chunk, config.n_batch)
         self._stopping = False
         self._group_turn = 0
@@ -233,10 +236,22 @@ class Scheduler:
         for request, item in outbox:
             request.queue.put_nowait(item)
 
-    def _post(self, outbox: list[tuple[SeqRequest, list[Event] | BaseException]]) -> None:
-        if outbox:
-            # One hop to the event loop per step, whatever the number of sequences.
-            self._loop.call_soon_threadsafe(self._deliver, outbox)
+    def _post(self, items: Iterable[tuple[SeqRequest, list[Event] | BaseException]]) -> None:
+        """Queue events for the event loop; they leave at the next `_flush`."""
+        self._outgoing.extend(items)
+
+    def _flush(self) -> None:
+        """Hand the queued events to the event loop, in one hop whatever their number. Called
+        right before a decode (which lets go of the GIL for its whole length, so the loop's
+        work on them never makes this thread wait for the GIL) and whenever the thread is
+        about to idle."""
+        if self._outgoing:
+            self._loop.call_soon_threadsafe(self._deliver, self._outgoing)
+            self._outgoing = []
+
+    def _decode(self, batch: Batch) -> None:
+        self._flush()
+        self._context.decode(batch)
 
     def _run(self) -> None:
         while True:
@@ -246,25 +261,24 @@ class Scheduler:
                 if self._stopping:
                     break
                 admitted = self._admit()
-            outbox: list[tuple[SeqRequest, list[Event] | BaseException]] = []
-            for request, error in admitted:
-                outbox.append((request, error))
+            self._post(list(admitted))
             try:
-                self._step(outbox)
+                self._step()
             except Exception as error:  # a failed decode fails the sequences in it, not the loop
                 log.exception("decode step failed", extra={"model": self.config.name})
                 failure = error if isinstance(error, SlmError) else Internal("decode failed")
+                self._post([(seq.request, failure) for seq in self._active])
                 for seq in list(self._active):
-                    outbox.append((seq.request, failure))
                     self._release(seq)
-            self._post(outbox)
+            if not self._active:
+                self._flush()
         failure = ResourceExhausted(f"model {self.config.name!r} was unloaded", retry_after_s=1)
-        outbox = [(s.request, failure) for s in self._active]
-        outbox += [(r, failure) for r in self._waiting]
+        self._post([(s.request, failure) for s in self._active])
+        self._post([(r, failure) for r in self._waiting])
         for seq in list(self._active):
             self._release(seq)
         self._waiting.clear()
-        self._post(outbox)
+        self._flush()
 
     def _admit(self) -> list[tuple[SeqRequest, BaseException]]:
         """Move waiting requests into free slots (called with the lock held)."""
@@ -374,7 +388,7 @@ class Scheduler:
                 end = min(end, point)
         return end
 
-    def _step(self, outbox: list[tuple[SeqRequest, list[Event] | BaseException]]) -> None:
+    def _step(self) -> None:
         for seq in [s for s in self._active if s.request.cancelled]:
             self._metrics.finished(Finish.CANCELLED.value, len(seq.request.prompt))
             self._release(seq)
@@ -396,18 +410,16 @@ class Scheduler:
             outputs = [
                 (seq, batch.add(seq.next_token, seq.n_past, seq.slot, True)) for seq in decoding
             ]
-            self._context.decode(batch)
+            self._decode(batch)
             tokens = self._sample_all([(seq.sampler, index) for seq, index in outputs])
             for (seq, index), token in zip(outputs, tokens, strict=True):
                 seq.n_past += 1
                 events: list[Event] = []
                 self._emit(seq, index, token, events)
                 if events:
-                    outbox.append((seq.request, events))
+                    # Out with the next decode: before the prompt chunks below, if any.
+                    self._post([(seq.request, events)])
             sampled += len(outputs)
-            # Running streams get their tokens now, not after the prompt chunks below.
-            self._post(outbox[:])
-            outbox.clear()
         prefilled = 0
         for seq in [s for s in members if s.prefilling]:
             end = self._chunk_end(seq)
@@ -419,7 +431,7 @@ class Scheduler:
             index = batch.add_many(
                 seq.request.prompt[seq.prompt_pos : end], seq.n_past, seq.slot, last
             )
-            self._context.decode(batch)
+            self._decode(batch)
             seq.prompt_pos = seq.n_past = end
             budget -= take
             prefilled += take
@@ -429,7 +441,8 @@ class Scheduler:
                 self._emit(seq, index, seq.sampler.sample(self._context, index), events)
                 sampled += 1
                 if events:
-                    # Its first token goes out now, not after the step's other chunks.
+                    # Its first token goes out with the next decode, not after the step's
+                    # other chunks.
                     self._post([(seq.request, events)])
             if budget <= 0:
                 break
