@@ -351,7 +351,17 @@ def report(results: dict[str, Any]) -> None:
             if theirs:
                 speed = ours["tokens_per_s"] / theirs["tokens_per_s"]
                 ttft = ours["ttft_p50_ms"] / theirs["ttft_p50_ms"]
-                print(f"  vs {peer:<16} {key:<8} throughput x{speed:.2f}  TTFT p50 x{ttft:.2f}")
+                # Each round runs both servers within minutes of each other, so the ratio
+                # within a round is free of the machine's drift between rounds.
+                pairs = zip(ours["runs_tokens_per_s"], theirs["runs_tokens_per_s"], strict=True)
+                rounds = [a / b for a, b in pairs]
+                spread = ""
+                if len(rounds) > 1:
+                    spread = f"  (rounds x{min(rounds):.2f} to x{max(rounds):.2f})"
+                print(
+                    f"  vs {peer:<16} {key:<8} throughput x{speed:.2f}{spread}  "
+                    f"TTFT p50 x{ttft:.2f}"
+                )
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
