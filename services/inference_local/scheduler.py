@@ -261,7 +261,7 @@ class Scheduler:
                 if self._stopping:
                     break
                 admitted = self._admit()
-            self._post(list(admitted))
+            self._post(admitted)
             try:
                 self._step()
             except Exception as error:  # a failed decode fails the sequences in it, not the loop
@@ -412,13 +412,15 @@ class Scheduler:
             ]
             self._decode(batch)
             tokens = self._sample_all([(seq.sampler, index) for seq, index in outputs])
+            out: list[tuple[SeqRequest, list[Event]]] = []
             for (seq, index), token in zip(outputs, tokens, strict=True):
                 seq.n_past += 1
                 events: list[Event] = []
                 self._emit(seq, index, token, events)
                 if events:
-                    # Out with the next decode: before the prompt chunks below, if any.
-                    self._post([(seq.request, events)])
+                    out.append((seq.request, events))
+            # Out with the next decode: before the prompt chunks below, if any.
+            self._post(out)
             sampled += len(outputs)
         prefilled = 0
         for seq in [s for s in members if s.prefilling]:

@@ -78,8 +78,8 @@ class ModelConfig(Section):
     pinned: bool = False
     # Serve embeddings (mean pooled) instead of generation.
     embeddings: bool = False
-    # llama.cpp's repacked CPU weight layout, as llama-server uses it: a few % faster on CPU,
-    # but the same seed may then give different text alone and batched.
+    # llama.cpp's repacked CPU weight layout, as llama-server uses it; the same seed may then
+    # give different text alone and batched (no faster at 16 streams on a 2-core CPU).
     repack_weights: bool = False
 
 
