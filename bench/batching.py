@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -33,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,11 +101,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-async def one_stream(
-    client: httpx.AsyncClient, url: str, model: str, index: int, max_tokens: int, run: int
-) -> Sample:
-    body = {
-        "model": model,
+def stream_request(index: int, max_tokens: int, run: int) -> dict[str, Any]:
+    """What stream `index` of a run asks every server for."""
+    return {
         # Every run has prompts of its own: no server reuses a prompt it saw in an earlier run
         # (llama-server keeps each slot's last prompt cached).
         "prompt": f"Story {run}.{index}. {PARAGRAPH}",
@@ -112,9 +111,14 @@ async def one_stream(
         "temperature": 0.8,
         "top_p": 0.95,
         "seed": 1000 + index,
-        "stream": True,
         "logit_bias": NO_EOS,
     }
+
+
+async def one_stream(
+    client: httpx.AsyncClient, url: str, model: str, index: int, max_tokens: int, run: int
+) -> Sample:
+    body = {"model": model, "stream": True, **stream_request(index, max_tokens, run)}
     timeline = Timeline()
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
@@ -136,14 +140,10 @@ async def engine_stream(engine: Any, model: str, index: int, max_tokens: int, ru
     from inference_local.engine import Delta, Request
     from inference_local.sampling import Sampling
 
-    sampling = Sampling(
-        max_tokens=max_tokens,
-        temperature=0.8,
-        top_p=0.95,
-        seed=1000 + index,
-        logit_bias={int(t): b for t, b in NO_EOS.items()},
-    )
-    request = Request(model, sampling, prompt=f"Story {run}.{index}. {PARAGRAPH}")
+    fields = stream_request(index, max_tokens, run)
+    prompt = fields.pop("prompt")
+    fields["logit_bias"] = {int(t): b for t, b in fields["logit_bias"].items()}
+    request = Request(model, Sampling(**fields), prompt=prompt)
     timeline = Timeline()
     async for event in engine.generate(request):
         if isinstance(event, Delta) and event.text:
@@ -156,18 +156,18 @@ async def level(
 ) -> dict[str, float]:
     """One level against a URL (OpenAI HTTP) or an Engine object (the direct engine)."""
     run = next(RUNS)
-    if not isinstance(target, str):
-        await engine_stream(target, model, 999, 4, run)
-        samples = await asyncio.gather(
-            *(engine_stream(target, model, i, max_tokens, run) for i in range(concurrency))
-        )
-        return summarise(samples, max_tokens)
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        await one_stream(client, target, model, 999, 4, run)  # warm the connection and the model
-        samples = await asyncio.gather(
-            *(one_stream(client, target, model, i, max_tokens, run) for i in range(concurrency))
-        )
+    async with contextlib.AsyncExitStack() as stack:
+        stream: Callable[[int, int], Awaitable[Sample]]
+        if isinstance(target, str):
+            limits = httpx.Limits(
+                max_connections=concurrency + 4, max_keepalive_connections=concurrency
+            )
+            client = await stack.enter_async_context(httpx.AsyncClient(timeout=600, limits=limits))
+            stream = functools.partial(one_stream, client, target, model, run=run)
+        else:
+            stream = functools.partial(engine_stream, target, model, run=run)
+        await stream(999, 4)  # warm the connection and the model
+        samples = await asyncio.gather(*(stream(i, max_tokens) for i in range(concurrency)))
     return summarise(samples, max_tokens)
 
 
@@ -286,16 +286,8 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         for name, r in levels.items():
             results["servers"].setdefault(name, {})[f"{c}x{max_tokens}"] = r
 
-    def llama_server(binary: str, c: int) -> contextlib.AbstractContextManager[None]:
-        port = ports["llama-server"] = free_port()
-        command = [binary, "-m", str(model_file), "--host", "127.0.0.1", "--port", str(port)]
-        command += ["--parallel", str(c), "-c", str(args.ctx * c), "-t", threads, "-tb", threads]
-        command += ["--no-webui"]
-        return process(command, f"http://127.0.0.1:{port}/health", state / f"ls-{c}.log")
-
     # Every server stays up for the whole run and the levels interleave the servers, so that
     # a slow minute on a shared machine hits all of them rather than one.
-    ports: dict[str, int] = {}
     urls: dict[str, Any] = {}
     async with contextlib.AsyncExitStack() as stack:
         if "mesh" in args.servers:
@@ -306,19 +298,10 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         for server, repack in (("engine", False), ("engine-repacked", True)):
             if server not in args.servers:
                 continue
-            # The direct engine: inference-local's Engine in this process, no mesh in front;
-            # repacked: with llama.cpp's repacked CPU weights, as llama-server loads them.
-            from prometheus_client import CollectorRegistry
-
-            from inference_local.engine import Engine
-
+            # Repacked: with llama.cpp's repacked CPU weights, as llama-server loads them.
             models = [m.model_copy(update={"repack_weights": repack}) for m in slots_models]
-            config = settings.inference_local.model_copy(
-                update={"keep_alive_s": 0, "models": models}
-            )
-            engine = Engine(config, CollectorRegistry())
-            await engine.start()
-            stack.push_async_callback(engine.close)
+            config = settings.inference_local.model_copy(update={"models": models})
+            engine = await stack.enter_async_context(direct_engine(config))
             urls["engine (repacked)" if repack else "engine (direct)"] = engine
         if "llama_cpp.server" in args.servers:
             port = free_port()
@@ -334,11 +317,44 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
             with contextlib.ExitStack() as per_level:
                 if binary:
                     # --parallel equal to the concurrency, as llama.cpp's docs advise.
-                    per_level.enter_context(llama_server(binary, c))
-                    urls["llama-server"] = f"http://127.0.0.1:{ports['llama-server']}"
+                    command = llama_server_command(binary, model_file, c, args.ctx, int(threads))
+                    urls["llama-server"] = per_level.enter_context(
+                        llama_server(command, state / f"ls-{c}.log")
+                    )
                 for max_tokens in args.max_tokens:
                     await measure(urls, c, max_tokens)
     return results
+
+
+def llama_server_command(binary: str, model: Path, c: int, ctx: int, threads: int) -> list[str]:
+    """llama-server with `c` slots of `ctx` tokens each, on a free loopback port."""
+    command = [binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(free_port())]
+    command += ["--parallel", str(c), "-c", str(ctx * c), "-t", str(threads), "-tb", str(threads)]
+    return [*command, "--no-webui"]
+
+
+@contextlib.contextmanager
+def llama_server(command: list[str], log: Path) -> Iterator[str]:
+    """Run a llama_server_command until the context ends; yields its base URL."""
+    url = f"http://127.0.0.1:{command[command.index('--port') + 1]}"
+    with process(command, f"{url}/health", log):
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def direct_engine(config: Any) -> AsyncIterator[Any]:
+    """inference-local's Engine in this process with `config` (an InferenceLocalConfig), no
+    mesh in front; models stay loaded for the whole run."""
+    from prometheus_client import CollectorRegistry
+
+    from inference_local.engine import Engine
+
+    engine = Engine(config.model_copy(update={"keep_alive_s": 0}), CollectorRegistry())
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.close()
 
 
 def report(results: dict[str, Any]) -> None:

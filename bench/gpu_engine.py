@@ -8,7 +8,8 @@ A one-off measurement that runs on a CUDA machine (the device `run` tool's H100)
   decode thread;
 - llama-server: --parallel N, -c 512*N, -t and -tb the Engine's n_threads (all cores but one).
 Each level is bench/batching.py's level(), imported, so the requests and the statistics are
-batching.py's; llama-server is started and stopped by its process(). Each stream has a ~120-token
+batching.py's, and so are llama-server's command and process (llama_server_command(),
+llama_server()) and the in-process Engine (direct_engine()). Each stream has a ~120-token
 prompt, a fixed seed per request, and 128 output tokens with the end-of-generation tokens banned.
 Each Engine gets `parallel` equal to the concurrency and 512 tokens of context a slot. Every layer
 goes to the GPU in all three (n_gpu_layers 999, -ngl 999). All three stay up during a level and take
@@ -41,7 +42,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,26 +70,8 @@ llama_cpp.llama_model_default_params = _all_layers_on_gpu
 batching: Any = importlib.import_module("batching")
 
 
-@contextlib.contextmanager
-def llama_server(
-    binary: str, model: Path, c: int, ctx: int, threads: int, log: Path
-) -> Iterator[str]:
-    """llama-server with every layer on the GPU, started and stopped by batching.process."""
-    port = batching.free_port()
-    command = [binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--parallel", str(c), "-c", str(ctx * c), "-t", str(threads), "-tb", str(threads)]
-    command += ["-ngl", "999", "--no-webui"]
-    print("llama-server:", " ".join(command), flush=True)
-    url = f"http://127.0.0.1:{port}"
-    with batching.process(command, f"{url}/health", log):
-        yield url
-
-
-@contextlib.asynccontextmanager
-async def engine_at(model: Path, c: int, ctx: int, sample_threads: int | None) -> Any:
-    from prometheus_client import CollectorRegistry
-
-    from inference_local.engine import Engine  # type: ignore[import-not-found, unused-ignore]
+def engine_at(model: Path, c: int, ctx: int, sample_threads: int | None) -> Any:
+    """batching.direct_engine on `model` with `c` slots of `ctx` tokens."""
     from slm.config import InferenceLocalConfig, ModelConfig  # type: ignore[import-not-found, unused-ignore]
 
     base = InferenceLocalConfig(models_dir=model.parent)
@@ -99,14 +81,8 @@ async def engine_at(model: Path, c: int, ctx: int, sample_threads: int | None) -
             **{**entry.model_dump(), "path": model.name, "parallel": c, "context_length": ctx}
         )
     ]
-    update = {"models": models, "keep_alive_s": 0, "sample_threads": sample_threads}
-    config = base.model_copy(update=update)
-    engine = Engine(config, CollectorRegistry())
-    await engine.start()
-    try:
-        yield engine
-    finally:
-        await engine.close()
+    config = base.model_copy(update={"models": models, "sample_threads": sample_threads})
+    return batching.direct_engine(config)
 
 
 def gpu_memory() -> str:
@@ -156,7 +132,11 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
             serial = await stack.enter_async_context(engine_at(model, c, args.ctx, 1))
             print(f"c={c}: engines loaded, GPU memory used {gpu_memory()}", flush=True)
             level_log = log.with_name(f"{log.stem}-{c}{log.suffix}")
-            url = stack.enter_context(llama_server(binary, model, c, args.ctx, threads, level_log))
+            # Every layer on the GPU.
+            command = batching.llama_server_command(binary, model, c, args.ctx, threads)
+            command += ["-ngl", "999"]
+            print("llama-server:", " ".join(command), flush=True)
+            url = stack.enter_context(batching.llama_server(command, level_log))
             print(f"c={c}: llama-server up, GPU memory used {gpu_memory()}", flush=True)
             targets: dict[str, Any] = dict(zip(SERVERS, (engine, serial, url), strict=True))
             levels = await batching.interleaved(targets, c, args.max_tokens, args.repeat)
