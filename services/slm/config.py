@@ -79,7 +79,8 @@ class ModelConfig(Section):
     # Serve embeddings (mean pooled) instead of generation.
     embeddings: bool = False
     # llama.cpp's repacked CPU weight layout, as llama-server uses it; the same seed may then
-    # give different text alone and batched (no faster at 16 streams on a 2-core CPU).
+    # give different text alone and batched (on a 2-core CPU: 4% faster at 8 streams, no
+    # faster at 16).
     repack_weights: bool = False
 
 
