@@ -57,6 +57,7 @@ deps:
 bench: model
 	$(BIN)/python bench/mesh_overhead.py
 	$(BIN)/python bench/batching.py
+	$(BIN)/python bench/decode_step.py
 	$(BIN)/python bench/kv_prefix.py
 
 proto: setup
