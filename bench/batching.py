@@ -43,7 +43,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from helpers import DEFAULT_MODEL, Mesh, free_port, mesh_settings
+from helpers import DEFAULT_MODEL, Mesh, default_model_file, free_port, mesh_settings
 
 RESULTS = Path(__file__).parent / "results"
 RUNS = itertools.count(1)
@@ -255,15 +255,12 @@ def llama_server_binary() -> str:
 
 
 async def run_all(args: argparse.Namespace) -> dict[str, Any]:
-    from inference_local.models import ensure_model_file
     from slm.config import InferenceLocalConfig, ModelConfig
 
     state = Path(tempfile.mkdtemp(prefix="slm-bench-batching-"))
     settings = mesh_settings(state)
     entry = InferenceLocalConfig().models[0]
-    model_file = ensure_model_file(
-        [settings.inference_local.models_dir], entry.path, entry.package, entry.name
-    )
+    model_file = default_model_file()
     slots = max(args.concurrency)
     slots_models = [
         ModelConfig(**{**entry.model_dump(), "parallel": slots, "context_length": args.ctx})

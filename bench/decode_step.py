@@ -40,7 +40,7 @@ from batching import (
     llama_server_command,
     stream_request,
 )
-from helpers import mesh_settings
+from helpers import default_model_file
 
 CTX = 512
 
@@ -104,15 +104,9 @@ def main() -> int:
 
     from inference_local.engine import default_threads
     from inference_local.llama_api import Model
-    from inference_local.models import ensure_model_file
-    from slm.config import InferenceLocalConfig
 
     state = Path(tempfile.mkdtemp(prefix="slm-bench-decode-"))
-    settings = mesh_settings(state)
-    entry = InferenceLocalConfig().models[0]
-    model_file = ensure_model_file(
-        [settings.inference_local.models_dir], entry.path, entry.package, entry.name
-    )
+    model_file = default_model_file()
     vocab = Model(model_file, vocab_only=True)
     binary = llama_server_binary()
     results: dict[str, Any] = {"threads": default_threads(), "steps": args.steps, "streams": {}}

