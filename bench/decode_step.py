@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +47,12 @@ from helpers import default_model_file
 CTX = 512
 
 
-def engine_step(model_file: Path, prompts: list[list[int]], steps: int, repack: bool) -> float:
-    """Median milliseconds of one decode of every sequence, in this process."""
+def engine_step(model: Any, prompts: list[list[int]], steps: int) -> float:
+    """Median milliseconds of one decode of every sequence, in this process, on `model`'s
+    weights (an inference_local Model)."""
     from inference_local.engine import default_threads
-    from inference_local.llama_api import Batch, Context, ContextParams, Model
+    from inference_local.llama_api import Batch, Context, ContextParams
 
-    model = Model(model_file, repack=repack)
     n = len(prompts)
     context = Context(model, ContextParams(n_seq=n, n_ctx_per_seq=CTX, n_threads=default_threads()))
     batch = Batch(CTX)
@@ -71,12 +73,14 @@ def engine_step(model_file: Path, prompts: list[list[int]], steps: int, repack: 
     finally:
         batch.close()
         context.close()
-        model.close()
 
 
-async def server_step(url: str, prompts: list[list[int]], steps: int) -> float:
+def server_step(url: str, prompts: list[list[int]], steps: int) -> float:
     """llama-server's median per-token generation time over the n streams, all sent at once."""
+    return asyncio.run(_server_times(url, prompts, steps))
 
+
+async def _server_times(url: str, prompts: list[list[int]], steps: int) -> float:
     async def one(client: httpx.AsyncClient, prompt: list[int]) -> float:
         body = {
             "prompt": prompt,
@@ -107,34 +111,40 @@ def main() -> int:
 
     state = Path(tempfile.mkdtemp(prefix="slm-bench-decode-"))
     model_file = default_model_file()
-    vocab = Model(model_file, vocab_only=True)
+    # Both weight layouts are loaded once and serve every level and round.
+    weights = {"engine": Model(model_file), "engine-repacked": Model(model_file, repack=True)}
     binary = llama_server_binary()
     results: dict[str, Any] = {"threads": default_threads(), "steps": args.steps, "streams": {}}
-    for n in args.streams:
-        prompts = [
-            vocab.tokenize(stream_request(i, 0, n)["prompt"], add_special=True) for i in range(n)
-        ]
-        runs: dict[str, list[float]] = {"engine": [], "engine-repacked": [], "llama-server": []}
-        command = llama_server_command(binary, model_file, n, CTX, default_threads())
-        with llama_server(command, state / f"ls-{n}.log") as url:
-            for round_ in range(args.repeat):
-                order = list(runs) if round_ % 2 == 0 else list(reversed(runs))
-                for name in order:
-                    if name == "llama-server":
-                        ms = asyncio.run(server_step(url, prompts, args.steps))
-                    else:
-                        ms = engine_step(model_file, prompts, args.steps, name != "engine")
-                    runs[name].append(ms)
-        medians = {name: statistics.median(values) for name, values in runs.items()}
-        results["streams"][str(n)] = {"ms_per_step": medians, "runs": runs}
-        ratios = "  ".join(
-            f"{name} x{medians['llama-server'] / ms:.2f}"
-            for name, ms in medians.items()
-            if name != "llama-server"
-        )
-        steps_text = "  ".join(f"{name} {ms:6.1f}" for name, ms in medians.items())
-        print(f"n={n:<3} ms/step: {steps_text}   speed vs llama-server: {ratios}", flush=True)
-    vocab.close()
+    try:
+        for n in args.streams:
+            prompts = [
+                weights["engine"].tokenize(stream_request(i, 0, n)["prompt"], add_special=True)
+                for i in range(n)
+            ]
+            command = llama_server_command(binary, model_file, n, CTX, default_threads())
+            with llama_server(command, state / f"ls-{n}.log") as url:
+                measure: dict[str, Callable[[], float]] = {
+                    name: functools.partial(engine_step, model, prompts, args.steps)
+                    for name, model in weights.items()
+                }
+                measure["llama-server"] = functools.partial(server_step, url, prompts, args.steps)
+                runs: dict[str, list[float]] = {name: [] for name in measure}
+                for round_ in range(args.repeat):
+                    order = list(measure) if round_ % 2 == 0 else list(reversed(measure))
+                    for name in order:
+                        runs[name].append(measure[name]())
+            medians = {name: statistics.median(values) for name, values in runs.items()}
+            results["streams"][str(n)] = {"ms_per_step": medians, "runs": runs}
+            ratios = "  ".join(
+                f"{name} x{medians['llama-server'] / ms:.2f}"
+                for name, ms in medians.items()
+                if name != "llama-server"
+            )
+            steps_text = "  ".join(f"{name} {ms:6.1f}" for name, ms in medians.items())
+            print(f"n={n:<3} ms/step: {steps_text}   speed vs llama-server: {ratios}", flush=True)
+    finally:
+        for model in weights.values():
+            model.close()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "decode_step.json").write_text(json.dumps(results, indent=2))
     print(f"\nJSON: {RESULTS / 'decode_step.json'}")
