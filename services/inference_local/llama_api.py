@@ -7,6 +7,7 @@ samplers are used only by the decode thread of their model.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -347,15 +348,35 @@ class SamplerConfig:
     logit_bias: Mapping[int, float]
 
 
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+assert _TOKEN_DATA.itemsize == ctypes.sizeof(C.llama_token_data)
+
+
 class Sampler:
-    """One sequence's llama.cpp sampler chain; its RNG state is the sequence's own."""
+    """One sequence's llama.cpp sampler chain; its RNG state is the sequence's own.
+
+    llama.cpp's `llama_sampler_sample` copies the whole vocabulary into a candidate array (262k
+    entries for Gemma 3) before its first sampler runs; on a CPU that copy and the top-k pass
+    over it cost most of a token's sampling, and they stream through memory, so threads barely
+    help. When the chain starts by keeping the k best tokens (top_k, or greedy: k = 1), this
+    hands llama.cpp only a shortlist that surely holds them (`_shortlist`): the same chain then
+    picks the same token from a few thousand candidates. Chains that need the whole
+    distribution (no top_k) take llama.cpp's own path.
+    """
 
     PENALTY_WINDOW = 64
+    # The shortlist's threshold comes from every n-th logit, n chosen so that this many of them
+    # are read per kept token; about n_vocab / SAMPLE_PER_KEPT tokens pass it.
+    SAMPLE_PER_KEPT = 100
 
     def __init__(self, model: Model, config: SamplerConfig) -> None:
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
         self.ptr = chain
         add: Callable[[Any], None] = lambda s: C.llama_sampler_chain_add(chain, s)  # noqa: E731
+        # Tokens whose logits the chain moves before keeping the best: the shortlist must hold
+        # them whatever their raw logits.
+        self._moved = np.array(sorted(config.logit_bias), dtype=np.int64)
+        self._history: collections.deque[int] | None = None
         if config.logit_bias:
             biases = (C.llama_logit_bias * len(config.logit_bias))()
             for i, (token, bias) in enumerate(config.logit_bias.items()):
@@ -372,25 +393,82 @@ class Sampler:
                     config.presence_penalty,
                 )
             )
+            # The tokens llama.cpp's penalty window holds, kept here too.
+            self._history = collections.deque(maxlen=self.PENALTY_WINDOW)
+        self._keep = 0  # the chain's first pick keeps this many tokens; 0: it needs them all
         if config.temperature <= 0.0:
             add(C.llama_sampler_init_greedy())
-            return
-        if config.top_k > 0:
-            add(C.llama_sampler_init_top_k(config.top_k))
-        if config.top_p < 1.0:
-            add(C.llama_sampler_init_top_p(config.top_p, 1))
-        if config.min_p > 0.0:
-            add(C.llama_sampler_init_min_p(config.min_p, 1))
-        add(C.llama_sampler_init_temp(config.temperature))
-        add(C.llama_sampler_init_dist(config.seed & 0xFFFFFFFF))
+            self._keep = 1
+        else:
+            if config.top_k > 0:
+                add(C.llama_sampler_init_top_k(config.top_k))
+                self._keep = config.top_k
+            if config.top_p < 1.0:
+                add(C.llama_sampler_init_top_p(config.top_p, 1))
+            if config.min_p > 0.0:
+                add(C.llama_sampler_init_min_p(config.min_p, 1))
+            add(C.llama_sampler_init_temp(config.temperature))
+            add(C.llama_sampler_init_dist(config.seed & 0xFFFFFFFF))
+        self._stride = model.n_vocab // (self.SAMPLE_PER_KEPT * max(self._keep, 1))
+        if self._stride < 2:  # a shortlist would be most of the vocabulary
+            self._keep = 0
 
     def accept_prompt(self, tokens: Iterable[int]) -> None:
         """Penalties look at the prompt too, as llama.cpp's server does."""
         for token in tokens:
-            C.llama_sampler_accept(self.ptr, token)
+            self._accept(token)
+
+    def _accept(self, token: int) -> None:
+        C.llama_sampler_accept(self.ptr, token)
+        if self._history is not None:
+            self._history.append(token)
 
     def sample(self, context: Context, index: int) -> int:
-        return int(C.llama_sampler_sample(self.ptr, context.ptr, index))
+        if self._keep:
+            candidates = self._shortlist(context.logits(index))
+            if candidates is not None:
+                data = candidates.ctypes.data_as(ctypes.POINTER(C.llama_token_data))
+                cur = C.llama_token_data_array(data, candidates.size, -1, False)
+                C.llama_sampler_apply(self.ptr, ctypes.byref(cur))
+                if not 0 <= cur.selected < cur.size:
+                    raise Internal(f"sampler chain selected {cur.selected} of {cur.size}")
+                token = int(cur.data[cur.selected].id)
+                self._accept(token)
+                return token
+        token = int(C.llama_sampler_sample(self.ptr, context.ptr, index))
+        if self._history is not None:
+            self._history.append(token)
+        return token
+
+    def _shortlist(self, logits: npt.NDArray[np.float32]) -> npt.NDArray[np.void] | None:
+        """Candidates, in token order, that surely include the `_keep` best after the chain's
+        biases and penalties; None when they can't be told apart cheaply.
+
+        Every `_stride`-th logit is read, leaving out the tokens the chain moves; its k-th best,
+        t, has at least k unmoved tokens at or above it, so a token below t and not moved can
+        never be among the k best. The shortlist is every token at or above t, plus the moved
+        ones.
+        """
+        keep, stride = self._keep, self._stride
+        moved = self._moved
+        if self._history:
+            moved = np.union1d(moved, np.fromiter(self._history, np.int64, len(self._history)))
+        sample = logits[::stride]
+        if moved.size:
+            sample = sample.copy()
+            sample[moved[moved % stride == 0] // stride] = -np.inf
+        kth = sample.size - keep
+        threshold = np.partition(sample, kth)[kth]
+        if not np.isfinite(threshold):  # -inf or NaN logits: leave them to llama.cpp
+            return None
+        mask = logits >= threshold
+        mask[moved] = True
+        ids = np.flatnonzero(mask)
+        candidates = np.empty(ids.size, _TOKEN_DATA)
+        candidates["id"] = ids
+        candidates["logit"] = logits[ids]
+        candidates["p"] = 0.0
+        return candidates
 
     def close(self) -> None:
         if self.ptr:
