@@ -375,7 +375,7 @@ class Sampler:
         add: Callable[[Any], None] = lambda s: C.llama_sampler_chain_add(chain, s)  # noqa: E731
         # Tokens whose logits the chain moves before keeping the best: the shortlist must hold
         # them whatever their raw logits.
-        self._moved = np.array(sorted(config.logit_bias), dtype=np.int64)
+        self._moved = np.fromiter(config.logit_bias, np.int64)
         self._history: collections.deque[int] | None = None
         if config.logit_bias:
             biases = (C.llama_logit_bias * len(config.logit_bias))()
@@ -416,28 +416,26 @@ class Sampler:
     def accept_prompt(self, tokens: Iterable[int]) -> None:
         """Penalties look at the prompt too, as llama.cpp's server does."""
         for token in tokens:
-            self._accept(token)
+            C.llama_sampler_accept(self.ptr, token)
+            self._remember(token)
 
-    def _accept(self, token: int) -> None:
-        C.llama_sampler_accept(self.ptr, token)
+    def _remember(self, token: int) -> None:
         if self._history is not None:
             self._history.append(token)
 
     def sample(self, context: Context, index: int) -> int:
-        if self._keep:
-            candidates = self._shortlist(context.logits(index))
-            if candidates is not None:
-                data = candidates.ctypes.data_as(ctypes.POINTER(C.llama_token_data))
-                cur = C.llama_token_data_array(data, candidates.size, -1, False)
-                C.llama_sampler_apply(self.ptr, ctypes.byref(cur))
-                if not 0 <= cur.selected < cur.size:
-                    raise Internal(f"sampler chain selected {cur.selected} of {cur.size}")
-                token = int(cur.data[cur.selected].id)
-                self._accept(token)
-                return token
-        token = int(C.llama_sampler_sample(self.ptr, context.ptr, index))
-        if self._history is not None:
-            self._history.append(token)
+        candidates = self._shortlist(context.logits(index)) if self._keep else None
+        if candidates is None:
+            token = int(C.llama_sampler_sample(self.ptr, context.ptr, index))  # and accepts it
+        else:
+            data = candidates.ctypes.data_as(ctypes.POINTER(C.llama_token_data))
+            cur = C.llama_token_data_array(data, candidates.size, -1, False)
+            C.llama_sampler_apply(self.ptr, ctypes.byref(cur))
+            if not 0 <= cur.selected < cur.size:
+                raise Internal(f"sampler chain selected {cur.selected} of {cur.size}")
+            token = int(cur.data[cur.selected].id)
+            C.llama_sampler_accept(self.ptr, token)
+        self._remember(token)
         return token
 
     def _shortlist(self, logits: npt.NDArray[np.float32]) -> npt.NDArray[np.void] | None:
@@ -451,8 +449,8 @@ class Sampler:
         """
         keep, stride = self._keep, self._stride
         moved = self._moved
-        if self._history:
-            moved = np.union1d(moved, np.fromiter(self._history, np.int64, len(self._history)))
+        if self._history:  # repeats do no harm below
+            moved = np.concatenate((moved, np.fromiter(self._history, np.int64)))
         sample = logits[::stride]
         if moved.size:
             sample = sample.copy()

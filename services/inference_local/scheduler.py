@@ -457,7 +457,8 @@ class Scheduler:
 
     def _sample_all(self, work: list[tuple[Sampler, int]]) -> list[int]:
         """Sample every decoded sequence; each sampler has its own chain and RNG, so spreading
-        them over threads changes no token (ctypes lets go of the GIL while llama.cpp samples)."""
+        them over threads changes no token (llama.cpp, through ctypes, and the shortlist's numpy
+        scans let go of the GIL)."""
         context = self._context
         if self._samplers is None or len(work) < 2:
             return [sampler.sample(context, index) for sampler, index in work]
