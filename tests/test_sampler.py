@@ -100,8 +100,10 @@ def test_shortlist_is_small_and_holds_every_biased_token(
     sampler = Sampler(model, replace(BASE, logit_bias=banned))
     try:
         logits = context.logits(_row(prompts, 0))
-        shortlist = sampler._shortlist(logits)
-        assert shortlist is not None
+        shortlists = Sampler._shortlists([sampler], logits[None, :])
+        assert shortlists is not None
+        shortlist, ends = shortlists
+        assert ends == [shortlist.size]
         ids = shortlist["id"]
         assert 40 < ids.size < model.n_vocab // 20
         assert list(ids) == sorted(ids)
@@ -123,3 +125,79 @@ def test_chains_needing_the_whole_vocabulary_take_llama_cpp_path(
             assert sampler._keep == 0, changes
         finally:
             sampler.close()
+
+
+CHAINS: list[dict[str, object]] = [
+    {},
+    {"temperature": 0.0},
+    {"top_k": 20},
+    {"logit_bias": {10: 2.0, 5000: 30.0}},
+    {"repetition_penalty": 1.3},
+    {"top_k": 0},
+]
+
+
+@pytest.fixture
+def stepped(model_path: Path) -> Iterator[tuple[Model, Context, list[list[int]]]]:
+    """A context just after a decode step: one token of every sequence, each with its logits,
+    so the rows lie one after another in llama.cpp's buffer."""
+    model = Model(model_path)
+    context = Context(model, ContextParams(n_seq=len(PROMPTS), n_ctx_per_seq=128))
+    batch = Batch(128)
+    prompts = [model.tokenize(p, add_special=True) for p in PROMPTS]
+    batch.clear()
+    for seq, tokens in enumerate(prompts):
+        batch.add_many(tokens[:-1], 0, seq, False)
+    context.decode(batch)
+    batch.clear()
+    for seq, tokens in enumerate(prompts):
+        batch.add(tokens[-1], len(tokens) - 1, seq, True)
+    context.decode(batch)
+    context.settle_outputs()
+    yield model, context, prompts
+    batch.close()
+    context.close()
+    model.close()
+
+
+def test_a_step_s_rows_are_read_in_place(
+    stepped: tuple[Model, Context, list[list[int]]],
+) -> None:
+    _, context, _ = stepped
+    rows = context.logit_rows(range(len(PROMPTS)))
+    assert np.shares_memory(rows, context.logits(0))
+    for i in range(len(PROMPTS)):
+        assert np.array_equal(rows[i], context.logits(i))
+    reordered = context.logit_rows([2, 0])
+    assert np.array_equal(reordered[0], context.logits(2))
+    assert np.array_equal(reordered[1], context.logits(0))
+
+
+def test_samplers_sampled_together_pick_what_each_picks_alone(
+    stepped: tuple[Model, Context, list[list[int]]],
+) -> None:
+    """Many samplers over one step's rows, in blocks and groups of mixed chains (several of
+    them sharing each row), draw by draw against llama.cpp's full-vocabulary path."""
+    model, context, prompts = stepped
+    # Mixed chains, rows out of order and repeated; then one chain on every row in order,
+    # which reads the step's rows in place as one block.
+    mixed = [(replace(BASE, seed=i, **c), i % len(PROMPTS)) for i, c in enumerate(CHAINS * 3)]  # type: ignore[arg-type]
+    biased = replace(BASE, logit_bias={10: 2.0, 5000: 30.0})
+    in_order = [(replace(biased, seed=100 + row), row) for row in range(len(PROMPTS))]
+    for configs in (mixed, in_order):
+        ours = [Sampler(model, config) for config, _ in configs]
+        references = [Sampler(model, config) for config, _ in configs]
+        try:
+            for sampler, reference, (_, row) in zip(ours, references, configs, strict=True):
+                sampler.accept_prompt(prompts[row])
+                reference.accept_prompt(prompts[row])
+            work = [(sampler, row) for sampler, (_, row) in zip(ours, configs, strict=True)]
+            for _ in range(6):
+                expected = [
+                    int(C.llama_sampler_sample(reference.ptr, context.ptr, row))
+                    for reference, (_, row) in zip(references, configs, strict=True)
+                ]
+                assert Sampler.sample_many(context, work) == expected
+        finally:
+            for sampler in ours + references:
+                sampler.close()

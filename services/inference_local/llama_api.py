@@ -276,6 +276,19 @@ class Context:
         ptr = C.llama_get_logits_ith(self.ptr, index)
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
 
+    def logit_rows(self, indices: Sequence[int]) -> npt.NDArray[np.float32]:
+        """The logits of these batch indices, one row each: a view of llama.cpp's buffer when
+        their rows lie one after another there (a decode step's), else a copy."""
+        n_vocab = self.model.n_vocab
+        first = C.llama_get_logits_ith(self.ptr, indices[0])
+        if len(indices) > 1:
+            last = C.llama_get_logits_ith(self.ptr, indices[-1])
+            span = ctypes.addressof(last.contents) - ctypes.addressof(first.contents)
+            consecutive = list(indices) == list(range(indices[0], indices[0] + len(indices)))
+            if not consecutive or span != (len(indices) - 1) * n_vocab * 4:
+                return np.stack([self.logits(i) for i in indices])
+        return np.ctypeslib.as_array(first, shape=(len(indices), n_vocab))
+
     def embedding(self, seq: int) -> list[float]:
         ptr = C.llama_get_embeddings_seq(self.ptr, seq)
         if not ptr:
@@ -350,6 +363,7 @@ class SamplerConfig:
 
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 assert _TOKEN_DATA.itemsize == ctypes.sizeof(C.llama_token_data)
+_TOKEN_DATA_P = ctypes.POINTER(C.llama_token_data)
 
 
 class Sampler:
@@ -359,7 +373,7 @@ class Sampler:
     entries for Gemma 3) before its first sampler runs; on a CPU that copy and the top-k pass
     over it cost most of a token's sampling, and they stream through memory, so threads barely
     help. When the chain starts by keeping the k best tokens (top_k, or greedy: k = 1), this
-    hands llama.cpp only a shortlist that surely holds them (`_shortlist`): the same chain then
+    hands llama.cpp only a shortlist that surely holds them (`_shortlists`): the same chain then
     picks the same token from a few thousand candidates. Chains that need the whole
     distribution (no top_k) take llama.cpp's own path.
     """
@@ -368,6 +382,8 @@ class Sampler:
     # The shortlist's threshold comes from every n-th logit, n chosen so that this many of them
     # are read per kept token; about n_vocab / SAMPLE_PER_KEPT tokens pass it.
     SAMPLE_PER_KEPT = 100
+    # Rows a shortlist pass covers: their logits (1 MiB a row for Gemma 3) stay in cache.
+    BLOCK_ROWS = 8
 
     def __init__(self, model: Model, config: SamplerConfig) -> None:
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
@@ -413,6 +429,11 @@ class Sampler:
         if self._stride < 2:  # a shortlist would be most of the vocabulary
             self._keep = 0
 
+    @property
+    def shortlisted(self) -> bool:
+        """Whether this chain samples from a shortlist rather than the whole vocabulary."""
+        return self._keep > 0
+
     def accept_prompt(self, tokens: Iterable[int]) -> None:
         """Penalties look at the prompt too, as llama.cpp's server does."""
         for token in tokens:
@@ -424,49 +445,103 @@ class Sampler:
             self._history.append(token)
 
     def sample(self, context: Context, index: int) -> int:
-        candidates = self._shortlist(context.logits(index)) if self._keep else None
-        if candidates is None:
-            token = int(C.llama_sampler_sample(self.ptr, context.ptr, index))  # and accepts it
-        else:
-            data = candidates.ctypes.data_as(ctypes.POINTER(C.llama_token_data))
-            cur = C.llama_token_data_array(data, candidates.size, -1, False)
-            C.llama_sampler_apply(self.ptr, ctypes.byref(cur))
-            if not 0 <= cur.selected < cur.size:
-                raise Internal(f"sampler chain selected {cur.selected} of {cur.size}")
-            token = int(cur.data[cur.selected].id)
-            C.llama_sampler_accept(self.ptr, token)
+        return Sampler.sample_many(context, [(self, index)])[0]
+
+    @staticmethod
+    def sample_many(context: Context, work: Sequence[tuple[Sampler, int]]) -> list[int]:
+        """Sample each (sampler, batch index) of the last decode. Shortlists are built a block of
+        rows at a time: a few numpy passes over the block, each letting go of the GIL, instead of
+        a dozen small calls a row, so that samplers on several threads run in parallel."""
+        tokens = [0] * len(work)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (sampler, index) in enumerate(work):
+            if sampler.shortlisted:
+                groups.setdefault((sampler._keep, sampler._stride), []).append(i)
+            else:
+                tokens[i] = sampler._sample_full(context, index)
+        for members in groups.values():
+            for start in range(0, len(members), Sampler.BLOCK_ROWS):
+                block = members[start : start + Sampler.BLOCK_ROWS]
+                picked = Sampler._sample_block(context, [work[i] for i in block])
+                for i, token in zip(block, picked, strict=True):
+                    tokens[i] = token
+        return tokens
+
+    def _sample_full(self, context: Context, index: int) -> int:
+        """llama.cpp's own path over the whole vocabulary."""
+        token = int(C.llama_sampler_sample(self.ptr, context.ptr, index))  # and accepts it
         self._remember(token)
         return token
 
-    def _shortlist(self, logits: npt.NDArray[np.float32]) -> npt.NDArray[np.void] | None:
-        """Candidates, in token order, that surely include the `_keep` best after the chain's
-        biases and penalties; None when they can't be told apart cheaply.
+    def _moved_tokens(self) -> npt.NDArray[np.int64]:
+        if self._history:  # repeats do no harm in the shortlist
+            return np.concatenate((self._moved, np.fromiter(self._history, np.int64)))
+        return self._moved
+
+    @staticmethod
+    def _sample_block(context: Context, work: Sequence[tuple[Sampler, int]]) -> list[int]:
+        """Samplers that keep the same k best, each from a shortlist of its row (`_shortlists`);
+        rows whose sampled logits are not all finite take llama.cpp's path."""
+        rows = context.logit_rows([index for _, index in work])
+        shortlists = Sampler._shortlists([sampler for sampler, _ in work], rows)
+        if shortlists is None:
+            return [sampler._sample_full(context, index) for sampler, index in work]
+        candidates, ends = shortlists
+        base = candidates.ctypes.data
+        tokens = []
+        start = 0
+        for (sampler, _), end in zip(work, ends, strict=True):
+            data = ctypes.cast(base + start * _TOKEN_DATA.itemsize, _TOKEN_DATA_P)
+            tokens.append(sampler._pick(C.llama_token_data_array(data, end - start, -1, False)))
+            start = end
+        return tokens
+
+    @staticmethod
+    def _shortlists(
+        samplers: Sequence[Sampler], rows: npt.NDArray[np.float32]
+    ) -> tuple[npt.NDArray[np.void], list[int]] | None:
+        """Candidates for each row, in token order, that surely include the row's `_keep` best
+        after its chain's biases and penalties; the rows' candidates lie one after another, row
+        i's ending at ends[i]. None when a row's threshold is not finite (-inf or NaN logits).
 
         Every `_stride`-th logit is read, leaving out the tokens the chain moves; its k-th best,
         t, has at least k unmoved tokens at or above it, so a token below t and not moved can
-        never be among the k best. The shortlist is every token at or above t, plus the moved
-        ones.
+        never be among the k best. A row's candidates are every token at or above t, plus the
+        moved ones. All samplers share one `_keep` and `_stride`.
         """
-        keep, stride = self._keep, self._stride
-        moved = self._moved
-        if self._history:  # repeats do no harm below
-            moved = np.concatenate((moved, np.fromiter(self._history, np.int64)))
-        sample = logits[::stride]
-        if moved.size:
+        keep, stride = samplers[0]._keep, samplers[0]._stride
+        n_rows, n_vocab = rows.shape
+        moved = [s._moved_tokens() for s in samplers]
+        moved_rows = np.repeat(np.arange(n_rows), [m.size for m in moved])
+        moved_ids = np.concatenate(moved)
+        sample = rows[:, ::stride]
+        if moved_ids.size:
             sample = sample.copy()
-            sample[moved[moved % stride == 0] // stride] = -np.inf
-        kth = sample.size - keep
-        threshold = np.partition(sample, kth)[kth]
-        if not np.isfinite(threshold):  # -inf or NaN logits: leave them to llama.cpp
+            hit = moved_ids % stride == 0
+            sample[moved_rows[hit], moved_ids[hit] // stride] = -np.inf
+        kth = sample.shape[1] - keep
+        thresholds = np.partition(sample, kth, axis=1)[:, kth]
+        if not np.isfinite(thresholds).all():
             return None
-        mask = logits >= threshold
-        mask[moved] = True
-        ids = np.flatnonzero(mask)
-        candidates = np.empty(ids.size, _TOKEN_DATA)
-        candidates["id"] = ids
-        candidates["logit"] = logits[ids]
+        mask = rows >= thresholds[:, None]
+        mask[moved_rows, moved_ids] = True
+        flat = np.flatnonzero(mask)
+        candidates = np.empty(flat.size, _TOKEN_DATA)
+        candidates["id"] = flat % n_vocab
+        candidates["logit"] = rows.reshape(-1)[flat]
         candidates["p"] = 0.0
-        return candidates
+        ends = np.searchsorted(flat, np.arange(1, n_rows + 1) * n_vocab).tolist()
+        return candidates, ends
+
+    def _pick(self, cur: Any) -> int:
+        """Run the chain over `cur` (a llama_token_data_array) and accept its token."""
+        C.llama_sampler_apply(self.ptr, ctypes.byref(cur))
+        if not 0 <= cur.selected < cur.size:
+            raise Internal(f"sampler chain selected {cur.selected} of {cur.size}")
+        token = int(cur.data[cur.selected].id)
+        C.llama_sampler_accept(self.ptr, token)
+        self._remember(token)
+        return token
 
     def close(self) -> None:
         if self.ptr:
