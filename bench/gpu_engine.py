@@ -2,26 +2,31 @@
 llama.cpp's C++ `llama-server`, both over one CUDA build of the same llama.cpp sources.
 
 A one-off measurement that runs on a CUDA machine (the device `run` tool's H100), not part of
-`make bench-batching`. Three servers take turns at 1, 16 and 64 concurrent streams (--concurrency):
+`make bench-batching`. Up to four servers (--servers) take turns at 1, 16 and 64 concurrent
+streams (--concurrency):
 - engine: the Engine with its default sample_threads (one sampling thread per core, at most 8);
-- engine-serial: the same Engine with sample_threads=1, each sequence sampled in turn on the
-  decode thread;
+- engine-fullvocab: the same Engine object with every sampler on llama.cpp's full-vocabulary
+  path (`llama_sampler_sample`) instead of a shortlist, which measures what the shortlist gains;
+- engine-serial: an Engine with sample_threads=1, each sequence sampled in turn on the decode
+  thread;
 - llama-server: --parallel N, -c 512*N, -t and -tb the Engine's n_threads (all cores but one).
 Each level is bench/batching.py's level(), imported, so the requests and the statistics are
 batching.py's, and so are llama-server's command and process (llama_server_command(),
 llama_server()) and the in-process Engine (direct_engine()). Each stream has a ~120-token
 prompt, a fixed seed per request, and 128 output tokens with the end-of-generation tokens banned.
 Each Engine gets `parallel` equal to the concurrency and 512 tokens of context a slot. Every layer
-goes to the GPU in all three (n_gpu_layers 999, -ngl 999). All three stay up during a level and take
-turns, every other round in reverse order (--repeat rounds); the run with the median throughput is
-kept. The JSON goes to --out, with a Markdown table and the ratios engine/llama-server and
-engine/engine-serial. llama-server logs each level beside --log, in llama-server-1.log,
+goes to the GPU in all of them (n_gpu_layers 999, -ngl 999). They all stay up during a level and
+take turns, every other round in reverse order (--repeat rounds); the run with the median
+throughput is kept. The JSON goes to --out, with a Markdown table and the ratios of the engine to
+each of the others. llama-server logs each level beside --log, in llama-server-1.log,
 llama-server-16.log and so on.
 
 The device machine starts bare. Setup, in calls made one right after another:
 - carry the Python wheels the services need and a pruned llama.cpp source tarball;
-- build it with CMake (-DGGML_CUDA=ON -DBUILD_SHARED_LIBS=ON, targets llama-server and
-  llama). llama_cpp's Python files load its libllama.so through LLAMA_CPP_LIB_PATH;
+- build it with CMake (-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DBUILD_SHARED_LIBS=ON
+  -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF, targets llama-server and llama; the pruned tree needs
+  scripts/ui-assets.cmake), about 5 minutes on 16 cores. llama_cpp's Python files load its
+  libllama.so through LLAMA_CPP_LIB_PATH;
 - carry the GGUF model in chunks of under 64 MiB, written at their offsets and checked by sha256.
 Then:
 
@@ -97,7 +102,39 @@ def gpu_memory() -> str:
     return "?"
 
 
-SERVERS = ("engine", "engine-serial", "llama-server")
+SERVERS = ("engine", "engine-fullvocab", "engine-serial", "llama-server")
+
+
+class FullVocabulary:
+    """An Engine whose samplers take llama.cpp's full-vocabulary path (`llama_sampler_sample`)
+    instead of the shortlist: the same tokens, for an A/B of the shortlist's cost. Levels run one
+    at a time, so the switch is on exactly while this engine's streams run."""
+
+    streams = 0
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    async def generate(self, request: Any) -> Any:
+        FullVocabulary.streams += 1
+        try:
+            async for event in self.engine.generate(request):
+                yield event
+        finally:
+            FullVocabulary.streams -= 1
+
+
+def _patch_shortlist() -> None:
+    from inference_local.llama_api import Sampler  # type: ignore[import-not-found, unused-ignore]
+
+    sample_many = Sampler.sample_many
+
+    def maybe(context: Any, work: Any) -> Any:
+        if FullVocabulary.streams:
+            return [sampler._sample_full(context, index) for sampler, index in work]
+        return sample_many(context, work)
+
+    Sampler.sample_many = staticmethod(maybe)  # type: ignore[method-assign]
 
 
 async def run_all(args: argparse.Namespace) -> dict[str, Any]:
@@ -108,7 +145,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
 
     threads = default_threads()
     sample_threads = default_sample_threads()
-    binary = os.environ["LLAMA_SERVER"]
+    binary = os.environ.get("LLAMA_SERVER", "")
     model = Path(args.model)
     log = Path(args.log)  # one llama-server log a level, e.g. llama-server-16.log
     results: dict[str, Any] = {
@@ -117,7 +154,11 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "ctx_per_seq": args.ctx,
         "repeat": args.repeat,
         "threads": threads,
-        "sample_threads": {"engine": sample_threads, "engine-serial": 1},
+        "sample_threads": {
+            "engine": sample_threads,
+            "engine-fullvocab": sample_threads,
+            "engine-serial": 1,
+        },
         "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
         "servers": {},
     }
@@ -126,19 +167,30 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         f"sample_threads={sample_threads}",
         flush=True,
     )
+    _patch_shortlist()
     for c in args.concurrency:
         async with contextlib.AsyncExitStack() as stack:
-            engine = await stack.enter_async_context(engine_at(model, c, args.ctx, None))
-            serial = await stack.enter_async_context(engine_at(model, c, args.ctx, 1))
+            targets: dict[str, Any] = {}
+            if {"engine", "engine-fullvocab"} & set(args.servers):
+                engine = await stack.enter_async_context(engine_at(model, c, args.ctx, None))
+                if "engine" in args.servers:
+                    targets["engine"] = engine
+                if "engine-fullvocab" in args.servers:
+                    targets["engine-fullvocab"] = FullVocabulary(engine)
+            if "engine-serial" in args.servers:
+                serial = await stack.enter_async_context(engine_at(model, c, args.ctx, 1))
+                targets["engine-serial"] = serial
             print(f"c={c}: engines loaded, GPU memory used {gpu_memory()}", flush=True)
-            level_log = log.with_name(f"{log.stem}-{c}{log.suffix}")
-            # Every layer on the GPU.
-            command = batching.llama_server_command(binary, model, c, args.ctx, threads)
-            command += ["-ngl", "999"]
-            print("llama-server:", " ".join(command), flush=True)
-            url = stack.enter_context(batching.llama_server(command, level_log))
-            print(f"c={c}: llama-server up, GPU memory used {gpu_memory()}", flush=True)
-            targets: dict[str, Any] = dict(zip(SERVERS, (engine, serial, url), strict=True))
+            if "llama-server" in args.servers:
+                level_log = log.with_name(f"{log.stem}-{c}{log.suffix}")
+                # Every layer on the GPU.
+                command = batching.llama_server_command(binary, model, c, args.ctx, threads)
+                command += ["-ngl", "999"]
+                print("llama-server:", " ".join(command), flush=True)
+                targets["llama-server"] = stack.enter_context(
+                    batching.llama_server(command, level_log)
+                )
+                print(f"c={c}: llama-server up, GPU memory used {gpu_memory()}", flush=True)
             levels = await batching.interleaved(targets, c, args.max_tokens, args.repeat)
             for name, r in levels.items():
                 results["servers"].setdefault(name, {})[str(c)] = r
@@ -151,15 +203,16 @@ def report(results: dict[str, Any]) -> str:
         "| streams | server | tok/s | TTFT p50 ms | ITL p50 ms | ITL p99 ms | runs tok/s |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
+    names = [name for name in SERVERS if name in servers]
     for c in results["concurrency"]:
-        for name in SERVERS:
+        for name in names:
             r = servers[name][str(c)]
             each = ", ".join(f"{x:.0f}" for x in r["runs_tokens_per_s"])
             lines.append(
                 f"| {c} | {name} | {r['tokens_per_s']:.1f} | {r['ttft_p50_ms']:.1f} | "
                 f"{r['itl_p50_ms']:.2f} | {r['itl_p99_ms']:.2f} | {each} |"
             )
-    for other in ("llama-server", "engine-serial"):
+    for other in names[1:] if "engine" in servers else ():
         lines += ["", f"| streams | engine/{other} tok/s | TTFT p50 | ITL p50 | ITL p99 |"]
         lines += ["| --- | --- | --- | --- | --- |"]
         for c in results["concurrency"]:
@@ -179,6 +232,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--ctx", type=int, default=512, help="context per sequence")
     parser.add_argument("--repeat", type=int, default=3, help="runs per level (median kept)")
+    parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
     parser.add_argument("--out", default="gpu_engine.json")
     parser.add_argument("--log", default="/tmp/llama-server.log")
     args = parser.parse_args()
