@@ -32,27 +32,72 @@ BASE = SamplerConfig(
 )
 
 
-@pytest.fixture(scope="module")
-def decoded(model_path: Path) -> Iterator[tuple[Model, Context, list[list[int]]]]:
-    """A context holding one output row of logits per prompt."""
+Decoded = tuple[Model, Context, list[list[int]], list[int]]
+
+
+def _decode(model_path: Path, *, step: bool) -> Iterator[Decoded]:
+    """A context holding one output row of logits per prompt, and each row's batch index: the
+    rows of whole prompts, or (`step`) of a decode step, one token of every sequence, whose
+    rows lie one after another in llama.cpp's buffer."""
     model = Model(model_path)
     context = Context(model, ContextParams(n_seq=len(PROMPTS), n_ctx_per_seq=128))
     batch = Batch(128)
     prompts = [model.tokenize(p, add_special=True) for p in PROMPTS]
+    rows = []
     batch.clear()
     for seq, tokens in enumerate(prompts):
-        batch.add_many(tokens, 0, seq, True)
+        rows.append(batch.add_many(tokens[:-1] if step else tokens, 0, seq, not step))
+    if step:
+        context.decode(batch)
+        batch.clear()
+        rows = [
+            batch.add(tokens[-1], len(tokens) - 1, seq, True) for seq, tokens in enumerate(prompts)
+        ]
     context.decode(batch)
     context.settle_outputs()
-    yield model, context, prompts
+    yield model, context, prompts, rows
     batch.close()
     context.close()
     model.close()
 
 
-def _row(prompts: list[list[int]], seq: int) -> int:
-    """The batch index of a prompt's last token (its logits row)."""
-    return sum(len(p) for p in prompts[: seq + 1]) - 1
+@pytest.fixture(scope="module")
+def decoded(model_path: Path) -> Iterator[Decoded]:
+    yield from _decode(model_path, step=False)
+
+
+@pytest.fixture(scope="module")
+def stepped(model_path: Path) -> Iterator[Decoded]:
+    yield from _decode(model_path, step=True)
+
+
+def _assert_same_tokens(
+    decoded: Decoded, configs: list[tuple[SamplerConfig, int]], *, together: bool
+) -> None:
+    """Samplers of these (config, sequence) pairs draw 6 times from their sequences' rows (the
+    RNG and the penalty window move each time), one by one or all in one sample_many, each
+    draw the token llama.cpp's full-vocabulary path picks for a twin sampler."""
+    model, context, prompts, rows = decoded
+    ours = [Sampler(model, config) for config, _ in configs]
+    references = [Sampler(model, config) for config, _ in configs]
+    try:
+        for sampler, reference, (_, seq) in zip(ours, references, configs, strict=True):
+            sampler.accept_prompt(prompts[seq])
+            reference.accept_prompt(prompts[seq])
+        work = [(sampler, rows[seq]) for sampler, (_, seq) in zip(ours, configs, strict=True)]
+        for _ in range(6):
+            expected = [
+                int(C.llama_sampler_sample(reference.ptr, context.ptr, row))
+                for reference, (_, row) in zip(references, work, strict=True)
+            ]
+            if together:
+                tokens = Sampler.sample_many(context, work)
+            else:
+                tokens = [sampler.sample(context, row) for sampler, row in work]
+            assert tokens == expected, configs
+    finally:
+        for sampler in ours + references:
+            sampler.close()
 
 
 @pytest.mark.parametrize(
@@ -71,35 +116,19 @@ def _row(prompts: list[list[int]], seq: int) -> int:
     ids=str,
 )
 def test_shortlist_picks_what_the_full_vocabulary_picks(
-    decoded: tuple[Model, Context, list[list[int]]], changes: dict[str, object]
+    decoded: Decoded, changes: dict[str, object]
 ) -> None:
-    model, context, prompts = decoded
     for seed in range(6):
         config = replace(BASE, seed=seed, **changes)  # type: ignore[arg-type]
-        for seq, prompt in enumerate(prompts):
-            ours, reference = Sampler(model, config), Sampler(model, config)
-            ours.accept_prompt(prompt)
-            reference.accept_prompt(prompt)
-            row = _row(prompts, seq)
-            try:
-                # Several draws from one row: the RNG and the penalty window move each time.
-                for _ in range(6):
-                    token = ours.sample(context, row)
-                    expected = int(C.llama_sampler_sample(reference.ptr, context.ptr, row))
-                    assert token == expected, (changes, seed, seq)
-            finally:
-                ours.close()
-                reference.close()
+        _assert_same_tokens(decoded, [(config, seq) for seq in range(len(PROMPTS))], together=False)
 
 
-def test_shortlist_is_small_and_holds_every_biased_token(
-    decoded: tuple[Model, Context, list[list[int]]],
-) -> None:
-    model, context, prompts = decoded
+def test_shortlist_is_small_and_holds_every_biased_token(decoded: Decoded) -> None:
+    model, context, _, rows = decoded
     banned = {0: -100.0, 7: 5.0}
     sampler = Sampler(model, replace(BASE, logit_bias=banned))
     try:
-        logits = context.logits(_row(prompts, 0))
+        logits = context.logits(rows[0])
         shortlists = Sampler._shortlists([sampler], logits[None, :])
         assert shortlists is not None
         shortlist, ends = shortlists
@@ -115,10 +144,8 @@ def test_shortlist_is_small_and_holds_every_biased_token(
         sampler.close()
 
 
-def test_chains_needing_the_whole_vocabulary_take_llama_cpp_path(
-    decoded: tuple[Model, Context, list[list[int]]],
-) -> None:
-    model, _, _ = decoded
+def test_chains_needing_the_whole_vocabulary_take_llama_cpp_path(decoded: Decoded) -> None:
+    model = decoded[0]
     for changes in ({"top_k": 0}, {"top_k": model.n_vocab // 150}):
         sampler = Sampler(model, replace(BASE, **changes))  # type: ignore[arg-type]
         try:
@@ -137,33 +164,9 @@ CHAINS: list[dict[str, object]] = [
 ]
 
 
-@pytest.fixture
-def stepped(model_path: Path) -> Iterator[tuple[Model, Context, list[list[int]]]]:
-    """A context just after a decode step: one token of every sequence, each with its logits,
-    so the rows lie one after another in llama.cpp's buffer."""
-    model = Model(model_path)
-    context = Context(model, ContextParams(n_seq=len(PROMPTS), n_ctx_per_seq=128))
-    batch = Batch(128)
-    prompts = [model.tokenize(p, add_special=True) for p in PROMPTS]
-    batch.clear()
-    for seq, tokens in enumerate(prompts):
-        batch.add_many(tokens[:-1], 0, seq, False)
-    context.decode(batch)
-    batch.clear()
-    for seq, tokens in enumerate(prompts):
-        batch.add(tokens[-1], len(tokens) - 1, seq, True)
-    context.decode(batch)
-    context.settle_outputs()
-    yield model, context, prompts
-    batch.close()
-    context.close()
-    model.close()
-
-
-def test_a_step_s_rows_are_read_in_place(
-    stepped: tuple[Model, Context, list[list[int]]],
-) -> None:
-    _, context, _ = stepped
+def test_a_step_s_rows_are_read_in_place(stepped: Decoded) -> None:
+    context = stepped[1]
+    assert stepped[3] == list(range(len(PROMPTS)))
     rows = context.logit_rows(range(len(PROMPTS)))
     assert np.shares_memory(rows, context.logits(0))
     for i in range(len(PROMPTS)):
@@ -173,31 +176,15 @@ def test_a_step_s_rows_are_read_in_place(
     assert np.array_equal(reordered[1], context.logits(0))
 
 
-def test_samplers_sampled_together_pick_what_each_picks_alone(
-    stepped: tuple[Model, Context, list[list[int]]],
-) -> None:
+def test_samplers_sampled_together_pick_what_each_picks_alone(stepped: Decoded) -> None:
     """Many samplers over one step's rows, in blocks and groups of mixed chains (several of
-    them sharing each row), draw by draw against llama.cpp's full-vocabulary path."""
-    model, context, prompts = stepped
+    them sharing each row), against llama.cpp's full-vocabulary path."""
     # Mixed chains, rows out of order and repeated; then one chain on every row in order,
     # which reads the step's rows in place as one block.
-    mixed = [(replace(BASE, seed=i, **c), i % len(PROMPTS)) for i, c in enumerate(CHAINS * 3)]  # type: ignore[arg-type]
+    n = len(PROMPTS)
+    mixed = [(replace(BASE, seed=i, **c), i % n) for i, c in enumerate(CHAINS * 3)]  # type: ignore[arg-type]
     biased = replace(BASE, logit_bias={10: 2.0, 5000: 30.0})
-    in_order = [(replace(biased, seed=100 + row), row) for row in range(len(PROMPTS))]
-    for configs in (mixed, in_order):
-        ours = [Sampler(model, config) for config, _ in configs]
-        references = [Sampler(model, config) for config, _ in configs]
-        try:
-            for sampler, reference, (_, row) in zip(ours, references, configs, strict=True):
-                sampler.accept_prompt(prompts[row])
-                reference.accept_prompt(prompts[row])
-            work = [(sampler, row) for sampler, (_, row) in zip(ours, configs, strict=True)]
-            for _ in range(6):
-                expected = [
-                    int(C.llama_sampler_sample(reference.ptr, context.ptr, row))
-                    for reference, (_, row) in zip(references, configs, strict=True)
-                ]
-                assert Sampler.sample_many(context, work) == expected
-        finally:
-            for sampler in ours + references:
-                sampler.close()
+    _assert_same_tokens(stepped, mixed, together=True)
+    _assert_same_tokens(
+        stepped, [(replace(biased, seed=100 + s), s) for s in range(n)], together=True
+    )
