@@ -6,7 +6,8 @@ A one-off measurement that runs on a CUDA machine (the device `run` tool's H100)
 streams (--concurrency):
 - engine: the Engine with its default sample_threads (one sampling thread per core, at most 8);
 - engine-fullvocab: the same Engine object with every sampler on llama.cpp's full-vocabulary
-  path (`llama_sampler_sample`) instead of a shortlist, which measures what the shortlist gains;
+  path (`llama_sampler_sample`) instead of a shortlist, each row a sampling task of its own as
+  for a chain without top_k, which measures what the shortlist gains;
 - engine-serial: an Engine with sample_threads=1, each sequence sampled in turn on the decode
   thread;
 - llama-server: --parallel N, -c 512*N, -t and -tb the Engine's n_threads (all cores but one).
@@ -125,16 +126,14 @@ class FullVocabulary:
 
 
 def _patch_shortlist() -> None:
+    """Samplers are shortlisted only while no FullVocabulary stream runs; otherwise each row is
+    a task of its own on llama.cpp's path, as for a chain without top_k."""
     from inference_local.llama_api import Sampler  # type: ignore[import-not-found, unused-ignore]
 
-    sample_many = Sampler.sample_many
-
-    def maybe(context: Any, work: Any) -> Any:
-        if FullVocabulary.streams:
-            return [sampler._sample_full(context, index) for sampler, index in work]
-        return sample_many(context, work)
-
-    Sampler.sample_many = staticmethod(maybe)  # type: ignore[method-assign]
+    shortlisted = vars(Sampler)["shortlisted"].fget
+    Sampler.shortlisted = property(  # type: ignore[method-assign, assignment, unused-ignore]
+        lambda self: not FullVocabulary.streams and shortlisted(self)
+    )
 
 
 async def run_all(args: argparse.Namespace) -> dict[str, Any]:
@@ -145,7 +144,6 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
 
     threads = default_threads()
     sample_threads = default_sample_threads()
-    binary = os.environ.get("LLAMA_SERVER", "")
     model = Path(args.model)
     log = Path(args.log)  # one llama-server log a level, e.g. llama-server-16.log
     results: dict[str, Any] = {
@@ -184,6 +182,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
             if "llama-server" in args.servers:
                 level_log = log.with_name(f"{log.stem}-{c}{log.suffix}")
                 # Every layer on the GPU.
+                binary = os.environ["LLAMA_SERVER"]
                 command = batching.llama_server_command(binary, model, c, args.ctx, threads)
                 command += ["-ngl", "999"]
                 print("llama-server:", " ".join(command), flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -72,11 +73,16 @@ def stepped(model_path: Path) -> Iterator[Decoded]:
 
 
 def _assert_same_tokens(
-    decoded: Decoded, configs: list[tuple[SamplerConfig, int]], *, together: bool
+    decoded: Decoded,
+    configs: list[tuple[SamplerConfig, int]],
+    *,
+    together: bool,
+    pool: concurrent.futures.Executor | None = None,
 ) -> None:
     """Samplers of these (config, sequence) pairs draw 6 times from their sequences' rows (the
-    RNG and the penalty window move each time), one by one or all in one sample_many, each
-    draw the token llama.cpp's full-vocabulary path picks for a twin sampler."""
+    RNG and the penalty window move each time), one by one or all in one sample_many (its tasks
+    on `pool`'s threads too, if given), each draw the token llama.cpp's full-vocabulary path
+    picks for a twin sampler."""
     model, context, prompts, rows = decoded
     ours = [Sampler(model, config) for config, _ in configs]
     references = [Sampler(model, config) for config, _ in configs]
@@ -91,7 +97,7 @@ def _assert_same_tokens(
                 for reference, (_, row) in zip(references, work, strict=True)
             ]
             if together:
-                tokens = Sampler.sample_many(context, work)
+                tokens = Sampler.sample_many(context, work, pool)
             else:
                 tokens = [sampler.sample(context, row) for sampler, row in work]
             assert tokens == expected, configs
@@ -185,6 +191,8 @@ def test_samplers_sampled_together_pick_what_each_picks_alone(stepped: Decoded) 
     mixed = [(replace(BASE, seed=i, **c), i % n) for i, c in enumerate(CHAINS * 3)]  # type: ignore[arg-type]
     biased = replace(BASE, logit_bias={10: 2.0, 5000: 30.0})
     _assert_same_tokens(stepped, mixed, together=True)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        _assert_same_tokens(stepped, mixed, together=True, pool=pool)
     _assert_same_tokens(
         stepped, [(replace(biased, seed=100 + s), s) for s in range(n)], together=True
     )

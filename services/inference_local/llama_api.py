@@ -8,6 +8,7 @@ samplers are used only by the decode thread of their model.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import ctypes
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -448,24 +449,58 @@ class Sampler:
         return Sampler.sample_many(context, [(self, index)])[0]
 
     @staticmethod
-    def sample_many(context: Context, work: Sequence[tuple[Sampler, int]]) -> list[int]:
-        """Sample each (sampler, batch index) of the last decode. Shortlists are built a block of
-        rows at a time: a few numpy passes over the block, each letting go of the GIL, instead of
-        a dozen small calls a row, so that samplers on several threads run in parallel."""
+    def sample_many(
+        context: Context,
+        work: Sequence[tuple[Sampler, int]],
+        pool: concurrent.futures.Executor | None = None,
+    ) -> list[int]:
+        """Sample each (sampler, batch index) of the last decode, task by task (`_tasks`), the
+        tasks spread over `pool`'s threads and this one. Each sampler has its own chain and RNG,
+        so threads change no token. Both kinds of task let go of the GIL for most of their work
+        (llama.cpp through ctypes; a block's numpy passes), but a block's fixed Python work holds
+        it: smaller blocks on more threads end up waiting for the GIL (on a 16-core H100 host, 8
+        threads of 2 rows each sampled 16 streams no faster than one thread)."""
         tokens = [0] * len(work)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, (sampler, index) in enumerate(work):
-            if sampler.shortlisted:
-                groups.setdefault((sampler._keep, sampler._stride), []).append(i)
-            else:
-                tokens[i] = sampler._sample_full(context, index)
-        for members in groups.values():
-            for start in range(0, len(members), Sampler.BLOCK_ROWS):
-                block = members[start : start + Sampler.BLOCK_ROWS]
-                picked = Sampler._sample_block(context, [work[i] for i in block])
-                for i, token in zip(block, picked, strict=True):
-                    tokens[i] = token
+
+        def run(task: list[int]) -> None:
+            sampler, index = work[task[0]]
+            if not sampler.shortlisted:  # a task of one row
+                tokens[task[0]] = sampler._sample_full(context, index)
+                return
+            picked = Sampler._sample_block(context, [work[i] for i in task])
+            for i, token in zip(task, picked, strict=True):
+                tokens[i] = token
+
+        tasks = Sampler._tasks(work)
+        if pool is None or len(tasks) < 2:
+            for task in tasks:
+                run(task)
+            return tokens
+        context.settle_outputs()  # the threads then only read the outputs
+        others = [pool.submit(run, task) for task in tasks[1:]]
+        try:
+            run(tasks[0])
+        finally:
+            # Never leave a sampler in use on another thread: a failed step frees them.
+            concurrent.futures.wait(others)
+        for future in others:
+            future.result()
         return tokens
+
+    @staticmethod
+    def _tasks(work: Sequence[tuple[Sampler, int]]) -> list[list[int]]:
+        """Indices into `work`: blocks of up to BLOCK_ROWS rows whose chains keep the same k
+        best (one shortlist pass each; a decode step's rows are consecutive), and every row on
+        llama.cpp's full-vocabulary path alone."""
+        blocks: dict[tuple[int, int], list[int]] = {}
+        alone: list[list[int]] = []
+        for i, (sampler, _) in enumerate(work):
+            if sampler.shortlisted:
+                blocks.setdefault((sampler._keep, sampler._stride), []).append(i)
+            else:
+                alone.append([i])
+        size = Sampler.BLOCK_ROWS
+        return [m[s : s + size] for m in blocks.values() for s in range(0, len(m), size)] + alone
 
     def _sample_full(self, context: Context, index: int) -> int:
         """llama.cpp's own path over the whole vocabulary."""

@@ -411,7 +411,8 @@ class Scheduler:
                 (seq, batch.add(seq.next_token, seq.n_past, seq.slot, True)) for seq in decoding
             ]
             self._decode(batch)
-            tokens = self._sample_all([(seq.sampler, index) for seq, index in outputs])
+            work = [(seq.sampler, index) for seq, index in outputs]
+            tokens = Sampler.sample_many(self._context, work, self._samplers)
             out: list[tuple[SeqRequest, list[Event]]] = []
             for (seq, index), token in zip(outputs, tokens, strict=True):
                 seq.n_past += 1
@@ -454,43 +455,6 @@ class Scheduler:
             len(decoding) + prefilled, len(self._active), len(self._waiting), used / total
         )
         self._metrics.token(sampled)
-
-    def _sample_all(self, work: list[tuple[Sampler, int]]) -> list[int]:
-        """Sample every decoded sequence; each sampler has its own chain and RNG, so spreading
-        them over threads changes no token. A thread's task is a block of up to BLOCK_ROWS
-        consecutive rows sampled from shortlists, or one row on llama.cpp's full-vocabulary
-        path. Both let go of the GIL for most of their work (in llama.cpp through ctypes, and in
-        numpy passes over the whole block), but a shortlist's fixed Python work holds it: smaller
-        blocks on more threads end up waiting for the GIL (on a 16-core H100 host, 8 threads of
-        2 rows each sampled 16 streams no faster than one thread)."""
-        context = self._context
-        if self._samplers is None or len(work) < 2:
-            return Sampler.sample_many(context, work)
-        context.settle_outputs()
-        short = [i for i, (sampler, _) in enumerate(work) if sampler.shortlisted]
-        full = [i for i, (sampler, _) in enumerate(work) if not sampler.shortlisted]
-        tasks = [
-            short[start : start + Sampler.BLOCK_ROWS]
-            for start in range(0, len(short), Sampler.BLOCK_ROWS)
-        ]
-        tasks += [[i] for i in full]
-        tokens = [0] * len(work)
-
-        def run(task: list[int]) -> None:
-            for i, token in zip(
-                task, Sampler.sample_many(context, [work[i] for i in task]), strict=True
-            ):
-                tokens[i] = token
-
-        others = [self._samplers.submit(run, task) for task in tasks[1:]]
-        try:
-            run(tasks[0])
-        finally:
-            # Never leave a sampler in use on another thread: a failed step frees them.
-            concurrent.futures.wait(others)
-        for future in others:
-            future.result()
-        return tokens
 
     def _emit(self, seq: _Seq, index: int, token: int, events: list[Event]) -> None:
         """Turn a sequence's sampled token into events, and finish it when it is done."""
