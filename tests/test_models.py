@@ -69,6 +69,23 @@ async def test_repacked_weights_are_a_copy_of_their_own(engine: Engine) -> None:
         await engine.load(LoadSpec("plain", FILE, context_length=256, repack_weights=True))
 
 
+async def test_gpu_offload_on_a_cpu_build_is_refused_and_nothing_is_held(
+    engine: Engine,
+) -> None:
+    """gpu_layers asks for layers on the GPU; this machine's llama.cpp has no GPU backend, so
+    the load fails with a reason instead of silently running on the CPU. gpu_layers=0 (all on
+    the CPU) loads, as a copy of its own next to llama.cpp's default placement."""
+    with pytest.raises(FailedPrecondition, match=r"gpu_layers=-1 .* no GPU backend"):
+        await engine.load(LoadSpec("offload", FILE, context_length=256, gpu_layers=-1))
+    assert (engine.weights_loaded, engine.models()) == (0, [])
+    await engine.load(LoadSpec("cpu", FILE, context_length=256, gpu_layers=0))
+    await engine.load(LoadSpec("default", FILE, context_length=256))
+    assert engine.weights_loaded == 2
+    assert await generate_text(engine, "cpu") == await generate_text(engine, "default")
+    with pytest.raises(FailedPrecondition, match="already loaded"):
+        await engine.load(LoadSpec("cpu", FILE, context_length=256, gpu_layers=4))
+
+
 async def test_paths_stay_inside_the_model_directories(engine: Engine) -> None:
     with pytest.raises(InvalidArgument, match="outside the model directories"):
         await engine.load(LoadSpec("evil", "../../../etc/passwd"))

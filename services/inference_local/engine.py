@@ -90,6 +90,7 @@ class LoadSpec:
     package: str | None = None
     n_threads: int | None = None
     repack_weights: bool = False
+    gpu_layers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -238,11 +239,15 @@ class _ModelMetrics(SchedulerMetrics):
         self._prompt.inc(prompt_tokens)
 
 
+# The file, its quantization, the repacked layout, the layers offloaded to the GPU.
+WeightsKey = tuple[Path, str, bool, int | None]
+
+
 @dataclass(eq=False)
 class _Weights:
     model: Model
     meta: ModelMetadata
-    key: tuple[Path, str, bool]
+    key: WeightsKey
     refs: int = 0
 
 
@@ -275,7 +280,7 @@ class Engine:
         self._prefix_cache = prefix_cache
         self._configured = {m.name: m for m in config.models}
         self._loaded: dict[str, _Loaded] = {}
-        self._weights: dict[tuple[Path, str, bool], _Weights] = {}
+        self._weights: dict[WeightsKey, _Weights] = {}
         self._lock = asyncio.Lock()
         self._reaper: asyncio.Task[None] | None = None
 
@@ -359,11 +364,8 @@ class Engine:
     async def _load_locked(self, spec: LoadSpec) -> ModelInfo:
         existing = self._loaded.get(spec.name)
         if existing is not None:
-            if (existing.spec.path, existing.spec.quantization, existing.spec.repack_weights) != (
-                spec.path,
-                spec.quantization,
-                spec.repack_weights,
-            ):
+            theirs, mine = _weights_key(existing.spec), _weights_key(spec)
+            if (existing.spec.path, *theirs) != (spec.path, *mine):
                 raise FailedPrecondition(
                     f"model name {spec.name!r} is already loaded from {existing.spec.path}",
                     field="name",
@@ -371,7 +373,7 @@ class Engine:
             return self._info(existing)
         started = time.perf_counter()
         path = await asyncio.to_thread(self._model_file, spec)
-        key = (path, spec.quantization or "", spec.repack_weights)
+        key = (path, *_weights_key(spec))
         weights = self._weights.get(key)
         if weights is not None:
             # Hold the shared weights, so making room cannot free them under us.
@@ -384,7 +386,9 @@ class Engine:
             await self._make_room(spec.name, estimate)
             if weights is None:
                 model = await asyncio.to_thread(
-                    functools.partial(Model, path, repack=spec.repack_weights)
+                    functools.partial(
+                        Model, path, repack=spec.repack_weights, gpu_layers=spec.gpu_layers
+                    )
                 )
                 weights = _Weights(model, meta, key, refs=1)
                 self._weights[key] = weights
@@ -735,4 +739,10 @@ def _spec_from_config(entry: ModelConfig) -> LoadSpec:
         package=entry.package,
         n_threads=entry.n_threads,
         repack_weights=entry.repack_weights,
+        gpu_layers=entry.gpu_layers,
     )
+
+
+def _weights_key(spec: LoadSpec) -> tuple[str, bool, int | None]:
+    """What besides the file makes two loads different weights (WeightsKey's tail)."""
+    return (spec.quantization or "", spec.repack_weights, spec.gpu_layers)

@@ -75,10 +75,26 @@ class ModelMetadata:
 class Model:
     """Loaded weights (llama_model) and their vocabulary; shared by the contexts over it."""
 
-    def __init__(self, path: Path, *, vocab_only: bool = False, repack: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        vocab_only: bool = False,
+        repack: bool = False,
+        gpu_layers: int | None = None,
+    ) -> None:
         init_backend()
         params = C.llama_model_default_params()
         params.vocab_only = vocab_only
+        # None keeps llama.cpp's default: every layer on the GPU when the build has one.
+        if gpu_layers is not None:
+            if gpu_layers and not C.llama_supports_gpu_offload():
+                raise FailedPrecondition(
+                    f"{path.name}: gpu_layers={gpu_layers} asks for GPU offload, but this "
+                    "llama.cpp build has no GPU backend (build it with -DGGML_CUDA=ON)",
+                    field="gpu_layers",
+                )
+            params.n_gpu_layers = gpu_layers
         # The repacked CPU weight layout (llama-server's default) computes a token's logits
         # with other kernels when it shares the batch with 3 more (logits differ by up to 0.9);
         # the plain layout gives every sequence the same logits alone or batched, which the

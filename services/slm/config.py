@@ -82,6 +82,11 @@ class ModelConfig(Section):
     # give different text alone and batched (on a 2-core CPU: 4% faster at 8 streams, no
     # faster at 16).
     repack_weights: bool = False
+    # Layers offloaded to the GPU (-1: all, 0: none) in a llama.cpp built with a GPU backend;
+    # loading fails with FAILED_PRECONDITION when the build has none. Unset: llama.cpp's
+    # default, every layer on the GPU when there is one. The memory budget counts the weights
+    # wherever they are.
+    gpu_layers: int | None = Field(default=None, ge=-1)
 
 
 class InferenceLocalConfig(Section):
