@@ -249,6 +249,9 @@ def process(command: list[str], health: str, log: Path) -> Iterator[None]:
 
 
 def llama_server_binary() -> str:
+    """$LLAMA_SERVER (a GPU build, say), else the CPU build from the vendored sources."""
+    if os.environ.get("LLAMA_SERVER"):
+        return os.environ["LLAMA_SERVER"]
     script = Path(__file__).parent / "build_llama_server.sh"
     out = subprocess.run([str(script)], check=True, capture_output=True, text=True)
     return out.stdout.strip().splitlines()[-1]
@@ -262,9 +265,8 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     entry = InferenceLocalConfig().models[0]
     model_file = default_model_file()
     slots = max(args.concurrency)
-    slots_models = [
-        ModelConfig(**{**entry.model_dump(), "parallel": slots, "context_length": args.ctx})
-    ]
+    fields = {"parallel": slots, "context_length": args.ctx, "gpu_layers": args.gpu_layers}
+    slots_models = [ModelConfig(**{**entry.model_dump(), **fields})]
     settings.inference_local.models = slots_models
     from inference_local.engine import default_threads
 
@@ -275,6 +277,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "max_tokens": args.max_tokens,
         "cpu_count": os.cpu_count(),
         "threads": int(threads),
+        "gpu_layers": args.gpu_layers,
         "servers": {},
     }
 
@@ -305,6 +308,8 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
             command = [sys.executable, "-m", "llama_cpp.server", "--model", str(model_file)]
             command += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(args.ctx)]
             command += ["--n_threads", threads, "--n_threads_batch", threads]
+            if args.gpu_layers is not None:
+                command += ["--n_gpu_layers", str(args.gpu_layers)]
             stack.enter_context(
                 process(command, f"http://127.0.0.1:{port}/v1/models", state / "lcp.log")
             )
@@ -315,6 +320,8 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
                 if binary:
                     # --parallel equal to the concurrency, as llama.cpp's docs advise.
                     command = llama_server_command(binary, model_file, c, args.ctx, int(threads))
+                    if args.gpu_layers is not None:
+                        command += ["-ngl", str(args.gpu_layers)]
                     urls["llama-server"] = per_level.enter_context(
                         llama_server(command, state / f"ls-{c}.log")
                     )
@@ -419,6 +426,13 @@ def main() -> int:
     parser.add_argument("--ctx", type=int, default=512, help="context per sequence")
     parser.add_argument("--repeat", type=int, default=1, help="runs per level (median kept)")
     parser.add_argument(
+        "--gpu-layers",
+        type=int,
+        help="layers on the GPU for every server (-1: all), with a GPU build of llama.cpp: "
+        "LLAMA_CPP_LIB_PATH for the mesh and the engine, LLAMA_SERVER for llama-server",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the results")
+    parser.add_argument(
         "--servers",
         nargs="+",
         default=["mesh", "engine", "llama_cpp.server", "llama-server"],
@@ -428,11 +442,17 @@ def main() -> int:
     # SIGTERM unwinds like Ctrl-C, so the servers this run started are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results = asyncio.run(run_all(args))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "batching.json").write_text(json.dumps(results, indent=2))
-    plot(results, RESULTS / "batching.png")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "batching.json").write_text(json.dumps(results, indent=2))
     report(results)
-    print(f"\nJSON: {RESULTS / 'batching.json'}  plot: {RESULTS / 'batching.png'}")
+    print(f"\nJSON: {args.out / 'batching.json'}")
+    try:
+        import matplotlib  # noqa: F401  (a dev dependency; absent on a bare GPU machine)
+    except ImportError:
+        print("no plot: matplotlib is not installed")
+    else:
+        plot(results, args.out / "batching.png")
+        print(f"plot: {args.out / 'batching.png'}")
     return 0
 
 

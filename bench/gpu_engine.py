@@ -16,7 +16,7 @@ batching.py's, and so are llama-server's command and process (llama_server_comma
 llama_server()) and the in-process Engine (direct_engine()). Each stream has a ~120-token
 prompt, a fixed seed per request, and 128 output tokens with the end-of-generation tokens banned.
 Each Engine gets `parallel` equal to the concurrency and 512 tokens of context a slot. Every layer
-goes to the GPU in all of them (n_gpu_layers 999, -ngl 999). They all stay up during a level and
+goes to the GPU in all of them (gpu_layers -1, -ngl 999). They all stay up during a level and
 take turns, every other round in reverse order (--repeat rounds); the run with the median
 throughput is kept. The JSON goes to --out, with a Markdown table and the ratios of the engine to
 each of the others. llama-server logs each level beside --log, in llama-server-1.log,
@@ -56,19 +56,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import llama_cpp
 
-_default_model_params = llama_cpp.llama_model_default_params
-
-
-def _all_layers_on_gpu() -> Any:
-    # inference-local's Model takes llama.cpp's default model params; put every layer on the GPU
-    # explicitly (llama.cpp's default, -1, means the same), without touching services/.
-    params = _default_model_params()
-    params.n_gpu_layers = 999
-    return params
-
-
-llama_cpp.llama_model_default_params = _all_layers_on_gpu
-
 # The requests, the streams and their statistics: bench/batching.py's level(), used as is (it
 # puts tests/ on sys.path for helpers.py). Imported by name, not with an import statement, so
 # that mypy run on this file alone, with neither tests/ nor services/ on its path, does not
@@ -84,7 +71,13 @@ def engine_at(model: Path, c: int, ctx: int, sample_threads: int | None) -> Any:
     entry = base.models[0]
     models = [
         ModelConfig(
-            **{**entry.model_dump(), "path": model.name, "parallel": c, "context_length": ctx}
+            **{
+                **entry.model_dump(),
+                "path": model.name,
+                "parallel": c,
+                "context_length": ctx,
+                "gpu_layers": -1,  # every layer on the GPU, refused on a build without one
+            }
         )
     ]
     config = base.model_copy(update={"models": models, "sample_threads": sample_threads})
