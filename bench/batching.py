@@ -321,7 +321,10 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
                     # --parallel equal to the concurrency, as llama.cpp's docs advise.
                     command = llama_server_command(binary, model_file, c, args.ctx, int(threads))
                     if args.gpu_layers is not None:
-                        command += ["-ngl", str(args.gpu_layers)]
+                        # llama-server reads -1 as "auto" (fit what memory allows); "all" is -1's
+                        # meaning for llama.cpp's model params and llama_cpp.server.
+                        layers = "all" if args.gpu_layers < 0 else str(args.gpu_layers)
+                        command += ["-ngl", layers]
                     urls["llama-server"] = per_level.enter_context(
                         llama_server(command, state / f"ls-{c}.log")
                     )
