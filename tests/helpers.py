@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -83,6 +84,18 @@ def mesh_settings(state_dir: Path) -> Settings:
         ),
         envoy=EnvoyConfig(port=ports["envoy"], admin_port=free_port()),
     )
+
+
+def _await_banner(stdout: IO[bytes], seen: list[bool], done: threading.Event) -> None:
+    """Read `slm up`'s stdout until its banner (printed only once every health check is
+    SERVING), noted in `seen`, or until the pipe closes; then set `done`."""
+    try:
+        for line in stdout:
+            if b"service-slm is up" in line:
+                seen.append(True)
+                return
+    finally:
+        done.set()
 
 
 def to_toml(settings: Settings) -> str:
@@ -163,18 +176,21 @@ class Mesh:
             stdin=subprocess.DEVNULL,
         )
         assert self.process.stdout is not None
-        deadline = time.monotonic() + timeout_s
-        # `slm up` prints its banner only when every health check is SERVING.
-        for line in self.process.stdout:
-            if b"service-slm is up" in line:
-                break
-            if time.monotonic() > deadline:
-                break
-        else:
+        # Read the banner on a thread: a mesh that never gets healthy may print nothing at all,
+        # and a read on the pipe would then wait past any deadline.
+        seen: list[bool] = []
+        done = threading.Event()
+        reader = threading.Thread(
+            target=_await_banner, args=(self.process.stdout, seen, done), daemon=True
+        )
+        reader.start()
+        if done.wait(timeout_s) and seen:
+            return
+        exited = self.process.poll() is not None
+        self.stop()
+        if exited:
             raise RuntimeError(f"mesh exited early; see {self.log_path}:\n{self.log_tail()}")
-        if time.monotonic() > deadline:
-            self.stop()
-            raise TimeoutError(f"mesh not up in {timeout_s}s:\n{self.log_tail()}")
+        raise TimeoutError(f"mesh not up in {timeout_s}s:\n{self.log_tail()}")
 
     def log_tail(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
