@@ -40,16 +40,21 @@ def own_mesh(model_path: Path, tmp_path: Path) -> Iterator[Mesh]:
 
 
 def test_crashed_child_is_restarted(own_mesh: Mesh) -> None:
+    """A child that dies of a segfault (as a native library's crash would) leaves its Python
+    stack in the log and is restarted."""
     client = openai.OpenAI(base_url=f"{own_mesh.base_url}/v1", api_key="unused", max_retries=0)
     [doorman] = child_pids(own_mesh.config_path, "doorman")
-    os.kill(doorman, signal.SIGKILL)
+    os.kill(doorman, signal.SIGSEGV)
     # The client retries on 503 while the supervisor brings the Doorman back.
     patient = client.with_options(max_retries=10)
     reply = patient.completions.create(model=DEFAULT_MODEL, prompt="Hello", max_tokens=2)
     assert reply.choices[0].text is not None
     [restarted] = child_pids(own_mesh.config_path, "doorman")
     assert restarted != doorman
-    assert "child exited; restarting" in own_mesh.log_tail()
+    log = own_mesh.log_path.read_text(errors="replace")
+    assert "Fatal Python error: Segmentation fault" in log
+    assert '"code": -11' in log
+    assert "child exited; restarting" in log
 
 
 def test_children_die_with_a_killed_supervisor(model_path: Path, tmp_path: Path) -> None:

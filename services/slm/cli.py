@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import os
 import sys
 from pathlib import Path
@@ -129,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(run_up(settings, args.config))
     if args.command == "serve":
         configure_logging(args.service, settings.telemetry.log_level)
+        # A crash in native code (llama.cpp, CUDA, grpc) then leaves every thread's Python stack
+        # on stderr, which `slm up` writes to its log, instead of a bare exit code -11.
+        faulthandler.enable()
         return serve(args.service, settings)
     return cli_client.assemble_command(settings)
 
