@@ -319,12 +319,9 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
             with contextlib.ExitStack() as per_level:
                 if binary:
                     # --parallel equal to the concurrency, as llama.cpp's docs advise.
-                    command = llama_server_command(binary, model_file, c, args.ctx, int(threads))
-                    if args.gpu_layers is not None:
-                        # llama-server reads -1 as "auto" (fit what memory allows); "all" is -1's
-                        # meaning for llama.cpp's model params and llama_cpp.server.
-                        layers = "all" if args.gpu_layers < 0 else str(args.gpu_layers)
-                        command += ["-ngl", layers]
+                    command = llama_server_command(
+                        binary, model_file, c, args.ctx, int(threads), args.gpu_layers
+                    )
                     urls["llama-server"] = per_level.enter_context(
                         llama_server(command, state / f"ls-{c}.log")
                     )
@@ -333,10 +330,17 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def llama_server_command(binary: str, model: Path, c: int, ctx: int, threads: int) -> list[str]:
-    """llama-server with `c` slots of `ctx` tokens each, on a free loopback port."""
+def llama_server_command(
+    binary: str, model: Path, c: int, ctx: int, threads: int, gpu_layers: int | None = None
+) -> list[str]:
+    """llama-server with `c` slots of `ctx` tokens each, on a free loopback port, and
+    `gpu_layers` as our model entries read it (-1: all; None: llama-server's default)."""
     command = [binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(free_port())]
     command += ["--parallel", str(c), "-c", str(ctx * c), "-t", str(threads), "-tb", str(threads)]
+    if gpu_layers is not None:
+        # llama-server reads -1 as "auto" (what memory allows); "all" is what -1 means to
+        # llama.cpp's model params and to llama_cpp.server.
+        command += ["-ngl", "all" if gpu_layers < 0 else str(gpu_layers)]
     return [*command, "--no-webui"]
 
 

@@ -16,7 +16,7 @@ batching.py's, and so are llama-server's command and process (llama_server_comma
 llama_server()) and the in-process Engine (direct_engine()). Each stream has a ~120-token
 prompt, a fixed seed per request, and 128 output tokens with the end-of-generation tokens banned.
 Each Engine gets `parallel` equal to the concurrency and 512 tokens of context a slot. Every layer
-goes to the GPU in all of them (gpu_layers -1, -ngl 999). They all stay up during a level and
+goes to the GPU in all of them (gpu_layers -1, -ngl all). They all stay up during a level and
 take turns, every other round in reverse order (--repeat rounds); the run with the median
 throughput is kept. The JSON goes to --out, with a Markdown table and the ratios of the engine to
 each of the others. llama-server logs each level beside --log, in llama-server-1.log,
@@ -176,8 +176,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
                 level_log = log.with_name(f"{log.stem}-{c}{log.suffix}")
                 # Every layer on the GPU.
                 binary = os.environ["LLAMA_SERVER"]
-                command = batching.llama_server_command(binary, model, c, args.ctx, threads)
-                command += ["-ngl", "999"]
+                command = batching.llama_server_command(binary, model, c, args.ctx, threads, -1)
                 print("llama-server:", " ".join(command), flush=True)
                 targets["llama-server"] = stack.enter_context(
                     batching.llama_server(command, level_log)

@@ -86,16 +86,13 @@ def mesh_settings(state_dir: Path) -> Settings:
     )
 
 
-def _await_banner(stdout: IO[bytes], seen: list[bool], done: threading.Event) -> None:
+def _await_banner(stdout: IO[bytes], seen: list[bool]) -> None:
     """Read `slm up`'s stdout until its banner (printed only once every health check is
-    SERVING), noted in `seen`, or until the pipe closes; then set `done`."""
-    try:
-        for line in stdout:
-            if b"service-slm is up" in line:
-                seen.append(True)
-                return
-    finally:
-        done.set()
+    SERVING), noted in `seen`, or until the pipe closes."""
+    for line in stdout:
+        if b"service-slm is up" in line:
+            seen.append(True)
+            return
 
 
 def to_toml(settings: Settings) -> str:
@@ -179,12 +176,12 @@ class Mesh:
         # Read the banner on a thread: a mesh that never gets healthy may print nothing at all,
         # and a read on the pipe would then wait past any deadline.
         seen: list[bool] = []
-        done = threading.Event()
         reader = threading.Thread(
-            target=_await_banner, args=(self.process.stdout, seen, done), daemon=True
+            target=_await_banner, args=(self.process.stdout, seen), daemon=True
         )
         reader.start()
-        if done.wait(timeout_s) and seen:
+        reader.join(timeout_s)
+        if seen:
             return
         exited = self.process.poll() is not None
         self.stop()

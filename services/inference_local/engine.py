@@ -239,8 +239,9 @@ class _ModelMetrics(SchedulerMetrics):
         self._prompt.inc(prompt_tokens)
 
 
-# The file, its quantization, the repacked layout, the layers offloaded to the GPU.
-WeightsKey = tuple[Path, str, bool, int | None]
+# How a load turns a file into weights: its quantization, repacked layout and GPU layers.
+Variant = tuple[str, bool, int | None]
+WeightsKey = tuple[Path, Variant]
 
 
 @dataclass(eq=False)
@@ -364,8 +365,7 @@ class Engine:
     async def _load_locked(self, spec: LoadSpec) -> ModelInfo:
         existing = self._loaded.get(spec.name)
         if existing is not None:
-            theirs, mine = _weights_key(existing.spec), _weights_key(spec)
-            if (existing.spec.path, *theirs) != (spec.path, *mine):
+            if (existing.spec.path, _variant(existing.spec)) != (spec.path, _variant(spec)):
                 raise FailedPrecondition(
                     f"model name {spec.name!r} is already loaded from {existing.spec.path}",
                     field="name",
@@ -373,7 +373,7 @@ class Engine:
             return self._info(existing)
         started = time.perf_counter()
         path = await asyncio.to_thread(self._model_file, spec)
-        key = (path, *_weights_key(spec))
+        key = (path, _variant(spec))
         weights = self._weights.get(key)
         if weights is not None:
             # Hold the shared weights, so making room cannot free them under us.
@@ -743,6 +743,5 @@ def _spec_from_config(entry: ModelConfig) -> LoadSpec:
     )
 
 
-def _weights_key(spec: LoadSpec) -> tuple[str, bool, int | None]:
-    """What besides the file makes two loads different weights (WeightsKey's tail)."""
+def _variant(spec: LoadSpec) -> Variant:
     return (spec.quantization or "", spec.repack_weights, spec.gpu_layers)
