@@ -5,8 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-
-from helpers import SHARED_MODELS_DIR
+from pathlib import Path
 
 # std::ostream::_M_insert<long>, which llama_model::print_info calls on every model load.
 OSTREAM_INSERT = "_ZNSo9_M_insertIlEERSoT_"
@@ -48,7 +47,7 @@ def test_libstdcxx_is_global_before_llama_loads_even_after_grpc() -> None:
     assert "libstdc++.so" in out.strip().rsplit("/", 1)[-1]
 
 
-def test_model_loads_in_a_process_that_imported_grpc_first() -> None:
+def test_model_loads_in_a_process_that_imported_grpc_first(model_path: Path) -> None:
     # The order of `slm serve inference-local`: the gRPC server's modules, then the model.
     out = run_python(
         f"""
@@ -56,7 +55,7 @@ def test_model_loads_in_a_process_that_imported_grpc_first() -> None:
         from pathlib import Path
         from inference_local.llama_api import Model
 
-        model = Model(Path({str(SHARED_MODELS_DIR / "gemma-3-270m-q4_k_m.gguf")!r}))
+        model = Model(Path({str(model_path)!r}))
         print(model.n_vocab, model.metadata().architecture)
         model.close()
         """

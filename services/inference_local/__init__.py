@@ -1,7 +1,6 @@
 """inference-local: runs GGUF models in-process with llama.cpp (llama-cpp-python)."""
 
 import ctypes
-import ctypes.util
 import sys
 
 if sys.platform.startswith("linux"):
@@ -9,6 +8,5 @@ if sys.platform.startswith("linux"):
     # once another extension (grpcio) has loaded libstdc++ privately, libllama binds some
     # std::ostream members to the copies a CUDA build of libggml-cuda carries, and the first
     # model load crashes in llama_model::print_info (SIGSEGV; seen with CUDA 13 on an H100).
-    _stdcpp = ctypes.util.find_library("stdc++")
-    if _stdcpp:
-        ctypes.CDLL(_stdcpp, mode=ctypes.RTLD_GLOBAL)
+    # By soname: the library libllama itself links, found without ctypes.util's ldconfig run.
+    ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
