@@ -59,6 +59,11 @@ class DoormanServiceStub:
                 request_serializer=slm_dot_v1_dot_doorman__pb2.DoormanServiceEmbedRequest.SerializeToString,
                 response_deserializer=slm_dot_v1_dot_doorman__pb2.DoormanServiceEmbedResponse.FromString,
                 _registered_method=True)
+        self.CountTokens = channel.unary_unary(
+                '/slm.v1.DoormanService/CountTokens',
+                request_serializer=slm_dot_v1_dot_doorman__pb2.DoormanServiceCountTokensRequest.SerializeToString,
+                response_deserializer=slm_dot_v1_dot_doorman__pb2.DoormanServiceCountTokensResponse.FromString,
+                _registered_method=True)
 
 
 class DoormanServiceServicer:
@@ -103,6 +108,14 @@ class DoormanServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CountTokens(self, request, context):
+        """CountTokens counts the prompt tokens a Chat request would take, tools included, without
+        generating. Errors: as Chat, plus UNIMPLEMENTED when the model's tier cannot count.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DoormanServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +138,11 @@ def add_DoormanServiceServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=slm_dot_v1_dot_doorman__pb2.DoormanServiceEmbedRequest.FromString,
                     response_serializer=slm_dot_v1_dot_doorman__pb2.DoormanServiceEmbedResponse.SerializeToString,
+            ),
+            'CountTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountTokens,
+                    request_deserializer=slm_dot_v1_dot_doorman__pb2.DoormanServiceCountTokensRequest.FromString,
+                    response_serializer=slm_dot_v1_dot_doorman__pb2.DoormanServiceCountTokensResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -240,6 +258,33 @@ class DoormanService:
             '/slm.v1.DoormanService/Embed',
             slm_dot_v1_dot_doorman__pb2.DoormanServiceEmbedRequest.SerializeToString,
             slm_dot_v1_dot_doorman__pb2.DoormanServiceEmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slm.v1.DoormanService/CountTokens',
+            slm_dot_v1_dot_doorman__pb2.DoormanServiceCountTokensRequest.SerializeToString,
+            slm_dot_v1_dot_doorman__pb2.DoormanServiceCountTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,

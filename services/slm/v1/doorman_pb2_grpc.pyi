@@ -55,6 +55,10 @@ class DoormanServiceStub:
     """Embed returns one embedding per input, from a model that serves embeddings.
     Errors: as Chat, plus FAILED_PRECONDITION when the model does not produce embeddings.
     """
+    CountTokens: _grpc.UnaryUnaryMultiCallable[_doorman_pb2.DoormanServiceCountTokensRequest, _doorman_pb2.DoormanServiceCountTokensResponse]
+    """CountTokens counts the prompt tokens a Chat request would take, tools included, without
+    generating. Errors: as Chat, plus UNIMPLEMENTED when the model's tier cannot count.
+    """
 
 @_typing.type_check_only
 class DoormanServiceAsyncStub(DoormanServiceStub):
@@ -82,6 +86,10 @@ class DoormanServiceAsyncStub(DoormanServiceStub):
     Embed: _aio.UnaryUnaryMultiCallable[_doorman_pb2.DoormanServiceEmbedRequest, _doorman_pb2.DoormanServiceEmbedResponse]  # type: ignore[assignment]
     """Embed returns one embedding per input, from a model that serves embeddings.
     Errors: as Chat, plus FAILED_PRECONDITION when the model does not produce embeddings.
+    """
+    CountTokens: _aio.UnaryUnaryMultiCallable[_doorman_pb2.DoormanServiceCountTokensRequest, _doorman_pb2.DoormanServiceCountTokensResponse]  # type: ignore[assignment]
+    """CountTokens counts the prompt tokens a Chat request would take, tools included, without
+    generating. Errors: as Chat, plus UNIMPLEMENTED when the model's tier cannot count.
     """
 
 class DoormanServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -131,6 +139,16 @@ class DoormanServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_doorman_pb2.DoormanServiceEmbedResponse, _abc.Awaitable[_doorman_pb2.DoormanServiceEmbedResponse]]:
         """Embed returns one embedding per input, from a model that serves embeddings.
         Errors: as Chat, plus FAILED_PRECONDITION when the model does not produce embeddings.
+        """
+
+    @_abc_1.abstractmethod
+    def CountTokens(
+        self,
+        request: _doorman_pb2.DoormanServiceCountTokensRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_doorman_pb2.DoormanServiceCountTokensResponse, _abc.Awaitable[_doorman_pb2.DoormanServiceCountTokensResponse]]:
+        """CountTokens counts the prompt tokens a Chat request would take, tools included, without
+        generating. Errors: as Chat, plus UNIMPLEMENTED when the model's tier cannot count.
         """
 
 def add_DoormanServiceServicer_to_server(servicer: DoormanServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from slm.v1 import types_pb2 as slm_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16slm/v1/inference.proto\x12\x06slm.v1\x1a\x12slm/v1/types.proto\"\xc7\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12!\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x11.slm.v1.ChatInputH\x00\x12(\n\x08sampling\x18\x04 \x01(\x0b\x32\x16.slm.v1.SamplingParams\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\x12\x1a\n\radapter_scale\x18\x06 \x01(\x02H\x01\x88\x01\x01\x42\x07\n\x05inputB\x10\n\x0e_adapter_scale\"a\n\x10GenerateResponse\x12\"\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x11.slm.v1.TextDeltaH\x00\x12 \n\x03\x65nd\x18\x02 \x01(\x0b\x32\x11.slm.v1.StreamEndH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.slm.v1.ModelInfo\"\x92\x01\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x10\n\x08parallel\x18\x04 \x01(\r\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12\x0e\n\x06pinned\x18\x06 \x01(\x08\x12\x12\n\nembeddings\x18\x07 \x01(\x08\"5\n\x11LoadModelResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.slm.v1.ModelInfo\"\"\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13UnloadModelResponse\"C\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0b\x61\x64\x64_special\x18\x03 \x01(\x08\"\"\n\x10TokenizeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\"2\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"-\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"M\n\rEmbedResponse\x12%\n\nembeddings\x18\x01 \x03(\x0b\x32\x11.slm.v1.Embedding\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r2\xdc\x03\n\x10InferenceService\x12?\n\x08Generate\x12\x17.slm.v1.GenerateRequest\x1a\x18.slm.v1.GenerateResponse0\x01\x12\x43\n\nListModels\x12\x19.slm.v1.ListModelsRequest\x1a\x1a.slm.v1.ListModelsResponse\x12@\n\tLoadModel\x12\x18.slm.v1.LoadModelRequest\x1a\x19.slm.v1.LoadModelResponse\x12\x46\n\x0bUnloadModel\x12\x1a.slm.v1.UnloadModelRequest\x1a\x1b.slm.v1.UnloadModelResponse\x12=\n\x08Tokenize\x12\x17.slm.v1.TokenizeRequest\x1a\x18.slm.v1.TokenizeResponse\x12\x43\n\nDetokenize\x12\x19.slm.v1.DetokenizeRequest\x1a\x1a.slm.v1.DetokenizeResponse\x12\x34\n\x05\x45mbed\x12\x14.slm.v1.EmbedRequest\x1a\x15.slm.v1.EmbedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16slm/v1/inference.proto\x12\x06slm.v1\x1a\x12slm/v1/types.proto\"\xe8\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12!\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x11.slm.v1.ChatInputH\x00\x12(\n\x08sampling\x18\x04 \x01(\x0b\x32\x16.slm.v1.SamplingParams\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\x12\x1a\n\radapter_scale\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x1f\n\x05tools\x18\x07 \x01(\x0b\x32\x10.slm.v1.ToolSpecB\x07\n\x05inputB\x10\n\x0e_adapter_scale\"a\n\x10GenerateResponse\x12\"\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x11.slm.v1.TextDeltaH\x00\x12 \n\x03\x65nd\x18\x02 \x01(\x0b\x32\x11.slm.v1.StreamEndH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.slm.v1.ModelInfo\"\x92\x01\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x10\n\x08parallel\x18\x04 \x01(\r\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12\x0e\n\x06pinned\x18\x06 \x01(\x08\x12\x12\n\nembeddings\x18\x07 \x01(\x08\"5\n\x11LoadModelResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.slm.v1.ModelInfo\"\"\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13UnloadModelResponse\"C\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0b\x61\x64\x64_special\x18\x03 \x01(\x08\"\"\n\x10TokenizeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\"2\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"-\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"M\n\rEmbedResponse\x12%\n\nembeddings\x18\x01 \x03(\x0b\x32\x11.slm.v1.Embedding\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\"\x82\x01\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12!\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x11.slm.v1.ChatInputH\x00\x12\x1f\n\x05tools\x18\x04 \x01(\x0b\x32\x10.slm.v1.ToolSpecB\x07\n\x05input\",\n\x13\x43ountTokensResponse\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r2\xa4\x04\n\x10InferenceService\x12?\n\x08Generate\x12\x17.slm.v1.GenerateRequest\x1a\x18.slm.v1.GenerateResponse0\x01\x12\x43\n\nListModels\x12\x19.slm.v1.ListModelsRequest\x1a\x1a.slm.v1.ListModelsResponse\x12@\n\tLoadModel\x12\x18.slm.v1.LoadModelRequest\x1a\x19.slm.v1.LoadModelResponse\x12\x46\n\x0bUnloadModel\x12\x1a.slm.v1.UnloadModelRequest\x1a\x1b.slm.v1.UnloadModelResponse\x12=\n\x08Tokenize\x12\x17.slm.v1.TokenizeRequest\x1a\x18.slm.v1.TokenizeResponse\x12\x43\n\nDetokenize\x12\x19.slm.v1.DetokenizeRequest\x1a\x1a.slm.v1.DetokenizeResponse\x12\x34\n\x05\x45mbed\x12\x14.slm.v1.EmbedRequest\x1a\x15.slm.v1.EmbedResponse\x12\x46\n\x0b\x43ountTokens\x12\x1a.slm.v1.CountTokensRequest\x1a\x1b.slm.v1.CountTokensResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,35 +33,39 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'slm.v1.inference_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=55
-  _globals['_GENERATEREQUEST']._serialized_end=254
-  _globals['_GENERATERESPONSE']._serialized_start=256
-  _globals['_GENERATERESPONSE']._serialized_end=353
-  _globals['_LISTMODELSREQUEST']._serialized_start=355
-  _globals['_LISTMODELSREQUEST']._serialized_end=374
-  _globals['_LISTMODELSRESPONSE']._serialized_start=376
-  _globals['_LISTMODELSRESPONSE']._serialized_end=431
-  _globals['_LOADMODELREQUEST']._serialized_start=434
-  _globals['_LOADMODELREQUEST']._serialized_end=580
-  _globals['_LOADMODELRESPONSE']._serialized_start=582
-  _globals['_LOADMODELRESPONSE']._serialized_end=635
-  _globals['_UNLOADMODELREQUEST']._serialized_start=637
-  _globals['_UNLOADMODELREQUEST']._serialized_end=671
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=673
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=694
-  _globals['_TOKENIZEREQUEST']._serialized_start=696
-  _globals['_TOKENIZEREQUEST']._serialized_end=763
-  _globals['_TOKENIZERESPONSE']._serialized_start=765
-  _globals['_TOKENIZERESPONSE']._serialized_end=799
-  _globals['_DETOKENIZEREQUEST']._serialized_start=801
-  _globals['_DETOKENIZEREQUEST']._serialized_end=851
-  _globals['_DETOKENIZERESPONSE']._serialized_start=853
-  _globals['_DETOKENIZERESPONSE']._serialized_end=887
-  _globals['_EMBEDREQUEST']._serialized_start=889
-  _globals['_EMBEDREQUEST']._serialized_end=934
-  _globals['_EMBEDDING']._serialized_start=936
-  _globals['_EMBEDDING']._serialized_end=963
-  _globals['_EMBEDRESPONSE']._serialized_start=965
-  _globals['_EMBEDRESPONSE']._serialized_end=1042
-  _globals['_INFERENCESERVICE']._serialized_start=1045
-  _globals['_INFERENCESERVICE']._serialized_end=1521
+  _globals['_GENERATEREQUEST']._serialized_end=287
+  _globals['_GENERATERESPONSE']._serialized_start=289
+  _globals['_GENERATERESPONSE']._serialized_end=386
+  _globals['_LISTMODELSREQUEST']._serialized_start=388
+  _globals['_LISTMODELSREQUEST']._serialized_end=407
+  _globals['_LISTMODELSRESPONSE']._serialized_start=409
+  _globals['_LISTMODELSRESPONSE']._serialized_end=464
+  _globals['_LOADMODELREQUEST']._serialized_start=467
+  _globals['_LOADMODELREQUEST']._serialized_end=613
+  _globals['_LOADMODELRESPONSE']._serialized_start=615
+  _globals['_LOADMODELRESPONSE']._serialized_end=668
+  _globals['_UNLOADMODELREQUEST']._serialized_start=670
+  _globals['_UNLOADMODELREQUEST']._serialized_end=704
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=706
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=727
+  _globals['_TOKENIZEREQUEST']._serialized_start=729
+  _globals['_TOKENIZEREQUEST']._serialized_end=796
+  _globals['_TOKENIZERESPONSE']._serialized_start=798
+  _globals['_TOKENIZERESPONSE']._serialized_end=832
+  _globals['_DETOKENIZEREQUEST']._serialized_start=834
+  _globals['_DETOKENIZEREQUEST']._serialized_end=884
+  _globals['_DETOKENIZERESPONSE']._serialized_start=886
+  _globals['_DETOKENIZERESPONSE']._serialized_end=920
+  _globals['_EMBEDREQUEST']._serialized_start=922
+  _globals['_EMBEDREQUEST']._serialized_end=967
+  _globals['_EMBEDDING']._serialized_start=969
+  _globals['_EMBEDDING']._serialized_end=996
+  _globals['_EMBEDRESPONSE']._serialized_start=998
+  _globals['_EMBEDRESPONSE']._serialized_end=1075
+  _globals['_COUNTTOKENSREQUEST']._serialized_start=1078
+  _globals['_COUNTTOKENSREQUEST']._serialized_end=1208
+  _globals['_COUNTTOKENSRESPONSE']._serialized_start=1210
+  _globals['_COUNTTOKENSRESPONSE']._serialized_end=1254
+  _globals['_INFERENCESERVICE']._serialized_start=1257
+  _globals['_INFERENCESERVICE']._serialized_end=1805
 # @@protoc_insertion_point(module_scope)

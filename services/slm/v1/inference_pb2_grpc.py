@@ -71,6 +71,11 @@ class InferenceServiceStub:
                 request_serializer=slm_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=slm_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.CountTokens = channel.unary_unary(
+                '/slm.v1.InferenceService/CountTokens',
+                request_serializer=slm_dot_v1_dot_inference__pb2.CountTokensRequest.SerializeToString,
+                response_deserializer=slm_dot_v1_dot_inference__pb2.CountTokensResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -138,6 +143,15 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CountTokens(self, request, context):
+        """CountTokens counts the prompt tokens of a generation without running it: the chat rendered
+        with the model's template, tools included. Errors: NOT_FOUND, INVALID_ARGUMENT,
+        UNIMPLEMENTED (inference-remote: upstreams have no counting endpoint).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -175,6 +189,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=slm_dot_v1_dot_inference__pb2.EmbedRequest.FromString,
                     response_serializer=slm_dot_v1_dot_inference__pb2.EmbedResponse.SerializeToString,
+            ),
+            'CountTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountTokens,
+                    request_deserializer=slm_dot_v1_dot_inference__pb2.CountTokensRequest.FromString,
+                    response_serializer=slm_dot_v1_dot_inference__pb2.CountTokensResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -368,6 +387,33 @@ class InferenceService:
             '/slm.v1.InferenceService/Embed',
             slm_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
             slm_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slm.v1.InferenceService/CountTokens',
+            slm_dot_v1_dot_inference__pb2.CountTokensRequest.SerializeToString,
+            slm_dot_v1_dot_inference__pb2.CountTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,

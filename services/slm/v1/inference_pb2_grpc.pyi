@@ -65,6 +65,11 @@ class InferenceServiceStub:
     """Embed returns one embedding per input. Errors: NOT_FOUND, FAILED_PRECONDITION (the model
     does not produce embeddings), INVALID_ARGUMENT (input longer than the context).
     """
+    CountTokens: _grpc.UnaryUnaryMultiCallable[_inference_pb2.CountTokensRequest, _inference_pb2.CountTokensResponse]
+    """CountTokens counts the prompt tokens of a generation without running it: the chat rendered
+    with the model's template, tools included. Errors: NOT_FOUND, INVALID_ARGUMENT,
+    UNIMPLEMENTED (inference-remote: upstreams have no counting endpoint).
+    """
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
@@ -102,6 +107,11 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     Embed: _aio.UnaryUnaryMultiCallable[_inference_pb2.EmbedRequest, _inference_pb2.EmbedResponse]  # type: ignore[assignment]
     """Embed returns one embedding per input. Errors: NOT_FOUND, FAILED_PRECONDITION (the model
     does not produce embeddings), INVALID_ARGUMENT (input longer than the context).
+    """
+    CountTokens: _aio.UnaryUnaryMultiCallable[_inference_pb2.CountTokensRequest, _inference_pb2.CountTokensResponse]  # type: ignore[assignment]
+    """CountTokens counts the prompt tokens of a generation without running it: the chat rendered
+    with the model's template, tools included. Errors: NOT_FOUND, INVALID_ARGUMENT,
+    UNIMPLEMENTED (inference-remote: upstreams have no counting endpoint).
     """
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -179,6 +189,17 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_inference_pb2.EmbedResponse, _abc.Awaitable[_inference_pb2.EmbedResponse]]:
         """Embed returns one embedding per input. Errors: NOT_FOUND, FAILED_PRECONDITION (the model
         does not produce embeddings), INVALID_ARGUMENT (input longer than the context).
+        """
+
+    @_abc_1.abstractmethod
+    def CountTokens(
+        self,
+        request: _inference_pb2.CountTokensRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.CountTokensResponse, _abc.Awaitable[_inference_pb2.CountTokensResponse]]:
+        """CountTokens counts the prompt tokens of a generation without running it: the chat rendered
+        with the model's template, tools included. Errors: NOT_FOUND, INVALID_ARGUMENT,
+        UNIMPLEMENTED (inference-remote: upstreams have no counting endpoint).
         """
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -103,6 +103,9 @@ class LedgerEntry(_message.Message):
     HOPS_FIELD_NUMBER: _builtins.int
     ENTITY_COUNTS_FIELD_NUMBER: _builtins.int
     POLICY_DECISIONS_FIELD_NUMBER: _builtins.int
+    TOOLS_OFFERED_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    CONSTRAINT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     tenant: _builtins.str
     model: _builtins.str
@@ -122,6 +125,8 @@ class LedgerEntry(_message.Message):
     """Id of the API key the request authenticated with (never the key itself)."""
     adapter: _builtins.str
     """The LoRA adapter applied, "" for none."""
+    constraint: _builtins.str
+    """The kind of output constraint asked for ("json_schema", "regex", ...), "" for none."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -135,6 +140,14 @@ class LedgerEntry(_message.Message):
     @_builtins.property
     def policy_decisions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Policy decisions taken for the request, e.g. "fallback:TIER_BURST" or "safety:redacted"."""
+
+    @_builtins.property
+    def tools_offered(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names of the tools offered to the model; never their descriptions or schemas."""
+
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names of the tools the model called, one entry per call in order; never the arguments."""
 
     def __init__(
         self,
@@ -157,10 +170,13 @@ class LedgerEntry(_message.Message):
         hops: _abc.Iterable[_types_pb2.RouteHop] | None = ...,
         entity_counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         policy_decisions: _abc.Iterable[_builtins.str] | None = ...,
+        tools_offered: _abc.Iterable[_builtins.str] | None = ...,
+        tool_calls: _abc.Iterable[_builtins.str] | None = ...,
+        constraint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "completion_tokens", b"completion_tokens", "entity_counts", b"entity_counts", "finish_reason", b"finish_reason", "hops", b"hops", "key_id", b"key_id", "latency_ms", b"latency_ms", "model", b"model", "operation", b"operation", "policy_decisions", b"policy_decisions", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "status_code", b"status_code", "tenant", b"tenant", "tier", b"tier", "time", b"time", "ttft_ms", b"ttft_ms", "upstream", b"upstream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "completion_tokens", b"completion_tokens", "constraint", b"constraint", "entity_counts", b"entity_counts", "finish_reason", b"finish_reason", "hops", b"hops", "key_id", b"key_id", "latency_ms", b"latency_ms", "model", b"model", "operation", b"operation", "policy_decisions", b"policy_decisions", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "status_code", b"status_code", "tenant", b"tenant", "tier", b"tier", "time", b"time", "tool_calls", b"tool_calls", "tools_offered", b"tools_offered", "ttft_ms", b"ttft_ms", "upstream", b"upstream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
