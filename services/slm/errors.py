@@ -93,6 +93,13 @@ class DeadlineExceeded(SlmError):
     reason = "DEADLINE_EXCEEDED"
 
 
+class Unimplemented(SlmError):
+    """The operation is not implemented by this server or tier."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    reason = "UNIMPLEMENTED"
+
+
 class Internal(SlmError):
     """A fault of the server, never of the client."""
 
@@ -141,6 +148,7 @@ _BY_CODE: dict[grpc.StatusCode, type[SlmError]] = {
         FailedPrecondition,
         Unavailable,
         DeadlineExceeded,
+        Unimplemented,
         Internal,
     )
 }
@@ -199,6 +207,7 @@ __all__ = [
     "SlmError",
     "Unauthenticated",
     "Unavailable",
+    "Unimplemented",
     "from_rpc_error",
     "to_grpc_status",
     "to_status_proto",
