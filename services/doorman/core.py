@@ -231,6 +231,51 @@ class Doorman:
                     raise last from None
         raise last
 
+    async def count_tokens(self, request: inference_pb2.CountTokensRequest, call: CallInfo) -> int:
+        """Prompt tokens of the request as the first upstream of its chain that answers sees it.
+
+        The count is of the sanitised text where the route sanitises, since that is what the
+        upstream would be sent. A manifest alias counts on its fallback model: which specialist
+        serves depends on a generation the count must not run.
+        """
+        principal = self._policy.authenticator.authenticate(call.authorization)
+        self._policy.authenticator.check_model(principal, request.model)
+        manifest = self._table.manifest(request.model)
+        model = manifest.fallback if manifest is not None else request.model
+        timeout = min(call.timeout_s or self._default_timeout_s, self._default_timeout_s)
+        last: SlmError = Unavailable("no upstream could count the tokens", retry_after_s=1)
+        for route in self._table.chain(model):
+            source = request
+            if route.sanitize:
+                if self._policy.sanitiser is None:
+                    raise Unavailable("a route needs sanitising but no sanitiser is configured")
+                generate = inference_pb2.GenerateRequest(model=request.model, tools=request.tools)
+                if request.HasField("chat"):
+                    generate.chat.CopyFrom(request.chat)
+                else:
+                    generate.prompt = request.prompt
+                masked, _ = self._policy.sanitiser.sanitize(generate)
+                source = inference_pb2.CountTokensRequest(tools=masked.tools)
+                if masked.HasField("chat"):
+                    source.chat.CopyFrom(masked.chat)
+                else:
+                    source.prompt = masked.prompt
+            routed = inference_pb2.CountTokensRequest()
+            routed.CopyFrom(source)
+            routed.model = route.model_for(model)
+            try:
+                response: inference_pb2.CountTokensResponse = await route.stub.CountTokens(
+                    routed,
+                    timeout=timeout,
+                    metadata=(("x-request-id", call.request_id),),
+                )
+                return response.prompt_tokens
+            except grpc.aio.AioRpcError as error:
+                last = from_rpc_error(error)
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise last from None
+        raise last
+
     async def generate(
         self, request: inference_pb2.GenerateRequest, call: CallInfo
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:

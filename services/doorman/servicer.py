@@ -43,6 +43,7 @@ class DoormanServicer(doorman_pb2_grpc.DoormanServiceServicer):
             model=request.model,
             chat=types_pb2.ChatInput(messages=request.messages),
             sampling=request.sampling,
+            tools=request.tools,
         )
         async for response in self._doorman.generate(generate, _call_info(context, "Chat")):
             if response.HasField("delta"):
@@ -65,6 +66,24 @@ class DoormanServicer(doorman_pb2_grpc.DoormanServiceServicer):
                 yield doorman_pb2.CompleteResponse(delta=response.delta)
             else:
                 yield doorman_pb2.CompleteResponse(end=response.end)
+
+    async def CountTokens(
+        self, request: doorman_pb2.DoormanServiceCountTokensRequest, context: Context
+    ) -> doorman_pb2.DoormanServiceCountTokensResponse:
+        if not request.model:
+            raise InvalidArgument("model is required", field="model")
+        if not request.messages:
+            raise InvalidArgument("messages must not be empty", field="messages")
+        count = inference_pb2.CountTokensRequest(
+            model=request.model,
+            chat=types_pb2.ChatInput(messages=request.messages),
+            tools=request.tools,
+        )
+        return doorman_pb2.DoormanServiceCountTokensResponse(
+            prompt_tokens=await self._doorman.count_tokens(
+                count, _call_info(context, "CountTokens")
+            )
+        )
 
     async def ListModels(
         self, request: doorman_pb2.DoormanServiceListModelsRequest, context: Context
