@@ -21,9 +21,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from doorman.auth import Authenticator, Principal, Tenant
 from doorman.ledger_sink import LedgerSink
 from doorman.limits import TenantLimiter, TierQueue
-from doorman.rehydrate import Rehydrator
+from doorman.outbound import Outbound
 from doorman.routing import Attempts, IntentClassifier, Manifest, Route, Router, RoutingTable
-from doorman.safety import OutputFilter, SafetyFilter
+from doorman.safety import SafetyFilter
 from doorman.sanitize import Masking, Sanitiser
 from slm.errors import SlmError, Unavailable, from_rpc_error
 from slm.v1 import inference_pb2, ledger_pb2, types_pb2
@@ -135,6 +135,8 @@ class _Outcome:
     hops: list[types_pb2.RouteHop] = field(default_factory=list)
     attempts: Attempts = field(default_factory=Attempts)
     masked: dict[str, int] = field(default_factory=dict)
+    # Names of the tools the model called, one per call; never their arguments.
+    tool_calls: list[str] = field(default_factory=list)
 
 
 class _Sanitised:
@@ -151,7 +153,7 @@ class _Sanitised:
             return self.request, self.masking
         if self._sanitiser is None:
             raise Unavailable("a route needs sanitising but no sanitiser is configured")
-        size = len(self._request.prompt) + sum(len(m.content) for m in self._request.chat.messages)
+        size = self._request.ByteSize()
         if size > _MASK_INLINE_CHARS:
             request, masking = await asyncio.to_thread(self._sanitiser.sanitize, self._request)
         else:
@@ -167,6 +169,22 @@ def _last_user_text(request: inference_pb2.GenerateRequest) -> str:
         if message.role == types_pb2.ROLE_USER:
             return message.content
     return request.chat.messages[-1].content if request.chat.messages else ""
+
+
+def _constraint_kind(request: inference_pb2.GenerateRequest) -> str:
+    """The ledger's name for what constrained the output.
+
+    The OutputConstraint's kind ("json_schema", "regex", ...) when one was asked for; else
+    "tools" when tools were offered with a choice other than none (a call, once started, is
+    constrained to its schema); else "".
+    """
+    kind = request.sampling.constraint.WhichOneof("kind")
+    if kind is not None:
+        return kind
+    tools = request.tools
+    if tools.tools and tools.choice.mode != types_pb2.TOOL_CHOICE_MODE_NONE:
+        return "tools"
+    return ""
 
 
 class Doorman:
@@ -383,53 +401,47 @@ class Doorman:
         route = outcome.route
         assert route is not None
         masking = sanitised.masking if route.sanitize else None
-        rehydrator = Rehydrator(masking.placeholders) if masking and masking.placeholders else None
+        placeholders = masking.placeholders if masking is not None else {}
         safety = self._policy.safety
-        output = safety.output_filter() if safety is not None else None
+        outbound: Outbound | None = None
+        if placeholders or (safety is not None and safety.filters_output):
+            outbound = Outbound(
+                placeholders, safety.output_filter if safety is not None else lambda: None
+            )
         deltas = 0
         response = first
         try:
             while response is not grpc.aio.EOF:
                 if response.HasField("end"):
-                    tail = self._flush(rehydrator, output)
-                    if tail:
-                        yield inference_pb2.GenerateResponse(delta=types_pb2.TextDelta(text=tail))
-                    self._finish(response.end, outcome, output)
+                    if outbound is not None:
+                        for tail in outbound.flush():
+                            yield inference_pb2.GenerateResponse(delta=tail)
+                    self._finish(response.end, outcome, outbound)
                     yield response
-                elif rehydrator is None and output is None:
+                    response = await rpc.read()
+                    continue
+                delta = response.delta
+                if delta.tool_calls:
+                    # Names only, for the ledger: a call's first piece carries its name.
+                    outcome.tool_calls.extend(c.name for c in delta.tool_calls if c.name)
+                if outbound is None:
                     yield response
                 else:
                     deltas += 1
-                    text = response.delta.text
-                    if rehydrator is not None:
-                        text = rehydrator.feed(text)
-                    if output is not None:
-                        filtered = output.feed(text)
-                        text = filtered.text
-                        if filtered.stop:
-                            if text:
-                                yield inference_pb2.GenerateResponse(
-                                    delta=types_pb2.TextDelta(text=text)
-                                )
-                            yield self._content_filtered(outcome, deltas)
-                            return
-                    if text or response.delta.logprobs:
-                        response.delta.text = text
+                    alive, stop = outbound.feed(delta)
+                    if stop:
+                        if alive:
+                            yield response
+                        yield self._content_filtered(outcome, deltas)
+                        return
+                    if alive:
                         yield response
                 response = await rpc.read()
         finally:
             rpc.cancel()
 
-    @staticmethod
-    def _flush(rehydrator: Rehydrator | None, output: OutputFilter | None) -> str:
-        tail = rehydrator.flush() if rehydrator is not None else ""
-        if output is not None:
-            filtered = output.feed(tail)
-            tail = filtered.text + ("" if filtered.stop else output.flush())
-        return tail
-
     def _finish(
-        self, end: types_pb2.StreamEnd, outcome: _Outcome, output: OutputFilter | None
+        self, end: types_pb2.StreamEnd, outcome: _Outcome, outbound: Outbound | None
     ) -> None:
         route = outcome.route
         assert route is not None
@@ -439,7 +451,7 @@ class Doorman:
             end.hops.extend(outcome.hops)
         if outcome.masked:
             end.masked_entities.update(outcome.masked)
-        if output is not None and output.triggered:
+        if outbound is not None and outbound.triggered:
             outcome.attempts.decisions.append("safety:redacted")
         outcome.end = end
 
@@ -549,6 +561,9 @@ class Doorman:
             hops=outcome.hops,
             entity_counts=outcome.masked,
             policy_decisions=outcome.attempts.decisions,
+            tools_offered=[tool.name for tool in request.tools.tools],
+            tool_calls=outcome.tool_calls,
+            constraint=_constraint_kind(request),
             finish_reason=(
                 end.finish_reason
                 if end is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 
@@ -45,3 +46,45 @@ class Rehydrator:
                 return index
             index = text.find("<", index + 1)
         return len(text)
+
+
+class JsonRehydrator(Rehydrator):
+    """A Rehydrator for tool-call arguments, which are JSON text streamed in fragments.
+
+    A placeholder the model wrote inside a JSON string gets its value JSON-escaped (a quote or
+    backslash in the value must not end the string); one written bare, outside any string, gets
+    the value as a quoted JSON string, so the arguments stay valid JSON either way. Whether a
+    position is inside a string is tracked over everything released so far.
+    """
+
+    def __init__(self, placeholders: Mapping[str, str]) -> None:
+        super().__init__(placeholders)
+        self._in_string = False
+        self._escaped = False
+
+    def _restore(self, text: str) -> str:
+        parts: list[str] = []
+        position = 0
+        for match in self._pattern.finditer(text) if "<" in text else ():
+            self._scan(text[position : match.start()])
+            parts.append(text[position : match.start()])
+            quoted = json.dumps(self._values[match.group()], ensure_ascii=False)
+            parts.append(quoted[1:-1] if self._in_string else quoted)
+            position = match.end()
+        self._scan(text[position:])
+        parts.append(text[position:])
+        return "".join(parts)
+
+    def _scan(self, text: str) -> None:
+        # Placeholders hold no quote or backslash, so scanning around them is enough.
+        if not self._in_string and '"' not in text:
+            return
+        in_string, escaped = self._in_string, self._escaped
+        for char in text:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = in_string
+            elif char == '"':
+                in_string = not in_string
+        self._in_string, self._escaped = in_string, escaped

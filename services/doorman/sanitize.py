@@ -207,22 +207,71 @@ class Sanitiser:
             data = json.loads(text)
         except ValueError:
             return self.mask(masking, text)
-        return json.dumps(_map_strings(data, lambda s: self.mask(masking, s)), ensure_ascii=False)
+        masked = _map_strings(data, lambda s: self.mask(masking, s))
+        # Unchanged JSON keeps its caller's spelling (and the engine's prefix cache its hits).
+        return text if masked == data else json.dumps(masked, ensure_ascii=False)
+
+    def mask_schema(self, masking: Masking, text: str) -> str:
+        """A tool's JSON Schema: the prose and values in it, never its keywords or names."""
+        if not text:
+            return text
+        try:
+            schema = json.loads(text)
+        except ValueError:
+            return self.mask(masking, text)
+        masked = _mask_schema(schema, lambda s: self.mask(masking, s))
+        return text if masked == schema else json.dumps(masked, ensure_ascii=False)
 
     def sanitize(
         self, request: inference_pb2.GenerateRequest
     ) -> tuple[inference_pb2.GenerateRequest, Masking]:
-        """A copy of the request with every message (and tool output) masked, and its mapping."""
+        """A copy of the request with every text masked (messages, tool calls, results, tools).
+
+        One Masking serves the whole request, so a value gets the same placeholder in a tool
+        result, in earlier call arguments and in the prompt.
+        """
         sanitized = inference_pb2.GenerateRequest()
         sanitized.CopyFrom(request)
+        masking = Masking(_written_text(request))
         if request.HasField("chat"):
-            masking = Masking("".join(m.content for m in request.chat.messages))
             for message in sanitized.chat.messages:
                 if message.role == types_pb2.ROLE_TOOL:
                     message.content = self.mask_json(masking, message.content)
                 else:
                     message.content = self.mask(masking, message.content)
+                for call in message.tool_calls:
+                    call.arguments = self.mask_json(masking, call.arguments)
         else:
-            masking = Masking(request.prompt)
             sanitized.prompt = self.mask(masking, request.prompt)
+        for tool in sanitized.tools.tools:
+            tool.description = self.mask(masking, tool.description)
+            tool.parameters = self.mask_schema(masking, tool.parameters)
         return sanitized, masking
+
+
+def _written_text(request: inference_pb2.GenerateRequest) -> str:
+    """Everything the client wrote that a placeholder could collide with."""
+    parts = [request.prompt]
+    for message in request.chat.messages:
+        parts.append(message.content)
+        parts.extend(call.arguments for call in message.tool_calls)
+    for tool in request.tools.tools:
+        parts += (tool.description, tool.parameters)
+    return "\n".join(parts)
+
+
+# Schema keywords whose strings are the caller's prose or data: descriptions, examples, enum
+# values. Everything else (types, $ref, patterns, property names, required) is structure, and
+# masking it would change what the schema means.
+_SCHEMA_TEXT_KEYS = frozenset({"description", "title", "default", "examples", "enum", "const"})
+
+
+def _mask_schema(schema: Any, mask: Callable[[str], str]) -> Any:
+    if isinstance(schema, list):
+        return [_mask_schema(item, mask) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return {
+        key: _map_strings(value, mask) if key in _SCHEMA_TEXT_KEYS else _mask_schema(value, mask)
+        for key, value in schema.items()
+    }
