@@ -21,19 +21,46 @@ from pydantic_settings import (
 CONFIG_ENV = "SLM_CONFIG"
 LOOPBACK = "127.0.0.1"
 
-# Gemma 3's turn format. The default model's GGUF ships no template, so the mesh supplies one.
+# Gemma 3's turn format, with tools, tool calls and tool results in the format of
+# inference_local.chat_template (its docstring describes it). The default model's GGUF ships no
+# template, so the mesh supplies one.
 GEMMA_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% set ns = namespace(system='', first=true) %}"
     "{% for m in messages %}{% if m.role == 'system' %}"
     "{% set ns.system = ns.system + m.content + '\\n\\n' %}"
     "{% endif %}{% endfor %}"
-    "{% for m in messages %}{% if m.role != 'system' %}"
+    "{% if tools %}"
+    "{% set ns.system = ns.system + '# Tools\\n\\nYou may call one or more functions to help with "
+    "the request. Their signatures, as JSON Schema, are inside <tools></tools>:\\n<tools>\\n' %}"
+    "{% for t in tools %}{% set ns.system = ns.system + (t | tojson) + '\\n' %}{% endfor %}"
+    "{% set ns.system = ns.system + '</tools>\\n\\nTo call a function, answer with its name and "
+    "arguments as a JSON object inside <tool_call></tool_call> tags, one block per call:\\n"
+    '<tool_call>\\n{"name": <function name>, "arguments": <arguments object>}\\n'
+    "</tool_call>\\n\\n' %}"
+    "{% endif %}"
+    "{% for m in messages if m.role != 'system' %}"
+    # Consecutive tool results share one user turn.
+    "{% if not (m.role == 'tool' and loop.previtem is defined and loop.previtem.role == 'tool') %}"
     "<start_of_turn>{{ 'model' if m.role == 'assistant' else 'user' }}\n"
     "{% if ns.first and m.role != 'assistant' %}{{ ns.system }}{% endif %}"
+    "{% endif %}"
     "{% set ns.first = false %}"
-    "{{ m.content | trim }}<end_of_turn>\n"
-    "{% endif %}{% endfor %}"
+    "{% if m.role == 'tool' %}"
+    '<tool_response id="{{ m.tool_call_id }}" name="{{ m.name }}">{{ \'\\n\' }}'
+    "{{ m.content | trim }}{{ '\\n' }}</tool_response>"
+    "{% else %}"
+    "{{ m.content | trim }}"
+    "{% for c in m.tool_calls or [] %}"
+    "{% if not loop.first or (m.content | trim) %}{{ '\\n' }}{% endif %}"
+    '<tool_call>{{ \'\\n\' }}{"name": {{ c.function.name | tojson }}, "arguments": '
+    "{{ c.function.arguments if c.function.arguments is string else "
+    "c.function.arguments | tojson }}}{{ '\\n' }}</tool_call>"
+    "{% endfor %}"
+    "{% endif %}"
+    "{% if m.role == 'tool' and loop.nextitem is defined and loop.nextitem.role == 'tool' %}"
+    "{{ '\\n' }}{% else %}<end_of_turn>\n{% endif %}"
+    "{% endfor %}"
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 
