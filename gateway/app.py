@@ -115,9 +115,13 @@ async def _read_body(request: Request, limit: int) -> bytes:
 def _context(request: Request, route: str) -> CallContext:
     scope = request.scope
     request_id: str = scope[_REQUEST_ID]
+    authorization = request.headers.get("authorization")
+    if not authorization and (key := request.headers.get("x-api-key")):
+        # Anthropic's clients send the key this way; the Doorman reads one form.
+        authorization = f"Bearer {key}"
     return CallContext(
         request_id=request_id,
-        metadata=call_metadata(request_id, request.headers.get("authorization")),
+        metadata=call_metadata(request_id, authorization),
         receive=request.receive,
         started=scope[_STARTED],
         route=route,
@@ -142,6 +146,7 @@ def build_app(settings: Settings) -> FastAPI:
     metrics = GatewayMetrics(registry)
     runtime = _Runtime()
     limit = settings.gateway.max_body_bytes
+    max_n = settings.gateway.max_n
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -175,7 +180,7 @@ def build_app(settings: Settings) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         """Generate the next message of a conversation, streamed as SSE when `stream` is true."""
         try:
-            body = protocol.parse_chat(await _read_body(request, limit))
+            body = protocol.parse_chat(await _read_body(request, limit), max_n)
         except protocol.RequestInvalid as error:
             return errors.invalid_request(error.message, error.param).response()
         return await runtime.require().chat(body, _context(request, "/v1/chat/completions"))
@@ -191,7 +196,7 @@ def build_app(settings: Settings) -> FastAPI:
     async def completions(request: Request) -> Response:
         """Continue a raw prompt, streamed as SSE when `stream` is true."""
         try:
-            body = protocol.parse_completion(await _read_body(request, limit))
+            body = protocol.parse_completion(await _read_body(request, limit), max_n)
         except protocol.RequestInvalid as error:
             return errors.invalid_request(error.message, error.param).response()
         return await runtime.require().complete(body, _context(request, "/v1/completions"))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import json
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import (
     BaseModel,
@@ -13,10 +14,15 @@ from pydantic import (
     ValidationInfo,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 MAX_STOP_SEQUENCES = 4
+# The default of GatewayConfig.max_n; parse_* take the configured value.
+DEFAULT_MAX_N = 8
+# OpenAI's rule for function names.
+TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 _UINT32_MAX = (1 << 32) - 1
 _UINT64_MAX = (1 << 64) - 1
 
@@ -112,13 +118,27 @@ Stop = Annotated[
 
 
 class _Wire(BaseModel):
-    # OpenAI clients send fields this mesh does not implement; ignoring them is what vLLM and
-    # llama.cpp's server do, and it keeps newer clients working.
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # A field the mesh does not implement is refused by name, never dropped: a caller whose
+    # `tools` or `response_format` vanished would get a well-formed answer to another question.
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class StreamOptions(_Wire):
     include_usage: bool = False
+
+
+class FunctionCall(_Wire):
+    name: str = Field(pattern=TOOL_NAME_PATTERN)
+    # The arguments object as JSON text, as OpenAI sends it.
+    arguments: str
+
+
+class ToolCallParam(_Wire):
+    """A call an assistant turn made, as it comes back in the history."""
+
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(_Wire):
@@ -126,6 +146,127 @@ class ChatMessage(_Wire):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: MessageContent = ""
     name: str | None = None
+    tool_calls: list[ToolCallParam] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _tool_fields_fit_the_role(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise PydanticCustomError(
+                "tool_calls", "only assistant messages carry tool_calls", {"field": "tool_calls"}
+            )
+        if self.role == "tool" and not self.tool_call_id:
+            raise PydanticCustomError(
+                "tool_call_id",
+                "a tool message needs the tool_call_id it answers",
+                {"field": "tool_call_id"},
+            )
+        if self.tool_call_id is not None and self.role != "tool":
+            raise PydanticCustomError(
+                "tool_call_id", "only tool messages carry tool_call_id", {"field": "tool_call_id"}
+            )
+        return self
+
+
+class FunctionDefinition(_Wire):
+    name: str = Field(pattern=TOOL_NAME_PATTERN)
+    description: str | None = None
+    # A JSON Schema object; left out means any arguments object.
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(_Wire):
+    # Only function tools: OpenAI's "custom" tools (free text, grammars) are not implemented.
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Wire):
+    name: str = Field(pattern=TOOL_NAME_PATTERN)
+
+
+def _tool_choice_object(value: Any) -> Any:
+    # "none" | "auto" | "required" arrive as strings, a named function as an object; one model
+    # holds both, so errors name `tool_choice` or `tool_choice.function.name`, not a union arm.
+    if isinstance(value, str):
+        if value not in ("none", "auto", "required"):
+            raise PydanticCustomError(
+                "tool_choice", "tool_choice must be 'none', 'auto', 'required' or a function"
+            )
+        return {"type": value}
+    return value
+
+
+class ToolChoiceParam(_Wire):
+    type: Literal["none", "auto", "required", "function"]
+    function: FunctionName | None = None
+
+    @model_validator(mode="after")
+    def _function_named(self) -> ToolChoiceParam:
+        if (self.type == "function") != (self.function is not None):
+            raise PydanticCustomError(
+                "tool_choice", "a function is named exactly when tool_choice.type is 'function'"
+            )
+        return self
+
+
+ToolChoiceField = Annotated[
+    ToolChoiceParam,
+    BeforeValidator(_tool_choice_object),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"enum": ["none", "auto", "required"]},
+                {
+                    "type": "object",
+                    "properties": {
+                        "type": {"const": "function"},
+                        "function": {
+                            "type": "object",
+                            "properties": {"name": {"type": "string"}},
+                            "required": ["name"],
+                        },
+                    },
+                    "required": ["type", "function"],
+                },
+            ]
+        }
+    ),
+]
+
+
+class JsonSchemaFormat(_Wire):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    # `schema` would shadow a BaseModel attribute; the wire name stays OpenAI's.
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatParam(_Wire):
+    """OpenAI's response_format: text, any JSON object, or JSON valid against a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormatParam:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise PydanticCustomError(
+                "response_format",
+                "json_schema is given exactly when response_format.type is 'json_schema'",
+            )
+        return self
+
+
+_CONSTRAINT_FIELDS = (
+    "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+)
 
 
 class _GenerationRequest(_Wire):
@@ -145,8 +286,16 @@ class _GenerationRequest(_Wire):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = 1
+    n: int | None = Field(default=1, ge=1)
+    # An end-user id for the caller's own abuse tracking; it changes nothing in the answer.
     user: str | None = None
+    # Constrained decoding: OpenAI's response_format, or one of vLLM's guided_* extensions.
+    response_format: ResponseFormatParam | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = Field(default=None, min_length=1)
+    guided_choice: list[str] | None = Field(default=None, min_length=1)
+    # llama.cpp's GBNF, as vLLM's xgrammar backend reads guided_grammar.
+    guided_grammar: str | None = Field(default=None, min_length=1)
 
     @field_validator("logit_bias")
     @classmethod
@@ -160,10 +309,41 @@ class _GenerationRequest(_Wire):
 
     @field_validator("n")
     @classmethod
-    def _only_one_choice(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise PydanticCustomError("n_unsupported", "only n=1 is supported")
+    def _choices_within_limit(cls, value: int | None, info: ValidationInfo) -> int | None:
+        limit = (info.context or {}).get("max_n", DEFAULT_MAX_N)
+        if value is not None and value > limit:
+            raise PydanticCustomError(
+                "n_too_large", "n may be at most {limit} on this server", {"limit": limit}
+            )
         return value
+
+    @field_validator("guided_json")
+    @classmethod
+    def _schema_text_is_json(
+        cls, value: dict[str, Any] | str | None
+    ) -> dict[str, Any] | str | None:
+        if isinstance(value, str):
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                raise PydanticCustomError("guided_json", "guided_json is not valid JSON") from None
+            if not isinstance(parsed, dict):
+                raise PydanticCustomError("guided_json", "guided_json must be a JSON Schema object")
+            return cast(dict[str, Any], parsed)
+        return value
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> _GenerationRequest:
+        given = [name for name in _CONSTRAINT_FIELDS if getattr(self, name) is not None]
+        if self.response_format is not None and self.response_format.type == "text":
+            given.remove("response_format")
+        if len(given) > 1:
+            raise PydanticCustomError(
+                "constraint",
+                "{field} cannot be combined with {first}: give one output constraint",
+                {"first": given[0], "field": given[1]},
+            )
+        return self
 
     @field_validator("stream_options")
     @classmethod
@@ -194,6 +374,10 @@ class _GenerationRequest(_Wire):
         """Whether token log probabilities were asked, and how many alternatives each."""
         return False, 0
 
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
 
 class ChatCompletionRequest(_GenerationRequest):
     """Body of POST /v1/chat/completions."""
@@ -202,6 +386,59 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=_UINT32_MAX)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    # An empty list is taken as no tools, as LangChain and others send it.
+    tools: list[ToolDefinition] | None = None
+    tool_choice: ToolChoiceField | None = None
+    parallel_tool_calls: bool | None = None
+    # Tags for OpenAI's stored-completions dashboard; they change nothing in the answer.
+    metadata: dict[str, str] | None = None
+    # Nothing is stored here, so only "don't store" is true; store=true is refused.
+    store: bool | None = None
+
+    @field_validator("store")
+    @classmethod
+    def _nothing_stored(cls, value: bool | None) -> bool | None:
+        if value:
+            raise PydanticCustomError("store", "this server does not store completions")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_tools(
+        cls, value: ToolChoiceParam | None, info: ValidationInfo
+    ) -> ToolChoiceParam | None:
+        if value is None:
+            return value
+        tools: list[ToolDefinition] = info.data.get("tools") or []
+        if not tools:
+            raise PydanticCustomError(
+                "tool_choice", "tool_choice is only allowed when tools are specified"
+            )
+        if value.function is not None and value.function.name not in {
+            t.function.name for t in tools
+        }:
+            raise PydanticCustomError(
+                "tool_choice", "tool_choice names a function that is not among tools"
+            )
+        return value
+
+    @field_validator("parallel_tool_calls")
+    @classmethod
+    def _parallel_needs_tools(cls, value: bool | None, info: ValidationInfo) -> bool | None:
+        if value is not None and not info.data.get("tools"):
+            raise PydanticCustomError(
+                "parallel_tool_calls",
+                "parallel_tool_calls is only allowed when tools are specified",
+            )
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_names(cls, value: list[ToolDefinition] | None) -> list[ToolDefinition] | None:
+        names = [t.function.name for t in value or []]
+        if len(names) != len(set(names)):
+            raise PydanticCustomError("tools", "tool names must be unique")
+        return value
 
     @property
     def logprob_request(self) -> tuple[bool, int]:
@@ -250,10 +487,18 @@ def error_param(loc: tuple[int | str, ...]) -> str | None:
 def describe(error: ValidationError) -> RequestInvalid:
     """The first problem of a validation error, as one message and the param it concerns."""
     first = error.errors(include_url=False, include_input=False)[0]
-    param = error_param(tuple(first["loc"]))
+    loc = tuple(first["loc"])
+    # A check across fields names the one it blames in its context, under the object it ran on.
+    field = (first.get("ctx") or {}).get("field")
+    if isinstance(field, str):
+        loc = (*loc, field)
+    param = error_param(loc)
     kind = first["type"]
     if kind == "missing" and param is not None:
         return RequestInvalid(f"Missing required parameter: '{param}'.", param)
+    if kind == "extra_forbidden" and param is not None:
+        # OpenAI's own wording, which clients and their tests look for.
+        return RequestInvalid(f"Unrecognized request argument supplied: {param}", param)
     if kind == "json_invalid":
         return RequestInvalid("The request body is not valid JSON.", None)
     if param is None:
@@ -261,18 +506,18 @@ def describe(error: ValidationError) -> RequestInvalid:
     return RequestInvalid(f"Invalid value for '{param}': {first['msg']}.", param)
 
 
-def parse_chat(body: bytes) -> ChatCompletionRequest:
+def parse_chat(body: bytes, max_n: int = DEFAULT_MAX_N) -> ChatCompletionRequest:
     """Validate a chat body straight from JSON bytes; raises RequestInvalid."""
     try:
-        return ChatCompletionRequest.model_validate_json(body)
+        return ChatCompletionRequest.model_validate_json(body, context={"max_n": max_n})
     except ValidationError as error:
         raise describe(error) from None
 
 
-def parse_completion(body: bytes) -> CompletionRequest:
+def parse_completion(body: bytes, max_n: int = DEFAULT_MAX_N) -> CompletionRequest:
     """Validate a completions body straight from JSON bytes; raises RequestInvalid."""
     try:
-        return CompletionRequest.model_validate_json(body)
+        return CompletionRequest.model_validate_json(body, context={"max_n": max_n})
     except ValidationError as error:
         raise describe(error) from None
 
@@ -286,16 +531,26 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: dict[str, str]
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    # null when the turn is only tool calls.
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
+    # vLLM's field for reasoning an upstream separated from the answer.
+    reasoning_content: str | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: dict[str, Any] | None = None
-    finish_reason: Literal["stop", "length", "content_filter"]
+    finish_reason: Literal["stop", "length", "content_filter", "tool_calls"]
 
 
 class ChatCompletion(BaseModel):

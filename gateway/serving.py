@@ -19,7 +19,12 @@ from starlette.types import Receive, Scope, Send
 
 from gateway import errors
 from gateway.errors import HttpError
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, _GenerationRequest
+from gateway.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    _GenerationRequest,
+)
 from slm.v1 import doorman_pb2, doorman_pb2_grpc, types_pb2
 
 log = logging.getLogger(__name__)
@@ -38,6 +43,7 @@ FINISH_REASONS: Mapping[types_pb2.FinishReason.ValueType, str] = {
     types_pb2.FINISH_REASON_STOP: "stop",
     types_pb2.FINISH_REASON_LENGTH: "length",
     types_pb2.FINISH_REASON_CONTENT_FILTER: "content_filter",
+    types_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
 
 TIERS: Mapping[types_pb2.Tier.ValueType, str] = {
@@ -136,18 +142,132 @@ def sampling_params(body: _GenerationRequest) -> types_pb2.SamplingParams:
     if want:
         params.logprobs = True
         params.top_logprobs = top
+    if body.n is not None and body.n != 1:
+        params.n = body.n
+    constraint = output_constraint(body)
+    if constraint is not None:
+        params.constraint.CopyFrom(constraint)
     return params
 
 
-def chat_request(body: ChatCompletionRequest) -> doorman_pb2.ChatRequest:
-    return doorman_pb2.ChatRequest(
-        model=body.model,
-        messages=[
-            types_pb2.ChatMessage(role=ROLES[m.role], content=m.content, name=m.name or "")
-            for m in body.messages
+def json_text(value: Mapping[str, Any] | None) -> str:
+    """A JSON object as compact text, keys in the caller's order; None is "" (no schema)."""
+    return "" if value is None else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def json_schema_constraint(
+    name: str, schema: Mapping[str, Any], strict: bool | None
+) -> types_pb2.OutputConstraint:
+    return types_pb2.OutputConstraint(
+        json_schema=types_pb2.JsonSchemaConstraint(
+            name=name, schema=json_text(schema), strict=bool(strict)
+        )
+    )
+
+
+def json_object_constraint() -> types_pb2.OutputConstraint:
+    return types_pb2.OutputConstraint(json_object=types_pb2.JsonObjectConstraint())
+
+
+def output_constraint(body: _GenerationRequest) -> types_pb2.OutputConstraint | None:
+    """The one output constraint a request asked for (the wire model allows at most one)."""
+    fmt = body.response_format
+    if fmt is not None and fmt.json_schema is not None:
+        spec = fmt.json_schema
+        return json_schema_constraint(spec.name, spec.schema_, spec.strict)
+    if fmt is not None and fmt.type == "json_object":
+        return json_object_constraint()
+    if body.guided_json is not None:
+        assert isinstance(body.guided_json, dict)  # the wire model parsed text to an object
+        return json_schema_constraint("guided_json", body.guided_json, True)
+    if body.guided_regex is not None:
+        return types_pb2.OutputConstraint(regex=body.guided_regex)
+    if body.guided_choice is not None:
+        return types_pb2.OutputConstraint(
+            choice=types_pb2.ChoiceConstraint(choices=body.guided_choice)
+        )
+    if body.guided_grammar is not None:
+        return types_pb2.OutputConstraint(
+            grammar=types_pb2.Grammar(
+                syntax=types_pb2.GRAMMAR_SYNTAX_GBNF, source=body.guided_grammar
+            )
+        )
+    return None
+
+
+TOOL_CHOICE_MODES: Mapping[str, types_pb2.ToolChoiceMode.ValueType] = {
+    "none": types_pb2.TOOL_CHOICE_MODE_NONE,
+    "auto": types_pb2.TOOL_CHOICE_MODE_AUTO,
+    "required": types_pb2.TOOL_CHOICE_MODE_REQUIRED,
+    "function": types_pb2.TOOL_CHOICE_MODE_FUNCTION,
+}
+
+
+def tool_spec(
+    tools: Sequence[types_pb2.Tool],
+    mode: str | None,
+    function_name: str = "",
+    parallel: bool | None = None,
+) -> types_pb2.ToolSpec | None:
+    """The ToolSpec of a request, or None when it offers no tools.
+
+    `mode` is one of TOOL_CHOICE_MODES' keys; unset means "auto", OpenAI's default with tools.
+    """
+    if not tools:
+        return None
+    spec = types_pb2.ToolSpec(
+        tools=tools,
+        choice=types_pb2.ToolChoice(
+            mode=TOOL_CHOICE_MODES[mode or "auto"], function_name=function_name
+        ),
+    )
+    if parallel is not None:
+        spec.parallel_tool_calls = parallel
+    return spec
+
+
+def _chat_tools(body: ChatCompletionRequest) -> types_pb2.ToolSpec | None:
+    tools = [
+        types_pb2.Tool(
+            name=t.function.name,
+            description=t.function.description or "",
+            parameters=json_text(t.function.parameters),
+            strict=bool(t.function.strict),
+        )
+        for t in body.tools or []
+    ]
+    choice = body.tool_choice
+    return tool_spec(
+        tools,
+        choice.type if choice else None,
+        choice.function.name if choice and choice.function else "",
+        body.parallel_tool_calls,
+    )
+
+
+def _chat_message(message: ChatMessage) -> types_pb2.ChatMessage:
+    return types_pb2.ChatMessage(
+        role=ROLES[message.role],
+        content=message.content,
+        name=message.name or "",
+        tool_calls=[
+            types_pb2.ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments)
+            for c in message.tool_calls or []
         ],
+        tool_call_id=message.tool_call_id or "",
+    )
+
+
+def chat_request(body: ChatCompletionRequest) -> doorman_pb2.ChatRequest:
+    request = doorman_pb2.ChatRequest(
+        model=body.model,
+        messages=[_chat_message(m) for m in body.messages],
         sampling=sampling_params(body),
     )
+    tools = _chat_tools(body)
+    if tools is not None:
+        request.tools.CopyFrom(tools)
+    return request
 
 
 def completion_request(body: CompletionRequest) -> doorman_pb2.CompleteRequest:
@@ -163,6 +283,13 @@ def finish_reason(reason: types_pb2.FinishReason.ValueType) -> str:
     # CANCELLED never reaches a client that is still listening; UNSPECIFIED is a Doorman bug.
     # Both read as a plain stop rather than an invented reason OpenAI clients do not know.
     return FINISH_REASONS.get(reason, "stop")
+
+
+def choice_ends(end: types_pb2.StreamEnd) -> list[tuple[int, types_pb2.FinishReason.ValueType]]:
+    """(index, finish reason) of every choice, in index order; one choice when n was 1."""
+    if end.choices:
+        return sorted((c.index, c.finish_reason) for c in end.choices)
+    return [(0, end.finish_reason)]
 
 
 def usage_dict(usage: types_pb2.Usage) -> dict[str, int]:
@@ -200,43 +327,186 @@ def sse(payload: Mapping[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
-class ResponseFormat(abc.ABC):
-    """How one endpoint spells its response and its stream chunks.
+def sse_event(name: str, payload: Mapping[str, Any]) -> bytes:
+    """An SSE frame with an event name, as the Responses and Messages APIs send them."""
+    data = json.dumps(payload, separators=(",", ":"))
+    return f"event: {name}\ndata: {data}\n\n".encode()
+
+
+LogprobList = Sequence[types_pb2.TokenLogprob]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallOut:
+    """A whole tool call, assembled from its streamed pieces."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceOut:
+    """Everything one choice produced."""
+
+    index: int
+    text: str
+    reasoning: str
+    tool_calls: tuple[ToolCallOut, ...]
+    logprobs: tuple[types_pb2.TokenLogprob, ...]
+    finish_reason: types_pb2.FinishReason.ValueType
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """A whole generation, as a non-streamed answer shows it: its choices and its end."""
+
+    choices: tuple[ChoiceOut, ...]
+    end: types_pb2.StreamEnd
+
+
+class _ChoiceParts:
+    """The pieces of one choice while its events arrive."""
+
+    __slots__ = ("calls", "logprobs", "reasoning", "text")
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.reasoning: list[str] = []
+        # index -> [id, name, argument fragments...]
+        self.calls: dict[int, list[str]] = {}
+        self.logprobs: list[types_pb2.TokenLogprob] = []
+
+    def add(self, delta: types_pb2.TextDelta) -> None:
+        if delta.text:
+            self.text.append(delta.text)
+        if delta.reasoning:
+            self.reasoning.append(delta.reasoning)
+        self.logprobs.extend(delta.logprobs)
+        for piece in delta.tool_calls:
+            parts = self.calls.setdefault(piece.index, ["", ""])
+            if piece.id:
+                parts[0] = piece.id
+            if piece.name:
+                parts[1] = piece.name
+            parts.append(piece.arguments)
+
+
+class GenerationBuilder:
+    """Assembles the events of a Doorman stream into a Generation."""
+
+    def __init__(self) -> None:
+        self._choices: dict[int, _ChoiceParts] = {}
+
+    def add(self, delta: types_pb2.TextDelta) -> None:
+        parts = self._choices.get(delta.choice_index)
+        if parts is None:
+            parts = self._choices[delta.choice_index] = _ChoiceParts()
+        parts.add(delta)
+
+    def build(self, end: types_pb2.StreamEnd) -> Generation:
+        choices = []
+        for index, reason in choice_ends(end):
+            parts = self._choices.get(index) or _ChoiceParts()
+            calls = tuple(
+                ToolCallOut(id=p[0], name=p[1], arguments="".join(p[2:]))
+                for _, p in sorted(parts.calls.items())
+            )
+            choices.append(
+                ChoiceOut(
+                    index=index,
+                    text="".join(parts.text),
+                    reasoning="".join(parts.reasoning),
+                    tool_calls=calls,
+                    logprobs=tuple(parts.logprobs),
+                    finish_reason=reason,
+                )
+            )
+        return Generation(choices=tuple(choices), end=end)
+
+
+class Rendering(abc.ABC):
+    """How one API family spells a generation: whole, as a stream of events, and its errors.
+
+    Every family (chat and completions, Responses, Messages) has one; OpenAIServing.generate
+    runs the Doorman call and hands each event here.
+    """
+
+    @abc.abstractmethod
+    def whole(self, generation: Generation) -> dict[str, Any]:
+        """The non-streamed response body."""
+
+    @abc.abstractmethod
+    def opening(self) -> list[bytes]:
+        """Events to send before the first delta."""
+
+    @abc.abstractmethod
+    def delta(self, delta: types_pb2.TextDelta) -> list[bytes]:
+        """Events for one delta of the Doorman's stream."""
+
+    @abc.abstractmethod
+    def closing(self, end: types_pb2.StreamEnd) -> list[bytes]:
+        """The last events of a stream that ended well."""
+
+    @abc.abstractmethod
+    def failure(self, error: HttpError) -> list[bytes]:
+        """The last events of a stream that failed after it started."""
+
+    def error_response(self, error: HttpError) -> Response:
+        """A refusal before the stream started, as a plain HTTP error."""
+        return error.response()
+
+
+class ResponseFormat(Rendering):
+    """How the chat and completions endpoints spell their responses and stream chunks.
 
     The content chunk is sent once per token, so its JSON is a prebuilt prefix and suffix around
-    the one string that changes.
+    the one string that changes (one prefix per choice index).
     """
 
     object_name: str
     chunk_object: str
     id_prefix: str
-    # The JSON around the text of a content chunk's only choice.
+    # The JSON around the text of a content chunk's only choice; `%d` is its index.
     _delta_open: str
     _delta_close: str
 
-    def __init__(self, request_id: str, model: str, include_usage: bool) -> None:
+    def __init__(self, request_id: str, model: str, include_usage: bool, n: int = 1) -> None:
         self.id = self.id_prefix + request_id
         self.model = model
         self.created = int(time.time())
         self.include_usage = include_usage
+        self.n = n
         head = {"id": self.id, "object": self.chunk_object, "created": self.created, "model": model}
         self._head = head
         head_json = json.dumps(head, separators=(",", ":"))[:-1]
         usage_tail = ',"usage":null' if include_usage else ""
-        self._delta_prefix = ("data: " + head_json + self._delta_open).encode()
+        self._delta_prefixes = [
+            ("data: " + head_json + self._delta_open % index).encode() for index in range(n)
+        ]
         tail = self._delta_close + ',"logprobs":null,"finish_reason":null}]' + usage_tail + "}\n\n"
         self._delta_suffix = tail.encode()
 
     @abc.abstractmethod
-    def _choice(self, text: str | None, reason: str | None) -> dict[str, Any]:
+    def _choice(self, text: str | None, reason: str | None, index: int = 0) -> dict[str, Any]:
         """One choice of a chunk."""
 
-    def opening(self) -> bytes | None:
-        """A chunk to send before any text, if the endpoint has one."""
-        return None
+    @abc.abstractmethod
+    def _rich_delta(self, delta: types_pb2.TextDelta) -> dict[str, Any]:
+        """The choice of a chunk that carries more than text: logprobs, tool calls, reasoning."""
 
-    def delta(self, text: str) -> bytes:
-        return self._delta_prefix + json.dumps(text).encode() + self._delta_suffix
+    def text_delta(self, text: str, index: int = 0) -> bytes:
+        prefix = self._delta_prefixes[index] if index < self.n else None
+        if prefix is None:
+            return sse(self._chunk([self._choice(text, None, index)]))
+        return prefix + json.dumps(text).encode() + self._delta_suffix
+
+    def delta(self, delta: types_pb2.TextDelta) -> list[bytes]:
+        if delta.logprobs or delta.tool_calls or delta.reasoning:
+            return [sse(self._chunk([self._rich_delta(delta)]))]
+        if not delta.text:
+            return []
+        return [self.text_delta(delta.text, delta.choice_index)]
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         chunk = {**self._head, "choices": choices}
@@ -244,8 +514,8 @@ class ResponseFormat(abc.ABC):
             chunk["usage"] = None
         return chunk
 
-    def finish(self, reason: str, end: types_pb2.StreamEnd | None = None) -> bytes:
-        chunk = self._chunk([self._choice(None, reason)])
+    def finish(self, reason: str, end: types_pb2.StreamEnd | None = None, index: int = 0) -> bytes:
+        chunk = self._chunk([self._choice(None, reason, index)])
         if end is not None:
             chunk["slm"] = slm_extension(end)
         return sse(chunk)
@@ -253,28 +523,60 @@ class ResponseFormat(abc.ABC):
     def usage(self, usage: types_pb2.Usage) -> bytes:
         return sse({**self._head, "choices": [], "usage": usage_dict(usage)})
 
-    @abc.abstractmethod
-    def complete(
-        self, text: str, end: types_pb2.StreamEnd, logprobs: LogprobList = ()
-    ) -> dict[str, Any]:
-        """The whole, non-streamed response."""
+    def closing(self, end: types_pb2.StreamEnd) -> list[bytes]:
+        ends = choice_ends(end)
+        # Exactly one finish chunk per choice; the last carries service-slm's figures.
+        frames = [
+            self.finish(finish_reason(reason), end if i == len(ends) - 1 else None, index)
+            for i, (index, reason) in enumerate(ends)
+        ]
+        if self.include_usage:
+            frames.append(self.usage(end.usage))
+        frames.append(SSE_DONE)
+        return frames
+
+    def failure(self, error: HttpError) -> list[bytes]:
+        # Headers are gone already: the error travels as the stream's last event.
+        return [error.sse(), SSE_DONE]
+
+    def opening(self) -> list[bytes]:
+        return []
 
     @abc.abstractmethod
     def logprobs_json(self, logprobs: LogprobList) -> dict[str, Any]:
         """OpenAI's logprobs object of one choice, for these tokens."""
 
-    def delta_with_logprobs(self, text: str, logprobs: LogprobList) -> bytes:
-        """A content chunk carrying logprobs: the slow path, taken only when they were asked."""
-        choice = self._choice(text, None)
-        choice["logprobs"] = self.logprobs_json(logprobs)
-        return sse(self._chunk([choice]))
+    def whole(self, generation: Generation) -> dict[str, Any]:
+        end = generation.end
+        return {
+            "id": self.id,
+            "object": self.object_name,
+            "created": self.created,
+            "model": end.model or self.model,
+            "choices": [self._whole_choice(c) for c in generation.choices],
+            "usage": usage_dict(end.usage),
+            "slm": slm_extension(end),
+        }
 
-
-LogprobList = Sequence[types_pb2.TokenLogprob]
+    @abc.abstractmethod
+    def _whole_choice(self, choice: ChoiceOut) -> dict[str, Any]:
+        """One choice of the non-streamed response."""
 
 
 def _token_entry(lp: types_pb2.TokenLogprob | types_pb2.TopLogprob) -> dict[str, Any]:
     return {"token": lp.token, "logprob": lp.logprob, "bytes": list(lp.bytes)}
+
+
+def tool_call_delta_json(piece: types_pb2.ToolCallDelta) -> dict[str, Any]:
+    """One entry of a chunk's delta.tool_calls: id, type and name only in a call's first piece."""
+    if piece.id:
+        return {
+            "index": piece.index,
+            "id": piece.id,
+            "type": "function",
+            "function": {"name": piece.name, "arguments": piece.arguments},
+        }
+    return {"index": piece.index, "function": {"arguments": piece.arguments}}
 
 
 class ChatFormat(ResponseFormat):
@@ -282,21 +584,44 @@ class ChatFormat(ResponseFormat):
     chunk_object = "chat.completion.chunk"
     id_prefix = "chatcmpl-"
 
-    _delta_open = ',"choices":[{"index":0,"delta":{"content":'
+    _delta_open = ',"choices":[{"index":%d,"delta":{"content":'
     _delta_close = "}"
 
-    def _choice(self, text: str | None, reason: str | None) -> dict[str, Any]:
+    def _choice(self, text: str | None, reason: str | None, index: int = 0) -> dict[str, Any]:
         delta = {} if text is None else {"content": text}
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
 
-    def opening(self) -> bytes:
-        choice = {
-            "index": 0,
-            "delta": {"role": "assistant", "content": ""},
-            "logprobs": None,
+    def _rich_delta(self, delta: types_pb2.TextDelta) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if delta.reasoning:
+            out["reasoning_content"] = delta.reasoning
+        if delta.text or delta.logprobs:
+            out["content"] = delta.text
+        if delta.tool_calls:
+            out["tool_calls"] = [tool_call_delta_json(p) for p in delta.tool_calls]
+        return {
+            "index": delta.choice_index,
+            "delta": out,
+            "logprobs": self.logprobs_json(delta.logprobs) if delta.logprobs else None,
             "finish_reason": None,
         }
-        return sse(self._chunk([choice]))
+
+    def opening(self) -> list[bytes]:
+        return [
+            sse(
+                self._chunk(
+                    [
+                        {
+                            "index": index,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
+            )
+            for index in range(self.n)
+        ]
 
     def logprobs_json(self, logprobs: LogprobList) -> dict[str, Any]:
         return {
@@ -306,23 +631,26 @@ class ChatFormat(ResponseFormat):
             ]
         }
 
-    def complete(
-        self, text: str, end: types_pb2.StreamEnd, logprobs: LogprobList = ()
-    ) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": self.object_name,
-            "created": self.created,
-            "model": end.model or self.model,
-            "choices": [
+    def _whole_choice(self, choice: ChoiceOut) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": choice.text}
+        if choice.tool_calls:
+            # OpenAI's shape: content is null when the turn is only tool calls.
+            message["content"] = choice.text or None
+            message["tool_calls"] = [
                 {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": self.logprobs_json(logprobs) if logprobs else None,
-                    "finish_reason": finish_reason(end.finish_reason),
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments},
                 }
-            ],
-            "usage": usage_dict(end.usage),
+                for call in choice.tool_calls
+            ]
+        if choice.reasoning:
+            message["reasoning_content"] = choice.reasoning
+        return {
+            "index": choice.index,
+            "message": message,
+            "logprobs": self.logprobs_json(choice.logprobs) if choice.logprobs else None,
+            "finish_reason": finish_reason(choice.finish_reason),
         }
 
 
@@ -332,20 +660,34 @@ class CompletionFormat(ResponseFormat):
     chunk_object = "text_completion"
     id_prefix = "cmpl-"
 
-    _delta_open = ',"choices":[{"index":0,"text":'
+    _delta_open = ',"choices":[{"index":%d,"text":'
     _delta_close = ""
 
-    def _choice(self, text: str | None, reason: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+    def __init__(self, request_id: str, model: str, include_usage: bool, n: int = 1) -> None:
+        super().__init__(request_id, model, include_usage, n)
+        # Offsets into each choice's text, for the legacy logprobs shape.
+        self._offsets = [0] * n
 
-    _offset = 0
+    def _choice(self, text: str | None, reason: str | None, index: int = 0) -> dict[str, Any]:
+        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
 
-    def logprobs_json(self, logprobs: LogprobList) -> dict[str, Any]:
+    def _rich_delta(self, delta: types_pb2.TextDelta) -> dict[str, Any]:
+        choice = self._choice(delta.text, None, delta.choice_index)
+        if delta.logprobs:
+            choice["logprobs"] = self.logprobs_json(delta.logprobs, delta.choice_index)
+        if delta.reasoning:
+            choice["reasoning_content"] = delta.reasoning
+        return choice
+
+    def logprobs_json(self, logprobs: LogprobList, index: int = 0) -> dict[str, Any]:
         # The legacy completions shape: parallel lists, offsets into the generated text.
         offsets = []
+        offset = self._offsets[index] if index < len(self._offsets) else 0
         for lp in logprobs:
-            offsets.append(self._offset)
-            self._offset += len(lp.token)
+            offsets.append(offset)
+            offset += len(lp.token)
+        if index < len(self._offsets):
+            self._offsets[index] = offset
         return {
             "tokens": [lp.token for lp in logprobs],
             "token_logprobs": [lp.logprob for lp in logprobs],
@@ -353,24 +695,18 @@ class CompletionFormat(ResponseFormat):
             "text_offset": offsets,
         }
 
-    def complete(
-        self, text: str, end: types_pb2.StreamEnd, logprobs: LogprobList = ()
-    ) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": self.object_name,
-            "created": self.created,
-            "model": end.model or self.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "text": text,
-                    "logprobs": self.logprobs_json(logprobs) if logprobs else None,
-                    "finish_reason": finish_reason(end.finish_reason),
-                }
-            ],
-            "usage": usage_dict(end.usage),
+    def _whole_choice(self, choice: ChoiceOut) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "index": choice.index,
+            "text": choice.text,
+            "logprobs": self.logprobs_json(choice.logprobs, choice.index)
+            if choice.logprobs
+            else None,
+            "finish_reason": finish_reason(choice.finish_reason),
         }
+        if choice.reasoning:
+            out["reasoning_content"] = choice.reasoning
+        return out
 
 
 # --- the call -----------------------------------------------------------------------------------
@@ -484,7 +820,12 @@ async def _drain(call: GenerationCall) -> None:
 
 
 class OpenAIServing:
-    """Serves the OpenAI endpoints by calling the Doorman; one instance per app, built once."""
+    """Calls the Doorman for every generating endpoint; one instance per app, built once.
+
+    The OpenAI endpoints use it directly; the Responses and Messages families hand it their
+    protobuf request and their Rendering (`generate`), so every family shares one stub, one
+    disconnect guard, one SSE response and one error mapping.
+    """
 
     def __init__(self, channel: grpc.aio.Channel, metrics: GatewayMetrics) -> None:
         self._doorman = doorman_pb2_grpc.DoormanServiceStub(channel)
@@ -518,22 +859,39 @@ class OpenAIServing:
             }
             for m in reply.models
         ]
-        return _json({"object": "list", "data": data})
+        return json_response({"object": "list", "data": data})
+
+    async def count_tokens(
+        self, request: doorman_pb2.DoormanServiceCountTokensRequest, ctx: CallContext
+    ) -> int:
+        """The prompt tokens a chat request would take; raises grpc.RpcError."""
+        reply = await self._doorman.CountTokens(request, metadata=ctx.metadata)
+        return int(reply.prompt_tokens)
 
     async def chat(self, body: ChatCompletionRequest, ctx: CallContext) -> Response:
-        call = self._doorman.Chat(chat_request(body), metadata=ctx.metadata)
-        fmt = ChatFormat(ctx.request_id, body.model, body.include_usage)
-        return await self._generate(cast(GenerationCall, call), fmt, body.streaming, ctx)
+        fmt = ChatFormat(ctx.request_id, body.model, body.include_usage, body.choices)
+        return await self.generate(chat_request(body), fmt, body.streaming, ctx)
 
     async def complete(self, body: CompletionRequest, ctx: CallContext) -> Response:
         call = self._doorman.Complete(completion_request(body), metadata=ctx.metadata)
-        fmt = CompletionFormat(ctx.request_id, body.model, body.include_usage)
+        fmt = CompletionFormat(ctx.request_id, body.model, body.include_usage, body.choices)
         return await self._generate(cast(GenerationCall, call), fmt, body.streaming, ctx)
+
+    async def generate(
+        self,
+        request: doorman_pb2.ChatRequest,
+        rendering: Rendering,
+        stream: bool,
+        ctx: CallContext,
+    ) -> Response:
+        """Run one DoormanService.Chat call and answer it as `rendering` spells it."""
+        call = self._doorman.Chat(request, metadata=ctx.metadata)
+        return await self._generate(cast(GenerationCall, call), rendering, stream, ctx)
 
     async def _generate(
         self,
         call: GenerationCall,
-        fmt: ResponseFormat,
+        rendering: Rendering,
         stream: bool,
         ctx: CallContext,
     ) -> Response:
@@ -545,10 +903,11 @@ class OpenAIServing:
             first = await _next(call)
             if stream:
                 handed_over = True
-                return SseResponse(self._stream(call, first, fmt, ctx), guard, lambda: _drain(call))
-            return await self._collect(call, first, fmt, ctx)
+                events = self._stream(call, first, rendering, ctx)
+                return SseResponse(events, guard, lambda: _drain(call))
+            return await self._collect(call, first, rendering, ctx)
         except grpc.RpcError as error:
-            return errors.from_grpc(error).response()
+            return rendering.error_response(errors.from_grpc(error))
         except asyncio.CancelledError:
             if not guard.disconnected or _task_cancelling():
                 raise
@@ -563,70 +922,63 @@ class OpenAIServing:
         self,
         call: GenerationCall,
         event: GenerationEvent | None,
-        fmt: ResponseFormat,
+        rendering: Rendering,
         ctx: CallContext,
     ) -> Response:
-        parts: list[str] = []
-        logprobs: list[types_pb2.TokenLogprob] = []
+        builder = GenerationBuilder()
+        first_token = True
         while event is not None:
             kind = event.WhichOneof("event")
             if kind == "delta":
-                if not parts:
+                if first_token:
+                    first_token = False
                     self._metrics.ttft.labels(ctx.route).observe(time.perf_counter() - ctx.started)
-                parts.append(event.delta.text)
-                logprobs.extend(event.delta.logprobs)
+                builder.add(event.delta)
             elif kind == "end":
                 end = event.end
                 self._count_tokens(ctx.route, end.usage)
-                body = fmt.complete("".join(parts), end, logprobs)
-                response = _json({**body, "slm": slm_extension(end)})
+                response = json_response(rendering.whole(builder.build(end)))
                 await _drain(call)
                 return response
             event = await _next(call)
-        return _missing_end(ctx).response()
+        return rendering.error_response(_missing_end(ctx))
 
     async def _stream(
         self,
         call: GenerationCall,
         event: GenerationEvent | None,
-        fmt: ResponseFormat,
+        rendering: Rendering,
         ctx: CallContext,
     ) -> AsyncIterator[bytes]:
         finished = False
         try:
-            opening = fmt.opening()
-            if opening is not None:
-                yield opening
+            for frame in rendering.opening():
+                yield frame
             first_token = True
             while event is not None:
                 kind = event.WhichOneof("event")
                 if kind == "delta":
-                    text = event.delta.text
-                    if text and first_token:
+                    delta = event.delta
+                    if first_token and (delta.text or delta.tool_calls or delta.reasoning):
                         first_token = False
                         self._metrics.ttft.labels(ctx.route).observe(
                             time.perf_counter() - ctx.started
                         )
-                    if event.delta.logprobs:
-                        yield fmt.delta_with_logprobs(text, event.delta.logprobs)
-                    elif text:
-                        yield fmt.delta(text)
+                    for frame in rendering.delta(delta):
+                        yield frame
                 elif kind == "end":
                     end = event.end
                     self._count_tokens(ctx.route, end.usage)
-                    yield fmt.finish(finish_reason(end.finish_reason), end)
-                    if fmt.include_usage:
-                        yield fmt.usage(end.usage)
-                    yield SSE_DONE
+                    for frame in rendering.closing(end):
+                        yield frame
                     finished = True
                     return
                 event = await _next(call)
-            yield _missing_end(ctx).sse()
-            yield SSE_DONE
+            for frame in rendering.failure(_missing_end(ctx)):
+                yield frame
         except grpc.RpcError as error:
-            # Headers are gone already: the error travels as the stream's last event.
-            yield errors.from_grpc(error).sse()
-            yield SSE_DONE
+            for frame in rendering.failure(errors.from_grpc(error)):
+                yield frame
         finally:
             if not finished:
                 call.cancel()
@@ -640,7 +992,7 @@ class OpenAIServing:
         plain error; closing the iterator early cancels the generation.
         """
         call = self._doorman.Chat(chat_request(body), metadata=ctx.metadata)
-        fmt = ChatFormat(ctx.request_id, body.model, body.include_usage)
+        fmt = ChatFormat(ctx.request_id, body.model, body.include_usage, body.choices)
         try:
             first = await _next(cast(GenerationCall, call))
             async for event in self._stream(cast(GenerationCall, call), first, fmt, ctx):
@@ -660,7 +1012,9 @@ def _missing_end(ctx: CallContext) -> HttpError:
     return errors.internal("the generation stream ended early")
 
 
-def _json(payload: Mapping[str, Any]) -> Response:
+def json_response(payload: Mapping[str, Any], status: int = 200) -> Response:
     return Response(
-        json.dumps(payload, separators=(",", ":")).encode(), media_type="application/json"
+        json.dumps(payload, separators=(",", ":")).encode(),
+        status_code=status,
+        media_type="application/json",
     )

@@ -66,7 +66,8 @@ async def test_doorman_down_is_a_server_fault(client: httpx.AsyncClient) -> None
     [
         ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
         ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
-        ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 3}, "n"),
+        ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 9}, "n"),
+        ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "foo": 1}, "foo"),
         ({"model": "m", "messages": [{"role": "bot", "content": "hi"}]}, "messages[0].role"),
     ],
 )

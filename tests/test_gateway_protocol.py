@@ -15,6 +15,8 @@ from gateway.protocol import RequestInvalid, parse_chat, parse_completion
 from gateway.serving import (
     ChatFormat,
     CompletionFormat,
+    Generation,
+    GenerationBuilder,
     call_metadata,
     chat_request,
     completion_request,
@@ -56,25 +58,39 @@ def test_chat_request_is_translated_field_by_field() -> None:
                     "role": "user",
                     "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
                 },
-                {"role": "assistant", "content": None},
-                {"role": "tool", "content": "42", "name": "calc"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": "calc", "arguments": '{"x":1}'},
+                        }
+                    ],
+                },
+                {"role": "tool", "content": "42", "name": "calc", "tool_call_id": "call_1"},
             ],
             max_tokens=7,
             temperature=0.0,
             top_p=0.5,
             stop=["\n", ""],
             seed=3,
-            logit_bias={"1": 2},  # unknown to the mesh: ignored, not refused
+            logit_bias={"1": 2},
         )
     )
     request = chat_request(body)
     assert request.model == "m"
-    assert [(m.role, m.content, m.name) for m in request.messages] == [
-        (types_pb2.ROLE_SYSTEM, "be brief", ""),
-        (types_pb2.ROLE_USER, "a\nb", ""),
-        (types_pb2.ROLE_ASSISTANT, "", ""),
-        (types_pb2.ROLE_TOOL, "42", "calc"),
+    assert [(m.role, m.content, m.name, m.tool_call_id) for m in request.messages] == [
+        (types_pb2.ROLE_SYSTEM, "be brief", "", ""),
+        (types_pb2.ROLE_USER, "a\nb", "", ""),
+        (types_pb2.ROLE_ASSISTANT, "", "", ""),
+        (types_pb2.ROLE_TOOL, "42", "calc", "call_1"),
     ]
+    (call,) = request.messages[2].tool_calls
+    assert (call.id, call.name, call.arguments) == ("call_1", "calc", '{"x":1}')
+    assert not request.HasField("tools")
+    assert dict(request.sampling.logit_bias) == {1: 2.0}
     sampling = request.sampling
     assert sampling.max_tokens == 7
     # temperature 0 (greedy) must be sent, not mistaken for "unset".
@@ -141,7 +157,8 @@ def test_stream_flags() -> None:
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"stop": [1]}, "stop[0]"),
         ({"seed": -1}, "seed"),
-        ({"n": 2}, "n"),
+        ({"n": 9}, "n"),
+        ({"n": 0}, "n"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"stream": "sometimes"}, "stream"),
     ],
@@ -189,7 +206,7 @@ def parse_sse(frame: bytes) -> dict[str, Any]:
 @pytest.mark.parametrize("include_usage", [True, False])
 def test_chat_delta_chunk_is_valid_json(text: str, include_usage: bool) -> None:
     fmt = ChatFormat("abc", 'model "x"', include_usage)
-    chunk = parse_sse(fmt.delta(text))
+    chunk = parse_sse(fmt.text_delta(text))
     assert chunk["id"] == "chatcmpl-abc"
     assert chunk["object"] == "chat.completion.chunk"
     assert chunk["model"] == 'model "x"'
@@ -204,7 +221,8 @@ def test_chat_delta_chunk_is_valid_json(text: str, include_usage: bool) -> None:
 
 def test_chat_stream_frames() -> None:
     fmt = ChatFormat("r1", "m", include_usage=True)
-    opening = parse_sse(fmt.opening())
+    (frame,) = fmt.opening()
+    opening = parse_sse(frame)
     assert opening["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert opening["usage"] is None
     finish = parse_sse(fmt.finish("length"))
@@ -218,8 +236,8 @@ def test_chat_stream_frames() -> None:
 
 def test_completion_stream_frames() -> None:
     fmt = CompletionFormat("r2", "m", include_usage=False)
-    assert fmt.opening() is None
-    chunk = parse_sse(fmt.delta("tail"))
+    assert fmt.opening() == []
+    chunk = parse_sse(fmt.text_delta("tail"))
     assert chunk["id"] == "cmpl-r2"
     assert chunk["object"] == "text_completion"
     assert chunk["choices"][0]["text"] == "tail"
@@ -232,20 +250,26 @@ def test_completion_stream_frames() -> None:
     }
 
 
+def whole(text: str, end: types_pb2.StreamEnd) -> Generation:
+    builder = GenerationBuilder()
+    builder.add(types_pb2.TextDelta(text=text))
+    return builder.build(end)
+
+
 def test_whole_responses() -> None:
     end = types_pb2.StreamEnd(
         finish_reason=types_pb2.FINISH_REASON_CONTENT_FILTER,
         usage=types_pb2.Usage(prompt_tokens=2, completion_tokens=1),
         model="served",
     )
-    chat = ChatFormat("r", "asked", include_usage=False).complete("hello", end)
+    chat = ChatFormat("r", "asked", include_usage=False).whole(whole("hello", end))
     assert chat["object"] == "chat.completion"
     assert chat["model"] == "served"
     assert chat["choices"][0]["message"] == {"role": "assistant", "content": "hello"}
     assert chat["choices"][0]["finish_reason"] == "content_filter"
     # total_tokens is derived when the Doorman left it out.
     assert chat["usage"] == {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
-    text = CompletionFormat("r", "asked", include_usage=False).complete("x", end)
+    text = CompletionFormat("r", "asked", include_usage=False).whole(whole("x", end))
     assert text["object"] == "text_completion"
     assert text["choices"][0]["text"] == "x"
 

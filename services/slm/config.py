@@ -378,6 +378,8 @@ class GatewayConfig(Section):
     doorman: str = f"{LOOPBACK}:50051"
     # Limit on JSON bodies the gateway parses, in bytes (Envoy enforces the same).
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    # Most choices (`n`) one chat or completion request may ask for; above it is a 400.
+    max_n: int = Field(default=8, ge=1, le=128)
     # SHA-256 (hex) of the admin key guarding /admin/*. Empty: admin endpoints are open, which
     # is allowed only while the gateway listens on loopback (the embedded default).
     admin_key_sha256: str = Field(default="", pattern=r"^([0-9a-f]{64})?$")
