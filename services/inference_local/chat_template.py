@@ -140,7 +140,7 @@ class ChatTemplate:
         """Whether the template renders tools and `<tool_call>` blocks itself, and whether it
         wants a call's arguments as an object (else as JSON text)."""
         tool = {"type": "function", "function": {"name": _PROBE_TOOL, "parameters": {}}}
-        user = {"role": "user", "content": "Hi"}
+        user: dict[str, Any] = {"role": "user", "content": "Hi"}
         try:
             shown = _PROBE_TOOL in self._render([user], [tool], True)
         except (InvalidArgument, TypeError, ValueError):
@@ -154,7 +154,10 @@ class ChatTemplate:
                 "type": "function",
                 "function": {"name": _PROBE_TOOL, "arguments": arguments},
             }
-            turns = [user, {"role": "assistant", "content": "", "tool_calls": [call]}]
+            turns: list[dict[str, Any]] = [
+                user,
+                {"role": "assistant", "content": "", "tool_calls": [call]},
+            ]
             try:
                 text = self._render(turns, [tool], False)
             except (InvalidArgument, TypeError, ValueError):

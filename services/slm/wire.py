@@ -17,18 +17,46 @@ ROLE_NAMES = {
 
 
 @dataclass(frozen=True)
+class TurnToolCall:
+    id: str
+    name: str
+    # The arguments object as JSON text.
+    arguments: str
+
+
+@dataclass(frozen=True)
 class ChatTurn:
     role: str
     content: str
     name: str = ""
+    # role "assistant": the tools this turn called.
+    tool_calls: tuple[TurnToolCall, ...] = ()
+    # role "tool": the call whose result `content` is.
+    tool_call_id: str = ""
 
 
 def chat_turns(messages: Iterable[types_pb2.ChatMessage]) -> list[ChatTurn]:
-    """The messages of a chat with their roles named; an unset role is the client's error."""
+    """The messages of a chat with their roles named; an unset role, tool calls on another
+    role than the assistant's, or a tool result without its call id is the client's error."""
     turns = []
     for i, m in enumerate(messages):
         role = ROLE_NAMES.get(m.role)
         if role is None:
             raise InvalidArgument(f"messages[{i}].role is not set", field=f"messages[{i}].role")
-        turns.append(ChatTurn(role, m.content, m.name))
+        if m.tool_calls and role != "assistant":
+            raise InvalidArgument(
+                "only assistant messages carry tool calls", field=f"messages[{i}].tool_calls"
+            )
+        for j, call in enumerate(m.tool_calls):
+            if not call.id or not call.name:
+                raise InvalidArgument(
+                    "a tool call needs an id and a name", field=f"messages[{i}].tool_calls[{j}]"
+                )
+        if (role == "tool") != bool(m.tool_call_id):
+            raise InvalidArgument(
+                "tool messages, and only they, carry the id of the call they answer",
+                field=f"messages[{i}].tool_call_id",
+            )
+        calls = tuple(TurnToolCall(c.id, c.name, c.arguments) for c in m.tool_calls)
+        turns.append(ChatTurn(role, m.content, m.name, calls, m.tool_call_id))
     return turns
