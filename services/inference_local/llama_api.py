@@ -265,6 +265,13 @@ class Context:
         C.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
         C.llama_memory_seq_rm(self.memory, src, -1, -1)
 
+    def copy_seq(self, src: int, dst: int) -> None:
+        """Give slot `dst` a copy of `src`'s KV (a prompt's siblings share its prefill).
+        Across KV streams llama.cpp copies the buffers at the start of the next decode: until
+        then nothing may write either slot's buffers (a restored state would be overwritten)."""
+        C.llama_memory_seq_rm(self.memory, dst, -1, -1)
+        C.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+
     def seq_pos_max(self, seq: int) -> int:
         return int(C.llama_memory_seq_pos_max(self.memory, seq))
 
@@ -461,25 +468,37 @@ class Sampler:
         if self._history is not None:
             self._history.append(token)
 
-    def sample(self, context: Context, index: int) -> int:
-        return Sampler.sample_many(context, [(self, index)])[0]
+    def sample(
+        self, context: Context, index: int, mask: npt.NDArray[np.int32] | None = None
+    ) -> int:
+        return Sampler.sample_many(context, [(self, index)], masks=[mask])[0]
 
     @staticmethod
     def sample_many(
         context: Context,
         work: Sequence[tuple[Sampler, int]],
         pool: concurrent.futures.Executor | None = None,
+        masks: Sequence[npt.NDArray[np.int32] | None] | None = None,
     ) -> list[int]:
         """Sample each (sampler, batch index) of the last decode, task by task (`_tasks`), the
         tasks spread over `pool`'s threads and this one. Each sampler has its own chain and RNG,
         so threads change no token. Both kinds of task let go of the GIL for most of their work
         (llama.cpp through ctypes; a block's numpy passes), but a block's fixed Python work holds
         it: smaller blocks on more threads end up waiting for the GIL (on a 16-core H100 host, 8
-        threads of 2 rows each sampled 16 streams no faster than one thread)."""
+        threads of 2 rows each sampled 16 streams no faster than one thread).
+
+        `masks[i]`, when given and not None, is row i's bitmask of allowed tokens (bit t of
+        word t // 32, llguidance's layout): that row samples only among them (`_sample_masked`)
+        and returns -1 when none is allowed. Rows without a mask take exactly the path they
+        take without any mask in the step."""
         tokens = [0] * len(work)
 
         def run(task: list[int]) -> None:
             sampler, index = work[task[0]]
+            mask = masks[task[0]] if masks is not None else None
+            if mask is not None:  # a task of one row
+                tokens[task[0]] = sampler._sample_masked(context, index, mask)
+                return
             if not sampler.shortlisted:  # a task of one row
                 tokens[task[0]] = sampler._sample_full(context, index)
                 return
@@ -487,7 +506,7 @@ class Sampler:
             for i, token in zip(task, picked, strict=True):
                 tokens[i] = token
 
-        tasks = Sampler._tasks(work)
+        tasks = Sampler._tasks(work, masks)
         if pool is None or len(tasks) < 2:
             for task in tasks:
                 run(task)
@@ -504,14 +523,19 @@ class Sampler:
         return tokens
 
     @staticmethod
-    def _tasks(work: Sequence[tuple[Sampler, int]]) -> list[list[int]]:
+    def _tasks(
+        work: Sequence[tuple[Sampler, int]],
+        masks: Sequence[npt.NDArray[np.int32] | None] | None = None,
+    ) -> list[list[int]]:
         """Indices into `work`: blocks of up to BLOCK_ROWS rows whose chains keep the same k
         best (one shortlist pass each; a decode step's rows are consecutive), and every row on
-        llama.cpp's full-vocabulary path alone."""
+        llama.cpp's full-vocabulary path, or with a mask, alone."""
         blocks: dict[tuple[int, int], list[int]] = {}
         alone: list[list[int]] = []
         for i, (sampler, _) in enumerate(work):
-            if sampler.shortlisted:
+            if masks is not None and masks[i] is not None:
+                alone.append([i])
+            elif sampler.shortlisted:
                 blocks.setdefault((sampler._keep, sampler._stride), []).append(i)
             else:
                 alone.append([i])
@@ -584,6 +608,50 @@ class Sampler:
         ends = np.searchsorted(flat, np.arange(1, n_rows + 1) * n_vocab).tolist()
         return candidates, ends
 
+    def _sample_masked(self, context: Context, index: int, mask: npt.NDArray[np.int32]) -> int:
+        """Sample among the tokens `mask` allows, from candidates that surely hold the chain's
+        choice (`_masked_candidates`); -1 when the mask allows no token."""
+        candidates = self._masked_candidates(context.logits(index), mask)
+        if not candidates.size:
+            return -1
+        data = ctypes.cast(candidates.ctypes.data, _TOKEN_DATA_P)
+        return self._pick(C.llama_token_data_array(data, candidates.size, -1, False))
+
+    def _masked_candidates(
+        self, row: npt.NDArray[np.float32], mask: npt.NDArray[np.int32]
+    ) -> npt.NDArray[np.void]:
+        """The allowed tokens of a row that may be among its chain's k best, in token order;
+        every allowed token when the chain needs them all.
+
+        A chain that keeps the k best first tries the unconstrained shortlist's threshold t
+        (`_shortlists`): if at least k allowed, unmoved tokens reach t, an allowed unmoved token
+        below t has k better ones and can never be kept, so the allowed tokens at or above t,
+        plus the allowed moved ones, suffice. This holds inside free text (a JSON string allows
+        almost every token); where the grammar allows few tokens (structure, digits, keys),
+        they are all the candidates, found from the mask's non-zero words."""
+        n_vocab = row.shape[0]
+        if self._keep:
+            moved = self._moved_tokens()
+            sample = row[:: self._stride]
+            if moved.size:
+                sample = sample.copy()
+                sample[moved[moved % self._stride == 0] // self._stride] = -np.inf
+            kth = sample.shape[0] - self._keep
+            threshold = np.partition(sample, kth)[kth]
+            if np.isfinite(threshold):
+                ids = np.flatnonzero(row >= threshold)
+                ids = ids[_allowed(mask, ids)]
+                unmoved = ids.size - int(np.isin(ids, moved).sum()) if moved.size else ids.size
+                if unmoved >= self._keep:
+                    if moved.size:
+                        ids = np.union1d(ids, moved[_allowed(mask, moved)])
+                    return _candidates(row, ids)
+        words = np.flatnonzero(mask)
+        bits = np.unpackbits(mask[words].view(np.uint8), bitorder="little").reshape(-1, 32)
+        word_rows, offsets = np.nonzero(bits)
+        ids = words[word_rows] * 32 + offsets
+        return _candidates(row, ids[ids < n_vocab])
+
     def _pick(self, cur: Any) -> int:
         """Run the chain over `cur` (a llama_token_data_array) and accept its token."""
         C.llama_sampler_apply(self.ptr, ctypes.byref(cur))
@@ -598,6 +666,20 @@ class Sampler:
         if self.ptr:
             C.llama_sampler_free(self.ptr)
             self.ptr = None
+
+
+def _allowed(mask: npt.NDArray[np.int32], ids: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+    """Whether each token of `ids` is allowed by a bitmask (bit t of word t // 32)."""
+    allowed: npt.NDArray[np.bool_] = ((mask[ids >> 5] >> (ids & 31)) & 1).astype(bool)
+    return allowed
+
+
+def _candidates(row: npt.NDArray[np.float32], ids: npt.NDArray[np.int64]) -> npt.NDArray[np.void]:
+    candidates = np.empty(ids.size, _TOKEN_DATA)
+    candidates["id"] = ids
+    candidates["logit"] = row[ids]
+    candidates["p"] = 0.0
+    return candidates
 
 
 def quantize(source: Path, target: Path, kind: str, n_threads: int) -> None:

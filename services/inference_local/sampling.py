@@ -66,7 +66,9 @@ class Sampling:
             if not -100.0 <= bias <= 100.0:
                 raise bad("logit_bias", "values must be in [-100, 100]")
 
-    def sampler_config(self) -> SamplerConfig:
+    def sampler_config(self, index: int = 0) -> SamplerConfig:
+        """The chain of choice `index`: with a seed, choice i draws from seed + i, so that the
+        choices of one request differ and each is reproducible."""
         return SamplerConfig(
             temperature=self.temperature,
             top_k=self.top_k,
@@ -75,7 +77,7 @@ class Sampling:
             repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            seed=self.seed if self.seed is not None else random.getrandbits(32),
+            seed=self.seed + index if self.seed is not None else random.getrandbits(32),
             logit_bias=self.logit_bias,
         )
 

@@ -26,6 +26,18 @@ plan, never on what else is running: the same seed gives the same text alone or 
 
 llama.cpp applies LoRA adapters per context, not per sequence, so a step only batches
 sequences that share an adapter set; groups take turns step by step.
+
+Constrained decoding. A request's constraint is compiled (llguidance, `constraints.Grammars`)
+before it is queued, so a grammar that cannot compile fails it before any token. Each
+constrained sequence has a `Guide`; the masks of a step's constrained sequences are computed
+together on another thread while llama_decode runs (their states are known before it starts),
+and each row samples only among its allowed tokens; rows without a constraint take exactly their
+usual path. A grammar that is complete ends its sequence (STOP) without another token.
+
+Choices (`n`). A request with n > 1 takes n slots at once (it waits as one unit); its prompt is
+prefilled once, in the first slot, and at its last chunk the KV is copied into the others
+(llama_memory_seq_cp), which then sample from the same logits row with their own chains and
+guides. Events carry their choice's index; the request ends after n End events.
 """
 
 from __future__ import annotations
@@ -42,6 +54,10 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
+import numpy.typing as npt
+
+from inference_local.constraints import Constraint, Grammar, Grammars, Guide, Outcome
 from inference_local.llama_api import Batch, Context, LoraAdapter, Model, Sampler
 from inference_local.prefix_cache import PrefixPlan
 from inference_local.sampling import (
@@ -51,7 +67,7 @@ from inference_local.sampling import (
     TopLogprob,
     log_softmax_at,
 )
-from slm.errors import Internal, ResourceExhausted, SlmError
+from slm.errors import Internal, InvalidArgument, ResourceExhausted, SlmError
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +84,19 @@ class Finish(enum.Enum):
 class Delta:
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()
+    # The choice (0 to n - 1) this text belongs to.
+    index: int = 0
 
 
 @dataclass(frozen=True)
 class End:
+    """The end of one choice; a request with n choices gets n of them."""
+
     finish: Finish
     prompt_tokens: int
     completion_tokens: int
     model: str
+    index: int = 0
 
 
 Event = Delta | End
@@ -93,6 +114,12 @@ class SeqRequest:
     submitted: float = field(default_factory=time.perf_counter)
     # Prefix caching: a state to restore at admission and where to snapshot; None: none.
     prefix: PrefixPlan | None = None
+    # What the output must be; None: free text.
+    constraint: Constraint | None = None
+    # Independent choices of the same prompt, sharing its prefill.
+    n: int = 1
+    # The constraint compiled for the model, set by `Scheduler.generate`.
+    grammar: Grammar | None = None
 
 
 @dataclass(eq=False)
@@ -105,11 +132,17 @@ class _Seq:
     max_tokens: int
     stops: StopMatcher
     decoder: codecs.IncrementalDecoder
+    # Which of the request's choices this is.
+    index: int = 0
+    guide: Guide | None = None
+    # A sibling waiting for the first choice (`follows`) to prefill the prompt it shares.
+    follows: _Seq | None = None
     prompt_pos: int = 0
     n_past: int = 0
     generated: int = 0
     next_token: int = -1
     last_token_at: float = 0.0
+    released: bool = False
 
     @property
     def prefilling(self) -> bool:
@@ -125,6 +158,8 @@ class SchedulerConfig:
     n_batch: int
     # Threads sampling a step's sequences, the decode thread included (1: it alone).
     sample_threads: int = 1
+    # The most choices (n) one request may ask for.
+    max_n: int = 8
 
 
 class SchedulerMetrics:
@@ -174,6 +209,16 @@ class Scheduler:
             if config.sample_threads > 1
             else None
         )
+        self._grammars = Grammars(model, mask_threads=config.sample_threads)
+        # Computes a step's token masks while the decode thread waits in llama_decode.
+        self._masker = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"mask-{config.name}"
+        )
+        # Slots in a KV copy that llama.cpp carries out at the next decode.
+        self._copying: set[int] = set()
+        # Prompt tokens computed by llama_decode (not restored, not copied), for tests and
+        # benchmarks.
+        self.prompt_tokens_decoded = 0
         self._thread = threading.Thread(target=self._run, name=f"decode-{config.name}", daemon=True)
         self._thread.start()
 
@@ -185,13 +230,31 @@ class Scheduler:
             return len(self._active) + len(self._waiting)
 
     async def generate(self, request: SeqRequest) -> AsyncIterator[Event]:
-        """Stream a request's events; leaving the iteration early cancels it."""
+        """Stream a request's events, its choices' interleaved, until each choice's End;
+        leaving the iteration early cancels it. A bad `n` or a constraint that cannot be
+        compiled is an InvalidArgument raised before the request is queued."""
+        n = request.n
+        if not 1 <= n <= min(self.config.max_n, self.config.n_slots):
+            limit = (
+                f"at most {self.config.max_n}"
+                if self.config.max_n <= self.config.n_slots
+                else f"at most {self.config.n_slots}, the sequence slots of model "
+                f"{self.config.name!r}"
+            )
+            raise InvalidArgument(f"n must be at least 1 and {limit}", field="sampling.n")
+        if request.constraint is not None and request.grammar is None:
+            request.grammar = self._grammars.cached(request.constraint)
+            if request.grammar is None:
+                # Milliseconds; seconds the first time (the model's vocabulary).
+                request.grammar = await asyncio.to_thread(
+                    self._grammars.compile, request.constraint
+                )
         with self._cond:
             if self._stopping:
                 raise ResourceExhausted(
                     f"model {self.config.name!r} is unloading", retry_after_s=1.0
                 )
-            if not self._free_slots and len(self._waiting) >= self.config.max_queue:
+            if len(self._free_slots) < n and len(self._waiting) >= self.config.max_queue:
                 raise ResourceExhausted(
                     f"model {self.config.name!r}: all {self.config.n_slots} sequence slots busy "
                     f"and {len(self._waiting)} requests waiting (queue limit "
@@ -202,6 +265,7 @@ class Scheduler:
             self.last_used = time.monotonic()
             self._cond.notify()
         done = False
+        ends = 0
         try:
             while True:
                 item = await request.queue.get()
@@ -210,7 +274,8 @@ class Scheduler:
                     raise item
                 for event in item:
                     if isinstance(event, End):
-                        done = True
+                        ends += 1
+                        done = ends == n
                     yield event
                 if done:
                     return
@@ -228,6 +293,7 @@ class Scheduler:
         self._thread.join()
         if self._samplers is not None:
             self._samplers.shutdown()
+        self._masker.shutdown()
         self._batch.close()
 
     # --- decode thread ---------------------------------------------------------------------
@@ -252,6 +318,7 @@ class Scheduler:
     def _decode(self, batch: Batch) -> None:
         self._flush()
         self._context.decode(batch)
+        self._copying.clear()  # llama.cpp carried out the pending KV copies first
 
     def _run(self) -> None:
         while True:
@@ -281,24 +348,48 @@ class Scheduler:
         self._flush()
 
     def _admit(self) -> list[tuple[SeqRequest, BaseException]]:
-        """Move waiting requests into free slots (called with the lock held)."""
+        """Move waiting requests into free slots, all of a request's choices at once, in
+        order (called with the lock held)."""
         refused: list[tuple[SeqRequest, BaseException]] = []
-        while self._waiting and self._free_slots:
-            request = self._waiting.popleft()
+        while self._waiting:
+            request = self._waiting[0]
             if request.cancelled:
+                self._waiting.popleft()
                 continue
-            slot = heapq.heappop(self._free_slots)
+            if len(self._free_slots) < request.n:
+                break
+            self._waiting.popleft()
             try:
-                sampler = Sampler(self._model, request.sampling.sampler_config())
+                seqs = self._seqs(request)
             except Exception as error:
-                heapq.heappush(self._free_slots, slot)
                 refused.append((request, error))
                 continue
+            self._active.extend(seqs)
+            if request.prefix is not None and request.prefix.restore is not None:
+                self._restore(seqs[0], request.prefix)
+        return refused
+
+    def _seqs(self, request: SeqRequest) -> list[_Seq]:
+        """A request's choices in the lowest free slots: the first reads the prompt, the
+        others follow it."""
+        slots = [heapq.heappop(self._free_slots) for _ in range(request.n)]
+        samplers: list[Sampler] = []
+        try:
+            for index in range(request.n):
+                samplers.append(Sampler(self._model, request.sampling.sampler_config(index)))
+        except Exception:
+            for sampler in samplers:
+                sampler.close()
+            for slot in slots:
+                heapq.heappush(self._free_slots, slot)
+            raise
+        room = self._context.n_ctx_per_seq - len(request.prompt)
+        limit = min(request.sampling.max_tokens or room, room)
+        seqs: list[_Seq] = []
+        for index, (slot, sampler) in enumerate(zip(slots, samplers, strict=True)):
             if request.sampling.uses_penalties:
                 sampler.accept_prompt(request.prompt)
-            room = self._context.n_ctx_per_seq - len(request.prompt)
-            limit = min(request.sampling.max_tokens or room, room)
-            self._active.append(
+            seqs.append(
                 _Seq(
                     request=request,
                     slot=slot,
@@ -306,15 +397,20 @@ class Scheduler:
                     max_tokens=limit,
                     stops=StopMatcher(request.sampling.stop),
                     decoder=codecs.getincrementaldecoder("utf-8")("replace"),
+                    index=index,
+                    guide=request.grammar.start() if request.grammar is not None else None,
+                    follows=seqs[0] if seqs else None,
                 )
             )
-            if request.prefix is not None and request.prefix.restore is not None:
-                self._restore(self._active[-1], request.prefix)
-        return refused
+        return seqs
 
     def _restore(self, seq: _Seq, plan: PrefixPlan) -> None:
         """Start a sequence from a cached prefix state; a refused state is a full prefill."""
         assert plan.restore is not None
+        if seq.slot in self._copying:
+            # llama.cpp would overwrite the restored state with a pending copy at the next
+            # decode: prefill instead (rare: a slot freed in the step that copied a prompt).
+            return
         if self._context.set_seq_state(seq.slot, plan.restore.state):
             seq.prompt_pos = seq.n_past = plan.restore.n_tokens
         else:
@@ -333,23 +429,41 @@ class Scheduler:
     def _release(self, seq: _Seq) -> None:
         self._context.clear_seq(seq.slot)
         seq.sampler.close()
+        seq.released = True
         self._active.remove(seq)
         with self._cond:
             heapq.heappush(self._free_slots, seq.slot)
+
+    def _fail(self, request: SeqRequest, error: SlmError) -> None:
+        """Fail one request, every choice of it, and leave the others running."""
+        log.error("generation failed: %s", error.message, extra={"model": self.config.name})
+        self._post([(request, error)])
+        for seq in [s for s in self._active if s.request is request]:
+            self._release(seq)
+
+    def _finished(self, seq: _Seq, reason: str) -> None:
+        # The prompt was read once, whatever the number of choices.
+        self._metrics.finished(reason, len(seq.request.prompt) if seq.index == 0 else 0)
 
     def _finish(self, seq: _Seq, finish: Finish, events: list[Event], drain: bool = True) -> None:
         if drain:
             # Release what was held back: an incomplete character, or text that only looked
             # like the start of a stop string.
-            text, stopped = seq.stops.feed(seq.decoder.decode(b"", final=True))
+            tail = seq.decoder.decode(b"", final=True)
+            if seq.guide is not None and seq.guide.active:
+                text, stopped = seq.stops.flush() + tail, False
+            else:
+                text, stopped = seq.stops.feed(tail)
             if stopped:
                 finish = Finish.STOP
             else:
                 text += seq.stops.flush()
             if text:
-                events.append(Delta(text))
-        events.append(End(finish, len(seq.request.prompt), seq.generated, self.config.name))
-        self._metrics.finished(finish.value, len(seq.request.prompt))
+                events.append(Delta(text, index=seq.index))
+        events.append(
+            End(finish, len(seq.request.prompt), seq.generated, self.config.name, seq.index)
+        )
+        self._finished(seq, finish.value)
         self._release(seq)
 
     def _group(self) -> AdapterSet:
@@ -390,7 +504,7 @@ class Scheduler:
 
     def _step(self) -> None:
         for seq in [s for s in self._active if s.request.cancelled]:
-            self._metrics.finished(Finish.CANCELLED.value, len(seq.request.prompt))
+            self._finished(seq, Finish.CANCELLED.value)
             self._release(seq)
         if not self._active:
             return
@@ -410,11 +524,13 @@ class Scheduler:
             outputs = [
                 (seq, batch.add(seq.next_token, seq.n_past, seq.slot, True)) for seq in decoding
             ]
-            self._decode(batch)
+            masks = self._decode_masked(batch, [seq.guide for seq in decoding])
             work = [(seq.sampler, index) for seq, index in outputs]
-            tokens = Sampler.sample_many(self._context, work, self._samplers)
+            tokens = Sampler.sample_many(self._context, work, self._samplers, masks)
             out: list[tuple[SeqRequest, list[Event]]] = []
             for (seq, index), token in zip(outputs, tokens, strict=True):
+                if seq.released:  # a sibling's failure ended it
+                    continue
                 seq.n_past += 1
                 events: list[Event] = []
                 self._emit(seq, index, token, events)
@@ -424,7 +540,7 @@ class Scheduler:
             self._post(out)
             sampled += len(outputs)
         prefilled = 0
-        for seq in [s for s in members if s.prefilling]:
+        for seq in [s for s in members if s.prefilling and s.follows is None]:
             end = self._chunk_end(seq)
             take = end - seq.prompt_pos
             if prefilled and take > budget:
@@ -434,19 +550,32 @@ class Scheduler:
             index = batch.add_many(
                 seq.request.prompt[seq.prompt_pos : end], seq.n_past, seq.slot, last
             )
-            self._decode(batch)
+            # Siblings start in the same grammar state: the first one's mask serves them all.
+            masks = self._decode_masked(batch, [seq.guide] if last else [])
             seq.prompt_pos = seq.n_past = end
+            self.prompt_tokens_decoded += take
             budget -= take
             prefilled += take
             self._snapshot(seq)
             if last:
-                events = []
-                self._emit(seq, index, seq.sampler.sample(self._context, index), events)
-                sampled += 1
-                if events:
-                    # Its first token goes out with the next decode, not after the step's
-                    # other chunks.
-                    self._post([(seq.request, events)])
+                choices = [seq, *self._siblings(seq)]
+                mask = masks[0] if masks is not None else None
+                work = [(choice.sampler, index) for choice in choices]
+                tokens = Sampler.sample_many(
+                    self._context, work, self._samplers, [mask] * len(choices)
+                )
+                out = []
+                for choice, token in zip(choices, tokens, strict=True):
+                    if choice.released:
+                        continue
+                    events = []
+                    self._emit(choice, index, token, events)
+                    if events:
+                        out.append((choice.request, events))
+                sampled += len(choices)
+                # Its first tokens go out with the next decode, not after the step's other
+                # chunks.
+                self._post(out)
             if budget <= 0:
                 break
         used = sum(s.n_past for s in self._active)
@@ -456,8 +585,51 @@ class Scheduler:
         )
         self._metrics.token(sampled)
 
+    def _decode_masked(
+        self, batch: Batch, guides: list[Guide | None]
+    ) -> list[npt.NDArray[np.int32] | None] | None:
+        """Decode the batch while another thread computes the token masks of the rows whose
+        guide constrains their next token; returns a mask per row (None for free rows), or
+        None when no row is constrained."""
+        rows: list[int] = []
+        active: list[Guide] = []
+        for i, guide in enumerate(guides):
+            if guide is not None and guide.active:
+                rows.append(i)
+                active.append(guide)
+        if not rows:
+            self._decode(batch)
+            return None
+        filled = self._grammars.new_masks(len(rows))
+        future = self._masker.submit(self._grammars.fill, active, filled)
+        try:
+            self._decode(batch)
+        finally:
+            # Never leave a matcher in use on the other thread.
+            concurrent.futures.wait([future])
+        future.result()
+        masks: list[npt.NDArray[np.int32] | None] = [None] * len(guides)
+        for row, i in enumerate(rows):
+            masks[i] = filled[row]
+        return masks
+
+    def _siblings(self, seq: _Seq) -> list[_Seq]:
+        """The choices waiting for `seq`'s prompt, which has just been read: each gets a copy
+        of its KV (carried out by llama.cpp at the next decode)."""
+        siblings = [s for s in self._active if s.follows is seq]
+        for sibling in siblings:
+            self._context.copy_seq(seq.slot, sibling.slot)
+            self._copying.update((seq.slot, sibling.slot))
+            sibling.prompt_pos = sibling.n_past = seq.n_past
+            sibling.follows = None
+        return siblings
+
     def _emit(self, seq: _Seq, index: int, token: int, events: list[Event]) -> None:
         """Turn a sequence's sampled token into events, and finish it when it is done."""
+        if token < 0:  # its grammar allowed no token
+            assert seq.guide is not None
+            self._fail(seq.request, Internal(f"constrained decoding: {seq.guide.error()}"))
+            return
         model = self._model
         now = time.perf_counter()
         if seq.generated == 0:
@@ -471,14 +643,34 @@ class Scheduler:
             logprobs = (self._logprob(token, index, seq.request.sampling.top_logprobs),)
         if model.is_eog(token):
             if logprobs:
-                events.append(Delta("", logprobs))
+                events.append(Delta("", logprobs, seq.index))
             self._finish(seq, Finish.STOP, events)
             return
-        text, stopped = seq.stops.feed(seq.decoder.decode(model.piece(token)))
+        piece = model.piece(token)
+        guide = seq.guide
+        outcome = Outcome.GOING
+        free = guide is None or not guide.active
+        if guide is not None:
+            try:
+                outcome = guide.accept(token, piece)
+            except SlmError as error:
+                self._fail(seq.request, error)
+                return
+        decoded = seq.decoder.decode(piece)
+        if guide is None or not guide.active:
+            text, stopped = seq.stops.feed(decoded)
+        else:
+            # Stop strings do not apply inside a constrained part; what they held back of
+            # the free text before it goes out now.
+            text, stopped = (seq.stops.flush() if free else "") + decoded, False
         if text or logprobs:
-            events.append(Delta(text, logprobs))
+            events.append(Delta(text, logprobs, seq.index))
         if stopped:
             self._finish(seq, Finish.STOP, events, drain=False)
+        elif outcome is not Outcome.GOING:
+            # The grammar is complete (only EOS could follow), or the text after a trigger
+            # left it.
+            self._finish(seq, Finish.STOP, events)
         elif seq.generated >= seq.max_tokens or seq.n_past + 1 >= self._context.n_ctx_per_seq:
             self._finish(seq, Finish.LENGTH, events)
         else:
