@@ -27,6 +27,7 @@ from gateway import errors, protocol
 from gateway.admin_adapters import adapters_router
 from gateway.admin_ledger import ledger_router
 from gateway.admin_models import models_router
+from gateway.anthropic import routes as anthropic_routes
 from gateway.embeddings import embeddings_router
 from gateway.serving import CallContext, GatewayMetrics, OpenAIServing, call_metadata
 from gateway.ui_routes import install_ui
@@ -232,6 +233,10 @@ def build_app(settings: Settings) -> FastAPI:
         """The service-slm version this gateway runs."""
         return {"version": slm.__version__}
 
+    async def read_body(request: Request) -> bytes:
+        return await _read_body(request, limit)
+
+    app.include_router(anthropic_routes.messages_router(runtime.require, read_body, _context))
     install_ui(app, runtime.require, limit)
     app.include_router(adapters_router(settings))
     app.include_router(models_router(settings))
@@ -275,8 +280,12 @@ def _install_openapi(app: FastAPI) -> None:
             schema = default()
             _, defs = models_json_schema(
                 [
-                    (protocol.ChatCompletionRequest, "validation"),
-                    (protocol.CompletionRequest, "validation"),
+                    (model, "validation")
+                    for model in (
+                        protocol.ChatCompletionRequest,
+                        protocol.CompletionRequest,
+                        *anthropic_routes.REQUEST_MODELS,
+                    )
                 ],
                 ref_template="#/components/schemas/{model}",
             )

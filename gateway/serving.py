@@ -425,6 +425,14 @@ class GenerationBuilder:
         return Generation(choices=tuple(choices), end=end)
 
 
+class RenderError(Exception):
+    """A generation that cannot be spelled in the family's format; answered as its error."""
+
+    def __init__(self, error: HttpError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 class Rendering(abc.ABC):
     """How one API family spells a generation: whole, as a stream of events, and its errors.
 
@@ -434,7 +442,7 @@ class Rendering(abc.ABC):
 
     @abc.abstractmethod
     def whole(self, generation: Generation) -> dict[str, Any]:
-        """The non-streamed response body."""
+        """The non-streamed response body; raises RenderError when it cannot be spelled."""
 
     @abc.abstractmethod
     def opening(self) -> list[bytes]:
@@ -937,7 +945,10 @@ class OpenAIServing:
             elif kind == "end":
                 end = event.end
                 self._count_tokens(ctx.route, end.usage)
-                response = json_response(rendering.whole(builder.build(end)))
+                try:
+                    response = json_response(rendering.whole(builder.build(end)))
+                except RenderError as error:
+                    response = rendering.error_response(error.error)
                 await _drain(call)
                 return response
             event = await _next(call)
