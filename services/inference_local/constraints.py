@@ -13,6 +13,7 @@ constrained sequences at once; a `Guide` follows one sequence through its gramma
 from __future__ import annotations
 
 import collections
+import ctypes
 import enum
 import json
 import threading
@@ -20,9 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import llama_cpp as C
 import llguidance
 import llguidance.gbnf_to_lark
-import llguidance.llamacpp
 import numpy as np
 import numpy.typing as npt
 
@@ -105,6 +106,32 @@ def from_proto(c: types_pb2.OutputConstraint) -> Constraint | None:
         except Exception as error:  # the converter raises its own and plain errors
             raise InvalidArgument(f"grammar is not valid GBNF: {error}", field=field) from None
     raise InvalidArgument("grammar.syntax must be GBNF or LARK", field=field)
+
+
+def _tokenizer(model: Model) -> llguidance.LLTokenizer:
+    """llguidance's view of a llama.cpp vocabulary, as `llguidance.llamacpp` builds it (minus
+    its deprecated llama.cpp calls): every token's bytes, control tokens marked with a 0xFF
+    prefix so that no grammar spells them, and llama.cpp's tokenizer for text it must read."""
+    tokens: list[bytes] = []
+    eog: list[int] = []
+    for token in range(model.n_vocab):
+        piece = model.piece(token, special=True)
+        attr = int(C.llama_vocab_get_attr(model.vocab, token))
+        if attr & C.LLAMA_TOKEN_ATTR_CONTROL or (
+            attr & C.LLAMA_TOKEN_ATTR_USER_DEFINED
+            and piece.startswith(b"<")
+            and piece.endswith(b">")
+        ):
+            piece = b"\xff" + piece
+        tokens.append(piece)
+        if model.is_eog(token):
+            eog.append(token)
+    tokenize = ctypes.cast(C.llama_cpp._lib.llama_tokenize, ctypes.c_void_p).value
+    # Every end-of-generation token (Gemma 3 ends a turn with <end_of_turn>, not <eos>) is
+    # allowed where the grammar accepts.
+    return llguidance.LLTokenizer.from_llamacpp(  # type: ignore[attr-defined,no-any-return]
+        tokens=tokens, vocab_ptr=model.vocab, tokenize_fptr=tokenize, eos_token=eog or model.eos
+    )
 
 
 class Outcome(enum.Enum):
@@ -198,13 +225,7 @@ class Grammars:
         """Built once, on first use (blocking)."""
         with self._build_lock:
             if self._tokenizer is None:
-                model = self._model
-                # Every end-of-generation token (Gemma 3 ends a turn with <end_of_turn>, not
-                # <eos>) is allowed where the grammar accepts.
-                eog = [t for t in range(model.n_vocab) if model.is_eog(t)] or [model.eos]
-                self._tokenizer = llguidance.llamacpp.lltokenizer_from_vocab(
-                    model.vocab, n_vocab=model.n_vocab, eos_token=eog
-                )
+                self._tokenizer = _tokenizer(self._model)
                 self._executor = llguidance.LLExecutor(self._mask_threads)
             return self._tokenizer
 
