@@ -58,6 +58,9 @@ async def test_routing_and_policy_fields_round_trip(ledger_server: GrpcService) 
         ],
         entity_counts={"EMAIL_ADDRESS": 2},
         policy_decisions=["fallback:TIER_LOCAL"],
+        tools_offered=["get_weather", "send_mail"],
+        tool_calls=["send_mail"],
+        constraint="json_schema",
     )
     async with grpc.aio.insecure_channel(address(ledger_server)) as channel:
         ledger = ledger_pb2_grpc.LedgerServiceStub(channel)

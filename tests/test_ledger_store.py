@@ -332,6 +332,53 @@ async def test_csv_export_has_a_header_and_one_line_per_record(store: LedgerStor
     assert row["sequence"] == "1"
 
 
+async def test_tool_fields_are_stored_listed_and_exported(store: LedgerStore) -> None:
+    tooled = Entry(
+        request_id="req-tools",
+        time_unix_ns=1,
+        tools_offered=("get_weather", "send_mail"),
+        tool_calls=("send_mail", "send_mail"),
+        constraint="tools",
+    )
+    record = await store.append(tooled)
+    assert (await store.list(1, "")).records[0] == record
+    text = "".join([chunk async for chunk in csv_chunks(store.scan())])
+    row = dict(zip(COLUMNS, list(csv.reader(io.StringIO(text)))[1], strict=True))
+    assert row["tools_offered"] == "get_weather;send_mail"
+    assert row["tool_calls"] == "send_mail;send_mail"
+    assert row["constraint"] == "tools"
+
+
+async def test_records_written_before_the_tool_fields_existed_still_verify(
+    store: LedgerStore, storage: Storage
+) -> None:
+    backend = storage.make()
+    await backend.open()
+    try:
+        # A body exactly as the ledger wrote it before tools_offered, tool_calls and constraint.
+        def seal_old(sequence: int, prev_hash: str) -> tuple[str, str]:
+            data = json.loads(canonical(sequence, entry(1)))
+            for name in ("tools_offered", "tool_calls", "constraint"):
+                del data[name]
+            body = json.dumps(data, sort_keys=True, separators=(",", ":"))
+            return body, chain_hash(prev_hash, body)
+
+        old = await backend.append(seal_old)
+    finally:
+        await backend.close()
+    assert "tool_calls" not in old.body
+    await store.append(Entry(request_id="req-new", time_unix_ns=2, tool_calls=("f",)))
+    verdict = await store.verify()
+    assert (verdict.intact, verdict.records_checked) == (True, 2)
+    first, second = (await store.list(10, "")).records
+    assert (first.entry.tools_offered, first.entry.tool_calls, first.entry.constraint) == (
+        (),
+        (),
+        "",
+    )
+    assert second.entry.tool_calls == ("f",)
+
+
 @pytest.mark.parametrize(("size", "token"), [(1001, ""), (10, "abc"), (10, "-4")])
 async def test_bad_paging_arguments_are_invalid(store: LedgerStore, size: int, token: str) -> None:
     with pytest.raises(InvalidArgument):

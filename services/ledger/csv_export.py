@@ -32,6 +32,9 @@ COLUMNS = (
     "status_code",
     "entity_counts",
     "policy_decisions",
+    "tools_offered",
+    "tool_calls",
+    "constraint",
     "prev_hash",
     "hash",
 )
@@ -86,6 +89,9 @@ def csv_row(record: Record) -> list[str]:
         if e.entity_counts
         else "",
         _text(";".join(e.policy_decisions)),
+        _text(";".join(e.tools_offered)),
+        _text(";".join(e.tool_calls)),
+        _text(e.constraint),
         record.prev_hash,
         record.hash,
     ]

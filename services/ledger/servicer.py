@@ -38,6 +38,9 @@ def entry_from_proto(entry: ledger_pb2.LedgerEntry) -> Entry:
         ),
         entity_counts=dict(entry.entity_counts),
         policy_decisions=tuple(entry.policy_decisions),
+        tools_offered=tuple(entry.tools_offered),
+        tool_calls=tuple(entry.tool_calls),
+        constraint=entry.constraint,
     )
 
 
@@ -76,6 +79,9 @@ def record_to_proto(record: Record) -> ledger_pb2.LedgerRecord:
             ],
             entity_counts=e.entity_counts,
             policy_decisions=e.policy_decisions,
+            tools_offered=e.tools_offered,
+            tool_calls=e.tool_calls,
+            constraint=e.constraint,
         ),
     )
 

@@ -50,6 +50,11 @@ class Entry:
     # Counts by entity type only: the values themselves never reach the ledger.
     entity_counts: dict[str, int] = field(default_factory=dict)
     policy_decisions: tuple[str, ...] = ()
+    # Tool names offered and called (one per call), and the constraint's kind; never a tool's
+    # description, schema, arguments or result.
+    tools_offered: tuple[str, ...] = ()
+    tool_calls: tuple[str, ...] = ()
+    constraint: str = ""
 
 
 @dataclass(frozen=True)
@@ -138,7 +143,11 @@ class Backend(Protocol):
 
 
 def canonical(sequence: int, entry: Entry) -> str:
-    """The exact text that is hashed: sorted keys, no whitespace, so any reader can re-derive it."""
+    """The exact text that is hashed: sorted keys, no whitespace, so any reader can re-derive it.
+
+    The hash covers the stored body, never a re-encoding of it, so adding a field changes only
+    new bodies: a record written before the field existed lacks it and still verifies.
+    """
     return json.dumps(
         {"sequence": sequence, **asdict(entry)},
         sort_keys=True,
@@ -155,7 +164,8 @@ def decode(row: Row) -> Record:
     data.pop("sequence")
     # Bodies written before a field existed simply lack it and decode to its default.
     data["hops"] = tuple(Hop(**hop) for hop in data.get("hops", ()))
-    data["policy_decisions"] = tuple(data.get("policy_decisions", ()))
+    for name in ("policy_decisions", "tools_offered", "tool_calls"):
+        data[name] = tuple(data.get(name, ()))
     return Record(row.sequence, Entry(**data), row.prev_hash, row.hash)
 
 
