@@ -29,6 +29,7 @@ from gateway.admin_ledger import ledger_router
 from gateway.admin_models import models_router
 from gateway.anthropic import routes as anthropic_routes
 from gateway.embeddings import embeddings_router
+from gateway.responses import routes as responses_routes
 from gateway.serving import CallContext, GatewayMetrics, OpenAIServing, call_metadata
 from gateway.ui_routes import install_ui
 from slm.config import Settings
@@ -237,6 +238,7 @@ def build_app(settings: Settings) -> FastAPI:
         return await _read_body(request, limit)
 
     app.include_router(anthropic_routes.messages_router(runtime.require, read_body, _context))
+    app.include_router(responses_routes.responses_router(runtime.require, read_body, _context))
     install_ui(app, runtime.require, limit)
     app.include_router(adapters_router(settings))
     app.include_router(models_router(settings))
@@ -285,6 +287,7 @@ def _install_openapi(app: FastAPI) -> None:
                         protocol.ChatCompletionRequest,
                         protocol.CompletionRequest,
                         *anthropic_routes.REQUEST_MODELS,
+                        *responses_routes.REQUEST_MODELS,
                     )
                 ],
                 ref_template="#/components/schemas/{model}",

@@ -1,0 +1,288 @@
+"""Responses API wire models the gateway accepts, validated once at the HTTP edge.
+
+State: none. This gateway does not store responses, so `store` must be false or left out (the
+answer says "store": false), `previous_response_id` and `conversation` are refused, and there is
+no GET or DELETE /v1/responses/{id}: clients send the whole conversation as `input`, as the
+OpenAI Agents SDK does by default.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BeforeValidator,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from gateway.protocol import TOOL_NAME_PATTERN, _Wire, describe
+
+_UINT32_MAX = (1 << 32) - 1
+
+
+class ContentPart(_Wire):
+    """A text part of a message: input_text, or output_text when an earlier answer comes back."""
+
+    type: Literal["input_text", "output_text"]
+    text: str
+    # What output_text carries when a client sends an earlier output item back unchanged.
+    annotations: list[Any] | None = None
+    logprobs: list[Any] | None = None
+
+
+def _parts(value: Any) -> Any:
+    if isinstance(value, str):
+        return [{"type": "input_text", "text": value}]
+    return value
+
+
+Parts = Annotated[list[ContentPart], BeforeValidator(_parts)]
+
+# type: (required, allowed) fields beyond `type`.
+_ITEM_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "message": (frozenset({"role", "content"}), frozenset({"role", "content", "id", "status"})),
+    "function_call": (
+        frozenset({"call_id", "name", "arguments"}),
+        frozenset({"call_id", "name", "arguments", "id", "status"}),
+    ),
+    "function_call_output": (
+        frozenset({"call_id", "output"}),
+        frozenset({"call_id", "output", "id", "status"}),
+    ),
+    # An earlier answer's reasoning, sent back by clients that replay output items. OpenAI does
+    # not show a non-reasoning model its earlier reasoning either; it is accepted and not shown.
+    "reasoning": (
+        frozenset({"summary"}),
+        frozenset({"summary", "id", "content", "encrypted_content", "status"}),
+    ),
+}
+
+
+class InputItem(_Wire):
+    """One item of `input`. One model for every type, so that errors name `input[i].field`."""
+
+    # A message may leave its type out (EasyInputMessage).
+    type: Literal["message", "function_call", "function_call_output", "reasoning"] = "message"
+    role: Literal["user", "system", "developer", "assistant"] | None = None
+    content: Parts | None = None
+    id: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+    call_id: str | None = Field(default=None, min_length=1)
+    name: str | None = Field(default=None, pattern=TOOL_NAME_PATTERN)
+    arguments: str | None = None
+    output: Parts | None = None
+    summary: list[Any] | None = None
+    encrypted_content: str | None = None
+
+    @model_validator(mode="after")
+    def _fields_of_its_type(self) -> InputItem:
+        required, allowed = _ITEM_FIELDS[self.type]
+        given = {name for name in self.model_fields_set if name != "type"}
+        for name in sorted(required - given):
+            raise PydanticCustomError(
+                "item_field", "a {kind} item needs {field}", {"kind": self.type, "field": name}
+            )
+        for name in sorted(given - allowed):
+            raise PydanticCustomError(
+                "item_field",
+                "a {kind} item does not take {field}",
+                {"kind": self.type, "field": name},
+            )
+        return self
+
+    @property
+    def text(self) -> str:
+        return "\n".join(p.text for p in self.content or [])
+
+    @property
+    def output_text(self) -> str:
+        return "\n".join(p.text for p in self.output or [])
+
+
+def _input_items(value: Any) -> Any:
+    if isinstance(value, str):
+        return [{"type": "message", "role": "user", "content": value}]
+    return value
+
+
+class FunctionTool(_Wire):
+    # Only function tools; web_search, file_search, computer_use, mcp, ... are refused by type.
+    type: Literal["function"]
+    name: str = Field(pattern=TOOL_NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+def _tool_choice_object(value: Any) -> Any:
+    if isinstance(value, str):
+        if value not in ("none", "auto", "required"):
+            raise PydanticCustomError(
+                "tool_choice", "tool_choice must be 'none', 'auto', 'required' or a function"
+            )
+        return {"type": value}
+    return value
+
+
+class ToolChoiceParam(_Wire):
+    type: Literal["none", "auto", "required", "function"]
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _function_named(self) -> ToolChoiceParam:
+        if (self.type == "function") != (self.name is not None):
+            raise PydanticCustomError(
+                "tool_choice", "a name is given exactly when tool_choice.type is 'function'"
+            )
+        return self
+
+    def wire(self) -> str | dict[str, str]:
+        """As the Response object echoes it."""
+        if self.name is not None:
+            return {"type": "function", "name": self.name}
+        return self.type
+
+
+class TextFormat(_Wire):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = Field(default=None, pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    # `schema` would shadow a BaseModel attribute; the wire name stays OpenAI's.
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _schema_fields(self) -> TextFormat:
+        extra = {"name", "description", "schema_", "strict"} & self.model_fields_set
+        if self.type != "json_schema" and extra:
+            field = "schema" if "schema_" in extra else sorted(extra)[0]
+            raise PydanticCustomError(
+                "text_format",
+                "only a json_schema format takes {field}",
+                {"field": field},
+            )
+        if self.type == "json_schema":
+            for field, value in (("name", self.name), ("schema", self.schema_)):
+                if value is None:
+                    raise PydanticCustomError(
+                        "text_format", "a json_schema format needs {field}", {"field": field}
+                    )
+        return self
+
+
+class TextConfig(_Wire):
+    format: TextFormat | None = None
+
+
+class ResponsesRequest(_Wire):
+    """Body of POST /v1/responses."""
+
+    model: str = Field(min_length=1)
+    input: Annotated[list[InputItem], BeforeValidator(_input_items), Field(min_length=1)]
+    instructions: str | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Annotated[ToolChoiceParam, BeforeValidator(_tool_choice_object)] | None = None
+    parallel_tool_calls: bool | None = None
+    text: TextConfig | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1, le=_UINT32_MAX)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stream: bool | None = None
+    # Echoed in the answer; they change nothing in it.
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    # Declared so that their refusals say why; see the module docstring.
+    store: bool | None = None
+    previous_response_id: str | None = None
+    include: list[str] | None = None
+    truncation: Literal["disabled", "auto"] | None = None
+    reasoning: dict[str, Any] | None = None
+    background: bool | None = None
+
+    @field_validator("store")
+    @classmethod
+    def _nothing_stored(cls, value: bool | None) -> bool | None:
+        if value:
+            raise PydanticCustomError(
+                "store", "this server does not store responses; send store=false or leave it out"
+            )
+        return value
+
+    @field_validator("previous_response_id")
+    @classmethod
+    def _no_previous(cls, value: str | None) -> str | None:
+        if value is not None:
+            raise PydanticCustomError(
+                "previous_response_id",
+                "this server does not store responses; send the whole conversation as input",
+            )
+        return value
+
+    @field_validator("include")
+    @classmethod
+    def _nothing_included(cls, value: list[str] | None) -> list[str] | None:
+        if value:
+            raise PydanticCustomError("include", "no additional output data is available here")
+        return value
+
+    @field_validator("truncation")
+    @classmethod
+    def _no_truncation(cls, value: str | None) -> str | None:
+        if value == "auto":
+            raise PydanticCustomError(
+                "truncation", "only truncation 'disabled' is supported: prompts are never cut"
+            )
+        return value
+
+    @field_validator("reasoning")
+    @classmethod
+    def _no_reasoning_config(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            raise PydanticCustomError("reasoning", "reasoning options are not supported")
+        return value
+
+    @field_validator("background")
+    @classmethod
+    def _no_background(cls, value: bool | None) -> bool | None:
+        if value:
+            raise PydanticCustomError("background", "background responses are not supported")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_tools(
+        cls, value: ToolChoiceParam | None, info: ValidationInfo
+    ) -> ToolChoiceParam | None:
+        tools: list[FunctionTool] = info.data.get("tools") or []
+        if value is None:
+            return value
+        if value.type in ("required", "function") and not tools:
+            raise PydanticCustomError(
+                "tool_choice", "tool_choice '{kind}' needs tools", {"kind": value.type}
+            )
+        if value.name is not None and value.name not in {t.name for t in tools}:
+            raise PydanticCustomError(
+                "tool_choice", "tool_choice names a function that is not among tools"
+            )
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_names(cls, value: list[FunctionTool] | None) -> list[FunctionTool] | None:
+        names = [t.name for t in value or []]
+        if len(names) != len(set(names)):
+            raise PydanticCustomError("tools", "tool names must be unique")
+        return value
+
+
+def parse_responses(body: bytes) -> ResponsesRequest:
+    """Validate a Responses body straight from JSON bytes; raises RequestInvalid."""
+    try:
+        return ResponsesRequest.model_validate_json(body)
+    except ValidationError as error:
+        raise describe(error) from None
