@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
+import itertools
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import llama_cpp as C
 import numpy as np
 import pytest
 
-from inference_local.llama_api import Batch, Context, ContextParams, Model, Sampler, SamplerConfig
+from inference_local.llama_api import (
+    _TOKEN_DATA,
+    Batch,
+    Context,
+    ContextParams,
+    Model,
+    Sampler,
+    SamplerConfig,
+)
 
 PROMPTS = [
     "Once upon a time, in a small village by the sea,",
@@ -196,3 +207,72 @@ def test_samplers_sampled_together_pick_what_each_picks_alone(stepped: Decoded) 
     _assert_same_tokens(
         stepped, [(replace(biased, seed=100 + s), s) for s in range(n)], together=True
     )
+
+
+def _bitmask(allowed: np.ndarray[Any, np.dtype[np.bool_]]) -> np.ndarray[Any, np.dtype[np.int32]]:
+    """llguidance's layout: bit t % 32 of word t // 32."""
+    padded = np.zeros((allowed.size + 31) // 32 * 32, np.uint8)
+    padded[: allowed.size] = allowed
+    return np.packbits(padded, bitorder="little").view(np.int32)
+
+
+def test_a_masked_row_picks_what_the_chain_picks_among_every_allowed_token(
+    decoded: Decoded,
+) -> None:
+    """Masks of every size: most tokens (inside a JSON string), a few (structure), and all but
+    the row's best (so the unconstrained shortlist holds too few allowed tokens)."""
+    model, context, prompts, rows = decoded
+    rng = np.random.default_rng(0)
+    logits = context.logits(rows[0])
+    masks = {
+        "half": rng.random(model.n_vocab) < 0.5,
+        "thirty": np.isin(np.arange(model.n_vocab), rng.choice(model.n_vocab, 30)),
+        "not-the-best": logits < np.sort(logits)[-5000],
+    }
+    for (name, allowed), changes in itertools.product(masks.items(), CHAINS):
+        allowed = allowed.copy()
+        allowed[[10, 5000]] = True  # the biased tokens of one chain
+        mask = _bitmask(allowed)
+        ids = np.flatnonzero(allowed)
+        for seq in range(len(PROMPTS)):
+            config = replace(BASE, seed=seq, **changes)
+            ours, reference = Sampler(model, config), Sampler(model, config)
+            try:
+                ours.accept_prompt(prompts[seq])
+                reference.accept_prompt(prompts[seq])
+                row = context.logits(rows[seq])
+                for _ in range(4):
+                    candidates = np.empty(ids.size, _TOKEN_DATA)
+                    candidates["id"] = ids
+                    candidates["logit"] = row[ids]
+                    candidates["p"] = 0.0
+                    data = ctypes.cast(candidates.ctypes.data, ctypes.POINTER(C.llama_token_data))
+                    expected = reference._pick(C.llama_token_data_array(data, ids.size, -1, False))
+                    token = Sampler.sample_many(context, [(ours, rows[seq])], masks=[mask])[0]
+                    assert token == expected, (name, changes)
+                    assert allowed[token]
+            finally:
+                ours.close()
+                reference.close()
+
+
+def test_masked_rows_beside_free_rows_leave_them_unchanged(stepped: Decoded) -> None:
+    model, context, _, rows = stepped
+    allowed = np.zeros(model.n_vocab, bool)
+    allowed[100:200] = True
+    mask = _bitmask(allowed)
+    free = [Sampler(model, replace(BASE, seed=s)) for s in range(len(rows))]
+    twins = [Sampler(model, replace(BASE, seed=s)) for s in range(len(rows))]
+    masked = Sampler(model, BASE)
+    try:
+        alone = Sampler.sample_many(context, list(zip(free, rows, strict=True)))
+        work = [*zip(twins, rows, strict=True), (masked, rows[1])]
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            together = Sampler.sample_many(context, work, pool, [None] * len(rows) + [mask])
+        assert together[:-1] == alone
+        assert 100 <= together[-1] < 200
+        nothing = _bitmask(np.zeros(model.n_vocab, bool))
+        assert Sampler.sample_many(context, [(masked, rows[0])], masks=[nothing]) == [-1]
+    finally:
+        for sampler in [*free, *twins, masked]:
+            sampler.close()
