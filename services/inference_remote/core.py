@@ -5,17 +5,18 @@ from __future__ import annotations
 import asyncio
 import enum
 import hashlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from inference_remote.pool import Pool, Upstream
-from inference_remote.upstream import Chunk, UpstreamFailure, UpstreamRejected
+from inference_remote.upstream import Chunk, ToolCallPiece, UpstreamFailure, UpstreamRejected
 from slm.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -37,6 +38,49 @@ class Finish(enum.Enum):
     STOP = "stop"
     LENGTH = "length"
     CONTENT_FILTER = "content_filter"
+    TOOL_CALLS = "tool_calls"
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the output must be; `kind` names which of the other fields holds it."""
+
+    kind: Literal["json_object", "json_schema", "regex", "choice", "grammar"]
+    # json_schema: the schema as JSON text, the caller's name for it, and whether strict.
+    schema: str = ""
+    name: str = ""
+    strict: bool = False
+    # regex: the pattern; grammar: the source; choice: the strings.
+    pattern: str = ""
+    choices: tuple[str, ...] = ()
+
+
+# Constraints only vLLM's `structured_outputs` can carry; OpenAI's API has no such field.
+VLLM_ONLY_CONSTRAINTS = frozenset({"regex", "choice", "grammar"})
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str = ""
+    # JSON Schema of the arguments as JSON text; "" means any object.
+    parameters: str = ""
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    mode: Literal["none", "auto", "required", "function"]
+    function_name: str = ""
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A complete call in the chat history."""
+
+    id: str
+    name: str
+    arguments: str
 
 
 @dataclass(frozen=True)
@@ -52,6 +96,8 @@ class Sampling:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()
+    constraint: Constraint | None = None
+    n: int | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +105,8 @@ class Message:
     role: str
     content: str
     name: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -69,6 +117,9 @@ class Request:
     messages: tuple[Message, ...] | None = None
     adapter: str = ""
     adapter_scale: float | None = None
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def text_prefix(self, length: int) -> str:
         if self.prompt is not None:
@@ -79,7 +130,17 @@ class Request:
 
 @dataclass(frozen=True)
 class Delta:
-    text: str
+    text: str = ""
+    choice_index: int = 0
+    reasoning: str = ""
+    tool_calls: tuple[ToolCallPiece, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChoiceEnd:
+    index: int
+    finish: Finish
+    completion_tokens: int
 
 
 @dataclass(frozen=True)
@@ -90,6 +151,8 @@ class End:
     model: str
     upstream: str
     external: bool
+    # Every choice's end, when more than one was asked for.
+    choices: tuple[ChoiceEnd, ...] = ()
 
 
 Event = Delta | End
@@ -181,6 +244,78 @@ def host_of(url: str) -> str:
     return (urlsplit(url).hostname or "").lower()
 
 
+def _json(text: str) -> Any:
+    """JSON text the caller sent; validate() has parsed it once already."""
+    return json.loads(text)
+
+
+def _message(m: Message) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.name:
+        message["name"] = m.name
+    if m.tool_calls:
+        # OpenAI's shape: an assistant turn that only calls tools has null content.
+        message["content"] = m.content or None
+        message["tool_calls"] = [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments or "{}"},
+            }
+            for call in m.tool_calls
+        ]
+    if m.tool_call_id:
+        message["tool_call_id"] = m.tool_call_id
+    return message
+
+
+def _tools(request: Request) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    if request.tools:
+        tools = []
+        for tool in request.tools:
+            function: dict[str, Any] = {
+                "name": tool.name,
+                "parameters": _json(tool.parameters) if tool.parameters else {"type": "object"},
+            }
+            if tool.description:
+                function["description"] = tool.description
+            if tool.strict:
+                function["strict"] = True
+            tools.append({"type": "function", "function": function})
+        fields["tools"] = tools
+    choice = request.tool_choice
+    if choice is not None:
+        fields["tool_choice"] = (
+            {"type": "function", "function": {"name": choice.function_name}}
+            if choice.mode == "function"
+            else choice.mode
+        )
+    if request.parallel_tool_calls is not None:
+        fields["parallel_tool_calls"] = request.parallel_tool_calls
+    return fields
+
+
+def _constraint(constraint: Constraint, upstream: Upstream) -> dict[str, Any]:
+    if constraint.kind == "json_object":
+        return {"response_format": {"type": "json_object"}}
+    if constraint.kind == "json_schema":
+        schema: dict[str, Any] = {
+            "name": constraint.name or "output",
+            "schema": _json(constraint.schema),
+        }
+        if constraint.strict:
+            schema["strict"] = True
+        return {"response_format": {"type": "json_schema", "json_schema": schema}}
+    if upstream.kind != "vllm":
+        # generate() never picks such an upstream; this guards the body builder on its own.
+        raise InvalidArgument(
+            f"a {constraint.kind} constraint needs a vLLM upstream", field="sampling.constraint"
+        )
+    value: Any = list(constraint.choices) if constraint.kind == "choice" else constraint.pattern
+    return {"structured_outputs": {constraint.kind: value}}
+
+
 def request_body(request: Request, upstream: Upstream, model: str) -> tuple[str, dict[str, Any]]:
     """The OpenAI path and JSON body of one attempt."""
     body: dict[str, Any] = {"model": model, "stream": True}
@@ -194,6 +329,7 @@ def request_body(request: Request, upstream: Upstream, model: str) -> tuple[str,
         "seed": s.seed,
         "presence_penalty": s.presence_penalty,
         "frequency_penalty": s.frequency_penalty,
+        "n": s.n,
     }
     if upstream.kind != "external":
         fields.update(top_k=s.top_k, min_p=s.min_p, repetition_penalty=s.repetition_penalty)
@@ -202,17 +338,23 @@ def request_body(request: Request, upstream: Upstream, model: str) -> tuple[str,
         body["stop"] = list(s.stop)
     if s.logit_bias:
         body["logit_bias"] = {str(token): bias for token, bias in s.logit_bias}
+    if s.constraint is not None:
+        body.update(_constraint(s.constraint, upstream))
     if request.prompt is not None:
         body["prompt"] = request.prompt
         return "/completions", body
-    messages = []
-    for m in request.messages or ():
-        message = {"role": m.role, "content": m.content}
-        if m.name:
-            message["name"] = m.name
-        messages.append(message)
-    body["messages"] = messages
+    body["messages"] = [_message(m) for m in request.messages or ()]
+    body.update(_tools(request))
     return "/chat/completions", body
+
+
+def _check_json(text: str, field: str, what: str) -> None:
+    try:
+        parsed = json.loads(text)
+    except ValueError as error:
+        raise InvalidArgument(f"{what} is not valid JSON: {error}", field=field) from None
+    if not isinstance(parsed, dict):
+        raise InvalidArgument(f"{what} must be a JSON object", field=field)
 
 
 def validate(request: Request) -> None:
@@ -231,15 +373,60 @@ def validate(request: Request) -> None:
         raise InvalidArgument("temperature must be in [0, 2]", field="sampling.temperature")
     if s.top_p is not None and not 0.0 < s.top_p <= 1.0:
         raise InvalidArgument("top_p must be in (0, 1]", field="sampling.top_p")
+    if s.n is not None and s.n < 1:
+        raise InvalidArgument("n must be at least 1", field="sampling.n")
     if request.adapter_scale is not None and request.adapter_scale != 1.0:
         # vLLM applies a LoRA at its trained scale; there is no per-request scale to pass on.
         raise InvalidArgument(
             "adapter_scale other than 1.0 is not supported by remote upstreams",
             field="adapter_scale",
         )
+    constraint = s.constraint
+    if constraint is not None and constraint.kind == "json_schema":
+        _check_json(constraint.schema, "sampling.constraint.json_schema.schema", "the schema")
+    if constraint is not None and constraint.kind == "choice" and not constraint.choices:
+        raise InvalidArgument(
+            "a choice constraint needs at least one choice", field="sampling.constraint.choice"
+        )
+    _validate_tools(request)
 
 
-FINISH = {"stop": Finish.STOP, "length": Finish.LENGTH, "content_filter": Finish.CONTENT_FILTER}
+def _validate_tools(request: Request) -> None:
+    if not request.tools and request.tool_choice is None and request.parallel_tool_calls is None:
+        return
+    if request.prompt is not None:
+        raise InvalidArgument("tools need chat input, not a raw prompt", field="tools")
+    names = set()
+    for i, tool in enumerate(request.tools):
+        if not tool.name:
+            raise InvalidArgument("a tool needs a name", field=f"tools.tools[{i}].name")
+        if tool.name in names:
+            raise InvalidArgument(
+                f"tool {tool.name!r} is defined twice", field=f"tools.tools[{i}].name"
+            )
+        names.add(tool.name)
+        if tool.parameters:
+            _check_json(tool.parameters, f"tools.tools[{i}].parameters", "the parameters")
+    choice = request.tool_choice
+    if choice is not None and choice.mode in ("required", "function") and not request.tools:
+        raise InvalidArgument(
+            f"tool choice {choice.mode!r} needs at least one tool", field="tools.choice"
+        )
+    if choice is not None and choice.mode == "function" and choice.function_name not in names:
+        raise InvalidArgument(
+            f"tool choice names {choice.function_name!r}, which is not among the tools",
+            field="tools.choice.function_name",
+        )
+
+
+FINISH = {
+    "stop": Finish.STOP,
+    "length": Finish.LENGTH,
+    "content_filter": Finish.CONTENT_FILTER,
+    "tool_calls": Finish.TOOL_CALLS,
+    # OpenAI's older name for the same thing.
+    "function_call": Finish.TOOL_CALLS,
+}
 
 
 class RemoteInference:
@@ -360,12 +547,23 @@ class RemoteInference:
         pool = entry.pool
         ref = await self._adapter(adapter_name, entry.name) if adapter_name else None
 
+        constraint = request.sampling.constraint
+        vllm_only = constraint is not None and constraint.kind in VLLM_ONLY_CONSTRAINTS
+
         def eligible(u: Upstream) -> bool:
-            return ref is None or u.kind == "vllm"
+            return (ref is None and not vllm_only) or u.kind == "vllm"
 
         if ref is not None and not any(u.kind == "vllm" for u in pool.upstreams):
             raise FailedPrecondition(
                 f"model {entry.name!r} has no vLLM upstream to load adapter {ref.name!r}"
+            )
+        if vllm_only and not any(u.kind == "vllm" for u in pool.upstreams):
+            assert constraint is not None
+            # OpenAI's API, and so every external upstream, has no field that carries these.
+            raise InvalidArgument(
+                f"a {constraint.kind} constraint needs a vLLM upstream, and model "
+                f"{entry.name!r} has none",
+                field="sampling.constraint",
             )
         key = self.affinity_key(request, adapter_name)
         tried: set[str] = set()
@@ -386,34 +584,52 @@ class RemoteInference:
                     await self._ensure_adapter(upstream, ref)
                 model = ref.name if ref is not None else upstream.model
                 path, body = request_body(request, upstream, model)
-                chunks = 0
-                last_chunk = Chunk()
-                finish: str | None = None
+                usage = Chunk()
+                # Per choice: content events (a token each, as vLLM streams) and its finish.
+                events: dict[int, int] = {}
+                finishes: dict[int, str] = {}
                 async for chunk in upstream.client.stream(path, body):
-                    if chunk.finish_reason:
-                        finish = chunk.finish_reason
                     if chunk.prompt_tokens is not None:
-                        last_chunk = chunk
-                    if chunk.text:
+                        usage = chunk
+                    for choice in chunk.choices:
+                        if choice.finish_reason:
+                            finishes[choice.index] = choice.finish_reason
+                        if not choice.has_content:
+                            continue
                         if not sent_text:
                             self.metrics.ttft.labels(entry.name).observe(
                                 time.perf_counter() - started
                             )
                         sent_text = True
-                        chunks += 1
-                        yield Delta(chunk.text)
+                        events[choice.index] = events.get(choice.index, 0) + 1
+                        yield Delta(
+                            text=choice.text,
+                            choice_index=choice.index,
+                            reasoning=choice.reasoning,
+                            tool_calls=choice.tool_calls,
+                        )
                 # Servers that report no usage (llama.cpp's) stream one token per chunk.
-                completion = last_chunk.completion_tokens
-                completion = chunks if completion is None else completion
+                completion = usage.completion_tokens
+                completion = sum(events.values()) if completion is None else completion
                 self.metrics.tokens.labels(entry.name).inc(completion)
                 self.metrics.requests.labels(entry.name, "ok").inc()
+                n = request.sampling.n or 1
+                ends = tuple(
+                    ChoiceEnd(
+                        index,
+                        FINISH.get(finishes.get(index) or "stop", Finish.STOP),
+                        events.get(index, 0),
+                    )
+                    for index in range(n)
+                )
                 yield End(
-                    finish=FINISH.get(finish or "stop", Finish.STOP),
-                    prompt_tokens=last_chunk.prompt_tokens or 0,
+                    finish=ends[0].finish,
+                    prompt_tokens=usage.prompt_tokens or 0,
                     completion_tokens=completion,
                     model=request.model,
                     upstream=upstream.name,
                     external=upstream.kind == "external",
+                    choices=ends if n > 1 else (),
                 )
                 return
             except UpstreamRejected as error:

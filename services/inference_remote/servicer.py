@@ -5,8 +5,19 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
-from inference_remote.core import Delta, Finish, Message, RemoteInference, Request, Sampling
-from slm.errors import FailedPrecondition, InvalidArgument
+from inference_remote.core import (
+    Constraint,
+    Delta,
+    Finish,
+    Message,
+    RemoteInference,
+    Request,
+    Sampling,
+    Tool,
+    ToolCall,
+    ToolChoice,
+)
+from slm.errors import FailedPrecondition, InvalidArgument, Unimplemented
 from slm.v1 import inference_pb2, inference_pb2_grpc, types_pb2
 from slm.wire import chat_turns
 
@@ -17,7 +28,42 @@ FINISH_REASONS = {
     Finish.STOP: types_pb2.FINISH_REASON_STOP,
     Finish.LENGTH: types_pb2.FINISH_REASON_LENGTH,
     Finish.CONTENT_FILTER: types_pb2.FINISH_REASON_CONTENT_FILTER,
+    Finish.TOOL_CALLS: types_pb2.FINISH_REASON_TOOL_CALLS,
 }
+
+TOOL_CHOICES: dict[int, Any] = {
+    types_pb2.TOOL_CHOICE_MODE_NONE: "none",
+    types_pb2.TOOL_CHOICE_MODE_AUTO: "auto",
+    types_pb2.TOOL_CHOICE_MODE_REQUIRED: "required",
+    types_pb2.TOOL_CHOICE_MODE_FUNCTION: "function",
+}
+
+GRAMMAR_SYNTAXES = {types_pb2.GRAMMAR_SYNTAX_GBNF, types_pb2.GRAMMAR_SYNTAX_LARK}
+
+
+def constraint_from_proto(p: types_pb2.OutputConstraint) -> Constraint | None:
+    kind = p.WhichOneof("kind")
+    if kind is None:
+        return None
+    if kind == "json_object":
+        return Constraint("json_object")
+    if kind == "json_schema":
+        schema = p.json_schema
+        return Constraint(
+            "json_schema", schema=schema.schema, name=schema.name, strict=schema.strict
+        )
+    if kind == "regex":
+        if not p.regex:
+            raise InvalidArgument("the regex is empty", field="sampling.constraint.regex")
+        return Constraint("regex", pattern=p.regex)
+    if kind == "choice":
+        return Constraint("choice", choices=tuple(p.choice.choices))
+    if p.grammar.syntax not in GRAMMAR_SYNTAXES or not p.grammar.source:
+        raise InvalidArgument(
+            "a grammar needs its syntax and source", field="sampling.constraint.grammar"
+        )
+    # vLLM tells GBNF from Lark by the text itself, so the syntax travels implicitly.
+    return Constraint("grammar", pattern=p.grammar.source)
 
 
 def sampling_from_proto(p: types_pb2.SamplingParams) -> Sampling:
@@ -36,7 +82,26 @@ def sampling_from_proto(p: types_pb2.SamplingParams) -> Sampling:
         presence_penalty=opt("presence_penalty"),
         frequency_penalty=opt("frequency_penalty"),
         logit_bias=tuple(sorted(p.logit_bias.items())),
+        constraint=constraint_from_proto(p.constraint) if p.HasField("constraint") else None,
+        n=opt("n"),
     )
+
+
+def tools_from_proto(spec: types_pb2.ToolSpec) -> dict[str, Any]:
+    choice = None
+    if spec.choice.mode != types_pb2.TOOL_CHOICE_MODE_UNSPECIFIED:
+        choice = ToolChoice(TOOL_CHOICES[spec.choice.mode], spec.choice.function_name)
+    elif spec.choice.function_name:
+        raise InvalidArgument(
+            "function_name needs mode TOOL_CHOICE_MODE_FUNCTION", field="tools.choice.mode"
+        )
+    return {
+        "tools": tuple(Tool(t.name, t.description, t.parameters, t.strict) for t in spec.tools),
+        "tool_choice": choice,
+        "parallel_tool_calls": (
+            spec.parallel_tool_calls if spec.HasField("parallel_tool_calls") else None
+        ),
+    }
 
 
 def request_from_proto(request: inference_pb2.GenerateRequest) -> Request:
@@ -51,15 +116,37 @@ def request_from_proto(request: inference_pb2.GenerateRequest) -> Request:
         "sampling": sampling,
         "adapter": request.adapter,
         "adapter_scale": scale,
+        **tools_from_proto(request.tools),
     }
     kind = request.WhichOneof("input")
     if kind == "prompt":
         return Request(prompt=request.prompt, **common)
     if kind == "chat":
         turns = chat_turns(request.chat.messages)
-        messages = tuple(Message(t.role, t.content, t.name) for t in turns)
+        messages = tuple(
+            Message(
+                t.role,
+                t.content,
+                t.name,
+                tuple(ToolCall(c.id, c.name, c.arguments) for c in t.tool_calls),
+                t.tool_call_id,
+            )
+            for t in turns
+        )
         return Request(messages=messages, **common)
     return Request(**common)
+
+
+def delta_to_proto(event: Delta) -> types_pb2.TextDelta:
+    return types_pb2.TextDelta(
+        text=event.text,
+        choice_index=event.choice_index,
+        reasoning=event.reasoning,
+        tool_calls=[
+            types_pb2.ToolCallDelta(index=p.index, id=p.id, name=p.name, arguments=p.arguments)
+            for p in event.tool_calls
+        ],
+    )
 
 
 class RemoteInferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -71,7 +158,7 @@ class RemoteInferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         async for event in self._core.generate(request_from_proto(request)):
             if isinstance(event, Delta):
-                yield inference_pb2.GenerateResponse(delta=types_pb2.TextDelta(text=event.text))
+                yield inference_pb2.GenerateResponse(delta=delta_to_proto(event))
                 continue
             usage = types_pb2.Usage(
                 prompt_tokens=event.prompt_tokens,
@@ -84,8 +171,24 @@ class RemoteInferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 model=event.model,
                 tier=types_pb2.TIER_EXTERNAL if event.external else types_pb2.TIER_GPU,
                 upstream=event.upstream,
+                choices=[
+                    types_pb2.ChoiceEnd(
+                        index=c.index,
+                        finish_reason=FINISH_REASONS[c.finish],
+                        completion_tokens=c.completion_tokens,
+                    )
+                    for c in event.choices
+                ],
             )
             yield inference_pb2.GenerateResponse(end=end)
+
+    async def CountTokens(
+        self, request: inference_pb2.CountTokensRequest, context: Context
+    ) -> inference_pb2.CountTokensResponse:
+        raise Unimplemented(
+            "inference-remote cannot count tokens: OpenAI-compatible upstreams have no "
+            "counting endpoint"
+        )
 
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: Context

@@ -36,13 +36,41 @@ class UpstreamRejected(Exception):
 
 
 @dataclass(frozen=True)
+class ToolCallPiece:
+    """A piece of a streamed call: index always, id and name on the first piece."""
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass(frozen=True)
+class ChoiceChunk:
+    """What one event says about one choice."""
+
+    index: int = 0
+    text: str = ""
+    reasoning: str = ""
+    tool_calls: tuple[ToolCallPiece, ...] = ()
+    finish_reason: str | None = None
+
+    @property
+    def has_content(self) -> bool:
+        return bool(self.text or self.reasoning or self.tool_calls)
+
+
+@dataclass(frozen=True)
 class Chunk:
     """One parsed event of an OpenAI stream."""
 
-    text: str = ""
-    finish_reason: str | None = None
+    choices: tuple[ChoiceChunk, ...] = ()
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+
+    @property
+    def has_content(self) -> bool:
+        return any(choice.has_content for choice in self.choices)
 
 
 @dataclass(frozen=True)
@@ -71,25 +99,60 @@ def _error_message(status: int, body: bytes) -> str:
     return f"HTTP {status}"
 
 
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _tool_call_pieces(calls: Any) -> tuple[ToolCallPiece, ...]:
+    pieces = []
+    for position, call in enumerate(calls if isinstance(calls, list) else ()):
+        if not isinstance(call, dict):
+            continue
+        function = call.get("function") or {}
+        index = call.get("index")
+        pieces.append(
+            ToolCallPiece(
+                # Some servers omit the index when they send whole calls; their order is it then.
+                index=index if isinstance(index, int) else position,
+                id=_str(call.get("id")),
+                name=_str(function.get("name")),
+                arguments=_str(function.get("arguments")),
+            )
+        )
+    return tuple(pieces)
+
+
+def _choice(choice: Mapping[str, Any], position: int, chat: bool) -> ChoiceChunk:
+    index = choice.get("index")
+    index = index if isinstance(index, int) else position
+    finish = choice.get("finish_reason") or None
+    if not chat:
+        return ChoiceChunk(index=index, text=_str(choice.get("text")), finish_reason=finish)
+    delta = choice.get("delta") or {}
+    return ChoiceChunk(
+        index=index,
+        text=_str(delta.get("content")),
+        # vLLM's reasoning parsers: "reasoning_content" before 0.10, "reasoning" since.
+        reasoning=_str(delta.get("reasoning_content")) or _str(delta.get("reasoning")),
+        tool_calls=_tool_call_pieces(delta.get("tool_calls")),
+        finish_reason=finish,
+    )
+
+
 def parse_chunk(data: Mapping[str, Any], chat: bool) -> Chunk:
     """A chunk of /v1/completions or /v1/chat/completions; an error event raises."""
     if "error" in data:
         error = data["error"]
         message = error.get("message", str(error)) if isinstance(error, dict) else str(error)
         raise UpstreamFailure("STREAM_ERROR", f"error event in the stream: {message}")
-    text, finish = "", None
-    choices = data.get("choices") or []
-    if choices:
-        choice = choices[0]
-        if chat:
-            text = (choice.get("delta") or {}).get("content") or ""
-        else:
-            text = choice.get("text") or ""
-        finish = choice.get("finish_reason")
+    choices = tuple(
+        _choice(choice, position, chat)
+        for position, choice in enumerate(data.get("choices") or [])
+        if isinstance(choice, dict)
+    )
     usage = data.get("usage") or {}
     return Chunk(
-        text=text,
-        finish_reason=finish,
+        choices=choices,
         prompt_tokens=usage.get("prompt_tokens"),
         completion_tokens=usage.get("completion_tokens"),
     )
@@ -198,7 +261,7 @@ class UpstreamClient:
                             "BAD_EVENT", f"unparsable event: {data[:100]}"
                         ) from error
                     chunk = parse_chunk(parsed, chat)
-                    if chunk.text:
+                    if chunk.has_content:
                         timeout = self._timeouts.read_s
                     yield chunk
         except httpx.ConnectError as error:
