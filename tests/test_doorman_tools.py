@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import grpc
 import pytest
+from helpers import DEFAULT_MODEL, free_port
+from test_doorman_routing import doorman_for, ledger_entries, routed_settings
+from test_inference_remote_tools import FakeVllm, remote_for
+from test_inference_remote_tools import call as fake_call
+from test_inference_remote_tools import choice as fake_choice
+from test_inference_remote_tools import chunk as fake_chunk
 
 from doorman.outbound import Outbound
 from doorman.rehydrate import JsonRehydrator
 from doorman.safety import REDACTED, SafetyFilter
 from doorman.sanitize import DetectionFailed, Finding, PresidioDetector, Sanitiser
-from slm.v1 import inference_pb2, types_pb2
+from slm.config import RouteConfig, RouteStep, RoutingConfig
+from slm.server import GrpcService
+from slm.v1 import doorman_pb2, inference_pb2, inference_pb2_grpc, types_pb2
 
 EMAIL = "jane.doe@example.com"
 # A value that must be JSON-escaped where it lands: a quote and a backslash.
@@ -238,3 +248,164 @@ def test_the_output_filter_sees_tool_call_arguments() -> None:
     alive, stop = outbound.feed(call_delta(0, 0, '{"a": "forbidden"}', id="a", name="f"))
     assert stop
     assert alive
+
+
+# Through real gRPC servers: Doorman -> inference-remote -> FakeVllm (a fake: vLLM needs a GPU;
+# see test_inference_remote_tools), and Doorman -> inference-local with the real model.
+
+
+def remote_chain(remote_port: int, *, sanitize: bool) -> RoutingConfig:
+    return RoutingConfig(
+        routes=[
+            RouteConfig(
+                model="agent",
+                chain=[
+                    RouteStep(
+                        tier="gpu",
+                        upstream=f"127.0.0.1:{remote_port}",
+                        model=DEFAULT_MODEL,
+                        sanitize=sanitize,
+                    )
+                ],
+            )
+        ]
+    )
+
+
+MAIL_TOOL = types_pb2.Tool(
+    name="send_mail",
+    description=f"Sends mail; a copy goes to {EMAIL}.",
+    parameters=json.dumps({"type": "object", "properties": {"to": {"type": "string"}}}),
+)
+
+
+def agent_chat(model: str = "agent") -> doorman_pb2.ChatRequest:
+    return doorman_pb2.ChatRequest(
+        model=model,
+        messages=[
+            types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content="Mail the owner."),
+            types_pb2.ChatMessage(
+                role=types_pb2.ROLE_ASSISTANT,
+                tool_calls=[types_pb2.ToolCall(id="c1", name="lookup", arguments="{}")],
+            ),
+            types_pb2.ChatMessage(
+                role=types_pb2.ROLE_TOOL,
+                tool_call_id="c1",
+                content=json.dumps({"owner": "Jane", "email": EMAIL}),
+            ),
+        ],
+        sampling=types_pb2.SamplingParams(max_tokens=32),
+        tools=types_pb2.ToolSpec(
+            tools=[MAIL_TOOL],
+            choice=types_pb2.ToolChoice(mode=types_pb2.TOOL_CHOICE_MODE_REQUIRED),
+        ),
+    )
+
+
+# The model's answer as the upstream streams it: the placeholder it was given comes back in the
+# call's arguments, split inside the placeholder and across events.
+CALL_ARGUMENTS = '{"to": "<EMAIL_ADDRESS_1>", "subject": "Hi"}'
+CALL_STREAM = [
+    fake_chunk(fake_choice(0, role="assistant", content="")),
+    fake_chunk(fake_choice(0, tool_calls=[fake_call(0, "", id="call_9", name="send_mail")])),
+    fake_chunk(fake_choice(0, tool_calls=[fake_call(0, CALL_ARGUMENTS[:13])])),
+    fake_chunk(fake_choice(0, tool_calls=[fake_call(0, CALL_ARGUMENTS[13:20])])),
+    fake_chunk(fake_choice(0, tool_calls=[fake_call(0, CALL_ARGUMENTS[20:])])),
+    fake_chunk(fake_choice(0, "tool_calls")),
+    fake_chunk(usage={"prompt_tokens": 40, "completion_tokens": 12, "total_tokens": 52}),
+]
+
+
+async def test_tool_round_trip_leaves_masked_and_comes_back_restored(
+    ledger_server: GrpcService, tmp_path: Path
+) -> None:
+    async with FakeVllm() as fake, remote_for(fake) as (_, remote_port):
+        fake.events = CALL_STREAM
+        settings = routed_settings(
+            tmp_path, ledger_server, remote_chain(remote_port, sanitize=True), "127.0.0.1:1"
+        )
+        async with doorman_for(settings) as (stub, service):
+            events = [event async for event in stub.Chat(agent_chat())]
+            entries = await ledger_entries(ledger_server, service)
+    # What left the mesh: placeholders only, and still valid JSON everywhere.
+    (sent,) = fake.bodies
+    assert EMAIL not in json.dumps(sent)
+    assert json.loads(sent["messages"][2]["content"]) == {
+        "owner": "Jane",
+        "email": "<EMAIL_ADDRESS_1>",
+    }
+    assert (
+        sent["tools"][0]["function"]["description"]
+        == "Sends mail; a copy goes to <EMAIL_ADDRESS_1>."
+    )
+    assert sent["tool_choice"] == "required"
+    # What the client got: the call with the value restored.
+    *deltas, last = events
+    calls = assemble([event.delta for event in deltas])
+    assert calls[0, 0]["id"] == "call_9"
+    assert calls[0, 0]["name"] == "send_mail"
+    assert json.loads(calls[0, 0]["arguments"]) == {"to": EMAIL, "subject": "Hi"}
+    assert last.end.finish_reason == types_pb2.FINISH_REASON_TOOL_CALLS
+    assert dict(last.end.masked_entities) == {"EMAIL_ADDRESS": 1}
+    # The ledger: names and counts, never arguments or results.
+    (entry,) = entries
+    assert list(entry.tools_offered) == ["send_mail"]
+    assert list(entry.tool_calls) == ["send_mail"]
+    assert entry.constraint == "tools"
+    assert dict(entry.entity_counts) == {"EMAIL_ADDRESS": 1}
+    assert EMAIL not in str(entry)
+    assert "subject" not in str(entry)
+
+
+async def test_count_tokens_skips_a_dead_tier_and_counts_on_the_live_one(
+    inference_server: GrpcService, ledger_server: GrpcService, tmp_path: Path
+) -> None:
+    live = f"127.0.0.1:{inference_server.port}"
+    routing = RoutingConfig(
+        routes=[
+            RouteConfig(
+                model="chained",
+                chain=[
+                    RouteStep(tier="gpu", upstream=f"127.0.0.1:{free_port()}", model=DEFAULT_MODEL),
+                    RouteStep(tier="local", upstream=live, model=DEFAULT_MODEL),
+                ],
+            )
+        ]
+    )
+    request = agent_chat("chained")
+    async with doorman_for(routed_settings(tmp_path, ledger_server, routing, live)) as (stub, _):
+        counted = await stub.CountTokens(
+            doorman_pb2.DoormanServiceCountTokensRequest(
+                model="chained", messages=request.messages, tools=request.tools
+            )
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.CountTokens(doorman_pb2.DoormanServiceCountTokensRequest(model="chained"))
+    async with grpc.aio.insecure_channel(live) as channel:
+        direct = await inference_pb2_grpc.InferenceServiceStub(channel).CountTokens(
+            inference_pb2.CountTokensRequest(
+                model=DEFAULT_MODEL,
+                chat=types_pb2.ChatInput(messages=request.messages),
+                tools=request.tools,
+            )
+        )
+    assert counted.prompt_tokens == direct.prompt_tokens > 0
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_count_tokens_on_a_tier_that_cannot_count_is_unimplemented(
+    ledger_server: GrpcService, tmp_path: Path
+) -> None:
+    async with FakeVllm() as fake, remote_for(fake) as (_, remote_port):
+        settings = routed_settings(
+            tmp_path, ledger_server, remote_chain(remote_port, sanitize=True), "127.0.0.1:1"
+        )
+        async with doorman_for(settings) as (stub, _):
+            request = agent_chat()
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.CountTokens(
+                    doorman_pb2.DoormanServiceCountTokensRequest(
+                        model="agent", messages=request.messages, tools=request.tools
+                    )
+                )
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED

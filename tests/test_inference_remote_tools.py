@@ -308,7 +308,8 @@ def test_sse_tool_call_and_reasoning_deltas_are_parsed() -> None:
 @contextlib.asynccontextmanager
 async def remote_for(
     fake: FakeVllm, kind: str = "vllm", **config: Any
-) -> AsyncIterator[inference_pb2_grpc.InferenceServiceStub]:
+) -> AsyncIterator[tuple[inference_pb2_grpc.InferenceServiceStub, int]]:
+    """inference-remote over gRPC on port 0, with `fake` as its one upstream; (stub, port)."""
     remote = InferenceRemoteConfig(
         models=[
             RemoteModelConfig(
@@ -328,7 +329,7 @@ async def remote_for(
         ) as service,
         grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel,
     ):
-        yield inference_pb2_grpc.InferenceServiceStub(channel)
+        yield inference_pb2_grpc.InferenceServiceStub(channel), service.port
 
 
 def generate_request(**sampling: Any) -> inference_pb2.GenerateRequest:
@@ -346,7 +347,7 @@ def generate_request(**sampling: Any) -> inference_pb2.GenerateRequest:
 
 
 async def test_tool_call_stream_through_the_servicer() -> None:
-    async with FakeVllm() as fake, remote_for(fake) as stub:
+    async with FakeVllm() as fake, remote_for(fake) as (stub, _):
         fake.events = TOOL_STREAM
         events = [event async for event in stub.Generate(generate_request(n=2, max_tokens=64))]
     (sent,) = fake.bodies
@@ -385,7 +386,7 @@ async def test_regex_is_refused_for_an_external_upstream_before_anything_is_sent
 ) -> None:
     key = tmp_path / "key"
     key.write_text("sk-test")
-    async with FakeVllm() as fake, remote_for(fake, "external", api_key_file=key) as stub:
+    async with FakeVllm() as fake, remote_for(fake, "external", api_key_file=key) as (stub, _):
         request = generate_request(constraint=types_pb2.OutputConstraint(regex=r"\d+"))
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             async for _ in stub.Generate(request):
@@ -396,7 +397,7 @@ async def test_regex_is_refused_for_an_external_upstream_before_anything_is_sent
 
 
 async def test_count_tokens_is_unimplemented() -> None:
-    async with FakeVllm() as fake, remote_for(fake) as stub:
+    async with FakeVllm() as fake, remote_for(fake) as (stub, _):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.CountTokens(
                 inference_pb2.CountTokensRequest(model=DEFAULT_MODEL, prompt="hello")

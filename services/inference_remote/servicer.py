@@ -90,7 +90,12 @@ def sampling_from_proto(p: types_pb2.SamplingParams) -> Sampling:
 def tools_from_proto(spec: types_pb2.ToolSpec) -> dict[str, Any]:
     choice = None
     if spec.choice.mode != types_pb2.TOOL_CHOICE_MODE_UNSPECIFIED:
-        choice = ToolChoice(TOOL_CHOICES[spec.choice.mode], spec.choice.function_name)
+        mode = TOOL_CHOICES.get(spec.choice.mode)
+        if mode is None:
+            raise InvalidArgument(
+                f"unknown tool choice mode {spec.choice.mode}", field="tools.choice.mode"
+            )
+        choice = ToolChoice(mode, spec.choice.function_name)
     elif spec.choice.function_name:
         raise InvalidArgument(
             "function_name needs mode TOOL_CHOICE_MODE_FUNCTION", field="tools.choice.mode"
