@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import httpx2
+import openai
 import pytest
+from helpers import DEFAULT_MODEL, mesh_settings
+from openai import AsyncOpenAI
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from prometheus_client import CollectorRegistry
 
+from gateway.app import build_app
 from gateway.protocol import RequestInvalid, parse_chat, parse_completion
 from gateway.serving import (
     SSE_DONE,
@@ -19,6 +28,7 @@ from gateway.serving import (
     chat_request,
     completion_request,
 )
+from slm.server import GrpcService
 from slm.v1 import types_pb2
 
 WEATHER = {
@@ -405,3 +415,159 @@ def test_completion_choices_parse_as_a_completion() -> None:
         (0, "stop"),
         (1, "stop"),
     ]
+
+
+# --- through the real Doorman and engine, with the official openai client -----------------------
+
+
+@contextlib.asynccontextmanager
+async def gateway_over_mesh(
+    inference: GrpcService, ledger: GrpcService, state_dir: Path
+) -> AsyncIterator[httpx2.AsyncClient]:
+    """The gateway app over a real Doorman (port 0) over the real engine, and an HTTP client on
+    it of the kind the official openai and anthropic SDKs take (httpx2).
+
+    The other families' tests (Responses, Messages) use it too.
+    """
+    from doorman.app import build_app as build_doorman
+
+    settings = mesh_settings(state_dir)
+    settings.doorman = settings.doorman.model_copy(
+        update={
+            "inference_local": f"127.0.0.1:{inference.port}",
+            "ledger": f"127.0.0.1:{ledger.port}",
+        }
+    )
+    registry = CollectorRegistry()
+    endpoint = settings.doorman.endpoint.model_copy(update={"port": 0, "metrics_port": 0})
+    async with GrpcService(
+        "doorman", build_doorman(settings, registry), endpoint, settings.telemetry, registry
+    ) as doorman:
+        settings.gateway = settings.gateway.model_copy(
+            update={"doorman": f"127.0.0.1:{doorman.port}"}
+        )
+        app = build_app(settings)
+        async with app.router.lifespan_context(app):
+            transport = httpx2.ASGITransport(app=app)
+            async with httpx2.AsyncClient(
+                transport=transport, base_url="http://gateway", timeout=120
+            ) as client:
+                yield client
+
+
+@pytest.fixture
+async def openai_client(
+    inference_server: GrpcService, ledger_server: GrpcService, tmp_path: Path
+) -> AsyncIterator[AsyncOpenAI]:
+    async with gateway_over_mesh(inference_server, ledger_server, tmp_path) as http:
+        yield AsyncOpenAI(base_url="http://gateway/v1", api_key="unused", http_client=http)
+
+
+def assert_person(value: Any) -> None:
+    """SCHEMA, checked by hand: an object with a string name and an integer age."""
+    assert isinstance(value, dict)
+    assert isinstance(value["name"], str)
+    assert isinstance(value["age"], int)
+    assert not isinstance(value["age"], bool)
+
+
+MESSAGES: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
+# One short string argument, so that the small model's call ends well within max_tokens.
+CITY: Any = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+        "strict": True,
+    },
+}
+
+
+async def test_forced_tool_call_parses_and_validates(openai_client: AsyncOpenAI) -> None:
+    completion = await openai_client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=MESSAGES,
+        tools=[CITY],
+        tool_choice="required",
+        max_tokens=64,
+        temperature=0,
+    )
+    (choice,) = completion.choices
+    assert choice.finish_reason == "tool_calls", choice.message
+    assert choice.message.content is None
+    (call, *_) = choice.message.tool_calls or []
+    assert call.type == "function"
+    assert call.function.name == "get_weather"
+    arguments = json.loads(call.function.arguments)
+    assert set(arguments) == {"city"}
+    assert isinstance(arguments["city"], str)
+
+
+async def test_streamed_tool_call_assembles_with_the_stream_helper(
+    openai_client: AsyncOpenAI,
+) -> None:
+    async with openai_client.chat.completions.stream(
+        model=DEFAULT_MODEL,
+        messages=MESSAGES,
+        tools=[CITY],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=64,
+        temperature=0,
+    ) as stream:
+        final = await stream.get_final_completion()
+    (choice,) = final.choices
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls or []
+    assert call.function.name == "get_weather"
+    json.loads(call.function.arguments)
+
+
+async def test_json_schema_output_validates(openai_client: AsyncOpenAI) -> None:
+    person: Any = {
+        "type": "json_schema",
+        "json_schema": {"name": "person", "schema": SCHEMA, "strict": True},
+    }
+    completion = await openai_client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=[{"role": "user", "content": "Describe a person as JSON."}],
+        response_format=person,
+        max_tokens=128,
+        temperature=0.8,
+        seed=1,
+    )
+    (choice,) = completion.choices
+    assert choice.finish_reason == "stop"
+    assert_person(json.loads(choice.message.content or ""))
+
+
+async def test_n_choices_stream_with_their_index(openai_client: AsyncOpenAI) -> None:
+    stream = await openai_client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=MESSAGES,
+        n=3,
+        max_tokens=8,
+        temperature=0.8,
+        stream=True,
+    )
+    finishes: dict[int, list[str]] = {}
+    async for chunk in stream:
+        for choice in chunk.choices:
+            if choice.finish_reason is not None:
+                finishes.setdefault(choice.index, []).append(choice.finish_reason)
+    assert sorted(finishes) == [0, 1, 2]
+    assert all(len(reasons) == 1 for reasons in finishes.values())
+
+
+async def test_unknown_field_is_refused_through_the_client(openai_client: AsyncOpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        await openai_client.chat.completions.create(
+            model=DEFAULT_MODEL,
+            messages=MESSAGES,
+            extra_body={"guided_decoding_backend": "outlines"},
+        )
+    assert caught.value.body["param"] == "guided_decoding_backend"  # type: ignore[index]
