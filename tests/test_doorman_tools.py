@@ -393,10 +393,29 @@ async def test_count_tokens_skips_a_dead_tier_and_counts_on_the_live_one(
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+async def test_count_tokens_is_of_the_sanitised_request(
+    ledger_server: GrpcService, tmp_path: Path
+) -> None:
+    request = agent_chat()
+    count = doorman_pb2.DoormanServiceCountTokensRequest(
+        model="agent", messages=request.messages, tools=request.tools
+    )
+    async with FakeVllm() as fake, remote_for(fake) as (_, remote_port):
+        settings = routed_settings(
+            tmp_path, ledger_server, remote_chain(remote_port, sanitize=True), "127.0.0.1:1"
+        )
+        async with doorman_for(settings) as (stub, _):
+            counted = await stub.CountTokens(count)
+    assert counted.prompt_tokens == fake.count
+    (sent,) = fake.tokenized
+    assert EMAIL not in json.dumps(sent)
+    assert "<EMAIL_ADDRESS_1>" in sent["messages"][2]["content"]
+
+
 async def test_count_tokens_on_a_tier_that_cannot_count_is_unimplemented(
     ledger_server: GrpcService, tmp_path: Path
 ) -> None:
-    async with FakeVllm() as fake, remote_for(fake) as (_, remote_port):
+    async with FakeVllm() as fake, remote_for(fake, "openai") as (_, remote_port):
         settings = routed_settings(
             tmp_path, ledger_server, remote_chain(remote_port, sanitize=True), "127.0.0.1:1"
         )

@@ -53,11 +53,13 @@ WEATHER = types_pb2.Tool(
 
 class FakeVllm:
     """A fake vLLM OpenAI server on loopback: answers GET /models, records each POST body and
-    replies with the SSE events it was given."""
+    replies with the SSE events it was given, or to POST /tokenize with `count`."""
 
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
         self.bodies: list[dict[str, Any]] = []
+        self.tokenized: list[dict[str, Any]] = []
+        self.count = 17
         self.port = 0
         self._server: asyncio.Server | None = None
 
@@ -84,8 +86,12 @@ class FakeVllm:
                 for k, _, v in (line.partition(":") for line in header_lines if line)
             }
             body = await reader.readexactly(int(headers.get("content-length", "0")))
-            if request_line.startswith("GET"):
-                payload = json.dumps({"object": "list", "data": [{"id": DEFAULT_MODEL}]})
+            if request_line.startswith(("GET", "POST /tokenize ")):
+                if request_line.startswith("GET"):
+                    payload = json.dumps({"object": "list", "data": [{"id": DEFAULT_MODEL}]})
+                else:
+                    self.tokenized.append(json.loads(body))
+                    payload = json.dumps({"count": self.count, "tokens": [], "max_model_len": 0})
                 writer.write(
                     b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                     + f"content-length: {len(payload)}\r\nconnection: close\r\n\r\n".encode()
@@ -396,10 +402,26 @@ async def test_regex_is_refused_for_an_external_upstream_before_anything_is_sent
     assert from_rpc_error(caught.value).field == "sampling.constraint"
 
 
-async def test_count_tokens_is_unimplemented() -> None:
+async def test_count_tokens_asks_vllms_tokenize() -> None:
+    request = generate_request()
     async with FakeVllm() as fake, remote_for(fake) as (stub, _):
+        counted = await stub.CountTokens(
+            inference_pb2.CountTokensRequest(
+                model=DEFAULT_MODEL, chat=request.chat, tools=request.tools
+            )
+        )
+    assert counted.prompt_tokens == fake.count
+    (sent,) = fake.tokenized
+    assert sent["messages"] == [{"role": "user", "content": "Weather?"}]
+    assert sent["tools"][0]["function"]["name"] == "get_weather"
+    assert sent["add_generation_prompt"] is True
+
+
+async def test_count_tokens_without_a_vllm_upstream_is_unimplemented() -> None:
+    async with FakeVllm() as fake, remote_for(fake, "openai") as (stub, _):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.CountTokens(
                 inference_pb2.CountTokensRequest(model=DEFAULT_MODEL, prompt="hello")
             )
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert fake.tokenized == []

@@ -23,6 +23,7 @@ from slm.errors import (
     NotFound,
     PermissionDenied,
     Unavailable,
+    Unimplemented,
 )
 
 log = logging.getLogger(__name__)
@@ -535,6 +536,56 @@ class RemoteInference:
         if not prefix and not adapter:
             return None
         return hashlib.sha256(f"{adapter}\0{prefix}".encode()).digest()
+
+    async def count_tokens(self, request: Request) -> int:
+        """The prompt's tokens as a vLLM upstream of the model counts them (its /tokenize).
+
+        Other upstreams have no counting endpoint: Unimplemented, so a caller can tell "cannot
+        count here" from a failure.
+        """
+        validate(request)
+        entry, adapter_name = self._resolve(request)
+        pool = entry.pool
+        if not any(u.kind == "vllm" for u in pool.upstreams):
+            raise Unimplemented(
+                f"model {entry.name!r} has no vLLM upstream, and other OpenAI-compatible "
+                "upstreams have no token counting endpoint"
+            )
+        key = self.affinity_key(request, adapter_name)
+        tried: set[str] = set()
+        last: UpstreamFailure | None = None
+        for _ in range(self._max_attempts):
+            try:
+                upstream = await pool.acquire(
+                    key, tried, lambda u: u.kind == "vllm", self._queue_timeout_s
+                )
+            except Unavailable:
+                break
+            tried.add(upstream.name)
+            try:
+                _, body = request_body(request, upstream, upstream.model)
+                count_body: dict[str, Any] = {
+                    k: body[k] for k in ("model", "prompt", "messages", "tools") if k in body
+                }
+                if "messages" in count_body:
+                    # The count a generation would see: the assistant's turn opened.
+                    count_body["add_generation_prompt"] = True
+                return await upstream.client.tokenize_count(count_body)
+            except UpstreamRejected as error:
+                raise InvalidArgument(
+                    f"upstream {upstream.name} refused: {error.message}"
+                ) from error
+            except UpstreamFailure as failure:
+                if failure.unhealthy:
+                    await pool.mark(upstream, False)
+                last = failure
+            finally:
+                await pool.release(upstream)
+        detail = f": {last.message}" if last else ""
+        raise Unavailable(
+            f"no vLLM upstream of model {entry.name!r} could count the tokens{detail}",
+            retry_after_s=1.0,
+        )
 
     async def generate(self, request: Request) -> AsyncIterator[Event]:
         """Stream one generation; attempts move to another upstream only before the first token.

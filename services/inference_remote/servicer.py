@@ -17,7 +17,7 @@ from inference_remote.core import (
     ToolCall,
     ToolChoice,
 )
-from slm.errors import FailedPrecondition, InvalidArgument, Unimplemented
+from slm.errors import FailedPrecondition, InvalidArgument
 from slm.v1 import inference_pb2, inference_pb2_grpc, types_pb2
 from slm.wire import chat_turns
 
@@ -190,10 +190,13 @@ class RemoteInferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def CountTokens(
         self, request: inference_pb2.CountTokensRequest, context: Context
     ) -> inference_pb2.CountTokensResponse:
-        raise Unimplemented(
-            "inference-remote cannot count tokens: OpenAI-compatible upstreams have no "
-            "counting endpoint"
-        )
+        generate = inference_pb2.GenerateRequest(model=request.model, tools=request.tools)
+        if request.HasField("chat"):
+            generate.chat.CopyFrom(request.chat)
+        elif request.HasField("prompt"):
+            generate.prompt = request.prompt
+        count = await self._core.count_tokens(request_from_proto(generate))
+        return inference_pb2.CountTokensResponse(prompt_tokens=count)
 
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: Context

@@ -220,6 +220,32 @@ class UpstreamClient:
             return
         raise UpstreamFailure("LORA_LOAD", f"{route} of {body['lora_name']!r}: {message}")
 
+    async def tokenize_count(self, body: dict[str, Any]) -> int:
+        """vLLM's POST /tokenize (beside /v1, not under it): the prompt's token count."""
+        root = self.base_url.removesuffix("/v1")
+        try:
+            response = await self._http.post(
+                f"{root}/tokenize", json=body, timeout=self._timeouts.first_token_s
+            )
+        except httpx.TransportError as error:
+            raise UpstreamFailure("CONNECT", f"tokenize: {error!r}", unhealthy=True) from error
+        if response.status_code in (400, 422):
+            raise UpstreamRejected(
+                response.status_code, _error_message(response.status_code, response.content)
+            )
+        if response.status_code != 200:
+            raise UpstreamFailure(
+                f"HTTP_{response.status_code}",
+                _error_message(response.status_code, response.content),
+            )
+        try:
+            count = response.json()["count"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise UpstreamFailure("BAD_EVENT", "tokenize answered without a count") from error
+        if not isinstance(count, int):
+            raise UpstreamFailure("BAD_EVENT", "tokenize answered without a count")
+        return count
+
     async def stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[Chunk]:
         """POST a streaming request and yield its chunks until [DONE].
 
