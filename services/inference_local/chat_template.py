@@ -15,7 +15,8 @@ Two paths, chosen once per template by rendering probes:
 
   - the tools preamble (``tools_preamble``) is appended to the system message (one is added
     when there is none): the tools as JSON inside ``<tools></tools>``, then how to call one;
-  - an assistant's calls follow its content, one ``<tool_call>`` block each;
+  - an assistant's calls follow its content (after a newline), one ``<tool_call>`` block each,
+    back to back;
   - tool results become a user message, consecutive results one message, each as
     ``<tool_response id="call_..." name="get_weather">`` + newline + content + newline +
     ``</tool_response>``.
@@ -42,8 +43,8 @@ TOOLS_HEAD = (
     "as JSON Schema, are inside <tools></tools>:\n<tools>\n"
 )
 TOOLS_TAIL = (
-    "</tools>\n\nTo call a function, answer with its name and arguments as a JSON object inside "
-    "<tool_call></tool_call> tags, one block per call:\n<tool_call>\n"
+    "</tools>\n\nTo call a function, answer with its name and arguments as a JSON object in a "
+    "tool_call block, one block per call:\n<tool_call>\n"
     '{"name": <function name>, "arguments": <arguments object>}\n</tool_call>'
 )
 
@@ -231,7 +232,8 @@ def _inline(
                 # Parsed and dumped again: what the model sees has the separators it is held to.
                 args = _tojson(_arguments(c, f"messages[{i}].tool_calls[{j}]"))
                 blocks.append(tool_call_block(c.name, args))
-            content = "\n".join([content.strip(), *blocks] if content.strip() else blocks)
+            calls = "".join(blocks)
+            content = f"{content.strip()}\n{calls}" if content.strip() else calls
         d: dict[str, Any] = {"role": m.role, "content": content}
         if m.name:
             d["name"] = m.name

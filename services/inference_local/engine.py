@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import enum
 import functools
 import logging
 import math
@@ -17,7 +18,9 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from inference_local import tools
 from inference_local.chat_template import ChatTemplate, Message
+from inference_local.constraints import Constraint
 from inference_local.llama_api import (
     Batch,
     Context,
@@ -29,18 +32,17 @@ from inference_local.llama_api import (
 )
 from inference_local.models import ensure_model_file
 from inference_local.prefix_cache import PrefixCache
-from inference_local.sampling import Sampling
+from inference_local.sampling import Sampling, TokenLogprob
 from inference_local.scheduler import (
     AdapterSet,
-    Delta,
-    End,
-    Event,
-    Finish,
     Scheduler,
     SchedulerConfig,
     SchedulerMetrics,
     SeqRequest,
 )
+from inference_local.scheduler import Delta as SeqDelta
+from inference_local.scheduler import Finish as SeqFinish
+from inference_local.tools import ToolCallDelta, ToolCallParser, ToolSpec
 from slm.config import InferenceLocalConfig, ModelConfig
 from slm.errors import (
     FailedPrecondition,
@@ -54,6 +56,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "Adapter",
     "AdapterResolver",
+    "ChoiceEnd",
     "Delta",
     "End",
     "Engine",
@@ -65,6 +68,8 @@ __all__ = [
 ]
 
 MB = 1 << 20
+# Choices one request may ask for; the gateway's own limit (gateway.max_n) is usually lower.
+MAX_N = 128
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,66 @@ class Request:
     messages: tuple[Message, ...] | None = None
     adapter: str = ""
     adapter_scale: float | None = None
+    # Tools the model may call (chat input only); None: no tools.
+    tools: ToolSpec | None = None
+    # What the output must be (response_format); a tool choice may replace or extend it.
+    constraint: Constraint | None = None
+    # Independent completions of the prompt, sharing its KV state.
+    n: int = 1
+
+
+class Finish(enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+    # The choice called tools (and then ended as STOP would).
+    TOOL_CALLS = "tool_calls"
+
+
+_FINISH = {
+    SeqFinish.STOP: Finish.STOP,
+    SeqFinish.LENGTH: Finish.LENGTH,
+    SeqFinish.CANCELLED: Finish.CANCELLED,
+}
+
+
+@dataclass(frozen=True)
+class Delta:
+    """Generated text of a choice: content, and pieces of the tool calls it makes."""
+
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+    index: int = 0
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChoiceEnd:
+    index: int
+    finish: Finish
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class End:
+    """The last event: `finish` is choice 0's, `completion_tokens` counts every choice."""
+
+    finish: Finish
+    prompt_tokens: int
+    completion_tokens: int
+    model: str
+    choices: tuple[ChoiceEnd, ...] = ()
+
+
+Event = Delta | End
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    tokens: list[int]
+    constraint: Constraint | None
+    # The tools a call may name; None: the output is not parsed for tool calls.
+    tool_names: frozenset[str] | None
 
 
 @dataclass(frozen=True)
@@ -574,16 +639,20 @@ class Engine:
     # --- generation ------------------------------------------------------------------------
 
     async def generate(self, request: Request) -> AsyncIterator[Event]:
-        """Stream Delta events, then one End; leaving early cancels the sequence at once."""
+        """Stream Delta events of every choice, then one End; leaving early cancels the
+        sequence at once."""
         name, adapter_name = _split_adapter(request.model, request.adapter)
         loaded = await self._get(name)
         model = loaded.weights.model
         request.sampling.validate(model.n_vocab)
+        if not 1 <= request.n <= MAX_N:
+            raise InvalidArgument(f"n must be in [1, {MAX_N}]", field="sampling.n")
         if loaded.scheduler is None:
             raise FailedPrecondition(
                 f"model {name!r} serves embeddings, not generation", field="model"
             )
-        tokens = self._tokens(loaded, request)
+        prompt = self._prompt(loaded, request)
+        tokens = prompt.tokens
         if len(tokens) >= loaded.context_length:
             raise InvalidArgument(
                 f"prompt is {len(tokens)} tokens but model {name!r} has a context of "
@@ -592,7 +661,13 @@ class Engine:
                 reason="CONTEXT_LENGTH_EXCEEDED",
             )
         adapters = await self._adapter_set(loaded, adapter_name, request.adapter_scale)
-        seq = SeqRequest(prompt=tokens, sampling=request.sampling, adapters=adapters)
+        seq = SeqRequest(
+            prompt=tokens,
+            sampling=request.sampling,
+            adapters=adapters,
+            constraint=prompt.constraint,
+            n=request.n,
+        )
         if self._prefix_cache is not None:
             cache = self._prefix_cache
             # A state is only valid for the weights and adapter set that computed it.
@@ -600,21 +675,82 @@ class Engine:
                 loaded.weights.model.path, [(a.path, scale) for a, scale in adapters]
             )
             seq.prefix = await cache.plan(name, fingerprint, tokens)
+        names = prompt.tool_names
+        parsers = [ToolCallParser(names) for _ in range(request.n)] if names is not None else []
+        ends: dict[int, ChoiceEnd] = {}
+        prompt_tokens, served_by = len(tokens), name
         async for event in loaded.scheduler.generate(seq):
-            yield event
+            if isinstance(event, SeqDelta):
+                if not parsers:
+                    yield Delta(event.text, event.logprobs, event.index)
+                    continue
+                text, calls = parsers[event.index].feed(event.text)
+                if text or calls or event.logprobs:
+                    yield Delta(text, event.logprobs, event.index, tuple(calls))
+                continue
+            finish = _FINISH[event.finish]
+            if parsers:
+                parser = parsers[event.index]
+                text, calls = parser.finish()
+                if text or calls:
+                    yield Delta(text, (), event.index, tuple(calls))
+                if parser.called and finish is Finish.STOP:
+                    finish = Finish.TOOL_CALLS
+            ends[event.index] = ChoiceEnd(event.index, finish, event.completion_tokens)
+            prompt_tokens, served_by = event.prompt_tokens, event.model
+        choices = tuple(ends[i] for i in sorted(ends))
+        yield End(
+            finish=ends[0].finish,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=sum(c.completion_tokens for c in choices),
+            model=served_by,
+            choices=choices,
+        )
 
-    def _tokens(self, loaded: _Loaded, request: Request) -> list[int]:
+    async def count_tokens(
+        self,
+        name: str,
+        prompt: str | None = None,
+        messages: tuple[Message, ...] | None = None,
+        tools: ToolSpec | None = None,
+    ) -> int:
+        """Prompt tokens a generation of the same input would prefill (tools rendered)."""
+        name, _ = _split_adapter(name, "")
+        loaded = await self._get(name)
+        if loaded.scheduler is None:
+            raise FailedPrecondition(
+                f"model {name!r} serves embeddings, not generation", field="model"
+            )
+        request = Request(name, Sampling(), prompt=prompt, messages=messages, tools=tools)
+        return len(self._prompt(loaded, request).tokens)
+
+    def _prompt(self, loaded: _Loaded, request: Request) -> _Prompt:
+        """The prompt's tokens, and the constraint and tool names of the request."""
         model = loaded.weights.model
-        if request.messages is not None:
-            if not request.messages:
-                raise InvalidArgument("messages must not be empty", field="messages")
-            if loaded.template is None:
-                raise FailedPrecondition(f"model {loaded.spec.name!r} has no chat template")
+        spec = request.tools
+        if request.messages is None:
+            if spec is not None:
+                raise InvalidArgument("tools need chat input, not a prompt", field="tools")
+            if not request.prompt:
+                raise InvalidArgument("prompt must not be empty", field="prompt")
+            tokens = model.tokenize(request.prompt, add_special=True)
+            return _Prompt(tokens, request.constraint, None)
+        if not request.messages:
+            raise InvalidArgument("messages must not be empty", field="messages")
+        if loaded.template is None:
+            raise FailedPrecondition(f"model {loaded.spec.name!r} has no chat template")
+        if spec is None:
             text = loaded.template.render(request.messages)
-            return model.tokenize(text, add_special=False)
-        if not request.prompt:
-            raise InvalidArgument("prompt must not be empty", field="prompt")
-        return model.tokenize(request.prompt, add_special=True)
+            return _Prompt(model.tokenize(text, add_special=False), request.constraint, None)
+        parsed = tools.schemas(spec)
+        text = loaded.template.render(request.messages, tools.openai_tools(spec, parsed))
+        constraint = tools.constraint(spec, parsed, request.constraint)
+        names = (
+            None
+            if spec.choice.mode is tools.ChoiceMode.NONE
+            else frozenset(t.name for t in spec.tools)
+        )
+        return _Prompt(model.tokenize(text, add_special=False), constraint, names)
 
     async def _adapter_set(self, loaded: _Loaded, name: str, scale: float | None) -> AdapterSet:
         if not name:

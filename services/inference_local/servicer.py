@@ -6,7 +6,8 @@ from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 from inference_local.chat_template import Message
-from inference_local.engine import Delta, Engine, Finish, LoadSpec, ModelInfo, Request
+from inference_local.constraints import from_proto as constraint_from_proto
+from inference_local.engine import Delta, End, Engine, Finish, LoadSpec, ModelInfo, Request
 from inference_local.sampling import (
     DEFAULT_MIN_P,
     DEFAULT_TEMPERATURE,
@@ -14,6 +15,7 @@ from inference_local.sampling import (
     DEFAULT_TOP_P,
     Sampling,
 )
+from inference_local.tools import ChoiceMode, Tool, ToolCall, ToolChoice, ToolSpec
 from slm.errors import InvalidArgument
 from slm.v1 import inference_pb2, inference_pb2_grpc, types_pb2
 from slm.wire import chat_turns
@@ -25,6 +27,15 @@ FINISH_REASONS = {
     Finish.STOP: types_pb2.FINISH_REASON_STOP,
     Finish.LENGTH: types_pb2.FINISH_REASON_LENGTH,
     Finish.CANCELLED: types_pb2.FINISH_REASON_CANCELLED,
+    Finish.TOOL_CALLS: types_pb2.FINISH_REASON_TOOL_CALLS,
+}
+
+CHOICE_MODES = {
+    types_pb2.TOOL_CHOICE_MODE_UNSPECIFIED: ChoiceMode.AUTO,
+    types_pb2.TOOL_CHOICE_MODE_NONE: ChoiceMode.NONE,
+    types_pb2.TOOL_CHOICE_MODE_AUTO: ChoiceMode.AUTO,
+    types_pb2.TOOL_CHOICE_MODE_REQUIRED: ChoiceMode.REQUIRED,
+    types_pb2.TOOL_CHOICE_MODE_FUNCTION: ChoiceMode.FUNCTION,
 }
 
 
@@ -49,23 +60,55 @@ def sampling_from_proto(p: types_pb2.SamplingParams) -> Sampling:
     )
 
 
+def tools_from_proto(spec: types_pb2.ToolSpec) -> ToolSpec | None:
+    """The tools of a request; None when it gives none and sets no choice either (a choice
+    without tools is refused later, naming tools.tools)."""
+    unset = spec.choice.mode == types_pb2.TOOL_CHOICE_MODE_UNSPECIFIED
+    if not spec.tools and unset and not spec.HasField("parallel_tool_calls"):
+        return None
+    mode = CHOICE_MODES.get(spec.choice.mode)
+    if mode is None:
+        raise InvalidArgument("unknown tool choice mode", field="tools.choice.mode")
+    return ToolSpec(
+        tools=tuple(Tool(t.name, t.description, t.parameters, t.strict) for t in spec.tools),
+        choice=ToolChoice(mode, spec.choice.function_name),
+        parallel=spec.parallel_tool_calls if spec.HasField("parallel_tool_calls") else True,
+    )
+
+
+def messages_from_proto(chat: types_pb2.ChatInput) -> tuple[Message, ...]:
+    return tuple(
+        Message(
+            t.role,
+            t.content,
+            t.name,
+            tuple(ToolCall(c.id, c.name, c.arguments) for c in t.tool_calls),
+            t.tool_call_id,
+        )
+        for t in chat_turns(chat.messages)
+    )
+
+
 def request_from_proto(request: inference_pb2.GenerateRequest) -> Request:
     if not request.model:
         raise InvalidArgument("model is required", field="model")
     sampling = sampling_from_proto(request.sampling)
     scale = request.adapter_scale if request.HasField("adapter_scale") else None
+    p = request.sampling
     common: dict[str, Any] = {
         "model": request.model,
         "sampling": sampling,
         "adapter": request.adapter,
         "adapter_scale": scale,
+        "tools": tools_from_proto(request.tools),
+        "constraint": constraint_from_proto(p.constraint) if p.HasField("constraint") else None,
+        "n": p.n if p.HasField("n") else 1,
     }
     kind = request.WhichOneof("input")
     if kind == "prompt":
         return Request(prompt=request.prompt, **common)
     if kind == "chat":
-        messages = [Message(t.role, t.content) for t in chat_turns(request.chat.messages)]
-        return Request(messages=tuple(messages), **common)
+        return Request(messages=messages_from_proto(request.chat), **common)
     raise InvalidArgument("one of prompt or chat is required", field="input")
 
 
@@ -84,7 +127,14 @@ def model_to_proto(info: ModelInfo) -> types_pb2.ModelInfo:
 
 
 def delta_to_proto(event: Delta) -> inference_pb2.GenerateResponse:
-    delta = types_pb2.TextDelta(text=event.text)
+    delta = types_pb2.TextDelta(
+        text=event.text,
+        choice_index=event.index,
+        tool_calls=[
+            types_pb2.ToolCallDelta(index=c.index, id=c.id, name=c.name, arguments=c.arguments)
+            for c in event.tool_calls
+        ],
+    )
     for lp in event.logprobs:
         delta.logprobs.append(
             types_pb2.TokenLogprob(
@@ -100,6 +150,30 @@ def delta_to_proto(event: Delta) -> inference_pb2.GenerateResponse:
     return inference_pb2.GenerateResponse(delta=delta)
 
 
+def end_to_proto(event: End) -> inference_pb2.GenerateResponse:
+    usage = types_pb2.Usage(
+        prompt_tokens=event.prompt_tokens,
+        completion_tokens=event.completion_tokens,
+        total_tokens=event.prompt_tokens + event.completion_tokens,
+    )
+    end = types_pb2.StreamEnd(
+        finish_reason=FINISH_REASONS[event.finish],
+        usage=usage,
+        model=event.model,
+        tier=types_pb2.TIER_LOCAL,
+    )
+    if len(event.choices) > 1:
+        end.choices.extend(
+            types_pb2.ChoiceEnd(
+                index=c.index,
+                finish_reason=FINISH_REASONS[c.finish],
+                completion_tokens=c.completion_tokens,
+            )
+            for c in event.choices
+        )
+    return inference_pb2.GenerateResponse(end=end)
+
+
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -108,21 +182,23 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, request: inference_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         async for event in self._engine.generate(request_from_proto(request)):
-            if isinstance(event, Delta):
-                yield delta_to_proto(event)
-            else:
-                usage = types_pb2.Usage(
-                    prompt_tokens=event.prompt_tokens,
-                    completion_tokens=event.completion_tokens,
-                    total_tokens=event.prompt_tokens + event.completion_tokens,
-                )
-                end = types_pb2.StreamEnd(
-                    finish_reason=FINISH_REASONS[event.finish],
-                    usage=usage,
-                    model=event.model,
-                    tier=types_pb2.TIER_LOCAL,
-                )
-                yield inference_pb2.GenerateResponse(end=end)
+            yield delta_to_proto(event) if isinstance(event, Delta) else end_to_proto(event)
+
+    async def CountTokens(
+        self, request: inference_pb2.CountTokensRequest, context: Context
+    ) -> inference_pb2.CountTokensResponse:
+        if not request.model:
+            raise InvalidArgument("model is required", field="model")
+        kind = request.WhichOneof("input")
+        if kind is None:
+            raise InvalidArgument("one of prompt or chat is required", field="input")
+        count = await self._engine.count_tokens(
+            request.model,
+            prompt=request.prompt if kind == "prompt" else None,
+            messages=messages_from_proto(request.chat) if kind == "chat" else None,
+            tools=tools_from_proto(request.tools),
+        )
+        return inference_pb2.CountTokensResponse(prompt_tokens=count)
 
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: Context

@@ -8,7 +8,10 @@ which Qwen and Hermes templates use natively too)::
     {"name": "get_weather", "arguments": {"city": "Paris"}}
     </tool_call>
 
-one block per call, blocks separated by a newline. How each tool choice becomes a constraint:
+one block per call, back to back (``</tool_call><tool_call>``): with a newline allowed between
+two calls, a small model under greedy decoding takes the newline and goes on calling until
+max_tokens; without it, it weighs the next call against ending its turn. How each tool choice
+becomes a constraint:
 
 - none: no tool constraint (the tools are still shown to the model); an output constraint of
   the request (response_format) applies as without tools.
@@ -17,11 +20,14 @@ one block per call, blocks separated by a newline. How each tool choice becomes 
   an output constraint too, the grammar is not lazy: ``start: calls | <the response grammar>``,
   so the model either calls or answers in the requested shape.
 - required: one call (or one or more when parallel), of any of the tools, from the first token.
-- function: one call (or one or more) of the named tool, from the first token.
+- function: exactly one call of the named tool, from the first token (as OpenAI and vLLM force
+  a named function: parallel calls do not apply).
   required and function ignore the output constraint: they admit no text answer for it to shape.
 
 The arguments of every call are constrained by the tool's JSON schema (``%json``), with the
-separators ``json.dumps`` writes, so a forced call reads like the calls the templates render.
+separators ``json.dumps`` writes, so a forced call reads like the calls the templates render. As
+in llama.cpp, an object schema that lists its properties and says nothing of others admits no
+others (``additionalProperties`` defaults to false).
 """
 
 from __future__ import annotations
@@ -177,7 +183,8 @@ def constraint(
         tools = [(t, p) for t, p in tools if t.name == spec.choice.function_name]
     rules = _function_rules(tools)
     body = " | ".join(f"tool_fn_{i}" for i in range(len(tools)))
-    more = '("\\n" tool_call)*' if spec.parallel else ""
+    parallel = spec.parallel and mode is not ChoiceMode.FUNCTION
+    more = "(tool_call)*" if parallel else ""
     calls = [
         f"tool_call: {json.dumps(OPEN + chr(10))} tool_fn {json.dumps(chr(10) + CLOSE)}",
         f"tool_fn: {body}",
@@ -198,10 +205,33 @@ def constraint(
     return Constraint(lark=lark, kind="tool_calls")
 
 
+def _closed(schema: Any) -> Any:
+    """The schema with every object that lists its properties closed to others, unless it says
+    otherwise: llama.cpp's grammars do the same, because a small model left free to add
+    properties tends to go on adding them (copying the schema's own keywords)."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in ("properties", "$defs", "definitions", "patternProperties"):
+            out[key] = (
+                {k: _closed(v) for k, v in value.items()} if isinstance(value, dict) else value
+            )
+        elif key in ("items", "prefixItems", "anyOf", "oneOf", "allOf", "additionalProperties"):
+            out[key] = _closed(value)
+        else:
+            out[key] = value
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def _function_rules(tools: Sequence[tuple[Tool, dict[str, Any]]]) -> list[str]:
     rules = []
     for i, (tool, params) in enumerate(tools):
-        schema = dict(params)
+        schema = _closed(params)
         # The separators json.dumps writes (and the templates render), no free whitespace: a
         # small model would otherwise drift into runs of blanks. Non-strict tools skip the
         # schema keywords the grammar engine cannot enforce instead of failing the request.
@@ -329,7 +359,9 @@ class ToolCallParser:
             return ("" if self.calls and not rest.strip() else rest), []
         if self._state is _State.HEAD:
             self._state = _State.TEXT
-            return OPEN + rest, []
+            # A call cut short before its arguments (max_tokens) is no text the model meant to
+            # say; the finish reason tells the client it was cut.
+            return ("" if _match(_HEAD, rest) is _PARTIAL else OPEN + rest), []
         # A call cut short (max_tokens): what there is of its arguments has been sent already.
         return "", []
 

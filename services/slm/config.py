@@ -35,7 +35,7 @@ GEMMA_CHAT_TEMPLATE = (
     "the request. Their signatures, as JSON Schema, are inside <tools></tools>:\\n<tools>\\n' %}"
     "{% for t in tools %}{% set ns.system = ns.system + (t | tojson) + '\\n' %}{% endfor %}"
     "{% set ns.system = ns.system + '</tools>\\n\\nTo call a function, answer with its name and "
-    "arguments as a JSON object inside <tool_call></tool_call> tags, one block per call:\\n"
+    "arguments as a JSON object in a tool_call block, one block per call:\\n"
     '<tool_call>\\n{"name": <function name>, "arguments": <arguments object>}\\n'
     "</tool_call>\\n\\n' %}"
     "{% endif %}"
@@ -52,7 +52,7 @@ GEMMA_CHAT_TEMPLATE = (
     "{% else %}"
     "{{ m.content | trim }}"
     "{% for c in m.tool_calls or [] %}"
-    "{% if not loop.first or (m.content | trim) %}{{ '\\n' }}{% endif %}"
+    "{% if loop.first and (m.content | trim) %}{{ '\\n' }}{% endif %}"
     '<tool_call>{{ \'\\n\' }}{"name": {{ c.function.name | tojson }}, "arguments": '
     "{{ c.function.arguments if c.function.arguments is string else "
     "c.function.arguments | tojson }}}{{ '\\n' }}</tool_call>"
