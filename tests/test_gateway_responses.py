@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from fastapi import FastAPI
-from helpers import free_port
-from openai import omit
+from helpers import DEFAULT_MODEL, free_port
+from openai import AsyncOpenAI, omit
 from openai.lib.streaming.responses._responses import ResponseStreamState
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
+from test_gateway_tools import gateway_over_mesh
 
 from gateway import errors
 from gateway.app import build_app
@@ -22,6 +25,7 @@ from gateway.responses.protocol import parse_responses
 from gateway.responses.serving import ResponsesRendering, chat_request
 from gateway.serving import GenerationBuilder
 from slm.config import GatewayConfig, Settings
+from slm.server import GrpcService
 from slm.v1 import types_pb2
 
 WEATHER = {
@@ -367,3 +371,97 @@ async def test_route_refuses_in_openai_shape(client: httpx.AsyncClient) -> None:
     assert down.status_code == 503
     schema = (await client.get("/openapi.json")).json()
     assert "ResponsesRequest" in schema["components"]["schemas"]
+
+
+# --- through the real Doorman and engine, with the official openai client -----------------------
+
+CITY: Any = {
+    "type": "function",
+    "name": "get_weather",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+    "strict": True,
+}
+
+
+@pytest.fixture
+async def openai_client(
+    inference_server: GrpcService, ledger_server: GrpcService, tmp_path: Path
+) -> AsyncIterator[AsyncOpenAI]:
+    async with gateway_over_mesh(inference_server, ledger_server, tmp_path) as http:
+        yield AsyncOpenAI(base_url="http://gateway/v1", api_key="unused", http_client=http)
+
+
+async def test_text_response(openai_client: AsyncOpenAI) -> None:
+    response = await openai_client.responses.create(
+        model=DEFAULT_MODEL,
+        instructions="Answer briefly.",
+        input="Say hello.",
+        max_output_tokens=8,
+        temperature=0,
+        store=False,
+    )
+    assert response.output_text
+    assert response.usage is not None
+    assert response.usage.output_tokens > 0
+
+
+async def test_forced_function_call_streamed(openai_client: AsyncOpenAI) -> None:
+    async with openai_client.responses.stream(
+        model=DEFAULT_MODEL,
+        input="What is the weather in Paris?",
+        tools=[CITY],
+        tool_choice="required",
+        max_output_tokens=64,
+        temperature=0,
+    ) as stream:
+        final = await stream.get_final_response()
+    calls = [item for item in final.output if item.type == "function_call"]
+    assert calls
+    assert calls[0].name == "get_weather"
+    arguments = json.loads(calls[0].arguments)
+    assert isinstance(arguments["city"], str)
+
+
+async def test_tool_round_trip_and_json_schema(openai_client: AsyncOpenAI) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string", "maxLength": 40}},
+        "required": ["answer"],
+        "additionalProperties": False,
+    }
+    items: Any = [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {
+            "type": "function_call",
+            "call_id": "call_1",
+            "name": "get_weather",
+            "arguments": '{"city":"Paris"}',
+        },
+        {"type": "function_call_output", "call_id": "call_1", "output": "sunny, 21 C"},
+    ]
+    response = await openai_client.responses.create(
+        model=DEFAULT_MODEL,
+        input=items,
+        tools=[CITY],
+        tool_choice="none",
+        text={"format": {"type": "json_schema", "name": "reply", "schema": schema, "strict": True}},
+        max_output_tokens=64,
+        temperature=0,
+    )
+    assert response.status == "completed"
+    assert isinstance(json.loads(response.output_text)["answer"], str)
+
+
+async def test_previous_response_id_is_refused_through_the_client(
+    openai_client: AsyncOpenAI,
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        await openai_client.responses.create(
+            model=DEFAULT_MODEL, input="x", previous_response_id="resp_1"
+        )
+    assert caught.value.body["param"] == "previous_response_id"  # type: ignore[index]
