@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import pytest
+from anthropic import AsyncAnthropic
 from anthropic.lib.streaming._messages import accumulate_event
 from anthropic.types import Message, RawMessageStreamEvent
 from fastapi import FastAPI
-from helpers import free_port
+from helpers import DEFAULT_MODEL, free_port
 from pydantic import TypeAdapter
+from test_gateway_tools import gateway_over_mesh
 
 from gateway.anthropic.protocol import parse_count_tokens, parse_messages
 from gateway.anthropic.serving import (
@@ -25,6 +29,7 @@ from gateway.app import build_app
 from gateway.protocol import RequestInvalid
 from gateway.serving import GenerationBuilder, RenderError
 from slm.config import GatewayConfig, Settings
+from slm.server import GrpcService
 from slm.v1 import types_pb2
 
 WEATHER = {
@@ -401,3 +406,109 @@ async def test_openapi_documents_the_messages_bodies(client: httpx.AsyncClient) 
     schema = (await client.get("/openapi.json")).json()
     assert {"MessagesRequest", "CountTokensRequest"} <= set(schema["components"]["schemas"])
     assert "/v1/messages" in schema["paths"]
+
+
+# --- through the real Doorman and engine, with the official anthropic client --------------------
+# This SDK no longer sends temperature, top_p or top_k; the engine's defaults sample.
+
+CITY: Any = {
+    "name": "get_weather",
+    "description": "Weather of a city",
+    "input_schema": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+}
+
+
+@pytest.fixture
+async def anthropic_client(
+    inference_server: GrpcService, ledger_server: GrpcService, tmp_path: Path
+) -> AsyncIterator[AsyncAnthropic]:
+    async with gateway_over_mesh(inference_server, ledger_server, tmp_path) as http:
+        yield AsyncAnthropic(base_url="http://gateway", api_key="unused", http_client=http)
+
+
+async def test_text_message(anthropic_client: AsyncAnthropic) -> None:
+    message = await anthropic_client.messages.create(
+        model=DEFAULT_MODEL,
+        system="Answer briefly.",
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=8,
+    )
+    assert message.content[0].type == "text"
+    assert message.stop_reason in ("end_turn", "max_tokens")
+    assert message.usage.input_tokens > 0
+
+
+async def test_forced_tool_use_streamed(anthropic_client: AsyncAnthropic) -> None:
+    async with anthropic_client.messages.stream(
+        model=DEFAULT_MODEL,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[CITY],
+        tool_choice={"type": "any"},
+        max_tokens=64,
+    ) as stream:
+        message = await stream.get_final_message()
+    assert message.stop_reason == "tool_use"
+    uses = [block for block in message.content if block.type == "tool_use"]
+    assert uses
+    assert uses[0].name == "get_weather"
+    assert uses[0].id.startswith("toolu_")
+    assert isinstance(uses[0].input["city"], str)
+
+
+async def test_tool_result_round_trip(anthropic_client: AsyncAnthropic) -> None:
+    messages: Any = [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": [
+                {
+                    "type": "tool_use",
+                    "id": "toolu_1",
+                    "name": "get_weather",
+                    "input": {"city": "Paris"},
+                }
+            ],
+        },
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}],
+        },
+    ]
+    message = await anthropic_client.messages.create(
+        model=DEFAULT_MODEL,
+        messages=messages,
+        tools=[CITY],
+        max_tokens=16,
+        stop_sequences=["\n\n"],
+    )
+    assert message.stop_reason in ("stop_sequence", "max_tokens", "tool_use")
+
+
+async def test_count_tokens(anthropic_client: AsyncAnthropic) -> None:
+    counted = await anthropic_client.messages.count_tokens(
+        model=DEFAULT_MODEL,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[CITY],
+    )
+    plain = await anthropic_client.messages.count_tokens(
+        model=DEFAULT_MODEL, messages=[{"role": "user", "content": "What is the weather in Paris?"}]
+    )
+    assert counted.input_tokens > plain.input_tokens > 0
+
+
+async def test_unknown_field_is_refused_through_the_client(
+    anthropic_client: AsyncAnthropic,
+) -> None:
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        await anthropic_client.messages.create(
+            model=DEFAULT_MODEL,
+            messages=[{"role": "user", "content": "x"}],
+            max_tokens=4,
+            thinking={"type": "enabled", "budget_tokens": 1024},
+        )
+    assert "thinking" in caught.value.message
