@@ -248,6 +248,14 @@ def test_the_output_filter_sees_tool_call_arguments() -> None:
     alive, stop = outbound.feed(call_delta(0, 0, '{"a": "forbidden"}', id="a", name="f"))
     assert stop
     assert alive
+    # A match in the answer text ends the stream: the same delta's other texts stay behind.
+    outbound = Outbound({}, ending.output_filter)
+    delta = call_delta(0, 0, '{"a": 1}', id="a", name="f")
+    delta.text = "this is forbidden"
+    delta.reasoning = "more"
+    alive, stop = outbound.feed(delta)
+    assert stop
+    assert (delta.text, delta.reasoning, len(delta.tool_calls)) == ("this is ", "", 0)
 
 
 # Through real gRPC servers: Doorman -> inference-remote -> FakeVllm (a fake: vLLM needs a GPU;

@@ -67,9 +67,14 @@ class Outbound:
         stop = False
         if delta.text:
             delta.text, stop = self._channel((choice, "text", 0)).feed(delta.text)
-        if delta.reasoning and not stop:
+        if stop:
+            # Nothing after the match leaves, in whichever text of the delta it sits.
+            delta.reasoning = ""
+        elif delta.reasoning:
             delta.reasoning, stop = self._channel((choice, "reasoning", 0)).feed(delta.reasoning)
-        if delta.tool_calls:
+        if stop:
+            del delta.tool_calls[:]
+        elif delta.tool_calls:
             kept: list[types_pb2.ToolCallDelta] = []
             for call in delta.tool_calls:
                 if stop:
