@@ -512,3 +512,29 @@ async def test_unknown_field_is_refused_through_the_client(
             thinking={"type": "enabled", "budget_tokens": 1024},
         )
     assert "thinking" in caught.value.message
+
+
+async def test_the_sdk_sends_its_own_answer_back(anthropic_client: AsyncAnthropic) -> None:
+    # Clients put the returned content blocks into the next request as they are: every field
+    # the SDK then sends must be one the wire models accept.
+    question: Any = {"role": "user", "content": "What is the weather in Paris?"}
+    first = await anthropic_client.messages.create(
+        model=DEFAULT_MODEL,
+        messages=[question],
+        tools=[CITY],
+        tool_choice={"type": "tool", "name": "get_weather"},
+        max_tokens=64,
+    )
+    (use,) = [b for b in first.content if b.type == "tool_use"]
+    result: Any = {
+        "role": "user",
+        "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "Sunny."}],
+    }
+    second = await anthropic_client.messages.create(
+        model=DEFAULT_MODEL,
+        messages=[question, {"role": "assistant", "content": first.content}, result],
+        tools=[CITY],
+        tool_choice={"type": "none"},
+        max_tokens=8,
+    )
+    assert second.usage.input_tokens > first.usage.input_tokens

@@ -465,3 +465,28 @@ async def test_previous_response_id_is_refused_through_the_client(
             model=DEFAULT_MODEL, input="x", previous_response_id="resp_1"
         )
     assert caught.value.body["param"] == "previous_response_id"  # type: ignore[index]
+
+
+async def test_the_sdk_sends_its_own_output_back(openai_client: AsyncOpenAI) -> None:
+    # Clients append response.output to the next input as it is (the Agents SDK does): every
+    # field the SDK then sends must be one the wire models accept.
+    question: Any = {"role": "user", "content": "What is the weather in Paris?"}
+    first = await openai_client.responses.create(
+        model=DEFAULT_MODEL,
+        input=[question],
+        tools=[CITY],
+        tool_choice={"type": "function", "name": "get_weather"},
+        max_output_tokens=64,
+    )
+    (call,) = [item for item in first.output if item.type == "function_call"]
+    items: Any = [
+        question,
+        *first.output,
+        {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny."},
+    ]
+    second = await openai_client.responses.create(
+        model=DEFAULT_MODEL, input=items, tools=[CITY], tool_choice="none", max_output_tokens=8
+    )
+    assert second.usage is not None
+    assert first.usage is not None
+    assert second.usage.input_tokens > first.usage.input_tokens
