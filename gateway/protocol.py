@@ -148,6 +148,10 @@ class ChatMessage(_Wire):
     name: str | None = None
     tool_calls: list[ToolCallParam] | None = None
     tool_call_id: str | None = None
+    # An earlier answer's reasoning (this gateway's own field), sent back by clients that append
+    # the returned message as it is. Reasoning templates drop earlier turns' reasoning, so it is
+    # accepted and not shown to the model, as vLLM does.
+    reasoning_content: str | None = None
 
     @model_validator(mode="after")
     def _tool_fields_fit_the_role(self) -> ChatMessage:
@@ -160,6 +164,12 @@ class ChatMessage(_Wire):
                 "tool_call_id",
                 "a tool message needs the tool_call_id it answers",
                 {"field": "tool_call_id"},
+            )
+        if self.reasoning_content is not None and self.role != "assistant":
+            raise PydanticCustomError(
+                "reasoning_content",
+                "only assistant messages carry reasoning_content",
+                {"field": "reasoning_content"},
             )
         if self.tool_call_id is not None and self.role != "tool":
             raise PydanticCustomError(

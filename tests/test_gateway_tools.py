@@ -571,3 +571,28 @@ async def test_unknown_field_is_refused_through_the_client(openai_client: AsyncO
             extra_body={"guided_decoding_backend": "outlines"},
         )
     assert caught.value.body["param"] == "guided_decoding_backend"  # type: ignore[index]
+
+
+async def test_the_sdk_sends_its_own_message_back(openai_client: AsyncOpenAI) -> None:
+    # Chat loops append the returned message to the history as the SDK parsed it.
+    history: list[Any] = list(MESSAGES)
+    first = await openai_client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=history, tools=[CITY], tool_choice="required", max_tokens=64
+    )
+    message = first.choices[0].message
+    (call, *_) = message.tool_calls or []
+    history += [message, {"role": "tool", "tool_call_id": call.id, "content": "Sunny."}]
+    second = await openai_client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=history, tools=[CITY], tool_choice="none", max_tokens=8
+    )
+    assert second.choices[0].message.tool_calls is None
+    assert second.usage is not None
+    assert first.usage is not None
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
+
+
+def test_reasoning_sent_back_is_accepted_on_assistant_turns_only() -> None:
+    back = {"role": "assistant", "content": "4", "reasoning_content": "2+2"}
+    parse_chat(chat(messages=[{"role": "user", "content": "2+2?"}, back]))
+    wrong = {"role": "user", "content": "x", "reasoning_content": "y"}
+    assert refused(chat(messages=[wrong])).param == "messages[0].reasoning_content"
