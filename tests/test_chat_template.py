@@ -301,3 +301,17 @@ def test_parser_passes_on_text_that_is_no_call() -> None:
     other = ToolCallParser({"get_time"})
     content, deltas = feed_all(other, ['<tool_call>\n{"name": "rm", "arguments": {}}', " <to"])
     assert (content, deltas) == ('<tool_call>\n{"name": "rm", "arguments": {}} <to', [])
+
+
+def test_parser_takes_calls_back_to_back_and_drops_one_cut_short() -> None:
+    parser = ToolCallParser({"get_time"})
+    call = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+    content, deltas = feed_all(parser, [call + call + '<tool_call>\n{"name": "get_t'])
+    assert content == ""
+    assert [(d.index, d.name, d.arguments) for d in deltas] == [
+        (0, "get_time", ""),
+        (0, "", "{}"),
+        (1, "get_time", ""),
+        (1, "", "{}"),
+    ]
+    assert len(parser.calls) == 2

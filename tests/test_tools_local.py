@@ -349,6 +349,8 @@ def invalid(**changes: object) -> inference_pb2.GenerateRequest:
             "tools.choice.function_name",
         ),
         (invalid(prompt="a raw prompt"), "tools"),
+        (chat([user("hi")], REQUIRED, tools=()), "tools.tools"),
+        (chat([user("hi")], n=0), "sampling.n"),
         (invalid(messages=[user("hi"), result("", "orphan")]), "messages[1].tool_call_id"),
         (
             invalid(
@@ -390,3 +392,47 @@ async def test_a_schema_the_grammar_engine_cannot_compile_fails_before_any_token
         await drain(stub.Generate(chat([user("hi")], REQUIRED, tools=(tool,))), responses)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert responses == []
+
+
+GREETING = {
+    "type": "object",
+    "properties": {"greeting": {"type": "string", "maxLength": 20}},
+    "required": ["greeting"],
+    "additionalProperties": False,
+}
+
+
+def with_response_format(request: inference_pb2.GenerateRequest) -> inference_pb2.GenerateRequest:
+    request.sampling.constraint.json_schema.schema = json.dumps(GREETING)
+    return request
+
+
+async def test_auto_with_a_response_format_calls_or_answers_in_that_format(
+    stub: inference_pb2_grpc.InferenceServiceStub,
+) -> None:
+    auto = types_pb2.ToolChoice(mode=types_pb2.TOOL_CHOICE_MODE_AUTO)
+    called = await run(stub, with_response_format(chat(FEW_SHOT, auto, max_tokens=160)))
+    assert called.end.finish_reason == types_pb2.FINISH_REASON_TOOL_CALLS
+    assert assert_valid_calls(called.choices[0])
+    # The model favours calling; banning every token that could start the call opener leaves
+    # the response format as the grammar's only way (what a model that chose to answer does).
+    banned = {}
+    for size in range(1, len("<tool_call>") + 1):
+        pieces = await stub.Tokenize(
+            inference_pb2.TokenizeRequest(model=DEFAULT_MODEL, text="<tool_call>"[:size])
+        )
+        if len(pieces.tokens) == 1:
+            banned[pieces.tokens[0]] = -100.0
+    assert banned
+    answered = await run(
+        stub,
+        with_response_format(
+            chat([user("Greet me in JSON.")], auto, max_tokens=48, logit_bias=banned)
+        ),
+    )
+    assert answered.end.finish_reason == types_pb2.FINISH_REASON_STOP
+    assert answered.choices[0].calls == {}
+    jsonschema.validate(json.loads(answered.choices[0].content), GREETING)
+    # required admits no text answer: the response format does not apply.
+    forced = await run(stub, with_response_format(chat([user("Greet me in JSON.")], REQUIRED)))
+    assert forced.end.finish_reason == types_pb2.FINISH_REASON_TOOL_CALLS

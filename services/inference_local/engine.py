@@ -745,9 +745,12 @@ class Engine:
         parsed = tools.schemas(spec)
         text = loaded.template.render(request.messages, tools.openai_tools(spec, parsed))
         constraint = tools.constraint(spec, parsed, request.constraint)
+        mode = spec.choice.mode
         names = (
             None
-            if spec.choice.mode is tools.ChoiceMode.NONE
+            if mode is tools.ChoiceMode.NONE
+            else frozenset([spec.choice.function_name])
+            if mode is tools.ChoiceMode.FUNCTION
             else frozenset(t.name for t in spec.tools)
         )
         return _Prompt(model.tokenize(text, add_special=False), constraint, names)
