@@ -9,6 +9,7 @@ validates, JSON that matches its schema), not the wisdom of the model's choices.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import jsonschema
@@ -88,8 +89,11 @@ def client(mesh: Mesh) -> openai.OpenAI:
 
 
 @pytest.fixture
-def aclient(mesh: Mesh) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{mesh.base_url}/v1", api_key="unused", max_retries=0)
+async def aclient(mesh: Mesh) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(
+        base_url=f"{mesh.base_url}/v1", api_key="unused", max_retries=0
+    ) as client:
+        yield client
 
 
 def test_forced_named_call_parses_and_validates(client: openai.OpenAI) -> None:
