@@ -6,15 +6,28 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import jsonschema
 import pytest
-from helpers import DEFAULT_MODEL
+from helpers import DEFAULT_MODEL, SHARED_MODELS_DIR
+from prometheus_client import CollectorRegistry
+from test_chat_template import HERMES
 
 from inference_local.chat_template import ChatTemplate, Message
-from inference_local.tools import ToolCall
-from slm.config import GEMMA_CHAT_TEMPLATE
+from inference_local.engine import Delta, End, Engine, Finish, Request
+from inference_local.sampling import Sampling
+from inference_local.tools import (
+    ChoiceMode,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    ToolSpec,
+    openai_tools,
+    schemas,
+)
+from slm.config import GEMMA_CHAT_TEMPLATE, InferenceLocalConfig, ModelConfig
 from slm.errors import InvalidArgument, from_rpc_error
 from slm.server import GrpcService
 from slm.v1 import inference_pb2, inference_pb2_grpc, types_pb2
@@ -436,3 +449,40 @@ async def test_auto_with_a_response_format_calls_or_answers_in_that_format(
     # required admits no text answer: the response format does not apply.
     forced = await run(stub, with_response_format(chat([user("Greet me in JSON.")], REQUIRED)))
     assert forced.end.finish_reason == types_pb2.FINISH_REASON_TOOL_CALLS
+
+
+async def test_a_models_own_tool_template_is_used_natively(
+    model_path: Path, tmp_path: Path
+) -> None:
+    # The default weights under a second name whose chat template renders tools itself, as a
+    # GGUF that carries a Hermes-style template would.
+    config = InferenceLocalConfig(
+        models_dir=SHARED_MODELS_DIR,
+        cache_dir=tmp_path,
+        models=[ModelConfig(name="hermes", path=model_path.name, chat_template=HERMES, parallel=1)],
+        keep_alive_s=0,
+    )
+    engine = Engine(config, CollectorRegistry())
+    await engine.start()
+    try:
+        spec = ToolSpec(
+            (Tool("get_time", TIME.description, TIME.parameters),),
+            ToolChoice(ChoiceMode.REQUIRED),
+        )
+        messages = (Message("user", "What time is it in Oslo?"),)
+        text = ChatTemplate(HERMES, "", "").render(messages, openai_tools(spec, schemas(spec)))
+        assert text.startswith("<|im_start|>system\n<tools>\n")
+        count = await engine.count_tokens("hermes", messages=messages, tools=spec)
+        assert count == len(await engine.tokenize("hermes", text, add_special=False))
+        request = Request(
+            "hermes", Sampling(max_tokens=64, temperature=0.0), messages=messages, tools=spec
+        )
+        events = [e async for e in engine.generate(request)]
+        end = events[-1]
+        assert isinstance(end, End)
+        assert (end.finish, end.prompt_tokens) == (Finish.TOOL_CALLS, count)
+        pieces = [c for e in events if isinstance(e, Delta) for c in e.tool_calls]
+        assert pieces[0].name == "get_time"
+        jsonschema.validate(json.loads("".join(p.arguments for p in pieces)), TIME_SCHEMA)
+    finally:
+        await engine.close()
