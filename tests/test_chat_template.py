@@ -188,6 +188,10 @@ def test_bad_arguments_in_history_name_the_field() -> None:
         (ToolSpec((Tool("x", parameters="[1]"),)), "tools.tools[0].parameters"),
         (ToolSpec((Tool("x", parameters='{"type": "string"}'),)), "tools.tools[0].parameters"),
         (
+            ToolSpec((TIME, Tool("x", parameters='{"properties": {"a": {"uniqueItems": true}}}'))),
+            "tools.tools[1].parameters",
+        ),
+        (
             ToolSpec((TIME,), ToolChoice(ChoiceMode.FUNCTION, "nope")),
             "tools.choice.function_name",
         ),

@@ -394,17 +394,21 @@ async def test_invalid_tools_are_refused_naming_the_field(
     assert (await run(stub, chat([user("hi")], REQUIRED, max_tokens=24))).end.model
 
 
-async def test_a_schema_the_grammar_engine_cannot_compile_fails_before_any_token(
+async def test_a_schema_the_grammar_engine_cannot_enforce_fails_before_any_token(
     stub: inference_pb2_grpc.InferenceServiceStub,
 ) -> None:
-    # A lookbehind: the grammar engine's regexes have none; strict refuses to skip it.
-    bad = {"type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=x)a"}}}
-    tool = types_pb2.Tool(name="x", parameters=json.dumps(bad), strict=True)
+    # uniqueItems: the grammar engine cannot enforce it; the schema is enforced whether or not
+    # the tool is strict, so the request is refused rather than the keyword skipped.
+    bad = {"type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}}
+    tool = types_pb2.Tool(name="x", parameters=json.dumps(bad), strict=False)
     responses: list[inference_pb2.GenerateResponse] = []
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await drain(stub.Generate(chat([user("hi")], REQUIRED, tools=(tool,))), responses)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert responses == []
+    error = from_rpc_error(caught.value)
+    assert error.field == "tools.tools[0].parameters"
+    assert "uniqueItems" in error.message
 
 
 GREETING = {

@@ -27,18 +27,23 @@ becomes a constraint:
 The arguments of every call are constrained by the tool's JSON schema (``%json``), with the
 separators ``json.dumps`` writes, so a forced call reads like the calls the templates render. As
 in llama.cpp, an object schema that lists its properties and says nothing of others admits no
-others (``additionalProperties`` defaults to false).
+others (``additionalProperties`` defaults to false). The schema is enforced whether or not a tool
+is strict (the contract's rule); one the grammar engine cannot enforce fully is refused with
+INVALID_ARGUMENT naming ``tools.tools[i].parameters``, never half enforced.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import re
 import secrets
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import llguidance
 
 from inference_local.constraints import Constraint
 from slm.errors import InvalidArgument
@@ -125,7 +130,15 @@ def schemas(spec: ToolSpec) -> list[dict[str, Any]]:
                 f"tool name {tool.name!r} is given twice", field=f"tools.tools[{i}].name"
             )
         seen.add(tool.name)
-        parsed.append(_parameters(tool.parameters, f"tools.tools[{i}].parameters"))
+        where = f"tools.tools[{i}].parameters"
+        params = _parameters(tool.parameters, where)
+        # Checked tool by tool, so the error names the tool (the whole grammar compiles later).
+        error = _schema_error(_arguments_schema(params))
+        if error:
+            raise InvalidArgument(
+                f"the arguments schema cannot be enforced: {error[:500]}", field=where
+            )
+        parsed.append(params)
     choice = spec.choice
     if choice.mode is ChoiceMode.FUNCTION:
         if choice.function_name not in seen:
@@ -228,23 +241,37 @@ def _closed(schema: Any) -> Any:
     return out
 
 
+def _arguments_schema(params: dict[str, Any]) -> str:
+    """The `%json` body that constrains a tool's arguments, as JSON text."""
+    schema = _closed(params)
+    # The separators json.dumps writes (and the templates render), no free whitespace: a small
+    # model would otherwise drift into runs of blanks. Not lenient: the contract enforces the
+    # schema whether or not the tool is strict, so keywords the grammar engine cannot enforce
+    # (uniqueItems...) refuse the request instead of being skipped.
+    schema["x-guidance"] = {
+        "whitespace_flexible": False,
+        "key_separator": ": ",
+        "item_separator": ", ",
+        "lenient": False,
+        **schema.get("x-guidance", {}),
+    }
+    return json.dumps(schema)
+
+
+@functools.lru_cache(maxsize=256)
+def _schema_error(arguments_schema: str) -> str:
+    """Why the grammar engine cannot compile a tool's arguments schema ("" when it can)."""
+    grammar = llguidance.grammar_from("lark", f"start: %json {arguments_schema}")
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    return messages[0] if is_error else ""
+
+
 def _function_rules(tools: Sequence[tuple[Tool, dict[str, Any]]]) -> list[str]:
     rules = []
     for i, (tool, params) in enumerate(tools):
-        schema = _closed(params)
-        # The separators json.dumps writes (and the templates render), no free whitespace: a
-        # small model would otherwise drift into runs of blanks. Non-strict tools skip the
-        # schema keywords the grammar engine cannot enforce instead of failing the request.
-        schema["x-guidance"] = {
-            "whitespace_flexible": False,
-            "key_separator": ": ",
-            "item_separator": ", ",
-            "lenient": not tool.strict,
-            **schema.get("x-guidance", {}),
-        }
         head = '{"name": ' + json.dumps(tool.name) + ', "arguments": '
         rules.append(f'tool_fn_{i}: {json.dumps(head)} tool_args_{i} "}}"')
-        rules.append(f"tool_args_{i}: %json {json.dumps(schema)}")
+        rules.append(f"tool_args_{i}: %json {_arguments_schema(params)}")
     return rules
 
 
