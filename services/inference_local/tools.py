@@ -14,7 +14,8 @@ max_tokens; without it, it weighs the next call against ending its turn. How eac
 becomes a constraint:
 
 - none: no tool constraint (the tools are still shown to the model); an output constraint of
-  the request (response_format) applies as without tools.
+  the request (response_format) applies as without tools. The output is not parsed for calls:
+  a call the model writes anyway is text, and the finish reason is never TOOL_CALLS.
 - auto: lazy: the text is free until the model writes the opener ``<tool_call>``; what follows it
   is forced to be one call (or several, when parallel calls are allowed) of the given tools. With
   an output constraint too, the grammar is not lazy: ``start: calls | <the response grammar>``,
