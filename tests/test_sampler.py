@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import itertools
 from collections.abc import Iterator
 from dataclasses import replace
@@ -220,7 +219,8 @@ def test_a_masked_row_picks_what_the_chain_picks_among_every_allowed_token(
     decoded: Decoded,
 ) -> None:
     """Masks of every size: most tokens (inside a JSON string), a few (structure), and all but
-    the row's best (so the unconstrained shortlist holds too few allowed tokens)."""
+    the row's best (so the unconstrained shortlist holds too few allowed tokens); rows sampled
+    alone and in blocks, on one thread and on two."""
     model, context, prompts, rows = decoded
     rng = np.random.default_rng(0)
     logits = context.logits(rows[0])
@@ -229,31 +229,41 @@ def test_a_masked_row_picks_what_the_chain_picks_among_every_allowed_token(
         "thirty": np.isin(np.arange(model.n_vocab), rng.choice(model.n_vocab, 30)),
         "not-the-best": logits < np.sort(logits)[-5000],
     }
-    for (name, allowed), changes in itertools.product(masks.items(), CHAINS):
-        allowed = allowed.copy()
+    ids_of = {}
+    for name, allowed in masks.items():
         allowed[[10, 5000]] = True  # the biased tokens of one chain
-        mask = _bitmask(allowed)
-        ids = np.flatnonzero(allowed)
-        for seq in range(len(PROMPTS)):
-            config = replace(BASE, seed=seq, **changes)
-            ours, reference = Sampler(model, config), Sampler(model, config)
+        ids_of[name] = np.flatnonzero(allowed)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        for (name, allowed), changes in itertools.product(masks.items(), CHAINS):
+            mask = _bitmask(allowed)
+            ids = ids_of[name]
+            configs = [replace(BASE, seed=seq, **changes) for seq in range(len(PROMPTS))]
+            ours = [Sampler(model, config) for config in configs]
+            references = [Sampler(model, config) for config in configs]
             try:
-                ours.accept_prompt(prompts[seq])
-                reference.accept_prompt(prompts[seq])
-                row = context.logits(rows[seq])
-                for _ in range(4):
-                    candidates = np.empty(ids.size, _TOKEN_DATA)
-                    candidates["id"] = ids
-                    candidates["logit"] = row[ids]
-                    candidates["p"] = 0.0
-                    data = ctypes.cast(candidates.ctypes.data, ctypes.POINTER(C.llama_token_data))
-                    expected = reference._pick(C.llama_token_data_array(data, ids.size, -1, False))
-                    token = Sampler.sample_many(context, [(ours, rows[seq])], masks=[mask])[0]
-                    assert token == expected, (name, changes)
-                    assert allowed[token]
+                for seq in range(len(PROMPTS)):
+                    ours[seq].accept_prompt(prompts[seq])
+                    references[seq].accept_prompt(prompts[seq])
+                for draw in range(4):
+                    expected = []
+                    for seq, reference in enumerate(references):
+                        candidates = np.empty(ids.size, _TOKEN_DATA)
+                        candidates["id"] = ids
+                        candidates["logit"] = context.logits(rows[seq])[ids]
+                        candidates["p"] = 0.0
+                        expected.append(reference._pick_from(candidates))
+                    work = list(zip(ours, rows, strict=True))
+                    if draw % 2:
+                        tokens = [sampler.sample(context, row, mask) for sampler, row in work]
+                    else:
+                        tokens = Sampler.sample_many(
+                            context, work, pool if draw == 2 else None, [mask] * len(work)
+                        )
+                    assert tokens == expected, (name, changes, draw)
+                    assert allowed[tokens].all()
             finally:
-                ours.close()
-                reference.close()
+                for sampler in ours + references:
+                    sampler.close()
 
 
 def test_masked_rows_beside_free_rows_leave_them_unchanged(stepped: Decoded) -> None:

@@ -488,21 +488,25 @@ class Sampler:
         threads of 2 rows each sampled 16 streams no faster than one thread).
 
         `masks[i]`, when given and not None, is row i's bitmask of allowed tokens (bit t of
-        word t // 32, llguidance's layout): that row samples only among them (`_sample_masked`)
-        and returns -1 when none is allowed. Rows without a mask take exactly the path they
-        take without any mask in the step."""
+        word t // 32, llguidance's layout): that row samples only among them (`_pick_masked`)
+        and gets -1 when none is allowed. Masked rows form blocks of their own, so rows without
+        a mask take exactly the path they take without any mask in the step."""
         tokens = [0] * len(work)
 
         def run(task: list[int]) -> None:
             sampler, index = work[task[0]]
             mask = masks[task[0]] if masks is not None else None
-            if mask is not None:  # a task of one row
-                tokens[task[0]] = sampler._sample_masked(context, index, mask)
-                return
             if not sampler.shortlisted:  # a task of one row
-                tokens[task[0]] = sampler._sample_full(context, index)
+                if mask is None:
+                    tokens[task[0]] = sampler._sample_full(context, index)
+                else:
+                    tokens[task[0]] = sampler._sample_allowed(context.logits(index), mask)
                 return
-            picked = Sampler._sample_block(context, [work[i] for i in task])
+            picked = Sampler._sample_block(
+                context,
+                [work[i] for i in task],
+                [masks[i] for i in task] if mask is not None and masks is not None else None,
+            )
             for i, token in zip(task, picked, strict=True):
                 tokens[i] = token
 
@@ -528,15 +532,15 @@ class Sampler:
         masks: Sequence[npt.NDArray[np.int32] | None] | None = None,
     ) -> list[list[int]]:
         """Indices into `work`: blocks of up to BLOCK_ROWS rows whose chains keep the same k
-        best (one shortlist pass each; a decode step's rows are consecutive), and every row on
-        llama.cpp's full-vocabulary path, or with a mask, alone."""
-        blocks: dict[tuple[int, int], list[int]] = {}
+        best (one shortlist pass each; a decode step's rows are consecutive), masked rows and
+        free ones in separate blocks, and every row on llama.cpp's full-vocabulary path (or
+        among all its allowed tokens) alone."""
+        blocks: dict[tuple[int, int, bool], list[int]] = {}
         alone: list[list[int]] = []
         for i, (sampler, _) in enumerate(work):
-            if masks is not None and masks[i] is not None:
-                alone.append([i])
-            elif sampler.shortlisted:
-                blocks.setdefault((sampler._keep, sampler._stride), []).append(i)
+            masked = masks is not None and masks[i] is not None
+            if sampler.shortlisted:
+                blocks.setdefault((sampler._keep, sampler._stride, masked), []).append(i)
             else:
                 alone.append([i])
         size = Sampler.BLOCK_ROWS
@@ -554,20 +558,35 @@ class Sampler:
         return self._moved
 
     @staticmethod
-    def _sample_block(context: Context, work: Sequence[tuple[Sampler, int]]) -> list[int]:
-        """Samplers that keep the same k best, each from a shortlist of its row (`_shortlists`);
-        rows whose sampled logits are not all finite take llama.cpp's path."""
+    def _sample_block(
+        context: Context,
+        work: Sequence[tuple[Sampler, int]],
+        masks: Sequence[npt.NDArray[np.int32] | None] | None = None,
+    ) -> list[int]:
+        """Samplers that keep the same k best, each from a shortlist of its row (`_shortlists`),
+        or with `masks` from the allowed tokens of it (`_pick_masked`); rows whose sampled
+        logits are not all finite take llama.cpp's path (among all allowed tokens if masked)."""
         rows = context.logit_rows([index for _, index in work])
         shortlists = Sampler._shortlists([sampler for sampler, _ in work], rows)
         if shortlists is None:
-            return [sampler._sample_full(context, index) for sampler, index in work]
+            return [
+                sampler._sample_full(context, index)
+                if masks is None or (mask := masks[i]) is None
+                else sampler._sample_allowed(rows[i], mask)
+                for i, (sampler, index) in enumerate(work)
+            ]
         candidates, ends = shortlists
         base = candidates.ctypes.data
         tokens = []
         start = 0
-        for (sampler, _), end in zip(work, ends, strict=True):
-            data = ctypes.cast(base + start * _TOKEN_DATA.itemsize, _TOKEN_DATA_P)
-            tokens.append(sampler._pick(C.llama_token_data_array(data, end - start, -1, False)))
+        for i, ((sampler, _), end) in enumerate(zip(work, ends, strict=True)):
+            mask = masks[i] if masks is not None else None
+            if mask is not None:
+                tokens.append(sampler._pick_masked(rows[i], mask, candidates[start:end]))
+            else:
+                data = ctypes.cast(base + start * _TOKEN_DATA.itemsize, _TOKEN_DATA_P)
+                cur = C.llama_token_data_array(data, end - start, -1, False)
+                tokens.append(sampler._pick(cur))
             start = end
         return tokens
 
@@ -608,49 +627,48 @@ class Sampler:
         ends = np.searchsorted(flat, np.arange(1, n_rows + 1) * n_vocab).tolist()
         return candidates, ends
 
-    def _sample_masked(self, context: Context, index: int, mask: npt.NDArray[np.int32]) -> int:
-        """Sample among the tokens `mask` allows, from candidates that surely hold the chain's
-        choice (`_masked_candidates`); -1 when the mask allows no token."""
-        candidates = self._masked_candidates(context.logits(index), mask)
-        if not candidates.size:
-            return -1
-        data = ctypes.cast(candidates.ctypes.data, _TOKEN_DATA_P)
-        return self._pick(C.llama_token_data_array(data, candidates.size, -1, False))
+    def _pick_masked(
+        self,
+        row: npt.NDArray[np.float32],
+        mask: npt.NDArray[np.int32],
+        shortlist: npt.NDArray[np.void],
+    ) -> int:
+        """Pick among the tokens `mask` allows, given the row's unconstrained shortlist (its
+        threshold t, `_shortlists`). If at least k allowed, unmoved tokens reach t, an allowed
+        unmoved token below t has k better ones and can never be kept: the allowed part of the
+        shortlist (whose moved tokens are all there) suffices. It does inside free text (a JSON
+        string allows almost every token); where the grammar allows few tokens (structure,
+        digits, keys), they are all the candidates (`_sample_allowed`)."""
+        allowed = shortlist[_allowed(mask, shortlist["id"].astype(np.int64))]
+        unmoved = allowed.size
+        moved = self._moved_tokens()
+        if moved.size:
+            unmoved -= int(np.isin(allowed["id"], moved).sum())
+        if unmoved < self._keep:
+            return self._sample_allowed(row, mask)
+        return self._pick_from(allowed)
 
-    def _masked_candidates(
-        self, row: npt.NDArray[np.float32], mask: npt.NDArray[np.int32]
-    ) -> npt.NDArray[np.void]:
-        """The allowed tokens of a row that may be among its chain's k best, in token order;
-        every allowed token when the chain needs them all.
-
-        A chain that keeps the k best first tries the unconstrained shortlist's threshold t
-        (`_shortlists`): if at least k allowed, unmoved tokens reach t, an allowed unmoved token
-        below t has k better ones and can never be kept, so the allowed tokens at or above t,
-        plus the allowed moved ones, suffice. This holds inside free text (a JSON string allows
-        almost every token); where the grammar allows few tokens (structure, digits, keys),
-        they are all the candidates, found from the mask's non-zero words."""
-        n_vocab = row.shape[0]
-        if self._keep:
-            moved = self._moved_tokens()
-            sample = row[:: self._stride]
-            if moved.size:
-                sample = sample.copy()
-                sample[moved[moved % self._stride == 0] // self._stride] = -np.inf
-            kth = sample.shape[0] - self._keep
-            threshold = np.partition(sample, kth)[kth]
-            if np.isfinite(threshold):
-                ids = np.flatnonzero(row >= threshold)
-                ids = ids[_allowed(mask, ids)]
-                unmoved = ids.size - int(np.isin(ids, moved).sum()) if moved.size else ids.size
-                if unmoved >= self._keep:
-                    if moved.size:
-                        ids = np.union1d(ids, moved[_allowed(mask, moved)])
-                    return _candidates(row, ids)
+    def _sample_allowed(self, row: npt.NDArray[np.float32], mask: npt.NDArray[np.int32]) -> int:
+        """Pick among every token `mask` allows (found from its non-zero words); -1 when it
+        allows none."""
         words = np.flatnonzero(mask)
         bits = np.unpackbits(mask[words].view(np.uint8), bitorder="little").reshape(-1, 32)
         word_rows, offsets = np.nonzero(bits)
         ids = words[word_rows] * 32 + offsets
-        return _candidates(row, ids[ids < n_vocab])
+        ids = ids[ids < row.shape[0]]
+        if not ids.size:
+            return -1
+        candidates = np.empty(ids.size, _TOKEN_DATA)
+        candidates["id"] = ids
+        candidates["logit"] = row[ids]
+        candidates["p"] = 0.0
+        return self._pick_from(candidates)
+
+    def _pick_from(self, candidates: npt.NDArray[np.void]) -> int:
+        """`_pick` over a candidate array that this call keeps alive (and contiguous)."""
+        candidates = np.ascontiguousarray(candidates)
+        data = ctypes.cast(candidates.ctypes.data, _TOKEN_DATA_P)
+        return self._pick(C.llama_token_data_array(data, candidates.size, -1, False))
 
     def _pick(self, cur: Any) -> int:
         """Run the chain over `cur` (a llama_token_data_array) and accept its token."""
@@ -672,14 +690,6 @@ def _allowed(mask: npt.NDArray[np.int32], ids: npt.NDArray[np.int64]) -> npt.NDA
     """Whether each token of `ids` is allowed by a bitmask (bit t of word t // 32)."""
     allowed: npt.NDArray[np.bool_] = ((mask[ids >> 5] >> (ids & 31)) & 1).astype(bool)
     return allowed
-
-
-def _candidates(row: npt.NDArray[np.float32], ids: npt.NDArray[np.int64]) -> npt.NDArray[np.void]:
-    candidates = np.empty(ids.size, _TOKEN_DATA)
-    candidates["id"] = ids
-    candidates["logit"] = row[ids]
-    candidates["p"] = 0.0
-    return candidates
 
 
 def quantize(source: Path, target: Path, kind: str, n_threads: int) -> None:
