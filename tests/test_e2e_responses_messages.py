@@ -4,13 +4,14 @@ official anthropic SDK) through the whole mesh, streaming and not."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
 import anthropic
 import jsonschema
 import openai
 import pytest
 from helpers import DEFAULT_MODEL, Mesh
+from pydantic import Field
 
 pytestmark = pytest.mark.e2e
 
@@ -36,6 +37,8 @@ ANTHROPIC_TOOL: Any = {
     "input_schema": WEATHER_SCHEMA,
 }
 QUESTION = "What is the weather in Oslo for the next two days?"
+# The anthropic SDK takes sampling parameters in the body only.
+GREEDY: Any = {"temperature": 0}
 
 
 @pytest.fixture(scope="module")
@@ -173,40 +176,60 @@ def test_responses_refuses_what_it_does_not_keep(client: openai.OpenAI) -> None:
     assert "previous_response_id" in str(caught.value)
 
 
-async def test_openai_agents_sdk_runs_a_tool(mesh: Mesh) -> None:
-    """The OpenAI Agents SDK's loop against the mesh: a forced tool call, the tool runs, the
-    model answers with the result in its context."""
+@pytest.mark.parametrize("api", ["chat_completions", "responses"])
+async def test_openai_agents_sdk_runs_a_tool(mesh: Mesh, api: str) -> None:
+    """The OpenAI Agents SDK's loop against the mesh, over either API: a forced tool call, the
+    tool runs with arguments that validate, and the loop ends.
+
+    Over chat completions the SDK asks the model again with the result in its context (it resets
+    tool_choice after the call), and a base model's answer may end at max_tokens, which that API
+    reports as a normal finish. Over Responses such an answer is `incomplete`, which the SDK
+    raises, so that run stops on the tool's output."""
     import agents
 
     agents.set_tracing_disabled(True)
     seen: list[tuple[str, int]] = []
 
+    # Bounded like WEATHER_SCHEMA: a base model fills an unbounded string until max_tokens.
     @agents.function_tool
-    def get_weather(city: str, days: int) -> str:
+    def get_weather(
+        city: Annotated[str, Field(max_length=40)], days: Annotated[int, Field(ge=1, le=7)]
+    ) -> str:
         """Weather forecast for a city."""
         seen.append((city, days))
         return "Sunny."
 
-    model = agents.OpenAIResponsesModel(
-        model=DEFAULT_MODEL,
-        openai_client=openai.AsyncOpenAI(
-            base_url=f"{mesh.base_url}/v1", api_key="unused", max_retries=0
-        ),
-    )
-    agent = agents.Agent(
-        name="forecaster",
-        instructions="Answer weather questions with the get_weather tool.",
-        model=model,
-        tools=[get_weather],
-        model_settings=agents.ModelSettings(tool_choice="required", temperature=0, max_tokens=48),
-    )
-    result = await agents.Runner.run(agent, QUESTION, max_turns=3)
-    # The SDK resets tool_choice after the call, so the second turn may answer in text.
+    async with openai.AsyncOpenAI(
+        base_url=f"{mesh.base_url}/v1", api_key="unused", max_retries=0
+    ) as client:
+        model: agents.Model
+        if api == "responses":
+            model = agents.OpenAIResponsesModel(model=DEFAULT_MODEL, openai_client=client)
+        else:
+            model = agents.OpenAIChatCompletionsModel(model=DEFAULT_MODEL, openai_client=client)
+        agent = agents.Agent(
+            name="forecaster",
+            instructions="Answer weather questions with the get_weather tool.",
+            model=model,
+            tools=[get_weather],
+            model_settings=agents.ModelSettings(
+                tool_choice="required", temperature=0, max_tokens=64
+            ),
+            tool_use_behavior="stop_on_first_tool" if api == "responses" else "run_llm_again",
+        )
+        result = await agents.Runner.run(agent, QUESTION, max_turns=3)
     assert len(seen) == 1
-    assert isinstance(seen[0][0], str)
-    assert 1 <= seen[0][1] <= 7
-    assert isinstance(result.final_output, str)
-    assert result.final_output
+    city, days = seen[0]
+    jsonschema.validate({"city": city, "days": days}, WEATHER_SCHEMA)
+    calls = [item for item in result.new_items if item.type == "tool_call_item"]
+    assert len(calls) == 1
+    if api == "responses":
+        assert result.final_output == "Sunny."
+    else:
+        # The second turn answered in text, with the tool's result in its prompt.
+        assert isinstance(result.final_output, str)
+        assert result.final_output
+        assert len(result.raw_responses) == 2
 
 
 # --- Anthropic Messages -------------------------------------------------------------------------
@@ -218,7 +241,7 @@ def test_messages_text(claude: anthropic.Anthropic) -> None:
         system="You are terse.",
         messages=[{"role": "user", "content": "Name three colours."}],
         max_tokens=16,
-        temperature=0,
+        extra_body=GREEDY,
     )
     assert message.role == "assistant"
     assert message.stop_reason in ("end_turn", "max_tokens")
@@ -233,7 +256,7 @@ def test_messages_stop_sequence(claude: anthropic.Anthropic) -> None:
         messages=[{"role": "user", "content": "Count: one, two, three, four, five, six"}],
         stop_sequences=[","],
         max_tokens=32,
-        temperature=0,
+        extra_body=GREEDY,
     )
     if message.stop_reason == "stop_sequence":
         assert message.stop_sequence == ","
@@ -263,7 +286,7 @@ def test_messages_tool_use_round_trip(claude: anthropic.Anthropic) -> None:
         tools=[ANTHROPIC_TOOL],
         tool_choice={"type": "tool", "name": "get_weather"},
         max_tokens=64,
-        temperature=0,
+        extra_body=GREEDY,
     )
     assert first.stop_reason == "tool_use"
     uses = [b for b in first.content if b.type == "tool_use"]
@@ -284,7 +307,7 @@ def test_messages_tool_use_round_trip(claude: anthropic.Anthropic) -> None:
         tools=[ANTHROPIC_TOOL],
         tool_choice={"type": "none"},
         max_tokens=16,
-        temperature=0,
+        extra_body=GREEDY,
     )
     assert second.stop_reason in ("end_turn", "max_tokens")
     assert second.content[0].type == "text"
@@ -298,7 +321,7 @@ def test_messages_streamed_tool_use_assembles(claude: anthropic.Anthropic) -> No
         tools=[ANTHROPIC_TOOL],
         tool_choice={"type": "any"},
         max_tokens=64,
-        temperature=0,
+        extra_body=GREEDY,
     ) as stream:
         partials = [e.partial_json for e in stream if e.type == "input_json"]
         final = stream.get_final_message()
