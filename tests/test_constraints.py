@@ -230,6 +230,13 @@ def test_lazy_guide_waits_for_its_trigger_split_across_tokens(
     ]
     assert guide.active
 
+    # Pieces shorter than the trigger from the very start, as a model writes them token by
+    # token: none of their bytes may be forgotten while the trigger is incomplete.
+    early = grammar.start()
+    for piece in [b"A", b" <", b"ca", b"ll", b">"]:
+        assert early.accept(-1, piece) is Outcome.GOING
+    assert early.active
+
     rejected = grammar.start()
     assert rejected.accept(0, b"<call>") is Outcome.GOING
     assert rejected.active

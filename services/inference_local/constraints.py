@@ -189,8 +189,9 @@ class Guide:
         at = seen.find(self._trigger)
         if at < 0:
             # Keep only what could still be the start of the trigger.
+            # (From the end: `seen` may still be shorter than the trigger.)
             keep = len(self._trigger) - 1
-            self._seen = seen[len(seen) - keep :] if keep else b""
+            self._seen = seen[-keep:] if keep else b""
             return Outcome.GOING
         self.active = True
         self._seen = b""
