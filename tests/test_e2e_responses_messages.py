@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
+import agents
 import anthropic
 import jsonschema
 import openai
 import pytest
 from helpers import DEFAULT_MODEL, Mesh
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 pytestmark = pytest.mark.e2e
 
@@ -176,17 +177,23 @@ def test_responses_refuses_what_it_does_not_keep(client: openai.OpenAI) -> None:
     assert "previous_response_id" in str(caught.value)
 
 
+class Forecast(BaseModel):
+    city: str = Field(max_length=40)
+    days: int = Field(ge=1, le=7)
+    sunny: bool
+
+
+def agent_model(client: openai.AsyncOpenAI, api: str) -> agents.Model:
+    if api == "responses":
+        return agents.OpenAIResponsesModel(model=DEFAULT_MODEL, openai_client=client)
+    return agents.OpenAIChatCompletionsModel(model=DEFAULT_MODEL, openai_client=client)
+
+
 @pytest.mark.parametrize("api", ["chat_completions", "responses"])
 async def test_openai_agents_sdk_runs_a_tool(mesh: Mesh, api: str) -> None:
-    """The OpenAI Agents SDK's loop against the mesh, over either API: a forced tool call, the
-    tool runs with arguments that validate, and the loop ends.
-
-    Over chat completions the SDK asks the model again with the result in its context (it resets
-    tool_choice after the call), and a base model's answer may end at max_tokens, which that API
-    reports as a normal finish. Over Responses such an answer is `incomplete`, which the SDK
-    raises, so that run stops on the tool's output."""
-    import agents
-
+    """The OpenAI Agents SDK's loop against the mesh, over either API: the model must call the
+    tool, the SDK parses the call and runs the tool with arguments that validate, and the run
+    ends with the tool's output."""
     agents.set_tracing_disabled(True)
     seen: list[tuple[str, int]] = []
 
@@ -202,34 +209,41 @@ async def test_openai_agents_sdk_runs_a_tool(mesh: Mesh, api: str) -> None:
     async with openai.AsyncOpenAI(
         base_url=f"{mesh.base_url}/v1", api_key="unused", max_retries=0
     ) as client:
-        model: agents.Model
-        if api == "responses":
-            model = agents.OpenAIResponsesModel(model=DEFAULT_MODEL, openai_client=client)
-        else:
-            model = agents.OpenAIChatCompletionsModel(model=DEFAULT_MODEL, openai_client=client)
         agent = agents.Agent(
             name="forecaster",
             instructions="Answer weather questions with the get_weather tool.",
-            model=model,
+            model=agent_model(client, api),
             tools=[get_weather],
             model_settings=agents.ModelSettings(
                 tool_choice="required", temperature=0, max_tokens=64
             ),
-            tool_use_behavior="stop_on_first_tool" if api == "responses" else "run_llm_again",
+            tool_use_behavior="stop_on_first_tool",
         )
-        result = await agents.Runner.run(agent, QUESTION, max_turns=3)
+        result = await agents.Runner.run(agent, QUESTION, max_turns=2)
     assert len(seen) == 1
     city, days = seen[0]
     jsonschema.validate({"city": city, "days": days}, WEATHER_SCHEMA)
-    calls = [item for item in result.new_items if item.type == "tool_call_item"]
-    assert len(calls) == 1
-    if api == "responses":
-        assert result.final_output == "Sunny."
-    else:
-        # The second turn answered in text, with the tool's result in its prompt.
-        assert isinstance(result.final_output, str)
-        assert result.final_output
-        assert len(result.raw_responses) == 2
+    assert [item.type for item in result.new_items] == ["tool_call_item", "tool_call_output_item"]
+    assert result.final_output == "Sunny."
+
+
+@pytest.mark.parametrize("api", ["chat_completions", "responses"])
+async def test_openai_agents_sdk_structured_output(mesh: Mesh, api: str) -> None:
+    """An agent with an output type: the SDK asks for its JSON schema (response_format, or
+    Responses' text.format) and parses the answer into the pydantic model itself."""
+    agents.set_tracing_disabled(True)
+    async with openai.AsyncOpenAI(
+        base_url=f"{mesh.base_url}/v1", api_key="unused", max_retries=0
+    ) as client:
+        agent = agents.Agent(
+            name="forecaster",
+            instructions="Answer with a forecast.",
+            model=agent_model(client, api),
+            output_type=Forecast,
+            model_settings=agents.ModelSettings(temperature=0.8, max_tokens=96),
+        )
+        result = await agents.Runner.run(agent, QUESTION, max_turns=1)
+    assert isinstance(result.final_output, Forecast)
 
 
 # --- Anthropic Messages -------------------------------------------------------------------------
