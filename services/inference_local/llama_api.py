@@ -488,7 +488,7 @@ class Sampler:
         threads of 2 rows each sampled 16 streams no faster than one thread).
 
         `masks[i]`, when given and not None, is row i's bitmask of allowed tokens (bit t of
-        word t // 32, llguidance's layout): that row samples only among them (`_pick_masked`)
+        word t // 32, llguidance's layout): that row samples only among them (`_keep_allowed`)
         and gets -1 when none is allowed. Masked rows form blocks of their own, so rows without
         a mask take exactly the path they take without any mask in the step."""
         tokens = [0] * len(work)
@@ -564,7 +564,7 @@ class Sampler:
         masks: Sequence[npt.NDArray[np.int32] | None] | None = None,
     ) -> list[int]:
         """Samplers that keep the same k best, each from a shortlist of its row (`_shortlists`),
-        or with `masks` from the allowed tokens of it (`_pick_masked`); rows whose sampled
+        or with `masks` from the allowed tokens of it (`_keep_allowed`); rows whose sampled
         logits are not all finite take llama.cpp's path (among all allowed tokens if masked)."""
         rows = context.logit_rows([index for _, index in work])
         shortlists = Sampler._shortlists([sampler for sampler, _ in work], rows)
@@ -576,19 +576,50 @@ class Sampler:
                 for i, (sampler, index) in enumerate(work)
             ]
         candidates, ends = shortlists
+        given = [mask for mask in masks if mask is not None] if masks is not None else []
+        masked = len(given) == len(work)  # a block of masked rows (never mixed with free ones)
+        if masked:
+            candidates, ends = Sampler._keep_allowed(candidates, ends, given)
         base = candidates.ctypes.data
         tokens = []
         start = 0
         for i, ((sampler, _), end) in enumerate(zip(work, ends, strict=True)):
-            mask = masks[i] if masks is not None else None
-            if mask is not None:
-                tokens.append(sampler._pick_masked(rows[i], mask, candidates[start:end]))
+            if masked and not sampler._enough_allowed(candidates[start:end]):
+                tokens.append(sampler._sample_allowed(rows[i], given[i]))
             else:
                 data = ctypes.cast(base + start * _TOKEN_DATA.itemsize, _TOKEN_DATA_P)
                 cur = C.llama_token_data_array(data, end - start, -1, False)
                 tokens.append(sampler._pick(cur))
             start = end
         return tokens
+
+    @staticmethod
+    def _keep_allowed(
+        candidates: npt.NDArray[np.void],
+        ends: list[int],
+        masks: Sequence[npt.NDArray[np.int32]],
+    ) -> tuple[npt.NDArray[np.void], list[int]]:
+        """The block's shortlists cut down to the tokens each row's mask allows, in one pass
+        over the whole block."""
+        words = np.stack(masks)
+        owner = np.repeat(np.arange(len(ends)), np.diff(ends, prepend=0))
+        ids = candidates["id"].astype(np.int64)
+        allowed = ((words[owner, ids >> 5] >> (ids & 31)) & 1).astype(bool)
+        counts = np.bincount(owner[allowed], minlength=len(ends))
+        return candidates[allowed], np.cumsum(counts).tolist()
+
+    def _enough_allowed(self, shortlist: npt.NDArray[np.void]) -> bool:
+        """Whether the allowed part of a row's unconstrained shortlist (threshold t) surely
+        holds its chain's pick: with at least k allowed, unmoved tokens at or above t, an
+        allowed unmoved token below t has k better ones and can never be kept (the moved ones
+        are all in the shortlist). It does inside free text (a JSON string allows almost every
+        token); where the grammar allows few tokens (structure, digits, keys), the row samples
+        among all of them (`_sample_allowed`)."""
+        unmoved = shortlist.size
+        moved = self._moved_tokens()
+        if moved.size:
+            unmoved -= int(np.isin(shortlist["id"], moved).sum())
+        return unmoved >= self._keep
 
     @staticmethod
     def _shortlists(
@@ -627,27 +658,6 @@ class Sampler:
         ends = np.searchsorted(flat, np.arange(1, n_rows + 1) * n_vocab).tolist()
         return candidates, ends
 
-    def _pick_masked(
-        self,
-        row: npt.NDArray[np.float32],
-        mask: npt.NDArray[np.int32],
-        shortlist: npt.NDArray[np.void],
-    ) -> int:
-        """Pick among the tokens `mask` allows, given the row's unconstrained shortlist (its
-        threshold t, `_shortlists`). If at least k allowed, unmoved tokens reach t, an allowed
-        unmoved token below t has k better ones and can never be kept: the allowed part of the
-        shortlist (whose moved tokens are all there) suffices. It does inside free text (a JSON
-        string allows almost every token); where the grammar allows few tokens (structure,
-        digits, keys), they are all the candidates (`_sample_allowed`)."""
-        allowed = shortlist[_allowed(mask, shortlist["id"].astype(np.int64))]
-        unmoved = allowed.size
-        moved = self._moved_tokens()
-        if moved.size:
-            unmoved -= int(np.isin(allowed["id"], moved).sum())
-        if unmoved < self._keep:
-            return self._sample_allowed(row, mask)
-        return self._pick_from(allowed)
-
     def _sample_allowed(self, row: npt.NDArray[np.float32], mask: npt.NDArray[np.int32]) -> int:
         """Pick among every token `mask` allows (found from its non-zero words); -1 when it
         allows none."""
@@ -684,12 +694,6 @@ class Sampler:
         if self.ptr:
             C.llama_sampler_free(self.ptr)
             self.ptr = None
-
-
-def _allowed(mask: npt.NDArray[np.int32], ids: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
-    """Whether each token of `ids` is allowed by a bitmask (bit t of word t // 32)."""
-    allowed: npt.NDArray[np.bool_] = ((mask[ids >> 5] >> (ids & 31)) & 1).astype(bool)
-    return allowed
 
 
 def quantize(source: Path, target: Path, kind: str, n_threads: int) -> None:
