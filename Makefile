@@ -21,10 +21,15 @@ help:
 
 # llama-cpp-python compiles from source (minutes on 2 cores); pip's wheel cache keeps the
 # result, so only the first install on a machine pays for it.
+# AMX off: these VMs (Firecracker) report AMX in cpuid but fault on its tile instructions, so
+# ggml's AMX matmul, which llama.cpp uses wherever extra buffer types are on (llama_cpp.server,
+# repacked weights), dies with SIGILL. -march=native keeps every other extension.
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE_ARGS ?= -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(BIN)/pip install -q -e '.[dev]'
+	CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q -e '.[dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
