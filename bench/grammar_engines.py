@@ -263,7 +263,7 @@ def main() -> int:
             if key != "version":
                 print(f"  {key:<20} {value:10.3f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"grammar_engines.{Path(sys.executable).parent.parent.name}.json"
+    out = RESULTS / f"grammar_engines.{Path(sys.executable).parent.parent.name.lstrip('.')}.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")
     return 0
