@@ -133,6 +133,7 @@ def test_required_without_parallel_calls_exactly_one_tool(client: openai.OpenAI)
     assert choice.finish_reason == "tool_calls"
     assert choice.message.tool_calls is not None
     (call,) = choice.message.tool_calls
+    assert call.type == "function"
     schema = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]["function"]
     jsonschema.validate(json.loads(call.function.arguments), schema["parameters"])
 
@@ -183,7 +184,9 @@ async def test_streamed_tool_call_deltas_assemble(aclient: openai.AsyncOpenAI) -
         max_tokens=96,
     )
     assert reply.choices[0].message.tool_calls is not None
-    assert reply.choices[0].message.tool_calls[0].function.arguments == calls[0]["arguments"]
+    whole = reply.choices[0].message.tool_calls[0]
+    assert whole.type == "function"
+    assert whole.function.arguments == calls[0]["arguments"]
 
 
 def test_tool_round_trip(client: openai.OpenAI) -> None:
@@ -198,6 +201,7 @@ def test_tool_round_trip(client: openai.OpenAI) -> None:
     message = first.choices[0].message
     assert message.tool_calls is not None
     call = message.tool_calls[0]
+    assert call.type == "function"
     history: list[ChatCompletionMessageParam] = [
         *ASK,
         {
