@@ -34,6 +34,8 @@ HTTP_BY_GRPC: Mapping[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.CANCELLED: (499, SERVER),
     grpc.StatusCode.UNAVAILABLE: (503, SERVER),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, SERVER),
+    # e.g. count_tokens for a model whose tier has no counting endpoint.
+    grpc.StatusCode.UNIMPLEMENTED: (501, SERVER),
 }
 _SERVER_FAULT = (500, SERVER)
 

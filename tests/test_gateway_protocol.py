@@ -329,7 +329,7 @@ def rpc_error(
         (grpc.StatusCode.DEADLINE_EXCEEDED, 504, "server_error"),
         (grpc.StatusCode.INTERNAL, 500, "server_error"),
         (grpc.StatusCode.UNKNOWN, 500, "server_error"),
-        (grpc.StatusCode.UNIMPLEMENTED, 500, "server_error"),
+        (grpc.StatusCode.UNIMPLEMENTED, 501, "server_error"),
         (grpc.StatusCode.DATA_LOSS, 500, "server_error"),
         (grpc.StatusCode.ABORTED, 500, "server_error"),
     ],
