@@ -68,8 +68,6 @@ __all__ = [
 ]
 
 MB = 1 << 20
-# Choices one request may ask for; the gateway's own limit (gateway.max_n) is usually lower.
-MAX_N = 128
 
 
 @dataclass(frozen=True)
@@ -645,8 +643,6 @@ class Engine:
         loaded = await self._get(name)
         model = loaded.weights.model
         request.sampling.validate(model.n_vocab)
-        if not 1 <= request.n <= MAX_N:
-            raise InvalidArgument(f"n must be in [1, {MAX_N}]", field="sampling.n")
         if loaded.scheduler is None:
             raise FailedPrecondition(
                 f"model {name!r} serves embeddings, not generation", field="model"

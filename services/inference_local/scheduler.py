@@ -214,6 +214,9 @@ class Scheduler:
         self._masker = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix=f"mask-{config.name}"
         )
+        # llguidance's view of the vocabulary takes seconds to build (262k tokens for Gemma 3):
+        # build it now, in the background, rather than in the first constrained request.
+        self._masker.submit(self._grammars.tokenizer)
         # Slots in a KV copy that llama.cpp carries out at the next decode.
         self._copying: set[int] = set()
         # Prompt tokens computed by llama_decode (not restored, not copied), for tests and
