@@ -16,7 +16,7 @@ help:
 	@echo "make run    - set up and start the whole mesh (API on http://127.0.0.1:8080)"
 	@echo "make test   - set up and run every test"
 	@echo "make lint   - ruff, mypy, buf lint/breaking, generated-code and licence checks"
-	@echo "make bench  - benchmarks (mesh overhead vs the direct engine)"
+	@echo "make bench  - benchmarks (mesh overhead vs the direct engine, batching, constrained decoding)"
 	@echo "make proto  - regenerate the Python stubs from proto/"
 
 # llama-cpp-python compiles from source (minutes on 2 cores); pip's wheel cache keeps the
@@ -64,6 +64,7 @@ bench: model
 	$(BIN)/python bench/batching.py
 	$(BIN)/python bench/decode_step.py
 	$(BIN)/python bench/kv_prefix.py
+	$(BIN)/python bench/structured.py
 
 proto: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -Iproto \
