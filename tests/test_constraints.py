@@ -3,6 +3,7 @@ schema subset OpenAI's strict mode uses, and a lazy constraint's trigger, on the
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -241,3 +242,14 @@ def test_lazy_guide_waits_for_its_trigger_split_across_tokens(
     assert rejected.accept(0, b"<call>") is Outcome.GOING
     assert rejected.active
     assert grammar.start().accept(0, b"x <call>[") is Outcome.REJECTED
+
+
+def test_pieces_read_on_two_threads_at_once_are_each_their_own(model: Model) -> None:
+    """The mask thread reads every piece of the vocabulary while the decode thread reads the
+    pieces it samples, and llama_token_to_piece runs without the GIL: each must get its own
+    token's bytes (a shared buffer once gave the decode thread another token's)."""
+    tokens = range(0, model.n_vocab, 7)
+    expected = [model.piece(t, special=True) for t in tokens]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: [model.piece(t, special=True) for t in tokens], range(4)))
+    assert all(result == expected for result in results)

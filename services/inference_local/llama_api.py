@@ -110,7 +110,10 @@ class Model:
         self.n_vocab = int(C.llama_vocab_n_tokens(self.vocab))
         self.bos = int(C.llama_vocab_bos(self.vocab))
         self.eos = int(C.llama_vocab_eos(self.vocab))
-        self._piece_buf = ctypes.create_string_buffer(256)
+        # One buffer per thread: the decode thread, the mask thread building llguidance's view
+        # of the vocabulary and the event loop (detokenize) all read pieces of one model, and
+        # llama_token_to_piece runs without the GIL.
+        self._piece_bufs = threading.local()
 
     def close(self) -> None:
         if self.ptr:
@@ -173,7 +176,9 @@ class Model:
 
     def piece(self, token: int, *, special: bool = False) -> bytes:
         """The bytes of one token; may be part of a UTF-8 character."""
-        buf = self._piece_buf
+        buf = getattr(self._piece_bufs, "buf", None)
+        if buf is None:
+            buf = self._piece_bufs.buf = ctypes.create_string_buffer(256)
         n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         if n < 0:
             big = ctypes.create_string_buffer(-n)
