@@ -196,7 +196,7 @@ class FunctionName(_Wire):
     name: str = Field(pattern=TOOL_NAME_PATTERN)
 
 
-def _tool_choice_object(value: Any) -> Any:
+def tool_choice_object(value: Any) -> Any:
     # "none" | "auto" | "required" arrive as strings, a named function as an object; one model
     # holds both, so errors name `tool_choice` or `tool_choice.function.name`, not a union arm.
     if isinstance(value, str):
@@ -223,7 +223,7 @@ class ToolChoiceParam(_Wire):
 
 ToolChoiceField = Annotated[
     ToolChoiceParam,
-    BeforeValidator(_tool_choice_object),
+    BeforeValidator(tool_choice_object),
     WithJsonSchema(
         {
             "anyOf": [

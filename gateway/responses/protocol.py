@@ -20,7 +20,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from gateway.protocol import TOOL_NAME_PATTERN, _Wire, describe
+from gateway.protocol import TOOL_NAME_PATTERN, _Wire, describe, tool_choice_object
 
 _UINT32_MAX = (1 << 32) - 1
 
@@ -119,16 +119,6 @@ class FunctionTool(_Wire):
     strict: bool | None = None
 
 
-def _tool_choice_object(value: Any) -> Any:
-    if isinstance(value, str):
-        if value not in ("none", "auto", "required"):
-            raise PydanticCustomError(
-                "tool_choice", "tool_choice must be 'none', 'auto', 'required' or a function"
-            )
-        return {"type": value}
-    return value
-
-
 class ToolChoiceParam(_Wire):
     type: Literal["none", "auto", "required", "function"]
     name: str | None = None
@@ -186,7 +176,7 @@ class ResponsesRequest(_Wire):
     input: Annotated[list[InputItem], BeforeValidator(_input_items), Field(min_length=1)]
     instructions: str | None = None
     tools: list[FunctionTool] | None = None
-    tool_choice: Annotated[ToolChoiceParam, BeforeValidator(_tool_choice_object)] | None = None
+    tool_choice: Annotated[ToolChoiceParam, BeforeValidator(tool_choice_object)] | None = None
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     max_output_tokens: int | None = Field(default=None, ge=1, le=_UINT32_MAX)
