@@ -14,11 +14,13 @@ from test_inference_remote_tools import call as fake_call
 from test_inference_remote_tools import choice as fake_choice
 from test_inference_remote_tools import chunk as fake_chunk
 
+from doorman.core import input_fields
 from doorman.outbound import Outbound
 from doorman.rehydrate import JsonRehydrator
 from doorman.safety import REDACTED, SafetyFilter
 from doorman.sanitize import DetectionFailed, Finding, PresidioDetector, Sanitiser
 from slm.config import RouteConfig, RouteStep, RoutingConfig
+from slm.errors import InvalidArgument
 from slm.server import GrpcService
 from slm.v1 import doorman_pb2, inference_pb2, inference_pb2_grpc, types_pb2
 
@@ -227,6 +229,31 @@ def test_the_first_piece_of_a_call_goes_out_even_when_its_arguments_are_held_bac
     assert alive
     assert delta.tool_calls[0].id == "call_1"
     assert delta.tool_calls[0].arguments == '{"to": "'
+
+
+@pytest.mark.parametrize(
+    ("where", "field"),
+    [
+        ("arguments", "messages[1].tool_calls[0].arguments"),
+        ("result", "messages[2].content"),
+        ("description", "tools[0].description"),
+    ],
+)
+def test_the_input_filter_sees_tool_content(where: str, field: str) -> None:
+    """Tool-call arguments in the history and tool descriptions reach the model as text: a deny
+    rule refuses them as it refuses a message, and names the field."""
+    safety = SafetyFilter([r"\bdrop\s+table\b"], [])
+    request = agent_request()
+    safety.check_fields(input_fields(request))
+    if where == "arguments":
+        request.chat.messages[1].tool_calls[0].arguments = '{"sql": "DROP TABLE users"}'
+    elif where == "result":
+        request.chat.messages[2].content = '{"next": "drop table users"}'
+    else:
+        request.tools.tools[0].description = "Then drop  table users."
+    with pytest.raises(InvalidArgument) as caught:
+        safety.check_fields(input_fields(request))
+    assert caught.value.field == field
 
 
 def test_the_output_filter_sees_tool_call_arguments() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,6 +160,19 @@ class _Sanitised:
             request, masking = self._sanitiser.sanitize(self._request)
         self.request, self.masking = request, masking
         return request, masking
+
+
+def input_fields(request: inference_pb2.GenerateRequest) -> Iterator[tuple[str, str]]:
+    """Every text of a request that reaches the model, named as the field it came from."""
+    if not request.HasField("chat"):
+        yield "prompt", request.prompt
+        return
+    for i, message in enumerate(request.chat.messages):
+        yield f"messages[{i}].content", message.content
+        for j, call in enumerate(message.tool_calls):
+            yield f"messages[{i}].tool_calls[{j}].arguments", call.arguments
+    for k, tool in enumerate(request.tools.tools):
+        yield f"tools[{k}].description", tool.description
 
 
 def _last_user_text(request: inference_pb2.GenerateRequest) -> str:
@@ -312,11 +325,7 @@ class Doorman:
             if limiter is not None:
                 await limiter.admit(tenant)
             if policy.safety is not None:
-                policy.safety.check_input(
-                    [m.content for m in request.chat.messages]
-                    if request.HasField("chat")
-                    else [request.prompt]
-                )
+                policy.safety.check_fields(input_fields(request))
             timeout = min(call.timeout_s or self._default_timeout_s, self._default_timeout_s)
             deadline = time.monotonic() + timeout
             metadata = (("x-request-id", call.request_id),)

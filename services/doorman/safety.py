@@ -74,13 +74,19 @@ class SafetyFilter:
         return self._output is not None
 
     def check_input(self, texts: Iterable[str]) -> None:
-        for index, text in enumerate(texts):
+        """Check the messages' texts; the error names the message."""
+        self.check_fields((f"messages[{i}].content", text) for i, text in enumerate(texts))
+
+    def check_fields(self, fields: Iterable[tuple[str, str]]) -> None:
+        """Check (field, text) pairs of a request: message contents, but also tool-call
+        arguments and tool descriptions, which reach the model as text too."""
+        for field, text in fields:
             for rule, pattern in enumerate(self._input):
                 if pattern.search(text):
                     raise InputRefused(
-                        f"the request was refused by the safety filter: message {index} matches "
+                        f"the request was refused by the safety filter: {field} matches "
                         f"deny rule {rule}",
-                        field=f"messages[{index}].content",
+                        field=field,
                         metadata={"rule": str(rule)},
                     )
 
