@@ -232,20 +232,23 @@ def test_count_tokens_request() -> None:
 
 
 @pytest.mark.parametrize(
-    ("reason", "stops", "expected"),
+    ("end", "expected"),
     [
-        (types_pb2.FINISH_REASON_STOP, [], ("end_turn", None)),
-        (types_pb2.FINISH_REASON_STOP, ["END"], ("stop_sequence", "END")),
-        (types_pb2.FINISH_REASON_STOP, ["A", "B"], ("stop_sequence", None)),
-        (types_pb2.FINISH_REASON_LENGTH, ["END"], ("max_tokens", None)),
-        (types_pb2.FINISH_REASON_TOOL_CALLS, [], ("tool_use", None)),
-        (types_pb2.FINISH_REASON_CONTENT_FILTER, [], ("refusal", None)),
+        (types_pb2.StreamEnd(finish_reason=types_pb2.FINISH_REASON_STOP), ("end_turn", None)),
+        (
+            types_pb2.StreamEnd(finish_reason=types_pb2.FINISH_REASON_STOP, stop_sequence="END"),
+            ("stop_sequence", "END"),
+        ),
+        (types_pb2.StreamEnd(finish_reason=types_pb2.FINISH_REASON_LENGTH), ("max_tokens", None)),
+        (types_pb2.StreamEnd(finish_reason=types_pb2.FINISH_REASON_TOOL_CALLS), ("tool_use", None)),
+        (
+            types_pb2.StreamEnd(finish_reason=types_pb2.FINISH_REASON_CONTENT_FILTER),
+            ("refusal", None),
+        ),
     ],
 )
-def test_stop_reasons(
-    reason: types_pb2.FinishReason.ValueType, stops: list[str], expected: tuple[str, str | None]
-) -> None:
-    assert stop_reason(reason, stops) == expected
+def test_stop_reasons(end: types_pb2.StreamEnd, expected: tuple[str, str | None]) -> None:
+    assert stop_reason(end) == expected
 
 
 # --- answers, checked against the anthropic SDK's own types -------------------------------------
@@ -273,7 +276,7 @@ def test_whole_message_parses_as_the_sdk_message() -> None:
     builder = GenerationBuilder()
     for delta in DELTAS:
         builder.add(delta)
-    payload = MessagesRendering("r1", "m", []).whole(builder.build(END))
+    payload = MessagesRendering("r1", "m").whole(builder.build(END))
     message = Message.model_validate(payload)
     assert message.id == "msg_r1"
     assert message.model == "served"
@@ -299,7 +302,7 @@ def parse_frames(frames: list[bytes]) -> list[dict[str, Any]]:
 
 
 def test_stream_events_parse_and_accumulate_with_the_sdk() -> None:
-    rendering = MessagesRendering("r2", "m", [])
+    rendering = MessagesRendering("r2", "m")
     frames = rendering.opening()
     for delta in DELTAS:
         frames += rendering.delta(delta)
@@ -338,10 +341,12 @@ def test_stream_events_parse_and_accumulate_with_the_sdk() -> None:
 
 
 def test_reasoning_is_a_thinking_block() -> None:
-    rendering = MessagesRendering("r3", "m", ["STOP"])
+    rendering = MessagesRendering("r3", "m")
     frames = rendering.opening() + rendering.delta(types_pb2.TextDelta(reasoning="hmm"))
     frames += rendering.delta(types_pb2.TextDelta(text="ok"))
-    frames += rendering.closing(types_pb2.StreamEnd(finish_reason=types_pb2.FINISH_REASON_STOP))
+    frames += rendering.closing(
+        types_pb2.StreamEnd(finish_reason=types_pb2.FINISH_REASON_STOP, stop_sequence="STOP")
+    )
     events = [EVENTS.validate_python(e) for e in parse_frames(frames) if e["type"] != "ping"]
     starts = [e for e in events if e.type == "content_block_start"]
     assert [s.content_block.type for s in starts] == ["thinking", "text"]
@@ -354,7 +359,7 @@ def test_arguments_that_are_not_an_object_are_a_server_fault() -> None:
     builder = GenerationBuilder()
     builder.add(types_pb2.TextDelta(tool_calls=[piece(0, "[1]", id="c", name="f")]))
     with pytest.raises(RenderError) as caught:
-        MessagesRendering("r", "m", []).whole(builder.build(END))
+        MessagesRendering("r", "m").whole(builder.build(END))
     assert caught.value.error.status == 500
 
 
@@ -486,7 +491,9 @@ async def test_tool_result_round_trip(anthropic_client: AsyncAnthropic) -> None:
         max_tokens=16,
         stop_sequences=["\n\n"],
     )
-    assert message.stop_reason in ("stop_sequence", "max_tokens", "tool_use")
+    assert message.stop_reason in ("stop_sequence", "end_turn", "max_tokens", "tool_use")
+    if message.stop_reason == "stop_sequence":
+        assert message.stop_sequence == "\n\n"
 
 
 async def test_count_tokens(anthropic_client: AsyncAnthropic) -> None:

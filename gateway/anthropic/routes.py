@@ -72,7 +72,7 @@ def messages_router(
         if isinstance(body, Response):
             return body
         ctx = context(request, MESSAGES)
-        rendering = MessagesRendering(ctx.request_id, body.model, body.stop_sequences or [])
+        rendering = MessagesRendering(ctx.request_id, body.model)
         return await serving().generate(chat_request(body), rendering, bool(body.stream), ctx)
 
     @router.post(

@@ -188,22 +188,17 @@ def count_tokens_request(body: CountTokensRequest) -> doorman_pb2.DoormanService
 # --- protobuf -> Anthropic ----------------------------------------------------------------------
 
 
-def stop_reason(
-    reason: types_pb2.FinishReason.ValueType, stop_sequences: list[str]
-) -> tuple[str, str | None]:
-    """Anthropic's stop_reason and stop_sequence for a finish reason.
-
-    The contract says a stop string matched or end-of-generation came, not which; so "end_turn"
-    only when no stop sequences were given, else "stop_sequence", naming it when only one was.
-    """
+def stop_reason(end: types_pb2.StreamEnd) -> tuple[str, str | None]:
+    """Anthropic's stop_reason and stop_sequence for how a stream ended."""
+    reason = end.finish_reason
     if reason == types_pb2.FINISH_REASON_LENGTH:
         return "max_tokens", None
     if reason == types_pb2.FINISH_REASON_TOOL_CALLS:
         return "tool_use", None
     if reason == types_pb2.FINISH_REASON_CONTENT_FILTER:
         return "refusal", None
-    if stop_sequences:
-        return "stop_sequence", stop_sequences[0] if len(stop_sequences) == 1 else None
+    if end.stop_sequence:
+        return "stop_sequence", end.stop_sequence
     return "end_turn", None
 
 
@@ -230,17 +225,13 @@ def tool_input(arguments: str) -> dict[str, Any]:
 class MessagesRendering(Rendering):
     """One Messages answer: the whole message, or its stream of named events."""
 
-    def __init__(self, request_id: str, model: str, stop_sequences: list[str]) -> None:
+    def __init__(self, request_id: str, model: str) -> None:
         self.id = MESSAGE_ID_PREFIX + request_id
         self.model = model
-        self.stop_sequences = [s for s in stop_sequences if s]
         self._block = -1  # index of the open content block, -1 when none
         self._block_type = ""
         self._blocks = 0
         self._calls: dict[int, int] = {}  # the contract's call index -> block index
-
-    def _stop_reason(self, end: types_pb2.StreamEnd) -> tuple[str, str | None]:
-        return stop_reason(end.finish_reason, self.stop_sequences)
 
     def whole(self, generation: Generation) -> dict[str, Any]:
         end = generation.end
@@ -259,7 +250,7 @@ class MessagesRendering(Rendering):
                     "input": tool_input(call.arguments),
                 }
             )
-        reason, sequence = self._stop_reason(end)
+        reason, sequence = stop_reason(end)
         return {
             "id": self.id,
             "type": "message",
@@ -353,7 +344,7 @@ class MessagesRendering(Rendering):
 
     def closing(self, end: types_pb2.StreamEnd) -> list[bytes]:
         frames = self._close_block()
-        reason, sequence = self._stop_reason(end)
+        reason, sequence = stop_reason(end)
         frames.append(
             sse_event(
                 "message_delta",

@@ -116,6 +116,8 @@ class ChoiceEnd:
     index: int
     finish: Finish
     completion_tokens: int
+    # The stop string that ended the choice, if one did.
+    stop_sequence: str = ""
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,8 @@ class End:
     completion_tokens: int
     model: str
     choices: tuple[ChoiceEnd, ...] = ()
+    # Choice 0's stop string, if one ended it.
+    stop_sequence: str = ""
 
 
 Event = Delta | End
@@ -692,7 +696,9 @@ class Engine:
                     yield Delta(text, (), event.index, tuple(calls))
                 if parser.called and finish is Finish.STOP:
                     finish = Finish.TOOL_CALLS
-            ends[event.index] = ChoiceEnd(event.index, finish, event.completion_tokens)
+            ends[event.index] = ChoiceEnd(
+                event.index, finish, event.completion_tokens, event.stop_sequence
+            )
             prompt_tokens, served_by = event.prompt_tokens, event.model
         choices = tuple(ends[i] for i in sorted(ends))
         yield End(
@@ -701,6 +707,7 @@ class Engine:
             completion_tokens=sum(c.completion_tokens for c in choices),
             model=served_by,
             choices=choices,
+            stop_sequence=ends[0].stop_sequence,
         )
 
     async def count_tokens(

@@ -98,14 +98,17 @@ class StopMatcher:
     def __init__(self, stops: tuple[str, ...]) -> None:
         self._stops = stops
         self._held = ""
+        # The stop string that matched, once one has.
+        self.matched = ""
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Returns (text safe to send, whether a stop string matched)."""
         if not self._stops:
             return text, False
         held = self._held + text
-        first = min((i for s in self._stops if (i := held.find(s)) >= 0), default=-1)
-        if first >= 0:
+        found = [(i, s) for s in self._stops if (i := held.find(s)) >= 0]
+        if found:
+            first, self.matched = min(found)
             self._held = ""
             return held[:first], True
         keep = 0

@@ -97,6 +97,8 @@ class End:
     completion_tokens: int
     model: str
     index: int = 0
+    # The stop string that ended it, if one did.
+    stop_sequence: str = ""
 
 
 Event = Delta | End
@@ -464,7 +466,14 @@ class Scheduler:
             if text:
                 events.append(Delta(text, index=seq.index))
         events.append(
-            End(finish, len(seq.request.prompt), seq.generated, self.config.name, seq.index)
+            End(
+                finish,
+                len(seq.request.prompt),
+                seq.generated,
+                self.config.name,
+                seq.index,
+                seq.stops.matched if finish is Finish.STOP else "",
+            )
         )
         self._finished(seq, finish.value)
         self._release(seq)

@@ -161,6 +161,7 @@ def end_to_proto(event: End) -> inference_pb2.GenerateResponse:
         usage=usage,
         model=event.model,
         tier=types_pb2.TIER_LOCAL,
+        stop_sequence=event.stop_sequence,
     )
     if len(event.choices) > 1:
         end.choices.extend(
@@ -168,6 +169,7 @@ def end_to_proto(event: End) -> inference_pb2.GenerateResponse:
                 index=c.index,
                 finish_reason=FINISH_REASONS[c.finish],
                 completion_tokens=c.completion_tokens,
+                stop_sequence=c.stop_sequence,
             )
             for c in event.choices
         )

@@ -814,19 +814,23 @@ class ChoiceEnd(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    STOP_SEQUENCE_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     finish_reason: Global___FinishReason.ValueType
     completion_tokens: _builtins.int
+    stop_sequence: _builtins.str
+    """The stop string that ended this choice, when one did (FINISH_REASON_STOP)."""
     def __init__(
         self,
         *,
         index: _builtins.int = ...,
         finish_reason: Global___FinishReason.ValueType = ...,
         completion_tokens: _builtins.int = ...,
+        stop_sequence: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "finish_reason", b"finish_reason", "index", b"index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "finish_reason", b"finish_reason", "index", b"index", "stop_sequence", b"stop_sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -866,12 +870,17 @@ class StreamEnd(_message.Message):
     HOPS_FIELD_NUMBER: _builtins.int
     MASKED_ENTITIES_FIELD_NUMBER: _builtins.int
     CHOICES_FIELD_NUMBER: _builtins.int
+    STOP_SEQUENCE_FIELD_NUMBER: _builtins.int
     finish_reason: Global___FinishReason.ValueType
     model: _builtins.str
     """The model that served the request."""
     tier: Global___Tier.ValueType
     """Set by the Doorman: the tier and upstream that served the request."""
     upstream: _builtins.str
+    stop_sequence: _builtins.str
+    """The stop string (SamplingParams.stop) that ended choice 0, when one did; "" when the model
+    ended its turn itself. Anthropic's stop_sequence, vLLM's stop_reason.
+    """
     @_builtins.property
     def usage(self) -> Global___Usage: ...
     @_builtins.property
@@ -899,10 +908,11 @@ class StreamEnd(_message.Message):
         hops: _abc.Iterable[Global___RouteHop] | None = ...,
         masked_entities: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         choices: _abc.Iterable[Global___ChoiceEnd] | None = ...,
+        stop_sequence: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "finish_reason", b"finish_reason", "hops", b"hops", "masked_entities", b"masked_entities", "model", b"model", "tier", b"tier", "upstream", b"upstream", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "finish_reason", b"finish_reason", "hops", b"hops", "masked_entities", b"masked_entities", "model", b"model", "stop_sequence", b"stop_sequence", "tier", b"tier", "upstream", b"upstream", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
