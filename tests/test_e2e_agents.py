@@ -9,7 +9,7 @@ validates, JSON that matches its schema), not the wisdom of the model's choices.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import jsonschema
@@ -84,8 +84,9 @@ PERSON_SCHEMA: dict[str, Any] = {
 
 
 @pytest.fixture(scope="module")
-def client(mesh: Mesh) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{mesh.base_url}/v1", api_key="unused", max_retries=0)
+def client(mesh: Mesh) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{mesh.base_url}/v1", api_key="unused", max_retries=0) as c:
+        yield c
 
 
 @pytest.fixture

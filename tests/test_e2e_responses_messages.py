@@ -4,6 +4,7 @@ official anthropic SDK) through the whole mesh, streaming and not."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 import agents
@@ -43,13 +44,15 @@ GREEDY: Any = {"temperature": 0}
 
 
 @pytest.fixture(scope="module")
-def client(mesh: Mesh) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{mesh.base_url}/v1", api_key="unused", max_retries=0)
+def client(mesh: Mesh) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{mesh.base_url}/v1", api_key="unused", max_retries=0) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
-def claude(mesh: Mesh) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=mesh.base_url, api_key="unused", max_retries=0)
+def claude(mesh: Mesh) -> Iterator[anthropic.Anthropic]:
+    with anthropic.Anthropic(base_url=mesh.base_url, api_key="unused", max_retries=0) as c:
+        yield c
 
 
 # --- Responses ----------------------------------------------------------------------------------
@@ -267,14 +270,25 @@ def test_messages_text(claude: anthropic.Anthropic) -> None:
 def test_messages_stop_sequence(claude: anthropic.Anthropic) -> None:
     message = claude.messages.create(
         model=DEFAULT_MODEL,
-        messages=[{"role": "user", "content": "Count: one, two, three, four, five, six"}],
+        messages=[{"role": "user", "content": "Repeat: a, b, c, d, e, f, g"}],
         stop_sequences=[","],
         max_tokens=32,
         extra_body=GREEDY,
     )
-    if message.stop_reason == "stop_sequence":
-        assert message.stop_sequence == ","
-        assert "," not in "".join(b.text for b in message.content if b.type == "text")
+    # Greedy decoding repeats the list, commas and all: the stop string ends the turn, is named,
+    # and is not in the text.
+    assert message.stop_reason == "stop_sequence"
+    assert message.stop_sequence == ","
+    assert "," not in "".join(b.text for b in message.content if b.type == "text")
+    # Without stop sequences the same turn ends otherwise, and names none.
+    free = claude.messages.create(
+        model=DEFAULT_MODEL,
+        messages=[{"role": "user", "content": "Repeat: a, b, c, d, e, f, g"}],
+        max_tokens=8,
+        extra_body=GREEDY,
+    )
+    assert free.stop_reason in ("end_turn", "max_tokens")
+    assert free.stop_sequence is None
 
 
 def test_messages_stream(claude: anthropic.Anthropic) -> None:
