@@ -292,6 +292,15 @@ def choice_ends(end: types_pb2.StreamEnd) -> list[tuple[int, types_pb2.FinishRea
     return [(0, end.finish_reason)]
 
 
+def stop_reason(end: types_pb2.StreamEnd, index: int) -> str | None:
+    """vLLM's `stop_reason`: the stop string that ended a choice, None when none did."""
+    if end.choices:
+        stop = next((c.stop_sequence for c in end.choices if c.index == index), "")
+    else:
+        stop = end.stop_sequence if index == 0 else ""
+    return stop or None
+
+
 def usage_dict(usage: types_pb2.Usage) -> dict[str, int]:
     return {
         "prompt_tokens": usage.prompt_tokens,
@@ -522,8 +531,14 @@ class ResponseFormat(Rendering):
             chunk["usage"] = None
         return chunk
 
-    def finish(self, reason: str, end: types_pb2.StreamEnd | None = None, index: int = 0) -> bytes:
-        chunk = self._chunk([self._choice(None, reason, index)])
+    def finish(
+        self,
+        reason: str,
+        end: types_pb2.StreamEnd | None = None,
+        index: int = 0,
+        stop: str | None = None,
+    ) -> bytes:
+        chunk = self._chunk([{**self._choice(None, reason, index), "stop_reason": stop}])
         if end is not None:
             chunk["slm"] = slm_extension(end)
         return sse(chunk)
@@ -535,7 +550,12 @@ class ResponseFormat(Rendering):
         ends = choice_ends(end)
         # Exactly one finish chunk per choice; the last carries service-slm's figures.
         frames = [
-            self.finish(finish_reason(reason), end if i == len(ends) - 1 else None, index)
+            self.finish(
+                finish_reason(reason),
+                end if i == len(ends) - 1 else None,
+                index,
+                stop_reason(end, index),
+            )
             for i, (index, reason) in enumerate(ends)
         ]
         if self.include_usage:
@@ -561,7 +581,11 @@ class ResponseFormat(Rendering):
             "object": self.object_name,
             "created": self.created,
             "model": end.model or self.model,
-            "choices": [self._whole_choice(c) for c in generation.choices],
+            # vLLM's stop_reason beside OpenAI's fields: which stop string ended the choice.
+            "choices": [
+                {**self._whole_choice(c), "stop_reason": stop_reason(end, c.index)}
+                for c in generation.choices
+            ],
             "usage": usage_dict(end.usage),
             "slm": slm_extension(end),
         }

@@ -96,3 +96,20 @@ async def test_json_schema_and_n_through_a_remote_mesh(mesh: Mesh) -> None:
         assert texts[0]
         assert texts[1]
         assert end.usage.completion_tokens >= 2
+
+
+async def test_the_stop_string_comes_back_through_a_remote_mesh(mesh: Mesh) -> None:
+    """The upstream mesh names the stop string that ended the answer (vLLM's stop_reason), and
+    inference-remote hands it on, as Anthropic's stop_sequence needs it."""
+    upstream = UpstreamConfig(name="mesh", url=f"{mesh.base_url}/v1", kind="openai")
+    async with running(remote_config([upstream])) as remote:
+        request = inference_pb2.GenerateRequest(model=DEFAULT_MODEL)
+        request.chat.messages.add(role=types_pb2.ROLE_USER, content="Repeat: a, b, c, d, e, f, g")
+        request.sampling.temperature = 0
+        request.sampling.max_tokens = 32
+        request.sampling.stop.append(",")
+        events = [e async for e in remote.stub.Generate(request)]
+        end = events[-1].end
+        assert end.finish_reason == types_pb2.FINISH_REASON_STOP
+        assert end.stop_sequence == ","
+        assert "," not in "".join(e.delta.text for e in events[:-1])

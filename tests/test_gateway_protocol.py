@@ -247,7 +247,29 @@ def test_completion_stream_frames() -> None:
         "text": "",
         "logprobs": None,
         "finish_reason": "stop",
+        "stop_reason": None,
     }
+
+
+def test_the_stop_string_that_ended_a_choice_is_vllms_stop_reason() -> None:
+    """vLLM's clients read choices[].stop_reason; a second mesh's inference-remote does too."""
+    one = types_pb2.StreamEnd(finish_reason=types_pb2.FINISH_REASON_STOP, stop_sequence="##")
+    chat = ChatFormat("r", "m", include_usage=False)
+    assert chat.whole(whole("a", one))["choices"][0]["stop_reason"] == "##"
+    (finish, _) = chat.closing(one)
+    assert parse_sse(finish)["choices"][0]["stop_reason"] == "##"
+    two = types_pb2.StreamEnd(
+        finish_reason=types_pb2.FINISH_REASON_STOP,
+        choices=[
+            types_pb2.ChoiceEnd(index=0, finish_reason=types_pb2.FINISH_REASON_STOP),
+            types_pb2.ChoiceEnd(
+                index=1, finish_reason=types_pb2.FINISH_REASON_STOP, stop_sequence="##"
+            ),
+        ],
+    )
+    frames = CompletionFormat("r", "m", include_usage=False, n=2).closing(two)
+    reasons = [parse_sse(f)["choices"][0]["stop_reason"] for f in frames[:-1]]
+    assert reasons == [None, "##"]
 
 
 def whole(text: str, end: types_pb2.StreamEnd) -> Generation:

@@ -309,6 +309,11 @@ def test_sse_tool_call_and_reasoning_deltas_are_parsed() -> None:
     # vLLM 0.10 renamed the field; both are read.
     renamed = parse_chunk(chunk(choice(0, reasoning="r")), chat=True)
     assert renamed.choices[0].reasoning == "r"
+    # vLLM's stop_reason names the stop string that ended a choice; a token id is not one.
+    stopped = parse_chunk(chunk({**choice(0, "stop"), "stop_reason": "##"}), chat=True)
+    assert stopped.choices[0].stop_sequence == "##"
+    by_token = parse_chunk(chunk({**choice(0, "stop"), "stop_reason": 106}), chat=True)
+    assert by_token.choices[0].stop_sequence == ""
 
 
 @contextlib.asynccontextmanager

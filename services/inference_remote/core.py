@@ -142,6 +142,8 @@ class ChoiceEnd:
     index: int
     finish: Finish
     completion_tokens: int
+    # The stop string that ended the choice, when the upstream says (vLLM's stop_reason).
+    stop_sequence: str = ""
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,8 @@ class End:
     external: bool
     # Every choice's end, when more than one was asked for.
     choices: tuple[ChoiceEnd, ...] = ()
+    # Choice 0's stop string, when the upstream says.
+    stop_sequence: str = ""
 
 
 Event = Delta | End
@@ -639,12 +643,15 @@ class RemoteInference:
                 # Per choice: content events (a token each, as vLLM streams) and its finish.
                 events: dict[int, int] = {}
                 finishes: dict[int, str] = {}
+                stops: dict[int, str] = {}
                 async for chunk in upstream.client.stream(path, body):
                     if chunk.prompt_tokens is not None:
                         usage = chunk
                     for choice in chunk.choices:
                         if choice.finish_reason:
                             finishes[choice.index] = choice.finish_reason
+                        if choice.stop_sequence:
+                            stops[choice.index] = choice.stop_sequence
                         if not choice.has_content:
                             continue
                         if not sent_text:
@@ -670,6 +677,7 @@ class RemoteInference:
                         index,
                         FINISH.get(finishes.get(index) or "stop", Finish.STOP),
                         events.get(index, 0),
+                        stops.get(index, ""),
                     )
                     for index in range(n)
                 )
@@ -681,6 +689,7 @@ class RemoteInference:
                     upstream=upstream.name,
                     external=upstream.kind == "external",
                     choices=ends if n > 1 else (),
+                    stop_sequence=ends[0].stop_sequence,
                 )
                 return
             except UpstreamRejected as error:

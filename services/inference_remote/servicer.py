@@ -181,9 +181,11 @@ class RemoteInferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                         index=c.index,
                         finish_reason=FINISH_REASONS[c.finish],
                         completion_tokens=c.completion_tokens,
+                        stop_sequence=c.stop_sequence,
                     )
                     for c in event.choices
                 ],
+                stop_sequence=event.stop_sequence,
             )
             yield inference_pb2.GenerateResponse(end=end)
 

@@ -54,6 +54,8 @@ class ChoiceChunk:
     reasoning: str = ""
     tool_calls: tuple[ToolCallPiece, ...] = ()
     finish_reason: str | None = None
+    # vLLM's stop_reason: the stop string that ended the choice (an int is a stop token id).
+    stop_sequence: str = ""
 
     @property
     def has_content(self) -> bool:
@@ -126,8 +128,11 @@ def _choice(choice: Mapping[str, Any], position: int, chat: bool) -> ChoiceChunk
     index = choice.get("index")
     index = index if isinstance(index, int) else position
     finish = choice.get("finish_reason") or None
+    stop = _str(choice.get("stop_reason"))
     if not chat:
-        return ChoiceChunk(index=index, text=_str(choice.get("text")), finish_reason=finish)
+        return ChoiceChunk(
+            index=index, text=_str(choice.get("text")), finish_reason=finish, stop_sequence=stop
+        )
     delta = choice.get("delta") or {}
     return ChoiceChunk(
         index=index,
@@ -136,6 +141,7 @@ def _choice(choice: Mapping[str, Any], position: int, chat: bool) -> ChoiceChunk
         reasoning=_str(delta.get("reasoning_content")) or _str(delta.get("reasoning")),
         tool_calls=_tool_call_pieces(delta.get("tool_calls")),
         finish_reason=finish,
+        stop_sequence=stop,
     )
 
 
