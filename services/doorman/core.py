@@ -105,7 +105,6 @@ class CallInfo:
 
     request_id: str
     operation: str
-    tenant: str = "anonymous"
     timeout_s: float | None = None
     # The "authorization" metadata, e.g. "Bearer KEY".
     authorization: str | None = None

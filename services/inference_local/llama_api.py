@@ -277,9 +277,6 @@ class Context:
         C.llama_memory_seq_rm(self.memory, dst, -1, -1)
         C.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
 
-    def seq_pos_max(self, seq: int) -> int:
-        return int(C.llama_memory_seq_pos_max(self.memory, seq))
-
     def seq_state(self, seq: int) -> bytes:
         """A copy of one sequence's KV state (llama.cpp's own format, for this model)."""
         size = int(C.llama_state_seq_get_size(self.ptr, seq))

@@ -86,17 +86,6 @@ def serve(name: str, settings: Settings) -> int:
     return 0
 
 
-def assemble_models(settings: Settings) -> int:
-    from inference_local.models import ensure_model_file
-
-    for entry in settings.inference_local.models:
-        path = ensure_model_file(
-            [settings.inference_local.models_dir], entry.path, entry.package, entry.name
-        )
-        print(f"{entry.name}: {path}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slm", description=__doc__)
     parser.add_argument("--config", type=Path, help="TOML config file (default: $SLM_CONFIG)")
