@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from doorman.rehydrate import Rehydrator
+from doorman.rehydrate import JsonRehydrator, Rehydrator
 from doorman.safety import REDACTED, SafetyFilter
 from doorman.sanitize import DetectionFailed, Finding, Masking, PresidioDetector, Sanitiser
 from slm.errors import InvalidArgument
@@ -72,7 +72,9 @@ def test_unicode_text_keeps_its_offsets(sanitiser: Sanitiser) -> None:
     masking = Masking()
     text = sanitiser.mask(masking, f"Grüße 👋 an {EMAIL} 日本語 danke, naïve café")
     assert text == "Grüße 👋 an <EMAIL_ADDRESS_1> 日本語 danke, naïve café"
-    assert masking.restore(text) == f"Grüße 👋 an {EMAIL} 日本語 danke, naïve café"
+    rehydrator = Rehydrator(masking.placeholders)
+    restored = rehydrator.feed(text) + rehydrator.flush()
+    assert restored == f"Grüße 👋 an {EMAIL} 日本語 danke, naïve café"
 
 
 def test_nothing_detected_leaves_text_and_mapping_empty(sanitiser: Sanitiser) -> None:
@@ -93,7 +95,8 @@ def test_tool_arguments_are_masked_and_restored_as_valid_json(sanitiser: Sanitis
     }
     # A model's tool call that uses the placeholders comes back as valid JSON with the values.
     call = json.dumps({"recipient": "<EMAIL_ADDRESS_1>", "unknown": "<EMAIL_ADDRESS_9>"})
-    assert json.loads(masking.restore_json(call)) == {
+    rehydrator = JsonRehydrator(masking.placeholders)
+    assert json.loads(rehydrator.feed(call) + rehydrator.flush()) == {
         "recipient": EMAIL,
         "unknown": "<EMAIL_ADDRESS_9>",
     }

@@ -149,20 +149,6 @@ class Masking:
         self.counts[entity] += 1
         return candidate
 
-    def restore(self, text: str) -> str:
-        """Known placeholders in a whole text replaced by their values; others left as they are."""
-        if not self.placeholders or "<" not in text:
-            return text
-        return PLACEHOLDER_RE.sub(lambda m: self.placeholders.get(m.group(), m.group()), text)
-
-    def restore_json(self, text: str) -> str:
-        """Like restore, for tool-call arguments: values are JSON-escaped where they land."""
-        try:
-            data = json.loads(text)
-        except ValueError:
-            return self.restore(text)
-        return json.dumps(_map_strings(data, self.restore), ensure_ascii=False)
-
 
 def _map_strings(data: Any, fn: Callable[[str], str]) -> Any:
     if isinstance(data, str):
