@@ -46,6 +46,11 @@ async def test_two_names_share_one_copy_of_the_weights(engine: Engine) -> None:
     await engine.load(LoadSpec("a", FILE, context_length=256))
     await engine.load(LoadSpec("b", FILE, context_length=256))
     assert engine.weights_loaded == 1
+    # And one constrained-decoding state: the vocabulary is read once, grammars compiled once.
+    schedulers = [engine._loaded[name].scheduler for name in ("a", "b")]
+    assert schedulers[0] is not None
+    assert schedulers[1] is not None
+    assert schedulers[0]._grammars is schedulers[1]._grammars
     assert await generate_text(engine, "a") == await generate_text(engine, "b")
     await engine.unload("a")
     assert await generate_text(engine, "b")

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from inference_local import tools
 from inference_local.chat_template import ChatTemplate, Message
-from inference_local.constraints import Constraint
+from inference_local.constraints import Constraint, Grammars
 from inference_local.llama_api import (
     Batch,
     Context,
@@ -317,6 +317,8 @@ class _Weights:
     meta: ModelMetadata
     key: WeightsKey
     refs: int = 0
+    # Constrained decoding over this vocabulary, shared by every name of these weights.
+    grammars: Grammars | None = None
 
 
 @dataclass(eq=False)
@@ -457,7 +459,15 @@ class Engine:
                         Model, path, repack=spec.repack_weights, gpu_layers=spec.gpu_layers
                     )
                 )
-                weights = _Weights(model, meta, key, refs=1)
+                weights = _Weights(
+                    model,
+                    meta,
+                    key,
+                    refs=1,
+                    grammars=Grammars(
+                        model, mask_threads=self.config.sample_threads or default_sample_threads()
+                    ),
+                )
                 self._weights[key] = weights
             loaded = await asyncio.to_thread(self._open, spec, weights, n_slots, ctx_len, estimate)
         except BaseException:
@@ -478,6 +488,7 @@ class Engine:
                 loaded.context,
                 _ModelMetrics(self.metrics, spec.name),
                 asyncio.get_running_loop(),
+                weights.grammars,
             )
         self._loaded[spec.name] = loaded
         elapsed = time.perf_counter() - started

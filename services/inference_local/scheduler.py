@@ -188,7 +188,10 @@ class Scheduler:
         context: Context,
         metrics: SchedulerMetrics,
         loop: asyncio.AbstractEventLoop,
+        grammars: Grammars | None = None,
     ) -> None:
+        """`grammars`: the weights' constrained-decoding state, shared by every scheduler of
+        the same weights (one vocabulary build, one grammar cache); None makes its own."""
         self.config = config
         self._model = model
         self._context = context
@@ -211,7 +214,7 @@ class Scheduler:
             if config.sample_threads > 1
             else None
         )
-        self._grammars = Grammars(model, mask_threads=config.sample_threads)
+        self._grammars = grammars or Grammars(model, mask_threads=config.sample_threads)
         # Computes a step's token masks while the decode thread waits in llama_decode.
         self._masker = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix=f"mask-{config.name}"
