@@ -18,7 +18,7 @@ from inference_local.sampling import (
 from inference_local.tools import ChoiceMode, Tool, ToolCall, ToolChoice, ToolSpec
 from slm.errors import InvalidArgument
 from slm.v1 import inference_pb2, inference_pb2_grpc, types_pb2
-from slm.wire import chat_turns
+from slm.wire import EndedChoice, chat_turns, stream_end
 
 # grpc ships no type information; the servicer context is untyped.
 Context: TypeAlias = Any
@@ -151,28 +151,18 @@ def delta_to_proto(event: Delta) -> inference_pb2.GenerateResponse:
 
 
 def end_to_proto(event: End) -> inference_pb2.GenerateResponse:
-    usage = types_pb2.Usage(
+    # The engine's End lists every choice, the only one too.
+    choices = [
+        EndedChoice(c.index, FINISH_REASONS[c.finish], c.completion_tokens, c.stop_sequence)
+        for c in event.choices
+    ]
+    end = stream_end(
+        choices,
         prompt_tokens=event.prompt_tokens,
         completion_tokens=event.completion_tokens,
-        total_tokens=event.prompt_tokens + event.completion_tokens,
-    )
-    end = types_pb2.StreamEnd(
-        finish_reason=FINISH_REASONS[event.finish],
-        usage=usage,
         model=event.model,
         tier=types_pb2.TIER_LOCAL,
-        stop_sequence=event.stop_sequence,
     )
-    if len(event.choices) > 1:
-        end.choices.extend(
-            types_pb2.ChoiceEnd(
-                index=c.index,
-                finish_reason=FINISH_REASONS[c.finish],
-                completion_tokens=c.completion_tokens,
-                stop_sequence=c.stop_sequence,
-            )
-            for c in event.choices
-        )
     return inference_pb2.GenerateResponse(end=end)
 
 

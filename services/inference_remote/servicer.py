@@ -19,7 +19,7 @@ from inference_remote.core import (
 )
 from slm.errors import FailedPrecondition, InvalidArgument
 from slm.v1 import inference_pb2, inference_pb2_grpc, types_pb2
-from slm.wire import chat_turns
+from slm.wire import EndedChoice, chat_turns, stream_end
 
 # grpc ships no type information; the servicer context is untyped.
 Context: TypeAlias = Any
@@ -165,27 +165,21 @@ class RemoteInferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             if isinstance(event, Delta):
                 yield inference_pb2.GenerateResponse(delta=delta_to_proto(event))
                 continue
-            usage = types_pb2.Usage(
+            choices = [
+                EndedChoice(c.index, FINISH_REASONS[c.finish], c.completion_tokens, c.stop_sequence)
+                for c in event.choices
+            ] or [
+                EndedChoice(
+                    0, FINISH_REASONS[event.finish], event.completion_tokens, event.stop_sequence
+                )
+            ]
+            end = stream_end(
+                choices,
                 prompt_tokens=event.prompt_tokens,
                 completion_tokens=event.completion_tokens,
-                total_tokens=event.prompt_tokens + event.completion_tokens,
-            )
-            end = types_pb2.StreamEnd(
-                finish_reason=FINISH_REASONS[event.finish],
-                usage=usage,
                 model=event.model,
                 tier=types_pb2.TIER_EXTERNAL if event.external else types_pb2.TIER_GPU,
                 upstream=event.upstream,
-                choices=[
-                    types_pb2.ChoiceEnd(
-                        index=c.index,
-                        finish_reason=FINISH_REASONS[c.finish],
-                        completion_tokens=c.completion_tokens,
-                        stop_sequence=c.stop_sequence,
-                    )
-                    for c in event.choices
-                ],
-                stop_sequence=event.stop_sequence,
             )
             yield inference_pb2.GenerateResponse(end=end)
 

@@ -1,8 +1,8 @@
-"""Reading slm.v1 messages shared by every InferenceService implementation."""
+"""Reading and writing slm.v1 messages shared by every InferenceService implementation."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from slm.errors import InvalidArgument
@@ -60,3 +60,51 @@ def chat_turns(messages: Iterable[types_pb2.ChatMessage]) -> list[ChatTurn]:
         calls = tuple(TurnToolCall(c.id, c.name, c.arguments) for c in m.tool_calls)
         turns.append(ChatTurn(role, m.content, m.name, calls, m.tool_call_id))
     return turns
+
+
+@dataclass(frozen=True)
+class EndedChoice:
+    """How one choice of a generation ended, in the contract's terms."""
+
+    index: int
+    finish_reason: types_pb2.FinishReason.ValueType
+    completion_tokens: int
+    stop_sequence: str = ""
+
+
+def stream_end(
+    choices: Sequence[EndedChoice],
+    *,
+    prompt_tokens: int,
+    completion_tokens: int,
+    model: str,
+    tier: types_pb2.Tier.ValueType,
+    upstream: str = "",
+) -> types_pb2.StreamEnd:
+    """The last message of a generation: choice 0's finish and stop string, the usage of all
+    choices, and every choice's end when there was more than one."""
+    first = choices[0]
+    completion = completion_tokens
+    end = types_pb2.StreamEnd(
+        finish_reason=first.finish_reason,
+        usage=types_pb2.Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion,
+            total_tokens=prompt_tokens + completion,
+        ),
+        model=model,
+        tier=tier,
+        upstream=upstream,
+        stop_sequence=first.stop_sequence,
+    )
+    if len(choices) > 1:
+        end.choices.extend(
+            types_pb2.ChoiceEnd(
+                index=c.index,
+                finish_reason=c.finish_reason,
+                completion_tokens=c.completion_tokens,
+                stop_sequence=c.stop_sequence,
+            )
+            for c in choices
+        )
+    return end
