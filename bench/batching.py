@@ -258,7 +258,7 @@ def llama_server_binary() -> str:
 
 
 async def run_all(args: argparse.Namespace) -> dict[str, Any]:
-    from slm.config import InferenceLocalConfig, ModelConfig
+    from inference_local.config import InferenceLocalConfig, ModelConfig
 
     state = Path(tempfile.mkdtemp(prefix="slm-bench-batching-"))
     settings = mesh_settings(state)

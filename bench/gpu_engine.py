@@ -65,7 +65,7 @@ batching: Any = importlib.import_module("batching")
 
 def engine_at(model: Path, c: int, ctx: int, sample_threads: int | None) -> Any:
     """batching.direct_engine on `model` with `c` slots of `ctx` tokens."""
-    from slm.config import InferenceLocalConfig, ModelConfig  # type: ignore[import-not-found, unused-ignore]
+    from inference_local.config import InferenceLocalConfig, ModelConfig  # type: ignore[import-not-found, unused-ignore]
 
     base = InferenceLocalConfig(models_dir=model.parent)
     entry = base.models[0]

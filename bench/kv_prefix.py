@@ -37,14 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from helpers import DEFAULT_MODEL, SHARED_MODELS_DIR, free_port, metric_value, to_toml
 
-from slm.config import (
-    InferenceLocalConfig,
-    KVCacheConfig,
-    ModelConfig,
-    ServiceEndpoint,
-    Settings,
-)
-from slm.supervisor import grpc_serving
+from inference_local.config import InferenceLocalConfig, ModelConfig
+from kvcache.config import KVCacheConfig
+from mesh.settings import Settings
+from mesh.supervisor import grpc_serving
+from slm.config import ServiceEndpoint
 from slm.v1 import inference_pb2, inference_pb2_grpc, types_pb2
 
 RESULTS = Path(__file__).parent / "results"
@@ -103,7 +100,7 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300) -
 def slm_process(name: str, config: Path, address: str, log: Path) -> Iterator[None]:
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "slm.cli", "--config", str(config), "serve", name],
+            [sys.executable, "-m", "mesh.cli", "--config", str(config), "serve", name],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -160,7 +160,7 @@ async def main() -> int:
 
     from llama_cpp import Llama
 
-    from slm.config import InferenceLocalConfig
+    from inference_local.config import InferenceLocalConfig
 
     state = Path(tempfile.mkdtemp(prefix="slm-bench-"))
     settings = mesh_settings(state)

@@ -146,7 +146,7 @@ def first_masks(model_path: Path, count: int) -> dict[str, float]:
 
 
 async def run_all(args: argparse.Namespace) -> dict[str, Any]:
-    from slm.config import InferenceLocalConfig, ModelConfig  # type: ignore[import-not-found, unused-ignore]
+    from inference_local.config import InferenceLocalConfig, ModelConfig  # type: ignore[import-not-found, unused-ignore]
 
     model_path = Path(args.model) if args.model else helpers.default_model_file()
     results: dict[str, Any] = {"first_mask": first_masks(model_path, args.masks), "levels": {}}

@@ -9,8 +9,8 @@ import logging
 
 from fastapi import Request
 
+from gateway.config import GatewayConfig
 from gateway.errors import HttpError, for_status
-from slm.config import GatewayConfig
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from starlette.responses import JSONResponse, Response
 
 from gateway import errors
 from gateway.admin import AdminGuard
+from gateway.config import GatewaySettings
 from gateway.protocol import ErrorResponse
-from slm.config import Settings
 from slm.server import open_channel
 from slm.v1 import adapters_pb2, adapters_pb2_grpc, types_pb2
 
@@ -101,7 +101,7 @@ class _Registry:
     stub: adapters_pb2_grpc.AdapterRegistryServiceStub | None = None
 
 
-def adapters_router(settings: Settings) -> APIRouter:
+def adapters_router(settings: GatewaySettings) -> APIRouter:
     """The /admin/adapters routes, guarded by the admin key, with their channel's lifespan."""
     guard = AdminGuard(settings.gateway)
     registry = _Registry()

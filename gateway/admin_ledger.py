@@ -15,8 +15,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from gateway import errors
 from gateway.admin import AdminGuard
+from gateway.config import GatewaySettings
 from gateway.protocol import ErrorResponse
-from slm.config import Settings
 from slm.server import open_channel
 from slm.v1 import ledger_pb2, ledger_pb2_grpc
 
@@ -86,7 +86,7 @@ class _Ledger:
     stub: ledger_pb2_grpc.LedgerServiceStub | None = None
 
 
-def ledger_router(settings: Settings) -> APIRouter:
+def ledger_router(settings: GatewaySettings) -> APIRouter:
     """The /admin/ledger routes, guarded by the admin key, with their channel's lifespan."""
     guard = AdminGuard(settings.gateway)
     ledger = _Ledger()

@@ -13,8 +13,8 @@ from starlette.responses import JSONResponse, Response
 
 from gateway import errors
 from gateway.admin import AdminGuard
+from gateway.config import GatewaySettings
 from gateway.protocol import ErrorResponse
-from slm.config import Settings
 from slm.server import open_channel
 from slm.v1 import inference_pb2, inference_pb2_grpc, types_pb2
 
@@ -62,7 +62,7 @@ class _Engine:
     stub: inference_pb2_grpc.InferenceServiceStub | None = None
 
 
-def models_router(settings: Settings) -> APIRouter:
+def models_router(settings: GatewaySettings) -> APIRouter:
     """The /admin/models routes, guarded by the admin key, with their channel's lifespan."""
     guard = AdminGuard(settings.gateway)
     engine = _Engine()

@@ -28,11 +28,11 @@ from gateway.admin_adapters import adapters_router
 from gateway.admin_ledger import ledger_router
 from gateway.admin_models import models_router
 from gateway.anthropic import routes as anthropic_routes
+from gateway.config import GatewaySettings
 from gateway.embeddings import embeddings_router
 from gateway.responses import routes as responses_routes
 from gateway.serving import CallContext, GatewayMetrics, OpenAIServing, call_metadata
 from gateway.ui_routes import install_ui
-from slm.config import Settings
 from slm.discovery import build_resolver, connect
 from slm.logs import request_id_var
 
@@ -142,7 +142,7 @@ def _error_docs(*statuses: int) -> dict[int | str, dict[str, Any]]:
 _GENERATION_ERRORS = _error_docs(400, 401, 403, 404, 413, 429, 500, 503, 504)
 
 
-def build_app(settings: Settings) -> FastAPI:
+def build_app(settings: GatewaySettings) -> FastAPI:
     """Build the gateway: routes, error handlers, metrics; the Doorman channel opens at startup."""
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
@@ -309,7 +309,7 @@ class _Server(uvicorn.Server):
         yield
 
 
-def uvicorn_config(settings: Settings, *, grace_s: int = 30) -> uvicorn.Config:
+def uvicorn_config(settings: GatewaySettings, *, grace_s: int = 30) -> uvicorn.Config:
     """uvicorn's settings for the gateway: uvloop and httptools, no access log (Envoy's is)."""
     return uvicorn.Config(
         build_app(settings),
@@ -329,7 +329,7 @@ def uvicorn_config(settings: Settings, *, grace_s: int = 30) -> uvicorn.Config:
     )
 
 
-async def serve_gateway(settings: Settings, *, grace_s: int = 30) -> None:
+async def serve_gateway(settings: GatewaySettings, *, grace_s: int = 30) -> None:
     """Serve the gateway until SIGTERM or SIGINT, then drain in-flight requests and return.
 
     Runs on the caller's event loop; `run_gateway` starts one on uvloop.
@@ -349,11 +349,11 @@ async def serve_gateway(settings: Settings, *, grace_s: int = 30) -> None:
             loop.remove_signal_handler(sig)
 
 
-def run_gateway(settings: Settings) -> None:
+def run_gateway(settings: GatewaySettings) -> None:
     """Blocking entry point: serve_gateway on a uvloop event loop when uvloop is installed."""
     from slm import telemetry
 
-    # Like every gRPC service (slm.cli.serve_grpc); FastAPI's own instrumentation then makes
+    # Like every gRPC service (mesh.cli.serve_grpc); FastAPI's own instrumentation then makes
     # the HTTP request the root span of its trace.
     telemetry.setup_tracing("gateway", settings.telemetry)
     if importlib.util.find_spec("uvloop"):

@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import JSONResponse, Response
 
 from gateway import errors
+from gateway.config import GatewaySettings
 from gateway.protocol import ErrorResponse
-from slm.config import Settings
 from slm.server import open_channel
 from slm.v1 import doorman_pb2, doorman_pb2_grpc
 
@@ -43,7 +43,7 @@ class _Doorman:
     stub: doorman_pb2_grpc.DoormanServiceStub | None = None
 
 
-def embeddings_router(settings: Settings) -> APIRouter:
+def embeddings_router(settings: GatewaySettings) -> APIRouter:
     doorman = _Doorman()
 
     @contextlib.asynccontextmanager

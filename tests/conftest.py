@@ -12,10 +12,11 @@ from prometheus_client import CollectorRegistry
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import Mesh, default_model_file, mesh_settings
+from helpers import OPEN_RUNTIMES, Mesh, default_model_file, mesh_settings, runtime
 from postgres_server import PostgresServer, postgres_bindir
 
-from slm.config import ServiceEndpoint, Settings
+from mesh.settings import Settings
+from slm.config import ServiceEndpoint
 from slm.server import GrpcService
 
 # Tests must never pick up a developer's config file.
@@ -36,6 +37,15 @@ def port0(endpoint: ServiceEndpoint) -> ServiceEndpoint:
     return ServiceEndpoint(host="127.0.0.1", port=0, metrics_port=0)
 
 
+@pytest.fixture(autouse=True)
+async def _close_runtimes() -> AsyncIterator[None]:
+    """Closes the Runtimes (their channels) that the test and its function fixtures made."""
+    made_before = len(OPEN_RUNTIMES)
+    yield
+    while len(OPEN_RUNTIMES) > made_before:
+        await OPEN_RUNTIMES.pop().close()
+
+
 @pytest.fixture(scope="session")
 async def inference_server(
     model_path: Path, tmp_path_factory: pytest.TempPathFactory
@@ -45,7 +55,7 @@ async def inference_server(
 
     settings = mesh_settings(tmp_path_factory.mktemp("inference"))
     registry = CollectorRegistry()
-    app = build_app(settings, registry)
+    app = build_app(settings.inference_local, runtime(settings, registry))
     endpoint = port0(settings.inference_local.endpoint)
     async with GrpcService("inference-local", app, endpoint, settings.telemetry, registry) as svc:
         yield svc
@@ -57,7 +67,7 @@ async def ledger_server(tmp_path: Path) -> AsyncIterator[GrpcService]:
 
     settings = mesh_settings(tmp_path)
     registry = CollectorRegistry()
-    app = build_app(settings, registry)
+    app = build_app(settings.ledger, runtime(settings, registry))
     async with GrpcService(
         "ledger", app, port0(settings.ledger.endpoint), settings.telemetry, registry
     ) as svc:

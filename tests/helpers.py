@@ -12,17 +12,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from slm.config import (
-    AdapterRegistryConfig,
-    DoormanConfig,
-    EnvoyConfig,
-    GatewayConfig,
-    InferenceLocalConfig,
-    InferenceRemoteConfig,
-    LedgerConfig,
-    ServiceEndpoint,
-    Settings,
-)
+from prometheus_client import CollectorRegistry
+
+from adapters.config import AdapterRegistryConfig
+from doorman.config import DoormanConfig
+from gateway.config import GatewayConfig, GatewaySettings
+from gateway.envoy.config import EnvoyConfig
+from inference_local.config import InferenceLocalConfig
+from inference_remote.config import InferenceRemoteConfig
+from ledger.config import LedgerConfig
+from mesh.settings import Settings
+from slm.config import ServiceEndpoint
+from slm.runtime import Runtime
 
 DEFAULT_MODEL = "gemma-3-270m"
 SHARED_MODELS_DIR = Path("~/.cache/service-slm/models").expanduser()
@@ -167,7 +168,7 @@ class Mesh:
         self.config_path.write_text(to_toml(self.settings))
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "slm.cli", "--config", str(self.config_path), "up"],
+            [sys.executable, "-m", "mesh.cli", "--config", str(self.config_path), "up"],
             stdout=subprocess.PIPE,
             stderr=self._log,
             stdin=subprocess.DEVNULL,
@@ -230,3 +231,18 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 60) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+# Runtimes made by `runtime`; conftest closes those a test made when the test ends.
+OPEN_RUNTIMES: list[Runtime] = []
+
+
+def runtime(settings: Settings, registry: CollectorRegistry | None = None) -> Runtime:
+    """The Runtime `slm serve` would hand a service built from `settings` (inside the loop)."""
+    made = Runtime.create(settings.telemetry, settings.discovery, registry)
+    OPEN_RUNTIMES.append(made)
+    return made
+
+
+def gateway_settings(settings: Settings) -> GatewaySettings:
+    return GatewaySettings(settings.gateway, settings.telemetry, settings.discovery)

@@ -14,14 +14,15 @@ import grpc
 import httpx
 import pytest
 from conftest import port0
-from helpers import mesh_settings
+from helpers import gateway_settings, mesh_settings, runtime
 from lora_fixture import make_lora_gguf
 from prometheus_client import CollectorRegistry
 
 from adapters.app import build_app, build_registry
 from adapters.artefacts import Format, tree_sha256
+from adapters.config import AdapterRegistryConfig
 from adapters.registry import AdapterRegistry, Registration
-from slm.config import AdapterRegistryConfig, ServiceEndpoint
+from slm.config import ServiceEndpoint
 from slm.errors import Internal, InvalidArgument, NotFound, SlmError
 from slm.server import GrpcService
 from slm.v1 import adapters_pb2, adapters_pb2_grpc, types_pb2
@@ -250,7 +251,7 @@ async def registry_server(tmp_path: Path) -> AsyncIterator[GrpcService]:
     settings = mesh_settings(tmp_path)
     settings.adapters.store_dir = tmp_path / "grpc-store"
     metrics = CollectorRegistry()
-    app = build_app(settings, metrics)
+    app = build_app(settings.adapters, runtime(settings, metrics))
     endpoint = port0(settings.adapters.endpoint)
     async with GrpcService("adapter-registry", app, endpoint, settings.telemetry, metrics) as svc:
         yield svc
@@ -308,7 +309,7 @@ async def test_admin_rest_endpoints(
 
     settings = mesh_settings(tmp_path)
     settings.gateway.adapter_registry = f"127.0.0.1:{registry_server.port}"
-    app = build_gateway(settings)
+    app = build_gateway(gateway_settings(settings))
     transport = httpx.ASGITransport(app=app)
     async with (
         app.router.lifespan_context(app),
@@ -347,7 +348,7 @@ async def test_admin_rest_needs_the_admin_key(registry_server: GrpcService, tmp_
     settings = mesh_settings(tmp_path)
     settings.gateway.adapter_registry = f"127.0.0.1:{registry_server.port}"
     settings.gateway.admin_key_sha256 = hashlib.sha256(b"s3cret").hexdigest()
-    app = build_gateway(settings)
+    app = build_gateway(gateway_settings(settings))
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client,

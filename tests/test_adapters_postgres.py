@@ -10,8 +10,8 @@ from postgres_server import PostgresServer
 
 from adapters.app import build_registry
 from adapters.artefacts import Format
+from adapters.config import AdapterRegistryConfig
 from adapters.registry import Registration
-from slm.config import AdapterRegistryConfig
 from slm.errors import NotFound, SlmError
 
 

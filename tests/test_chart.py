@@ -18,7 +18,7 @@ import pytest
 import yaml  # type: ignore[import-untyped]
 from pydantic import BaseModel
 
-from slm.config import Settings
+from mesh.settings import Settings
 from slm.discovery import KubernetesResolver
 
 CHART = Path(__file__).parent.parent / "charts" / "service-slm"

@@ -9,6 +9,7 @@ import llguidance
 import pytest
 
 from inference_local.chat_template import ChatTemplate, Message, tools_preamble
+from inference_local.config import GEMMA_CHAT_TEMPLATE
 from inference_local.constraints import Constraint
 from inference_local.tools import (
     ChoiceMode,
@@ -22,7 +23,6 @@ from inference_local.tools import (
     openai_tools,
     schemas,
 )
-from slm.config import GEMMA_CHAT_TEMPLATE
 from slm.errors import InvalidArgument
 
 WEATHER = Tool(

@@ -12,9 +12,10 @@ import httpx
 import pytest
 from helpers import DEFAULT_MODEL, Mesh, free_port, to_toml
 
+from inference_local.config import InferenceLocalConfig
+from mesh.client import Answer, error_for, items, print_table
+from mesh.settings import Settings
 from slm import errors
-from slm.cli_client import Answer, error_for, items, print_table
-from slm.config import InferenceLocalConfig, Settings
 
 
 def slm(
@@ -23,7 +24,7 @@ def slm(
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLM_")}
     prefix = ["--config", str(config)] if config else []
     return subprocess.run(
-        [sys.executable, "-m", "slm.cli", *prefix, *args],
+        [sys.executable, "-m", "mesh.cli", *prefix, *args],
         input=stdin,
         env=env,
         capture_output=True,

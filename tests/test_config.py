@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from helpers import mesh_settings, to_toml
 
-from slm.config import load_settings
+from mesh.settings import load_settings
 
 
 def test_defaults_listen_on_loopback_only() -> None:

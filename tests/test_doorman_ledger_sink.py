@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
-from helpers import DEFAULT_MODEL, free_port, mesh_settings
+from helpers import DEFAULT_MODEL, free_port, mesh_settings, runtime
 from prometheus_client import CollectorRegistry
 
 from doorman.ledger_sink import Backoff, LedgerMode, LedgerSink, Spool
@@ -49,7 +49,7 @@ class LedgerAt:
     async def running(self) -> AsyncIterator[None]:
         registry = CollectorRegistry()
         endpoint = ServiceEndpoint(port=self.port, metrics_port=0)
-        app = build_app(self.settings, registry)
+        app = build_app(self.settings.ledger, runtime(self.settings, registry))
         async with GrpcService(
             "ledger", app, endpoint, self.settings.telemetry, registry, serve_metrics=False
         ):
@@ -211,7 +211,7 @@ async def test_the_doorman_refuses_requests_while_the_ledger_is_down(
         messages=[types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content="Hi")],
         sampling=types_pb2.SamplingParams(max_tokens=2, seed=1),
     )
-    app = build_doorman(settings, registry)
+    app = build_doorman(settings.doorman, runtime(settings, registry))
     async with (
         GrpcService("doorman", app, endpoint, settings.telemetry, registry) as service,
         grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel,

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from helpers import DEFAULT_MODEL, free_port, mesh_settings
+from helpers import DEFAULT_MODEL, free_port, mesh_settings, runtime
 from prometheus_client import CollectorRegistry
 
 from doorman.auth import Tenant, hash_api_key
+from doorman.config import DoormanConfig, TenantConfig
 from doorman.limits import (
     MemoryBuckets,
     QueueFull,
@@ -22,7 +23,7 @@ from doorman.limits import (
     TenantLimiter,
     TierQueue,
 )
-from slm.config import DoormanConfig, ServiceEndpoint, TenantConfig
+from slm.config import ServiceEndpoint
 from slm.errors import ResourceExhausted, Unavailable, from_rpc_error
 from slm.server import GrpcService
 from slm.v1 import doorman_pb2, doorman_pb2_grpc, types_pb2
@@ -212,7 +213,7 @@ async def guarded_doorman(
     async with (
         GrpcService(
             "doorman",
-            build_app(settings, registry),
+            build_app(settings.doorman, runtime(settings, registry)),
             settings.doorman.endpoint,
             settings.telemetry,
             registry,

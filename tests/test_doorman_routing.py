@@ -13,11 +13,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from helpers import DEFAULT_MODEL, free_port, mesh_settings
+from helpers import DEFAULT_MODEL, free_port, mesh_settings, runtime
 from prometheus_client import CollectorRegistry
 
 from doorman.breaker import BreakerState, CircuitBreaker
-from slm.config import ManifestConfig, RouteConfig, RouteStep, RoutingConfig, Settings
+from doorman.config import ManifestConfig, RouteConfig, RouteStep, RoutingConfig
+from mesh.settings import Settings
 from slm.server import GrpcService
 from slm.v1 import doorman_pb2, doorman_pb2_grpc, ledger_pb2, ledger_pb2_grpc, types_pb2
 
@@ -83,7 +84,11 @@ async def doorman_for(
     endpoint = settings.doorman.endpoint.model_copy(update={"port": 0, "metrics_port": 0})
     async with (
         GrpcService(
-            "doorman", build_app(settings, registry), endpoint, settings.telemetry, registry
+            "doorman",
+            build_app(settings.doorman, runtime(settings, registry)),
+            endpoint,
+            settings.telemetry,
+            registry,
         ) as service,
         grpc.aio.insecure_channel(address(service)) as channel,
     ):
@@ -188,7 +193,7 @@ async def second_engine(
     endpoint = settings.inference_local.endpoint.model_copy(update={"port": 0, "metrics_port": 0})
     service = GrpcService(
         "inference-local-2",
-        build_app(settings, registry),
+        build_app(settings.inference_local, runtime(settings, registry)),
         endpoint,
         settings.telemetry,
         registry,

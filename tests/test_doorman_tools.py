@@ -14,12 +14,12 @@ from test_inference_remote_tools import call as fake_call
 from test_inference_remote_tools import choice as fake_choice
 from test_inference_remote_tools import chunk as fake_chunk
 
+from doorman.config import RouteConfig, RouteStep, RoutingConfig
 from doorman.core import input_fields
 from doorman.outbound import Outbound
 from doorman.rehydrate import JsonRehydrator
 from doorman.safety import REDACTED, SafetyFilter
 from doorman.sanitize import DetectionFailed, Finding, PresidioDetector, Sanitiser
-from slm.config import RouteConfig, RouteStep, RoutingConfig
 from slm.errors import InvalidArgument
 from slm.server import GrpcService
 from slm.v1 import doorman_pb2, inference_pb2, inference_pb2_grpc, types_pb2

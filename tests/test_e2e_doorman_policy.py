@@ -10,7 +10,7 @@ import pytest
 from helpers import DEFAULT_MODEL, Mesh, mesh_settings
 
 from doorman.auth import hash_api_key
-from slm.config import PrivacyConfig, SafetyConfig, TenantConfig
+from doorman.config import PrivacyConfig, SafetyConfig, TenantConfig
 from slm.v1 import inference_pb2, inference_pb2_grpc, ledger_pb2, ledger_pb2_grpc
 
 pytestmark = pytest.mark.e2e

@@ -12,7 +12,7 @@ import pytest
 from helpers import DEFAULT_MODEL, Mesh
 from test_inference_remote import remote_config, running
 
-from slm.config import UpstreamConfig
+from inference_remote.config import UpstreamConfig
 from slm.v1 import inference_pb2, types_pb2
 
 pytestmark = pytest.mark.e2e

@@ -16,7 +16,7 @@ from helpers import DEFAULT_MODEL, Mesh, mesh_settings
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 
 from doorman.auth import hash_api_key
-from slm.config import PrivacyConfig, TenantConfig
+from doorman.config import PrivacyConfig, TenantConfig
 from slm.v1 import inference_pb2, inference_pb2_grpc, ledger_pb2, ledger_pb2_grpc, types_pb2
 
 pytestmark = pytest.mark.e2e

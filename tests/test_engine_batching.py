@@ -9,9 +9,9 @@ import pytest
 from helpers import DEFAULT_MODEL
 from prometheus_client import CollectorRegistry
 
+from inference_local.config import InferenceLocalConfig, ModelConfig
 from inference_local.engine import Delta, End, Engine, Event, Request
 from inference_local.sampling import Sampling
-from slm.config import InferenceLocalConfig, ModelConfig
 from slm.errors import InvalidArgument, ResourceExhausted
 from slm.server import GrpcService
 

@@ -10,9 +10,11 @@ import pytest
 import yaml  # type: ignore[import-untyped]
 from helpers import free_port
 
+from gateway.config import GatewayConfig
 from gateway.envoy import envoy_binary, render_envoy_config
+from gateway.envoy.config import EnvoyConfig
 from gateway.envoy.render import GRPC_PREFIXES, parse_address
-from slm.config import EnvoyConfig, GatewayConfig, Settings
+from mesh.settings import Settings
 
 
 def edge_settings(gateway_host: str = "127.0.0.1", doorman_host: str = "127.0.0.1") -> Settings:
@@ -34,9 +36,9 @@ def edge_settings(gateway_host: str = "127.0.0.1", doorman_host: str = "127.0.0.
 
 def validate(settings: Settings, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     config = tmp_path / "envoy.yaml"
-    config.write_text(render_envoy_config(settings))
+    config.write_text(render_envoy_config(*_edge(settings)))
     return subprocess.run(
-        [envoy_binary(settings), "--mode", "validate", "-c", str(config)],
+        [envoy_binary(settings.envoy), "--mode", "validate", "-c", str(config)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -80,9 +82,11 @@ def test_envoy_refuses_a_broken_config(tmp_path: Path) -> None:
     # Guards the test above: validate mode must actually reject something.
     settings = edge_settings()
     config = tmp_path / "envoy.yaml"
-    config.write_text(render_envoy_config(settings).replace("max_request_bytes", "max_bytes"))
+    config.write_text(
+        render_envoy_config(*_edge(settings)).replace("max_request_bytes", "max_bytes")
+    )
     result = subprocess.run(
-        [envoy_binary(settings), "--mode", "validate", "-c", str(config)],
+        [envoy_binary(settings.envoy), "--mode", "validate", "-c", str(config)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -93,7 +97,7 @@ def test_envoy_refuses_a_broken_config(tmp_path: Path) -> None:
 
 def test_addresses_and_limits_come_from_settings() -> None:
     settings = edge_settings()
-    config = yaml.safe_load(render_envoy_config(settings))
+    config = yaml.safe_load(render_envoy_config(*_edge(settings)))
     assert config["admin"]["address"]["socket_address"] == {
         "address": "127.0.0.1",
         "port_value": settings.envoy.admin_port,
@@ -122,7 +126,7 @@ def test_addresses_and_limits_come_from_settings() -> None:
 
 
 def test_grpc_goes_to_the_doorman_over_http2_unbuffered() -> None:
-    config = yaml.safe_load(render_envoy_config(edge_settings()))
+    config = yaml.safe_load(render_envoy_config(*_edge(edge_settings())))
     routes = manager(config)["route_config"]["virtual_hosts"][0]["routes"]
     by_prefix = {r["match"]["prefix"]: r for r in routes}
     for prefix in GRPC_PREFIXES:
@@ -144,13 +148,15 @@ def test_grpc_goes_to_the_doorman_over_http2_unbuffered() -> None:
 
 
 def test_names_are_resolved_and_ips_are_static() -> None:
-    config = yaml.safe_load(render_envoy_config(edge_settings(doorman_host="doorman.slm.svc")))
+    config = yaml.safe_load(
+        render_envoy_config(*_edge(edge_settings(doorman_host="doorman.slm.svc")))
+    )
     assert cluster(config, "doorman")["type"] == "STRICT_DNS"
     assert cluster(config, "gateway")["type"] == "STATIC"
 
 
 def test_wildcard_bind_is_dialled_on_loopback() -> None:
-    config = yaml.safe_load(render_envoy_config(edge_settings(gateway_host="0.0.0.0")))
+    config = yaml.safe_load(render_envoy_config(*_edge(edge_settings(gateway_host="0.0.0.0"))))
     assert endpoint(config, "gateway")["address"] == "127.0.0.1"
 
 
@@ -175,6 +181,10 @@ def test_parse_address_refuses_garbage(address: str) -> None:
 
 
 def test_binary_comes_from_settings_or_the_wheel() -> None:
-    assert envoy_binary(Settings(envoy=EnvoyConfig(binary="/opt/envoy"))) == "/opt/envoy"
-    wheel_binary = Path(envoy_binary(Settings()))
+    assert envoy_binary(EnvoyConfig(binary="/opt/envoy")) == "/opt/envoy"
+    wheel_binary = Path(envoy_binary(EnvoyConfig()))
     assert wheel_binary.is_file()
+
+
+def _edge(settings: Settings) -> tuple[GatewayConfig, EnvoyConfig]:
+    return settings.gateway, settings.envoy

@@ -7,7 +7,7 @@ import hashlib
 from starlette.requests import Request
 
 from gateway.admin import AdminGuard
-from slm.config import GatewayConfig
+from gateway.config import GatewayConfig
 
 
 def request(authorization: str | None) -> Request:

@@ -15,10 +15,10 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from google.protobuf.timestamp_pb2 import Timestamp
-from helpers import free_port, mesh_settings
+from helpers import free_port, gateway_settings, mesh_settings
 
 from gateway.admin_ledger import ledger_router
-from slm.config import Settings
+from mesh.settings import Settings
 from slm.server import GrpcService
 from slm.v1 import ledger_pb2, ledger_pb2_grpc
 
@@ -27,7 +27,7 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 BASE_NS = 1_700_000_000_000_000_000  # 2023-11-14T22:13:20Z
 
 
-def gateway_settings(tmp_path: Path, ledger_address: str) -> Settings:
+def settings_for(tmp_path: Path, ledger_address: str) -> Settings:
     settings = mesh_settings(tmp_path / "gateway")
     settings.gateway.ledger = ledger_address
     settings.gateway.admin_key_sha256 = hashlib.sha256(KEY.encode()).hexdigest()
@@ -37,7 +37,7 @@ def gateway_settings(tmp_path: Path, ledger_address: str) -> Settings:
 @asynccontextmanager
 async def client_for(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     app = FastAPI()
-    app.include_router(ledger_router(settings))
+    app.include_router(ledger_router(gateway_settings(settings)))
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as client,
@@ -57,7 +57,7 @@ async def client(ledger_server: GrpcService, tmp_path: Path) -> AsyncIterator[ht
                 request_id=f"r{i}", time=time, tenant="acme" if i % 2 else "globex", model="m"
             )
             await stub.Append(ledger_pb2.AppendRequest(entry=entry))
-    async with client_for(gateway_settings(tmp_path, address)) as c:
+    async with client_for(settings_for(tmp_path, address)) as c:
         yield c
 
 
@@ -118,7 +118,7 @@ async def test_verify_names_a_tampered_record(client: httpx.AsyncClient, tmp_pat
 
 
 async def test_a_ledger_that_is_down_is_503(tmp_path: Path) -> None:
-    async with client_for(gateway_settings(tmp_path, f"127.0.0.1:{free_port()}")) as client:
+    async with client_for(settings_for(tmp_path, f"127.0.0.1:{free_port()}")) as client:
         response = await client.get("/admin/ledger/verify", headers=AUTH)
         assert response.status_code == 503
         exported = await client.get("/admin/ledger/export.csv", headers=AUTH)

@@ -14,7 +14,7 @@ from anthropic import AsyncAnthropic
 from anthropic.lib.streaming._messages import accumulate_event
 from anthropic.types import Message, RawMessageStreamEvent
 from fastapi import FastAPI
-from helpers import DEFAULT_MODEL, free_port
+from helpers import DEFAULT_MODEL, free_port, gateway_settings
 from pydantic import TypeAdapter
 from test_gateway_tools import gateway_over_mesh
 
@@ -26,9 +26,10 @@ from gateway.anthropic.serving import (
     stop_reason,
 )
 from gateway.app import build_app
+from gateway.config import GatewayConfig
 from gateway.protocol import RequestInvalid
 from gateway.serving import GenerationBuilder, RenderError
-from slm.config import GatewayConfig, Settings
+from mesh.settings import Settings
 from slm.server import GrpcService
 from slm.v1 import types_pb2
 
@@ -371,7 +372,7 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
     settings = Settings(
         gateway=GatewayConfig(doorman=f"127.0.0.1:{free_port()}", max_body_bytes=4096)
     )
-    app: FastAPI = build_app(settings)
+    app: FastAPI = build_app(gateway_settings(settings))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:

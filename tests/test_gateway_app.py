@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from fastapi import FastAPI
-from helpers import free_port
+from helpers import free_port, gateway_settings
 
 import slm
 from gateway.app import build_app
-from slm.config import GatewayConfig, Settings
+from gateway.config import GatewayConfig
+from mesh.settings import Settings
 
 LIMIT = 4096
 CHAT = "/v1/chat/completions"
@@ -24,7 +25,7 @@ async def app() -> AsyncIterator[FastAPI]:
     settings = Settings(
         gateway=GatewayConfig(doorman=f"127.0.0.1:{free_port()}", max_body_bytes=LIMIT)
     )
-    app = build_app(settings)
+    app = build_app(gateway_settings(settings))
     async with app.router.lifespan_context(app):
         yield app
 
@@ -133,8 +134,8 @@ async def test_metrics_count_requests_by_route_and_status(client: httpx.AsyncCli
 async def test_each_app_has_its_own_registry() -> None:
     # Two apps in one process (tests, or two gateways) must not collide on metric names.
     settings = Settings()
-    build_app(settings)
-    build_app(settings)
+    build_app(gateway_settings(settings))
+    build_app(gateway_settings(settings))
 
 
 async def test_openapi_documents_the_request_bodies(client: httpx.AsyncClient) -> None:

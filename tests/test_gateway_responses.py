@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 from fastapi import FastAPI
-from helpers import DEFAULT_MODEL, free_port
+from helpers import DEFAULT_MODEL, free_port, gateway_settings
 from openai import AsyncOpenAI, omit
 from openai.lib.streaming.responses._responses import ResponseStreamState
 from openai.types.responses import Response, ResponseStreamEvent
@@ -20,11 +20,12 @@ from test_gateway_tools import gateway_over_mesh
 
 from gateway import errors
 from gateway.app import build_app
+from gateway.config import GatewayConfig
 from gateway.protocol import RequestInvalid
 from gateway.responses.protocol import parse_responses
 from gateway.responses.serving import ResponsesRendering, chat_request
 from gateway.serving import GenerationBuilder
-from slm.config import GatewayConfig, Settings
+from mesh.settings import Settings
 from slm.server import GrpcService
 from slm.v1 import types_pb2
 
@@ -354,7 +355,7 @@ def test_error_after_the_start_is_an_error_event() -> None:
 @pytest.fixture
 async def client() -> AsyncIterator[httpx.AsyncClient]:
     settings = Settings(gateway=GatewayConfig(doorman=f"127.0.0.1:{free_port()}"))
-    app: FastAPI = build_app(settings)
+    app: FastAPI = build_app(gateway_settings(settings))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:

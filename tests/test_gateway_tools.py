@@ -11,7 +11,7 @@ from typing import Any
 import httpx2
 import openai
 import pytest
-from helpers import DEFAULT_MODEL, mesh_settings
+from helpers import DEFAULT_MODEL, gateway_settings, mesh_settings, runtime
 from openai import AsyncOpenAI
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types import Completion
@@ -441,12 +441,16 @@ async def gateway_over_mesh(
     registry = CollectorRegistry()
     endpoint = settings.doorman.endpoint.model_copy(update={"port": 0, "metrics_port": 0})
     async with GrpcService(
-        "doorman", build_doorman(settings, registry), endpoint, settings.telemetry, registry
+        "doorman",
+        build_doorman(settings.doorman, runtime(settings, registry)),
+        endpoint,
+        settings.telemetry,
+        registry,
     ) as doorman:
         settings.gateway = settings.gateway.model_copy(
             update={"doorman": f"127.0.0.1:{doorman.port}"}
         )
-        app = build_app(settings)
+        app = build_app(gateway_settings(settings))
         async with app.router.lifespan_context(app):
             transport = httpx2.ASGITransport(app=app)
             async with httpx2.AsyncClient(

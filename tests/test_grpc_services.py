@@ -10,7 +10,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from helpers import DEFAULT_MODEL, mesh_settings
+from helpers import DEFAULT_MODEL, mesh_settings, runtime
 from prometheus_client import CollectorRegistry
 
 from slm.errors import InvalidArgument, NotFound, from_rpc_error
@@ -137,7 +137,11 @@ async def doorman(
     endpoint = settings.doorman.endpoint.model_copy(update={"port": 0, "metrics_port": 0})
     async with (
         GrpcService(
-            "doorman", build_app(settings, registry), endpoint, settings.telemetry, registry
+            "doorman",
+            build_app(settings.doorman, runtime(settings, registry)),
+            endpoint,
+            settings.telemetry,
+            registry,
         ) as service,
         grpc.aio.insecure_channel(address(service)) as channel,
         grpc.aio.insecure_channel(address(ledger_server)) as ledger_channel,

@@ -20,14 +20,11 @@ from helpers import DEFAULT_MODEL, Mesh, free_port, metric_value, wait_for
 from prometheus_client import CollectorRegistry, generate_latest
 
 from inference_remote.app import InferenceRemoteApp
+from inference_remote.config import InferenceRemoteConfig, RemoteModelConfig, UpstreamConfig
 from inference_remote.core import Request, Sampling
 from inference_remote.pool import Upstream
-from slm.config import (
-    InferenceRemoteConfig,
-    RemoteModelConfig,
-    TelemetryConfig,
-    UpstreamConfig,
-)
+from slm.config import DiscoveryConfig, TelemetryConfig
+from slm.discovery import Connector
 from slm.errors import from_rpc_error
 from slm.server import GrpcService
 from slm.v1 import inference_pb2, inference_pb2_grpc, types_pb2
@@ -123,7 +120,7 @@ class Remote:
 @contextlib.asynccontextmanager
 async def running(config: InferenceRemoteConfig) -> AsyncIterator[Remote]:
     metrics = CollectorRegistry()
-    app = InferenceRemoteApp(config, TelemetryConfig(), metrics)
+    app = InferenceRemoteApp(config, Connector(DiscoveryConfig(), TelemetryConfig()), metrics)
     endpoint = port0(config.endpoint)
     async with (
         GrpcService("inference-remote", app, endpoint, TelemetryConfig(), metrics) as service,

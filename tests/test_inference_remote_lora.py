@@ -21,7 +21,7 @@ import httpx
 import pytest
 from conftest import port0
 from fastapi import FastAPI, Request
-from helpers import DEFAULT_MODEL, mesh_settings
+from helpers import DEFAULT_MODEL, mesh_settings, runtime
 from prometheus_client import CollectorRegistry
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
@@ -40,7 +40,8 @@ from inference_remote.core import (
 )
 from inference_remote.pool import Pool, Upstream
 from inference_remote.upstream import Timeouts, UpstreamClient
-from slm.config import TelemetryConfig
+from slm.config import DiscoveryConfig, TelemetryConfig
+from slm.discovery import Connector
 from slm.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from slm.server import GrpcService
 from slm.v1 import adapters_pb2, adapters_pb2_grpc
@@ -131,7 +132,7 @@ class FakeVllmLoraEndpoint:
 async def registry_address(tmp_path: Path) -> AsyncIterator[str]:
     settings = mesh_settings(tmp_path)
     metrics = CollectorRegistry()
-    app = build_registry_app(settings, metrics)
+    app = build_registry_app(settings.adapters, runtime(settings, metrics))
     async with GrpcService(
         "adapter-registry", app, port0(settings.adapters.endpoint), settings.telemetry, metrics
     ) as service:
@@ -191,7 +192,8 @@ async def setup(registry_address: str) -> AsyncIterator[Setup]:
     ]
     pool = Pool(DEFAULT_MODEL, upstreams, affinity_slack=1000)
     await pool.probe_all()
-    source = RegistryAdapters(registry_address, TelemetryConfig())
+    connector = Connector(DiscoveryConfig(), TelemetryConfig())
+    source = RegistryAdapters(connector, registry_address)
     core = RemoteInference(
         [ModelPool(DEFAULT_MODEL, pool, 0)],
         RemoteMetrics(CollectorRegistry()),
@@ -202,7 +204,7 @@ async def setup(registry_address: str) -> AsyncIterator[Setup]:
         adapters=source,
     )
     yield Setup(core, fakes, upstreams, pool)
-    await source.close()
+    await connector.close()
     for upstream in upstreams:
         await upstream.client.aclose()
 

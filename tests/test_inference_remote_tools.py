@@ -23,6 +23,7 @@ from helpers import DEFAULT_MODEL
 from prometheus_client import CollectorRegistry
 
 from inference_remote.app import InferenceRemoteApp
+from inference_remote.config import InferenceRemoteConfig, RemoteModelConfig, UpstreamConfig
 from inference_remote.core import (
     Constraint,
     Message,
@@ -36,7 +37,8 @@ from inference_remote.core import (
 )
 from inference_remote.pool import Upstream
 from inference_remote.upstream import Timeouts, ToolCallPiece, UpstreamClient, parse_chunk
-from slm.config import InferenceRemoteConfig, RemoteModelConfig, TelemetryConfig, UpstreamConfig
+from slm.config import DiscoveryConfig, TelemetryConfig
+from slm.discovery import Connector
 from slm.errors import InvalidArgument, from_rpc_error
 from slm.server import GrpcService
 from slm.v1 import inference_pb2, inference_pb2_grpc, types_pb2
@@ -333,7 +335,7 @@ async def remote_for(
         external_allowlist=["127.0.0.1"],
     )
     metrics = CollectorRegistry()
-    app = InferenceRemoteApp(remote, TelemetryConfig(), metrics)
+    app = InferenceRemoteApp(remote, Connector(DiscoveryConfig(), TelemetryConfig()), metrics)
     async with (
         GrpcService(
             "inference-remote", app, port0(remote.endpoint), TelemetryConfig(), metrics

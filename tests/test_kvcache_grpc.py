@@ -9,11 +9,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+from helpers import runtime
 from prometheus_client import CollectorRegistry
 
 from inference_local.prefix_cache import KVCacheClient
 from kvcache.app import build_app
-from slm.config import KVCacheConfig, ServiceEndpoint, Settings
+from kvcache.config import KVCacheConfig
+from mesh.settings import Settings
+from slm.config import ServiceEndpoint
 from slm.server import GrpcService
 from slm.v1 import kvcache_pb2, kvcache_pb2_grpc
 
@@ -35,7 +38,7 @@ async def start(settings: Settings) -> GrpcService:
     registry = CollectorRegistry()
     service = GrpcService(
         "kv-cache",
-        build_app(settings, registry),
+        build_app(settings.kv_cache, runtime(settings, registry)),
         settings.kv_cache.endpoint,
         settings.telemetry,
         registry,
@@ -140,8 +143,8 @@ async def test_entries_survive_a_restart_from_disk(tmp_path: Path) -> None:
 
 
 def test_slm_up_runs_kv_cache_only_when_inference_local_uses_it(tmp_path: Path) -> None:
-    from slm.config import InferenceLocalConfig
-    from slm.supervisor import Supervisor
+    from inference_local.config import InferenceLocalConfig
+    from mesh.supervisor import Supervisor
 
     plain = Supervisor(Settings(state_dir=tmp_path), None)
     assert "kv-cache" not in [c.name for c in plain.children]
@@ -160,7 +163,7 @@ async def test_slm_serve_kv_cache_as_a_process_keeps_entries_over_a_restart(
 
     from helpers import free_port, to_toml
 
-    from slm.supervisor import grpc_serving
+    from mesh.supervisor import grpc_serving
 
     settings = kv_settings(tmp_path)
     port = free_port()
@@ -171,7 +174,7 @@ async def test_slm_serve_kv_cache_as_a_process_keeps_entries_over_a_restart(
 
     async def serve() -> asyncio.subprocess.Process:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "slm.cli", "--config", str(config), "serve", "kv-cache",
+            sys.executable, "-m", "mesh.cli", "--config", str(config), "serve", "kv-cache",
             stdin=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
         while not await grpc_serving(address):

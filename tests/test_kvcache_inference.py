@@ -12,10 +12,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from helpers import DEFAULT_MODEL, SHARED_MODELS_DIR
+from helpers import DEFAULT_MODEL, SHARED_MODELS_DIR, runtime
 from lora_fixture import make_lora_gguf
 from prometheus_client import CollectorRegistry
 
+from inference_local.config import InferenceLocalConfig, ModelConfig
 from inference_local.engine import Adapter, Delta, Engine, Request
 from inference_local.prefix_cache import (
     KVCacheClient,
@@ -25,7 +26,9 @@ from inference_local.prefix_cache import (
 )
 from inference_local.sampling import Sampling
 from kvcache.app import build_app
-from slm.config import InferenceLocalConfig, KVCacheConfig, ModelConfig, ServiceEndpoint, Settings
+from kvcache.config import KVCacheConfig
+from mesh.settings import Settings
+from slm.config import ServiceEndpoint
 from slm.server import GrpcService
 
 DOCUMENT = " ".join(
@@ -64,7 +67,7 @@ async def kv_service(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
         )
     )
     registry = CollectorRegistry()
-    app = build_app(settings, registry)
+    app = build_app(settings.kv_cache, runtime(settings, registry))
     async with GrpcService(
         "kv-cache", app, settings.kv_cache.endpoint, settings.telemetry, registry
     ) as service:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from kvcache.backends import build_store, connect_mooncake
+from kvcache.config import KVCacheConfig, MooncakeConfig
 from kvcache.store import DiskTier, Entry, Key, KVStore, MemoryTier, MooncakeTier, pack, unpack
-from slm.config import KVCacheConfig, MooncakeConfig
 from slm.errors import FailedPrecondition
 
 

@@ -20,7 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from helpers import free_port, mesh_settings
 from postgres_server import PostgresServer
 
-from slm.config import Settings
+from mesh.settings import Settings
 from slm.server import GrpcService
 from slm.v1 import ledger_pb2, ledger_pb2_grpc, types_pb2
 
@@ -151,7 +151,7 @@ class LedgerProcess:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "slm.cli", "--config", str(self.config), "serve", "ledger"],
+            [sys.executable, "-m", "mesh.cli", "--config", str(self.config), "serve", "ledger"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
@@ -240,7 +240,7 @@ async def slm(*args: str) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "slm.cli",
+        "mesh.cli",
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,

@@ -398,7 +398,7 @@ async def test_request_id_is_required(store: LedgerStore) -> None:
 def test_postgresql_backend_needs_a_dsn() -> None:
     from pydantic import ValidationError
 
-    from slm.config import LedgerConfig
+    from ledger.config import LedgerConfig
 
     with pytest.raises(ValidationError, match="postgres_dsn"):
         LedgerConfig(backend="postgresql")

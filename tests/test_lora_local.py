@@ -7,14 +7,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from helpers import DEFAULT_MODEL, SHARED_MODELS_DIR, mesh_settings
+from helpers import DEFAULT_MODEL, SHARED_MODELS_DIR, mesh_settings, runtime
 from lora_fixture import make_lora_gguf
 from prometheus_client import CollectorRegistry
 
 from inference_local.adapters import RegistryAdapters
+from inference_local.config import InferenceLocalConfig, ModelConfig
 from inference_local.engine import Delta, Engine, Request
 from inference_local.sampling import Sampling
-from slm.config import InferenceLocalConfig, ModelConfig, TelemetryConfig
+from slm.config import DiscoveryConfig, TelemetryConfig
+from slm.discovery import Connector
 from slm.errors import InvalidArgument, NotFound
 from slm.server import GrpcService
 from slm.v1 import adapters_pb2, adapters_pb2_grpc
@@ -30,10 +32,15 @@ async def engine(model_path: Path, tmp_path: Path) -> AsyncIterator[Engine]:
     registry = CollectorRegistry()
     endpoint = settings.adapters.endpoint.model_copy(update={"port": 0, "metrics_port": 0})
     async with GrpcService(
-        "adapters", build_app(settings, registry), endpoint, settings.telemetry, registry
+        "adapters",
+        build_app(settings.adapters, runtime(settings, registry)),
+        endpoint,
+        settings.telemetry,
+        registry,
     ) as service:
         address = f"127.0.0.1:{service.port}"
-        resolver = RegistryAdapters(address, TelemetryConfig())
+        connector = Connector(DiscoveryConfig(), TelemetryConfig())
+        resolver = RegistryAdapters(connector, address)
         import grpc
 
         async with grpc.aio.insecure_channel(address) as channel:
@@ -61,6 +68,7 @@ async def engine(model_path: Path, tmp_path: Path) -> AsyncIterator[Engine]:
         yield e
         await e.close()
         await resolver.close()
+        await connector.close()
 
 
 async def text(

@@ -9,9 +9,9 @@ import pytest
 from helpers import SHARED_MODELS_DIR
 from prometheus_client import CollectorRegistry
 
+from inference_local.config import InferenceLocalConfig, ModelConfig
 from inference_local.engine import Delta, Engine, LoadSpec, Request
 from inference_local.sampling import Sampling
-from slm.config import InferenceLocalConfig, ModelConfig
 from slm.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 FILE = "gemma-3-270m-q4_k_m.gguf"

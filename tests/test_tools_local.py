@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from test_chat_template import HERMES
 
 from inference_local.chat_template import ChatTemplate, Message
+from inference_local.config import GEMMA_CHAT_TEMPLATE, InferenceLocalConfig, ModelConfig
 from inference_local.engine import Delta, End, Engine, Finish, Request
 from inference_local.sampling import Sampling
 from inference_local.tools import (
@@ -27,7 +28,6 @@ from inference_local.tools import (
     openai_tools,
     schemas,
 )
-from slm.config import GEMMA_CHAT_TEMPLATE, InferenceLocalConfig, ModelConfig
 from slm.errors import InvalidArgument, from_rpc_error
 from slm.server import GrpcService
 from slm.v1 import inference_pb2, inference_pb2_grpc, types_pb2

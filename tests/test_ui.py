@@ -11,7 +11,7 @@ import pytest
 from helpers import DEFAULT_MODEL, Mesh, mesh_settings, metric_value, wait_for
 from playwright.sync_api import BrowserContext, Page, sync_playwright
 
-from slm.config import PrivacyConfig
+from doorman.config import PrivacyConfig
 
 pytestmark = pytest.mark.e2e
 

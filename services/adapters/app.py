@@ -1,15 +1,15 @@
-"""Builds the adapter registry service from settings."""
+"""Builds the adapter registry service from its configuration section."""
 
 from __future__ import annotations
 
 import grpc
-from prometheus_client import CollectorRegistry
 
 from adapters.artefacts import ArtefactStore
+from adapters.config import AdapterRegistryConfig
 from adapters.metadata import MetadataStore, SqliteMetadata
 from adapters.registry import AdapterRegistry
 from adapters.servicer import AdapterRegistryServicer
-from slm.config import AdapterRegistryConfig, Settings
+from slm.runtime import Runtime
 from slm.v1 import adapters_pb2, adapters_pb2_grpc
 
 
@@ -46,5 +46,5 @@ def build_registry(config: AdapterRegistryConfig) -> AdapterRegistry:
     return AdapterRegistry(store, metadata_store(config))
 
 
-def build_app(settings: Settings, registry: CollectorRegistry) -> AdapterRegistryApp:
-    return AdapterRegistryApp(build_registry(settings.adapters))
+def build_app(config: AdapterRegistryConfig, runtime: Runtime) -> AdapterRegistryApp:
+    return AdapterRegistryApp(build_registry(config))

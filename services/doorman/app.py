@@ -1,4 +1,4 @@
-"""Builds the Doorman from settings: upstream channels and routes, policy stages, the ledger."""
+"""Builds the Doorman from its section: upstream routes, policy stages, the ledger."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry
 
 from doorman.auth import Authenticator, Tenant
 from doorman.breaker import CircuitBreaker
+from doorman.config import DoormanConfig, RouteStep, TenantConfig
 from doorman.core import Doorman, DoormanMetrics, Policy
 from doorman.ledger_sink import LedgerSink
 from doorman.limits import BucketStore, MemoryBuckets, RedisBuckets, TenantLimiter, TierQueue
@@ -16,8 +17,8 @@ from doorman.routing import TIERS, Manifest, RetryPolicy, Route, Router, Routing
 from doorman.safety import SafetyFilter
 from doorman.sanitize import PresidioDetector, Sanitiser
 from doorman.servicer import DoormanServicer
-from slm.config import DoormanConfig, RouteStep, Settings, TelemetryConfig, TenantConfig
-from slm.server import open_channel
+from slm.discovery import Connector
+from slm.runtime import Runtime
 from slm.v1 import doorman_pb2, doorman_pb2_grpc, inference_pb2_grpc, ledger_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -29,15 +30,14 @@ class DoormanApp:
     )
 
     def __init__(
-        self, config: DoormanConfig, telemetry_config: TelemetryConfig, registry: CollectorRegistry
+        self, config: DoormanConfig, connector: Connector, registry: CollectorRegistry
     ) -> None:
         self.config = config
-        self._telemetry_config = telemetry_config
         # Channels connect lazily, so the Doorman starts even while its upstreams are still loading.
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._connector = connector
         self._breakers: dict[str, CircuitBreaker] = {}
         ledger = LedgerSink(
-            ledger_pb2_grpc.LedgerServiceStub(self._channel(config.ledger)),
+            ledger_pb2_grpc.LedgerServiceStub(connector.channel(config.ledger)),
             config.ledger_mode,
             config.ledger_spool,
             registry,
@@ -67,11 +67,6 @@ class DoormanApp:
             table, router, ledger, metrics, config.default_timeout_s, self._policy(table)
         )
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        if address not in self._channels:
-            self._channels[address] = open_channel(address, self._telemetry_config)
-        return self._channels[address]
-
     def _route(self, step: RouteStep) -> Route:
         if step.upstream not in self._breakers:
             routing = self.config.routing
@@ -84,7 +79,10 @@ class DoormanApp:
         return Route(
             tier=TIERS[step.tier],
             address=step.upstream,
-            stub=inference_pb2_grpc.InferenceServiceStub(self._channel(step.upstream)),
+            # A model only some replicas hold goes to those.
+            stub=inference_pb2_grpc.InferenceServiceStub(
+                self._connector.model_channel(step.upstream)
+            ),
             breaker=self._breakers[step.upstream],
             # Tier C only ever sees sanitised text, whatever a route says.
             sanitize=sanitize or step.tier == "external",
@@ -155,8 +153,6 @@ class DoormanApp:
         await self.doorman.drain()
         if self._buckets is not None:
             await self._buckets.close()
-        for channel in self._channels.values():
-            await channel.close(None)
 
 
 def _tenant(config: TenantConfig) -> Tenant:
@@ -170,5 +166,5 @@ def _tenant(config: TenantConfig) -> Tenant:
     )
 
 
-def build_app(settings: Settings, registry: CollectorRegistry) -> DoormanApp:
-    return DoormanApp(settings.doorman, settings.telemetry, registry)
+def build_app(config: DoormanConfig, runtime: Runtime) -> DoormanApp:
+    return DoormanApp(config, runtime.connector, runtime.registry)

@@ -7,25 +7,24 @@ from pathlib import Path
 import grpc
 
 from inference_local.engine import Adapter
-from slm.config import TelemetryConfig
+from slm.discovery import Connector
 from slm.errors import FailedPrecondition, from_rpc_error
-from slm.server import open_channel
 from slm.v1 import adapters_pb2, adapters_pb2_grpc, types_pb2
 
 
 class RegistryAdapters:
     """An AdapterResolver over AdapterRegistryService; the channel opens on first use."""
 
-    def __init__(self, address: str, telemetry: TelemetryConfig) -> None:
+    def __init__(self, connector: Connector, address: str) -> None:
+        self._connector = connector
         self._address = address
-        self._telemetry = telemetry
-        self._channel: grpc.aio.Channel | None = None
         self._stub: adapters_pb2_grpc.AdapterRegistryServiceStub | None = None
 
     async def __call__(self, name: str) -> Adapter:
         if self._stub is None:
-            self._channel = open_channel(self._address, self._telemetry)
-            self._stub = adapters_pb2_grpc.AdapterRegistryServiceStub(self._channel)
+            self._stub = adapters_pb2_grpc.AdapterRegistryServiceStub(
+                self._connector.channel(self._address)
+            )
         try:
             # GetAdapter re-hashes the artefact: a corrupt or swapped file is refused here.
             reply = await self._stub.GetAdapter(
@@ -47,7 +46,5 @@ class RegistryAdapters:
         return Adapter(Path(adapter.path), adapter.default_scale or 1.0, adapter.base_model)
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close(None)
-            self._channel = None
-            self._stub = None
+        # The connector owns the channel.
+        self._stub = None

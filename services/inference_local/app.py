@@ -1,4 +1,4 @@
-"""Builds inference-local from settings: the engine, its models, and the gRPC servicer."""
+"""Builds inference-local from its section: the engine, its models, and the gRPC servicer."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from inference_local.adapters import RegistryAdapters
+from inference_local.config import InferenceLocalConfig
 from inference_local.engine import Engine
-from inference_local.prefix_cache import PrefixCache, PrefixCacheMetrics, open_client
+from inference_local.prefix_cache import KVCacheClient, PrefixCache, PrefixCacheMetrics
 from inference_local.servicer import InferenceServicer
-from slm.config import InferenceLocalConfig, Settings
+from slm.runtime import Runtime
 from slm.v1 import inference_pb2, inference_pb2_grpc
 
 
@@ -46,19 +47,17 @@ class InferenceLocalApp:
             await self._adapters.close()
 
 
-def build_app(settings: Settings, registry: CollectorRegistry) -> InferenceLocalApp:
-    config = settings.inference_local
+def build_app(config: InferenceLocalConfig, runtime: Runtime) -> InferenceLocalApp:
+    connector = runtime.connector
     adapters = (
-        RegistryAdapters(config.adapter_registry, settings.telemetry)
-        if config.adapter_registry
-        else None
+        RegistryAdapters(connector, config.adapter_registry) if config.adapter_registry else None
     )
     prefix_cache = None
     if config.kv_cache or config.prefix_cache_mb:
         prefix_cache = PrefixCache(
             config.prefix_block_tokens,
             config.prefix_cache_mb << 20,
-            open_client(config.kv_cache, settings.telemetry) if config.kv_cache else None,
-            PrefixCacheMetrics(registry),
+            KVCacheClient(connector.channel(config.kv_cache)) if config.kv_cache else None,
+            PrefixCacheMetrics(runtime.registry),
         )
-    return InferenceLocalApp(config, registry, adapters, prefix_cache)
+    return InferenceLocalApp(config, runtime.registry, adapters, prefix_cache)

@@ -5,7 +5,7 @@ Two paths, chosen once per template by rendering probes:
 
 - native: the template renders tools (a marker tool shows up in its output) and renders an
   assistant's tool calls in the ``<tool_call>`` format (see tools.py), as Hermes, Qwen and the
-  bundled Gemma template (slm.config.GEMMA_CHAT_TEMPLATE) do. It gets the request's tools in
+  bundled Gemma template (config.GEMMA_CHAT_TEMPLATE) do. It gets the request's tools in
   OpenAI's function-tool shape, assistant messages with ``tool_calls`` in OpenAI's shape
   (``{"id", "type": "function", "function": {"name", "arguments"}}``, the arguments parsed into
   an object, or left as JSON text for templates that print them as they are: probed, as

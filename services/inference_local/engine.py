@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from inference_local import tools
 from inference_local.chat_template import ChatTemplate, Message
+from inference_local.config import InferenceLocalConfig, ModelConfig
 from inference_local.constraints import Constraint, Grammars
 from inference_local.llama_api import (
     Batch,
@@ -43,7 +44,6 @@ from inference_local.scheduler import (
 from inference_local.scheduler import Delta as SeqDelta
 from inference_local.scheduler import Finish as SeqFinish
 from inference_local.tools import ToolCallDelta, ToolCallParser, ToolSpec
-from slm.config import InferenceLocalConfig, ModelConfig
 from slm.errors import (
     FailedPrecondition,
     InvalidArgument,

@@ -108,6 +108,13 @@ class Model:
         self.vocab_only = vocab_only
         self.vocab = C.llama_model_get_vocab(ptr)
         self.n_vocab = int(C.llama_vocab_n_tokens(self.vocab))
+        # llama.cpp puts the output layer on the GPU when every layer is offloaded (n_gpu_layers
+        # < 0, its default, or more than the model's layers): then the logits live on the GPU.
+        self.output_on_gpu = bool(
+            not vocab_only
+            and C.llama_supports_gpu_offload()
+            and (params.n_gpu_layers < 0 or params.n_gpu_layers > C.llama_model_n_layer(ptr))
+        )
         self.bos = int(C.llama_vocab_bos(self.vocab))
         self.eos = int(C.llama_vocab_eos(self.vocab))
         # One buffer per thread: the decode thread, the mask thread building llguidance's view
@@ -221,10 +228,21 @@ class ContextParams:
     n_batch: int = 512
     n_threads: int = 1
     embeddings: bool = False
+    # Sampler chains that run inside the decode graph (`Context.attach`); None: where the
+    # logits are computed on a GPU, whose copy of every row's logits to the host then costs as
+    # much as the decode. On a CPU the graph's sampling ops are slower than the host's
+    # shortlist (measured with 8 streams: 61 ms a step against 56).
+    backend_sampling: bool | None = None
 
 
 class Context:
-    """A llama_context with n_seq sequence slots, each with its own KV stream."""
+    """A llama_context with n_seq sequence slots, each with its own KV stream.
+
+    With backend sampling, a slot may have a sampler chain attached (`attach`): llama.cpp then
+    samples that slot's output rows inside the decode graph and copies back only the token,
+    not the row's logits. An attached chain is initialised for the graph; moving it to another
+    slot, or back to the host, takes a clone of it (same parameters and RNG state).
+    """
 
     def __init__(self, model: Model, params: ContextParams) -> None:
         cparams = C.llama_context_default_params()
@@ -239,6 +257,15 @@ class Context:
         if params.embeddings:
             cparams.embeddings = True
             cparams.pooling_type = C.LLAMA_POOLING_TYPE_MEAN
+        backend = params.backend_sampling
+        self.backend_sampling = bool(
+            (model.output_on_gpu if backend is None else backend) and not params.embeddings
+        )
+        if self.backend_sampling:
+            # Every decode asks for at most one row per sequence (a prompt's last token, or
+            # a decode step's): with that bound llama.cpp can run penalties in the graph, and
+            # the RNG draws once per sampled token, as on the host.
+            cparams.n_outputs_max_per_seq = 1
         ptr = C.llama_init_from_model(model.ptr, cparams)
         if not ptr:
             raise FailedPrecondition("llama.cpp could not create a context (out of memory?)")
@@ -248,11 +275,68 @@ class Context:
         self.memory = C.llama_get_memory(ptr)
         self.n_ctx_per_seq = int(C.llama_n_ctx_seq(ptr)) or params.n_ctx_per_seq
         self._adapters: tuple[tuple[int, float], ...] = ()
+        # The chain attached to each slot: a running sequence's, or a finished one's that stays
+        # until the slot's next output (detaching costs a graph reservation, as attaching does;
+        # a slot reused by a sampled sequence then pays for one change, not two).
+        self._chains: dict[int, Sampler] = {}
 
     def close(self) -> None:
         if self.ptr:
             C.llama_free(self.ptr)
             self.ptr = None
+        for sampler in self._chains.values():
+            sampler.slot = None
+            if sampler.retired:
+                sampler.close()
+        self._chains.clear()
+
+    def attach(self, slot: int, sampler: Sampler) -> bool:
+        """Sample `slot`'s next outputs with `sampler`'s chain inside the decode graph (read
+        with `Sampler.sample_many`). False, and nothing attached, when llama.cpp cannot run
+        every sampler of the chain on the device that holds the logits; the chain then samples
+        on the host. The graph is reserved again at the next decode when this changes it."""
+        if self._chains.get(slot) is sampler:
+            return True
+        if sampler.slot is not None:  # its sequence moved to another slot
+            self.detach(sampler.slot)
+        sampler.fresh()
+        sampler.initialised = True  # llama_set_sampler initialises the chain for the graph
+        attached = bool(C.llama_set_sampler(self.ptr, slot, sampler.ptr))
+        # llama.cpp replaced (or dropped) whatever chain the slot had.
+        self._drop(slot)
+        if attached and sampler.offloaded():
+            self._chains[slot] = sampler
+            sampler.slot = slot
+            return True
+        if attached:  # only a prefix of the chain runs on the device: all of it on the host
+            C.llama_set_sampler(self.ptr, slot, None)
+        sampler.fresh()
+        return False
+
+    def detach(self, slot: int) -> None:
+        """Return `slot`'s outputs as logits again; its chain, if still in use, is ready for
+        the host (or another slot)."""
+        if slot in self._chains:
+            C.llama_set_sampler(self.ptr, slot, None)
+            self._drop(slot)
+
+    def retire(self, sampler: Sampler) -> None:
+        """The sequence of `sampler` ended: free it, or, while it is attached, leave it to
+        its slot (inactive: no outputs there) until the slot's next output changes it."""
+        if sampler.slot is None:
+            sampler.close()
+        else:
+            sampler.retired = True
+
+    def _drop(self, slot: int) -> None:
+        sampler = self._chains.pop(slot, None)
+        if sampler is None:
+            return
+        sampler.slot = None
+        if sampler.retired:
+            sampler.close()
+        else:
+            sampler.fresh()
 
     def decode(self, batch: Batch) -> None:
         rc = C.llama_decode(self.ptr, batch.raw)
@@ -402,6 +486,9 @@ class Sampler:
     hands llama.cpp only a shortlist that surely holds them (`_shortlists`): the same chain then
     picks the same token from a few thousand candidates. Chains that need the whole
     distribution (no top_k) take llama.cpp's own path.
+
+    Attached to a slot of a context with backend sampling (`Context.attach`), the chain runs
+    inside the decode graph instead, and only its token comes back.
     """
 
     PENALTY_WINDOW = 64
@@ -454,6 +541,32 @@ class Sampler:
         self._stride = model.n_vocab // (self.SAMPLE_PER_KEPT * max(self._keep, 1))
         if self._stride < 2:  # a shortlist would be most of the vocabulary
             self._keep = 0
+        # The slot whose decode graph runs this chain (`Context.attach`); None: the host.
+        self.slot: int | None = None
+        # Set up for a decode graph by llama_set_sampler: the host skips those samplers then.
+        self.initialised = False
+        # Its sequence ended while attached: the context frees it.
+        self.retired = False
+
+    def fresh(self) -> None:
+        """Replace a chain initialised for a decode graph with a clone that is not: the same
+        samplers and state (RNG, penalty counts), usable on the host or attached again."""
+        if self.initialised:
+            clone = C.llama_sampler_clone(self.ptr)
+            if not clone:
+                raise Internal("llama_sampler_clone failed")
+            C.llama_sampler_free(self.ptr)
+            self.ptr = clone
+            self.initialised = False
+
+    def offloaded(self) -> bool:
+        """Whether every sampler of the attached chain runs on the device (llama.cpp names a
+        sampler '+name' when it does, '-name' when its device lacks an op)."""
+        n = int(C.llama_sampler_chain_n(self.ptr))
+        return all(
+            (C.llama_sampler_name(C.llama_sampler_chain_get(self.ptr, i)) or b"").startswith(b"+")
+            for i in range(n)
+        )
 
     @property
     def shortlisted(self) -> bool:
@@ -492,8 +605,26 @@ class Sampler:
         `masks[i]`, when given and not None, is row i's bitmask of allowed tokens (bit t of
         word t // 32, llguidance's layout): that row samples only among them (`_keep_allowed`)
         and gets -1 when none is allowed. Masked rows form blocks of their own, so rows without
-        a mask take exactly the path they take without any mask in the step."""
+        a mask take exactly the path they take without any mask in the step.
+
+        Rows of attached samplers (`Context.attach`) were sampled by the decode: their tokens
+        are read and accepted here, and the rest take the host's path."""
         tokens = [0] * len(work)
+        host = [i for i, (sampler, _) in enumerate(work) if sampler.slot is None]
+        if len(host) < len(work):
+            for i, (sampler, index) in enumerate(work):
+                if sampler.slot is not None:
+                    tokens[i] = sampler._sample_backend(context, index)
+            if host:
+                picked = Sampler.sample_many(
+                    context,
+                    [work[i] for i in host],
+                    pool,
+                    [masks[i] for i in host] if masks is not None else None,
+                )
+                for i, token in zip(host, picked, strict=True):
+                    tokens[i] = token
+            return tokens
 
         def run(task: list[int]) -> None:
             sampler, index = work[task[0]]
@@ -547,6 +678,16 @@ class Sampler:
                 alone.append([i])
         size = Sampler.BLOCK_ROWS
         return [m[s : s + size] for m in blocks.values() for s in range(0, len(m), size)] + alone
+
+    def _sample_backend(self, context: Context, index: int) -> int:
+        """The token the decode graph sampled for this row, accepted by the chain (its
+        penalty counts; the RNG drew inside the decode)."""
+        token = int(C.llama_get_sampled_token_ith(context.ptr, index))
+        if token < 0:
+            raise Internal(f"llama.cpp sampled no token for output {index} on the device")
+        C.llama_sampler_accept(self.ptr, token)
+        self._remember(token)
+        return token
 
     def _sample_full(self, context: Context, index: int) -> int:
         """llama.cpp's own path over the whole vocabulary."""

@@ -10,13 +10,14 @@ import os
 import grpc
 from prometheus_client import CollectorRegistry
 
+from inference_remote.config import InferenceRemoteConfig, UpstreamConfig
 from inference_remote.core import AdapterRef, ModelPool, RemoteInference, RemoteMetrics
 from inference_remote.pool import Pool, Upstream
 from inference_remote.servicer import RemoteInferenceServicer
 from inference_remote.upstream import Timeouts, UpstreamClient
-from slm.config import InferenceRemoteConfig, Settings, TelemetryConfig, UpstreamConfig
+from slm.discovery import Connector
 from slm.errors import FailedPrecondition, from_rpc_error
-from slm.server import open_channel
+from slm.runtime import Runtime
 from slm.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,8 @@ def read_api_key(upstream: UpstreamConfig) -> str | None:
 class RegistryAdapters:
     """AdapterSource over AdapterRegistryService."""
 
-    def __init__(self, address: str, telemetry: TelemetryConfig) -> None:
-        self._channel = open_channel(address, telemetry)
-        self._stub = adapters_pb2_grpc.AdapterRegistryServiceStub(self._channel)
+    def __init__(self, connector: Connector, address: str) -> None:
+        self._stub = adapters_pb2_grpc.AdapterRegistryServiceStub(connector.channel(address))
 
     async def get(self, name: str) -> AdapterRef:
         try:
@@ -69,8 +69,6 @@ class RegistryAdapters:
             tiers=tuple({1: "local", 2: "gpu", 3: "external"}.get(int(t), "") for t in a.tiers),
         )
 
-    async def close(self) -> None:
-        await self._channel.close(grace=None)
 
 
 class InferenceRemoteApp:
@@ -81,7 +79,7 @@ class InferenceRemoteApp:
     def __init__(
         self,
         config: InferenceRemoteConfig,
-        telemetry: TelemetryConfig,
+        connector: Connector,
         registry: CollectorRegistry,
     ) -> None:
         self.config = config
@@ -113,7 +111,7 @@ class InferenceRemoteApp:
             models.append(ModelPool(model.name, pool, model.context_length))
         self._adapters: RegistryAdapters | None = None
         if c.adapter_registry:
-            self._adapters = RegistryAdapters(c.adapter_registry, telemetry)
+            self._adapters = RegistryAdapters(connector, c.adapter_registry)
         self.core = RemoteInference(
             models,
             self.metrics,
@@ -157,9 +155,7 @@ class InferenceRemoteApp:
                 await self._prober
         for client in self._clients:
             await client.aclose()
-        if self._adapters is not None:
-            await self._adapters.close()
 
 
-def build_app(settings: Settings, registry: CollectorRegistry) -> InferenceRemoteApp:
-    return InferenceRemoteApp(settings.inference_remote, settings.telemetry, registry)
+def build_app(config: InferenceRemoteConfig, runtime: Runtime) -> InferenceRemoteApp:
+    return InferenceRemoteApp(config, runtime.connector, runtime.registry)

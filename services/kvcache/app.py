@@ -1,4 +1,4 @@
-"""Builds the kv-cache service from settings."""
+"""Builds the kv-cache service from its configuration section."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from kvcache.backends import MB, build_store
+from kvcache.config import KVCacheConfig
 from kvcache.servicer import KVCacheMetrics, KVCacheServicer
 from kvcache.store import KVStore
-from slm.config import Settings
+from slm.runtime import Runtime
 from slm.v1 import kvcache_pb2, kvcache_pb2_grpc
 
 
@@ -34,6 +35,5 @@ class KVCacheApp:
         return None
 
 
-def build_app(settings: Settings, registry: CollectorRegistry) -> KVCacheApp:
-    config = settings.kv_cache
-    return KVCacheApp(build_store(config), registry, config.max_entry_mb * MB)
+def build_app(config: KVCacheConfig, runtime: Runtime) -> KVCacheApp:
+    return KVCacheApp(build_store(config), runtime.registry, config.max_entry_mb * MB)

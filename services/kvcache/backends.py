@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from kvcache.config import KVCacheConfig, MooncakeConfig
 from kvcache.store import DiskTier, KVStore, MemoryTier, MooncakeTier, ObjectStore, Tier
-from slm.config import KVCacheConfig, MooncakeConfig
 from slm.errors import FailedPrecondition
 
 MB = 1 << 20

@@ -1,13 +1,13 @@
-"""Builds the ledger service from settings."""
+"""Builds the ledger service from its configuration section."""
 
 from __future__ import annotations
 
 import grpc
-from prometheus_client import CollectorRegistry
 
+from ledger.config import LedgerConfig
 from ledger.servicer import LedgerServicer
 from ledger.store import Backend, LedgerStore
-from slm.config import LedgerConfig, Settings
+from slm.runtime import Runtime
 from slm.v1 import ledger_pb2, ledger_pb2_grpc
 
 
@@ -39,5 +39,5 @@ def build_backend(config: LedgerConfig) -> Backend:
     return SqliteBackend(config.database)
 
 
-def build_app(settings: Settings, registry: CollectorRegistry) -> LedgerApp:
-    return LedgerApp(LedgerStore(build_backend(settings.ledger)))
+def build_app(config: LedgerConfig, runtime: Runtime) -> LedgerApp:
+    return LedgerApp(LedgerStore(build_backend(config)))

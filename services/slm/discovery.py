@@ -1,10 +1,17 @@
-"""Service discovery: configured addresses to gRPC channels (static, Kubernetes DNS, Consul)."""
+"""Service discovery: addresses to balanced gRPC channels (static, Kubernetes DNS, Consul).
+
+Every gRPC hop of the mesh gets its channels from one Connector, built once from `[discovery]`:
+a channel balances round-robin over every instance an address names, skipping instances whose
+gRPC health check fails; `instances` lists them for calls that must reach each one (fan-out).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import ipaddress
+import itertools
+import json
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -22,8 +29,12 @@ from slm.server import CHANNEL_OPTIONS, open_channel
 log = logging.getLogger(__name__)
 
 # gRPC's client-side balancing over every address a name resolves to; the default, pick_first,
-# would pin all traffic of a long-lived channel to one replica.
-ROUND_ROBIN = '{"loadBalancingConfig": [{"round_robin": {}}]}'
+# would pin all traffic of a long-lived channel to one replica. The health check (grpc.health.v1
+# Watch, which every service of the mesh serves) takes an instance out of the rotation while it
+# reports NOT_SERVING: starting, draining or gone.
+ROUND_ROBIN = json.dumps(
+    {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}}
+)
 
 
 @dataclass(frozen=True)
@@ -78,10 +89,13 @@ class Resolver(Protocol):
 
 
 class StaticResolver:
-    """The embedded default: addresses are gRPC targets as written."""
+    """The embedded default: addresses are gRPC targets as written; a comma-separated list of
+    IP addresses (the replicas `slm up` runs) becomes one target over all of them."""
 
     def resolve(self, address: str) -> str:
-        return address
+        if "," not in address:
+            return address
+        return instances_target([Instance(*split_address(a)) for a in address.split(",")])
 
     def follows(self, address: str) -> bool:
         return False
@@ -94,6 +108,14 @@ class KubernetesResolver:
 
     namespace: str
     cluster_domain: str = "cluster.local"
+    # "host:port" of the DNS server gRPC asks; empty: the system's resolver.
+    dns_server: str = ""
+
+    def name(self, host: str) -> str:
+        """The DNS name a configured host stands for."""
+        if is_service_name(host):
+            return f"{host}.{self.namespace}.svc.{self.cluster_domain}"
+        return host
 
     def resolve(self, address: str) -> str:
         if "://" in address:
@@ -101,9 +123,7 @@ class KubernetesResolver:
         host, port = split_address(address)
         if _is_ip(host):
             return address
-        if is_service_name(host):
-            host = f"{host}.{self.namespace}.svc.{self.cluster_domain}"
-        return f"dns:///{host}:{port}"
+        return f"dns://{self.dns_server}/{self.name(host)}:{port}"
 
     def follows(self, address: str) -> bool:
         return False
@@ -196,21 +216,106 @@ class ConsulResolver:
 
 def build_resolver(config: DiscoveryConfig) -> Resolver:
     if config.mode == "kubernetes":
-        return KubernetesResolver(config.namespace, config.cluster_domain)
+        return KubernetesResolver(config.namespace, config.cluster_domain, config.dns_server)
     if config.mode == "consul":
         return ConsulResolver.from_config(config)
     return StaticResolver()
 
 
 def connect(resolver: Resolver, address: str, telemetry: TelemetryConfig) -> grpc.aio.Channel:
-    """A channel to `address`: plain for fixed targets, a following one for Consul services."""
+    """A channel balancing over every instance of `address`; Consul services are followed."""
     if resolver.follows(address):
         assert isinstance(resolver, ConsulResolver)
         return FollowingChannel(resolver, address, telemetry)
-    target = resolver.resolve(address)
-    if target.startswith(("dns:", "ipv4:", "ipv6:")):
-        return balanced_channel(target, telemetry)
-    return open_channel(target, telemetry)
+    return balanced_channel(resolver.resolve(address), telemetry)
+
+
+class Connector:
+    """The mesh's one way to reach a service, built once from `[discovery]` and shared by every
+    hop of a process. Channels are made on first use and cached; `close` closes them all."""
+
+    def __init__(self, config: DiscoveryConfig, telemetry: TelemetryConfig) -> None:
+        self.config = config
+        self.telemetry = telemetry
+        self.resolver = build_resolver(config)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._instance_channels: dict[str, grpc.aio.Channel] = {}
+        self._model_channels: dict[str, ModelRoutedChannel] = {}
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """Balances round-robin over every healthy instance of `address`."""
+        if address not in self._channels:
+            self._channels[address] = connect(self.resolver, address, self.telemetry)
+        return self._channels[address]
+
+    def model_channel(self, address: str) -> grpc.aio.Channel:
+        """Like `channel`, but a call whose request names a model that only some instances hold
+        goes to those (slm.v1.InferenceService's ListModels says which)."""
+        if address not in self._model_channels:
+            self._model_channels[address] = ModelRoutedChannel(self, address)
+        return self._model_channels[address]
+
+    def instance_channel(self, instance: str) -> grpc.aio.Channel:
+        """A channel to one instance ("host:port", as `instances` lists it)."""
+        if instance not in self._instance_channels:
+            self._instance_channels[instance] = balanced_channel(instance, self.telemetry)
+        return self._instance_channels[instance]
+
+    async def instances(self, address: str) -> list[str]:
+        """Every instance `address` stands for now, as "host:port": for calls that must reach
+        each replica (loading a model, reading metrics) rather than any one."""
+        resolver = self.resolver
+        if isinstance(resolver, ConsulResolver) and resolver.follows(address):
+            _index, healthy = await resolver.healthy(split_address(address)[0])
+            return [_join(i.host, i.port) for i in healthy]
+        if isinstance(resolver, KubernetesResolver) and "://" not in address:
+            host, port = split_address(address)
+            if not _is_ip(host):
+                ips = await _lookup(resolver.name(host), resolver.dns_server)
+                return [_join(ip, port) for ip in ips]
+        return [a.strip() for a in address.split(",") if a.strip()]
+
+    async def close(self) -> None:
+        for routed in self._model_channels.values():
+            await routed.close(None)
+        for channel in [*self._channels.values(), *self._instance_channels.values()]:
+            await channel.close(None)
+        self._channels.clear()
+        self._instance_channels.clear()
+        self._model_channels.clear()
+        if isinstance(self.resolver, ConsulResolver):
+            await self.resolver.close()
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _lookup(name: str, server: str) -> list[str]:
+    """The A and AAAA records of `name`, from `server` ("host:port") or the system's resolver."""
+    import dns.asyncresolver
+    import dns.exception
+    import dns.resolver
+
+    resolver = dns.asyncresolver.Resolver(configure=not server)
+    if server:
+        host, port = split_address(server)
+        resolver.nameservers = [host]
+        resolver.port = port
+    found: list[str] = []
+    for kind in ("A", "AAAA"):
+        try:
+            answer = await resolver.resolve(name, kind, search=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            continue
+        except dns.exception.DNSException as error:
+            raise OSError(f"cannot resolve {name}: {error}") from error
+        found += [record.to_text() for record in answer]
+    if not found and not server:
+        # Names outside DNS (/etc/hosts, localhost) through the system's resolver.
+        infos = await asyncio.get_running_loop().getaddrinfo(name, None, type=socket.SOCK_STREAM)
+        found = [str(info[4][0]) for info in infos]
+    return sorted(set(found))
 
 
 def balanced_channel(target: str, telemetry: TelemetryConfig) -> grpc.aio.Channel:
@@ -223,22 +328,142 @@ def balanced_channel(target: str, telemetry: TelemetryConfig) -> grpc.aio.Channe
 
 
 class _Delegate:
-    """A multicallable that binds to whichever channel is current when it is called."""
+    """A multicallable that binds, when it is called, to the channel `pick` chooses for the
+    request."""
 
     def __init__(
-        self, owner: FollowingChannel, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        pick: Callable[[Any], grpc.aio.Channel],
+        kind: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> None:
-        self._owner = owner
+        self._pick = pick
         self._kind = kind
         self._args = args
         self._kwargs = kwargs
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        factory: Callable[..., Any] = getattr(self._owner.current, self._kind)
-        return factory(*self._args, **self._kwargs)(*args, **kwargs)
+    def __call__(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        factory: Callable[..., Any] = getattr(self._pick(request), self._kind)
+        return factory(*self._args, **self._kwargs)(request, *args, **kwargs)
 
 
-class FollowingChannel(grpc.aio.Channel):  # type: ignore[misc]
+class _PickingChannel(grpc.aio.Channel):  # type: ignore[misc]
+    """A channel whose calls each go to the channel `pick` chooses for their request."""
+
+    def pick(self, request: Any) -> grpc.aio.Channel:
+        raise NotImplementedError
+
+    @property
+    def current(self) -> grpc.aio.Channel:
+        raise NotImplementedError
+
+    def unary_unary(self, *args: Any, **kwargs: Any) -> Any:
+        return _Delegate(self.pick, "unary_unary", args, kwargs)
+
+    def unary_stream(self, *args: Any, **kwargs: Any) -> Any:
+        return _Delegate(self.pick, "unary_stream", args, kwargs)
+
+    def stream_unary(self, *args: Any, **kwargs: Any) -> Any:
+        return _Delegate(self.pick, "stream_unary", args, kwargs)
+
+    def stream_stream(self, *args: Any, **kwargs: Any) -> Any:
+        return _Delegate(self.pick, "stream_stream", args, kwargs)
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return self.current.get_state(try_to_connect)
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        await self.current.wait_for_state_change(last_observed_state)
+
+    async def channel_ready(self) -> None:
+        await self.current.channel_ready()
+
+    async def __aenter__(self) -> _PickingChannel:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close(None)
+
+
+class ModelRoutedChannel(_PickingChannel):
+    """Calls whose request names a model go to the instances that hold it.
+
+    Every `refresh_s` each instance is asked for its models (InferenceService.ListModels). A
+    model every instance holds, or none is known to, takes the balanced channel; one that only
+    some hold goes round-robin over those, skipping any whose connection has failed.
+    """
+
+    def __init__(self, connector: Connector, address: str, refresh_s: float = 2.0) -> None:
+        self._connector = connector
+        self._address = address
+        self._refresh_s = refresh_s
+        self._balanced = connector.channel(address)
+        self._holders: dict[str, tuple[str, ...]] = {}
+        self._everywhere: frozenset[str] = frozenset()
+        self._turn = itertools.count()
+        self._task = asyncio.get_running_loop().create_task(self._follow())
+
+    @property
+    def current(self) -> grpc.aio.Channel:
+        return self._balanced
+
+    def pick(self, request: Any) -> grpc.aio.Channel:
+        model = getattr(request, "model", "")
+        holders = self._holders.get(model) if model else None
+        if not holders or model in self._everywhere:
+            return self._balanced
+        live = [
+            h
+            for h in holders
+            if self._connector.instance_channel(h).get_state()
+            is not grpc.ChannelConnectivity.TRANSIENT_FAILURE
+        ]
+        chosen = (live or list(holders))[next(self._turn) % len(live or holders)]
+        return self._connector.instance_channel(chosen)
+
+    async def refresh(self) -> None:
+        from slm.v1 import inference_pb2, inference_pb2_grpc
+
+        instances = await self._connector.instances(self._address)
+        holders: dict[str, list[str]] = {}
+        for instance in instances:
+            stub = inference_pb2_grpc.InferenceServiceStub(
+                self._connector.instance_channel(instance)
+            )
+            try:
+                listed = await stub.ListModels(inference_pb2.ListModelsRequest(), timeout=2)
+            except grpc.aio.AioRpcError:
+                continue  # down or starting: it holds nothing for now
+            for info in listed.models:
+                holders.setdefault(info.name, []).append(instance)
+        self._holders = {model: tuple(hs) for model, hs in holders.items()}
+        self._everywhere = frozenset(m for m, hs in holders.items() if len(hs) == len(instances))
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # DNS or Consul briefly away: keep the last view.
+                log.warning(
+                    "listing models failed", extra={"address": self._address, "error": str(error)}
+                )
+            await asyncio.sleep(self._refresh_s)
+
+    async def close(self, grace: float | None = None) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+class FollowingChannel(_PickingChannel):
     """A channel whose target follows a Consul service's healthy instances.
 
     Each change opens a channel to the new set and closes the old one with a grace period, so
@@ -257,7 +482,7 @@ class FollowingChannel(grpc.aio.Channel):  # type: ignore[misc]
         self._service = split_address(address)[0]
         self._telemetry = telemetry
         self._grace_s = grace_s
-        self.current: grpc.aio.Channel = open_channel(address, telemetry)
+        self._current: grpc.aio.Channel = open_channel(address, telemetry)
         self.target = address
         self.changed = asyncio.Condition()
         self._retired: set[asyncio.Task[None]] = set()
@@ -270,8 +495,8 @@ class FollowingChannel(grpc.aio.Channel):  # type: ignore[misc]
                 log.warning("no healthy instance", extra={"service": self._service})
                 continue
             target = instances_target(instances)
-            old = self.current
-            self.current = balanced_channel(target, self._telemetry)
+            old = self._current
+            self._current = balanced_channel(target, self._telemetry)
             self.target = target
             log.info("instances changed", extra={"service": self._service, "target": target})
             retire = asyncio.get_running_loop().create_task(old.close(self._grace_s))
@@ -280,26 +505,12 @@ class FollowingChannel(grpc.aio.Channel):  # type: ignore[misc]
             async with self.changed:
                 self.changed.notify_all()
 
-    def unary_unary(self, *args: Any, **kwargs: Any) -> Any:
-        return _Delegate(self, "unary_unary", args, kwargs)
+    @property
+    def current(self) -> grpc.aio.Channel:
+        return self._current
 
-    def unary_stream(self, *args: Any, **kwargs: Any) -> Any:
-        return _Delegate(self, "unary_stream", args, kwargs)
-
-    def stream_unary(self, *args: Any, **kwargs: Any) -> Any:
-        return _Delegate(self, "stream_unary", args, kwargs)
-
-    def stream_stream(self, *args: Any, **kwargs: Any) -> Any:
-        return _Delegate(self, "stream_stream", args, kwargs)
-
-    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
-        return self.current.get_state(try_to_connect)
-
-    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
-        await self.current.wait_for_state_change(last_observed_state)
-
-    async def channel_ready(self) -> None:
-        await self.current.channel_ready()
+    def pick(self, request: Any) -> grpc.aio.Channel:
+        return self._current
 
     async def close(self, grace: float | None = None) -> None:
         self._task.cancel()
@@ -308,17 +519,6 @@ class FollowingChannel(grpc.aio.Channel):  # type: ignore[misc]
         await self.current.close(grace)
         for task in list(self._retired):
             task.cancel()
-
-    async def __aenter__(self) -> FollowingChannel:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close(None)
 
 
 @contextlib.asynccontextmanager

@@ -18,7 +18,8 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from slm.config import Settings
+from mesh.services import REPLICA_ENV, SERVICES, Service
+from mesh.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ class Child:
 
     name: str
     ready: Callable[[], Awaitable[bool]]
+    # Which replica of its service this process is.
+    replica: int = 0
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
     started_at: float = 0.0
@@ -61,55 +64,20 @@ class Supervisor:
         self.settings = settings
         self._config_path = config_path
         self._stopping = False
-        s = settings
         self.children = [
-            Child(
-                "ledger",
-                lambda: grpc_serving(
-                    f"{_connect_host(s.ledger.endpoint.host)}:{s.ledger.endpoint.port}"
-                ),
-            ),
-            Child(
-                "inference-local",
-                lambda: grpc_serving(
-                    f"{_connect_host(s.inference_local.endpoint.host)}:"
-                    f"{s.inference_local.endpoint.port}"
-                ),
-            ),
-            Child(
-                "adapter-registry",
-                lambda: grpc_serving(
-                    f"{_connect_host(s.adapters.endpoint.host)}:{s.adapters.endpoint.port}"
-                ),
-            ),
-            Child(
-                "inference-remote",
-                lambda: grpc_serving(
-                    f"{_connect_host(s.inference_remote.endpoint.host)}:"
-                    f"{s.inference_remote.endpoint.port}"
-                ),
-            ),
-            Child(
-                "doorman",
-                lambda: grpc_serving(
-                    f"{_connect_host(s.doorman.endpoint.host)}:{s.doorman.endpoint.port}"
-                ),
-            ),
-            Child("gateway", lambda: http_ok(f"{self.gateway_url}/readyz")),
-            Child("envoy", lambda: http_ok(f"{self.api_url}/readyz")),
+            Child(service.name, self._probe(service, replica), replica=replica)
+            for service in SERVICES
+            if service.enabled(settings)
+            for replica in range(service.replicas(settings))
         ]
-        if s.inference_local.kv_cache:
-            # Only a mesh whose inference-local uses the kv-cache service runs one; it starts
-            # before inference-local so the first requests can already share prefixes.
-            self.children.insert(
-                1,
-                Child(
-                    "kv-cache",
-                    lambda: grpc_serving(
-                        f"{_connect_host(s.kv_cache.endpoint.host)}:{s.kv_cache.endpoint.port}"
-                    ),
-                ),
-            )
+
+    def _probe(self, service: Service, replica: int) -> Callable[[], Awaitable[bool]]:
+        if service.kind == "http":
+            return lambda: http_ok(f"{self.gateway_url}/readyz")
+        if service.kind == "envoy":
+            return lambda: http_ok(f"{self.api_url}/readyz")
+        address = service.endpoint(self.settings).addresses[replica]
+        return lambda: grpc_serving(address)
 
     @property
     def api_url(self) -> str:
@@ -120,7 +88,7 @@ class Supervisor:
         return f"http://{_connect_host(self.settings.gateway.host)}:{self.settings.gateway.port}"
 
     def _command(self, name: str) -> list[str]:
-        command = [sys.executable, "-m", "slm.cli"]
+        command = [sys.executable, "-m", "mesh.cli"]
         if self._config_path is not None:
             command += ["--config", str(self._config_path)]
         return [*command, "serve", name]
@@ -129,13 +97,16 @@ class Supervisor:
         child.process = await asyncio.create_subprocess_exec(
             *self._command(child.name),
             stdin=asyncio.subprocess.DEVNULL,
-            env=os.environ.copy(),
+            env={**os.environ, REPLICA_ENV: str(child.replica)},
             # Own process group: Ctrl-C reaches the supervisor only, which stops children in order.
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
         child.started_at = time.monotonic()
-        log.info("started", extra={"child": child.name, "pid": child.process.pid})
+        log.info(
+            "started",
+            extra={"child": child.name, "replica": child.replica, "pid": child.process.pid},
+        )
 
     async def _watch(self, child: Child) -> None:
         """Restart the child whenever it exits while the mesh is up, with capped backoff."""

@@ -11,78 +11,56 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from slm import cli_client
-from slm.config import Settings, load_settings
+from mesh import client as cli_client
+from mesh.services import BY_NAME, SERVICES, Service, replica_index
+from mesh.settings import Settings, load_settings
 from slm.logs import configure_logging
 
-SERVICES = (
-    "ledger",
-    "inference-local",
-    "kv-cache",
-    "adapter-registry",
-    "inference-remote",
-    "doorman",
-    "gateway",
-    "envoy",
-)
 
-
-async def serve_grpc(name: str, settings: Settings) -> None:
+async def serve_grpc(service: Service, settings: Settings, replica: int = 0) -> None:
     from slm import telemetry
-    from slm.server import GrpcService, ServiceApp, wait_for_signal
-
-    registry = CollectorRegistry()
-    telemetry.setup_tracing(name, settings.telemetry)
-    app: ServiceApp
-    if name == "ledger":
-        from ledger.app import build_app as build_ledger
-
-        app, endpoint = build_ledger(settings, registry), settings.ledger.endpoint
-    elif name == "inference-local":
-        from inference_local.app import build_app as build_inference
-
-        app, endpoint = build_inference(settings, registry), settings.inference_local.endpoint
-    elif name == "kv-cache":
-        from kvcache.app import build_app as build_kv_cache
-
-        app, endpoint = build_kv_cache(settings, registry), settings.kv_cache.endpoint
-    elif name == "adapter-registry":
-        from adapters.app import build_app as build_adapters
-
-        app, endpoint = build_adapters(settings, registry), settings.adapters.endpoint
-    elif name == "inference-remote":
-        from inference_remote.app import build_app as build_remote
-
-        app, endpoint = build_remote(settings, registry), settings.inference_remote.endpoint
-    else:
-        from doorman.app import build_app as build_doorman
-
-        app, endpoint = build_doorman(settings, registry), settings.doorman.endpoint
     from slm.discovery import registration
+    from slm.runtime import Runtime
+    from slm.server import GrpcService, wait_for_signal
 
-    async with (
-        GrpcService(name, app, endpoint, settings.telemetry, registry) as service,
-        registration(settings.discovery, name, endpoint.host, service.port),
-    ):
-        await wait_for_signal()
+    telemetry.setup_tracing(service.name, settings.telemetry)
+    runtime = Runtime.create(settings.telemetry, settings.discovery, CollectorRegistry())
+    endpoint = service.endpoint(settings).replica(replica)
+    try:
+        app = service.build(settings, runtime)
+        async with (
+            GrpcService(
+                service.name, app, endpoint, settings.telemetry, runtime.registry
+            ) as server,
+            registration(settings.discovery, service.name, endpoint.host, server.port),
+        ):
+            await wait_for_signal()
+    finally:
+        await runtime.close()
 
 
 def serve(name: str, settings: Settings) -> int:
-    if name == "envoy":
+    service = BY_NAME[name]
+    if service.kind == "envoy":
         from gateway.envoy.render import envoy_binary, render_envoy_config
 
         path = settings.state_dir / "envoy.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(render_envoy_config(settings))
-        binary = envoy_binary(settings)
+        path.write_text(render_envoy_config(settings.gateway, settings.envoy))
+        binary = envoy_binary(settings.envoy)
         # exec: the supervisor's signals reach Envoy itself.
         os.execv(binary, [binary, "-c", str(path), "--log-level", "warn", "--disable-hot-restart"])
-    if name == "gateway":
+    if service.kind == "http":
         from gateway.app import run_gateway
+        from gateway.config import GatewaySettings
 
-        run_gateway(settings)
+        run_gateway(GatewaySettings(settings.gateway, settings.telemetry, settings.discovery))
         return 0
-    asyncio.run(serve_grpc(name, settings))
+    replica = replica_index()
+    if not 0 <= replica < service.replicas(settings):
+        print(f"slm: {name} has no replica {replica}", file=sys.stderr)
+        return 2
+    asyncio.run(serve_grpc(service, settings, replica))
     return 0
 
 
@@ -92,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("up", help="start the whole mesh and supervise it")
     serve_parser = commands.add_parser("serve", help="run one service in the foreground")
-    serve_parser.add_argument("service", choices=SERVICES)
+    serve_parser.add_argument("service", choices=[s.name for s in SERVICES])
     from ledger.commands import add_arguments as add_ledger_arguments
 
     add_ledger_arguments(commands.add_parser("ledger", help="verify the ledger or export CSV"))
@@ -113,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_ledger(args, settings.ledger.endpoint.address)
     if args.command == "up":
-        from slm.supervisor import run_up
+        from mesh.supervisor import run_up
 
         configure_logging("slm-up", settings.telemetry.log_level)
         return asyncio.run(run_up(settings, args.config))

@@ -17,8 +17,9 @@ from typing import IO, Any, TypeVar
 import httpx
 from tqdm import tqdm
 
+from inference_local.config import ModelConfig
+from mesh.settings import Settings
 from slm import errors
-from slm.config import ModelConfig, Settings
 
 T = TypeVar("T")
 

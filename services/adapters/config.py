@@ -1,0 +1,36 @@
+"""The adapter registry's configuration section."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from slm.config import Section, ServiceEndpoint
+
+
+class AdapterRegistryConfig(Section):
+    endpoint: ServiceEndpoint = ServiceEndpoint(port=50055, metrics_port=9155)
+    # Content-addressed artefacts: <store_dir>/<sha256>/.
+    store_dir: Path = Path("~/.cache/service-slm/adapters")
+    # "sqlite" (embedded default, `database`) or "postgresql" (`postgres_dsn`).
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    database: Path = Path("~/.cache/service-slm/adapters.sqlite3")
+    # e.g. "postgresql://slm@db:5432/adapters"; put a password in SLM_ADAPTERS__POSTGRES_DSN.
+    postgres_dsn: str = ""
+    # Local source paths must lie inside one of these; empty: any path the service can read.
+    source_dirs: list[Path] = []
+    # Largest artefact accepted, in bytes.
+    max_artefact_bytes: int = Field(default=4 << 30, ge=1)
+
+    @field_validator("store_dir", "database")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @model_validator(mode="after")
+    def _dsn_for_postgresql(self) -> AdapterRegistryConfig:
+        if self.backend == "postgresql" and not self.postgres_dsn:
+            raise ValueError("adapters: backend = 'postgresql' needs postgres_dsn")
+        return self

