@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import grpc
 from tenacity import (
@@ -31,6 +31,12 @@ _RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_
 # Worth the next tier, but not another attempt here: its queue is full.
 _FALLBACK_CODES = _RETRY_CODES | {grpc.StatusCode.RESOURCE_EXHAUSTED}
 
+Metadata = tuple[tuple[str, str], ...]
+UnaryRpc = Literal["Embed", "CountTokens", "Tokenize", "Detokenize", "ListModels"]
+Rpc = Literal["Generate"] | UnaryRpc
+RequestT = TypeVar("RequestT")
+ResultT = TypeVar("ResultT")
+
 
 @dataclass(frozen=True)
 class Route:
@@ -46,6 +52,11 @@ class Route:
 
     def model_for(self, requested: str) -> str:
         return self.model or requested
+
+    def call(self, rpc: Rpc, request: Any, *, timeout: float, metadata: Metadata = ()) -> Any:
+        """Calls `rpc` at this upstream: the one place a route's stub is called, so that a
+        choice of replica by `request.model` has one home."""
+        return getattr(self.stub, rpc)(request, timeout=timeout, metadata=metadata)
 
     @property
     def tier_name(self) -> str:
@@ -103,18 +114,27 @@ class Opened:
     first: inference_pb2.GenerateResponse
 
 
-class _Retryable(Exception):
-    def __init__(self, code: grpc.StatusCode, error: SlmError) -> None:
+class UpstreamFailure(Exception):
+    """An attempt at one upstream failed in a way routing handles: retried there, or the next tier.
+
+    `retry` says whether another attempt at the same upstream is worth it (it may be restarting)
+    or only the next tier is (its queue is full).
+    """
+
+    def __init__(self, code: grpc.StatusCode, error: SlmError, *, retry: bool) -> None:
         super().__init__(error.message)
         self.code = code
         self.error = error
+        self.retry = retry
 
 
-class _FallBack(Exception):
-    def __init__(self, code: grpc.StatusCode, error: SlmError) -> None:
-        super().__init__(error.message)
-        self.code = code
-        self.error = error
+def classify(error: grpc.aio.AioRpcError) -> UpstreamFailure | SlmError:
+    """What an upstream's error means for routing: retry, fall back, or the caller's own answer."""
+    code = error.code()
+    failure = from_rpc_error(error)
+    if code in _FALLBACK_CODES:
+        return UpstreamFailure(code, failure, retry=code in _RETRY_CODES)
+    return failure
 
 
 @dataclass
@@ -125,14 +145,17 @@ class Attempts:
 
 
 UpstreamErrorHook = Callable[[str, str], None]
+Build = Callable[[Route], Awaitable[RequestT]]
 
 
 class Router:
-    """Opens a generation on the first upstream of a chain that answers.
+    """Calls the first upstream of a chain that answers: one fallback path for every RPC.
 
-    Before the first event: UNAVAILABLE or a timeout is retried on the same upstream with
-    jittered exponential backoff, then the next tier is tried. The first event is returned to
-    the caller, and nothing is retried after it: the client may already have text.
+    Before the first event (of a stream) or the response (of a unary call): UNAVAILABLE or a
+    timeout is retried on the same upstream with jittered exponential backoff, then the next
+    tier is tried; RESOURCE_EXHAUSTED goes to the next tier at once; an upstream whose breaker
+    is open is skipped. A stream's first event is returned to the caller, and nothing is retried
+    after it: the client may already have text.
     """
 
     def __init__(
@@ -144,12 +167,69 @@ class Router:
     async def open(
         self,
         chain: Sequence[Route],
-        build: Callable[[Route], Awaitable[inference_pb2.GenerateRequest]],
+        build: Build[inference_pb2.GenerateRequest],
         *,
         deadline: float,
-        metadata: tuple[tuple[str, str], ...],
+        metadata: Metadata,
         attempts: Attempts,
     ) -> Opened:
+        """A generation opened on the first route that streams an event."""
+
+        async def attempt(route: Route) -> Opened:
+            request = await build(route)
+            remaining = _remaining(deadline)
+            call = route.call("Generate", request, timeout=remaining, metadata=metadata)
+            try:
+                first = await asyncio.wait_for(
+                    call.read(), min(remaining, self._policy.first_token_timeout_s)
+                )
+            except TimeoutError:
+                call.cancel()
+                self._on_error(route.tier_name, "FIRST_TOKEN_TIMEOUT")
+                raise UpstreamFailure(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    DeadlineExceeded(f"no first token from {route.address} in time"),
+                    retry=True,
+                ) from None
+            except BaseException:
+                call.cancel()
+                raise
+            if first is grpc.aio.EOF:
+                raise UpstreamFailure(
+                    grpc.StatusCode.UNAVAILABLE,
+                    Unavailable(f"{route.address} ended the stream without an event"),
+                    retry=True,
+                )
+            return Opened(route=route, call=call, first=first)
+
+        return await self._first(chain, attempt, attempts)
+
+    async def unary(
+        self,
+        chain: Sequence[Route],
+        method: UnaryRpc,
+        build: Build[Any],
+        *,
+        deadline: float,
+        metadata: Metadata,
+        attempts: Attempts,
+    ) -> Any:
+        """The response of `method` from the first route that answers it."""
+
+        async def attempt(route: Route) -> Any:
+            request = await build(route)
+            return await route.call(
+                method, request, timeout=_remaining(deadline), metadata=metadata
+            )
+
+        return await self._first(chain, attempt, attempts)
+
+    async def _first(
+        self,
+        chain: Sequence[Route],
+        attempt: Callable[[Route], Awaitable[ResultT]],
+        attempts: Attempts,
+    ) -> ResultT:
         last: SlmError | None = None
         retry_after: float | None = None
         for index, route in enumerate(chain):
@@ -161,8 +241,8 @@ class Router:
             if index > 0 or attempts.decisions:
                 attempts.decisions.append(f"try:{route.tier_name}:{route.address}")
             try:
-                return await self._open_with_retries(route, build, deadline, metadata)
-            except _FallBack as failure:
+                return await self._with_retries(route, attempt)
+            except UpstreamFailure as failure:
                 last = failure.error
                 attempts.decisions.append(
                     f"fallback:{route.tier_name}:{route.address}:{failure.code.name}"
@@ -176,13 +256,9 @@ class Router:
             retry_after_s=max(1.0, retry_after or 1.0),
         )
 
-    async def _open_with_retries(
-        self,
-        route: Route,
-        build: Callable[[Route], Awaitable[inference_pb2.GenerateRequest]],
-        deadline: float,
-        metadata: tuple[tuple[str, str], ...],
-    ) -> Opened:
+    async def _with_retries(
+        self, route: Route, attempt: Callable[[Route], Awaitable[ResultT]]
+    ) -> ResultT:
         policy = self._policy
         retrying = AsyncRetrying(
             stop=stop_after_attempt(policy.attempts),
@@ -191,91 +267,51 @@ class Router:
                 max=policy.max_backoff_s,
                 jitter=policy.initial_backoff_s,
             ),
-            retry=retry_if_exception(lambda e: isinstance(e, _Retryable)),
+            retry=retry_if_exception(lambda e: isinstance(e, UpstreamFailure) and e.retry),
             reraise=True,
         )
         first_attempt = True
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    # The breaker may have opened (or gone half-open) since the last attempt.
-                    if not first_attempt and not route.breaker.allow():
-                        raise _FallBack(
-                            grpc.StatusCode.UNAVAILABLE,
-                            Unavailable("circuit open", reason="BREAKER"),
-                        )
-                    first_attempt = False
-                    request = await self._build(route, build)
-                    return await self._attempt(route, request, deadline, metadata)
-        except _Retryable as failure:
-            raise _FallBack(failure.code, failure.error) from None
+        async for retry in retrying:
+            with retry:
+                # The breaker may have opened (or gone half-open) since the last attempt.
+                if not first_attempt and not route.breaker.allow():
+                    raise UpstreamFailure(
+                        grpc.StatusCode.UNAVAILABLE,
+                        Unavailable("circuit open", reason="BREAKER"),
+                        retry=False,
+                    )
+                first_attempt = False
+                return await self._once(route, attempt)
         raise AssertionError("tenacity stops by raising")  # pragma: no cover
 
-    async def _build(
-        self, route: Route, build: Callable[[Route], Awaitable[inference_pb2.GenerateRequest]]
-    ) -> inference_pb2.GenerateRequest:
-        # Building may call the upstream too (the intent classifier tokenizes there).
+    async def _once(self, route: Route, attempt: Callable[[Route], Awaitable[ResultT]]) -> ResultT:
+        """One attempt, and its verdict for the route's breaker."""
         try:
-            return await build(route)
+            result = await attempt(route)
         except grpc.aio.AioRpcError as error:
-            code = error.code()
-            self._on_error(route.tier_name, code.name)
-            if code in _RETRY_CODES:
-                route.breaker.failure()
-                raise _Retryable(code, from_rpc_error(error)) from None
-            route.breaker.abandon()
-            raise from_rpc_error(error) from None
+            self._on_error(route.tier_name, error.code().name)
+            failure: BaseException = classify(error)
+        except UpstreamFailure as raised:
+            failure = raised
         except BaseException:
+            # No verdict on the upstream (the client left, the request was refused first).
             route.breaker.abandon()
             raise
+        else:
+            route.breaker.success()
+            return result
+        if isinstance(failure, UpstreamFailure) and failure.retry:
+            route.breaker.failure()
+        else:
+            route.breaker.abandon()
+        raise failure from None
 
-    async def _attempt(
-        self,
-        route: Route,
-        request: inference_pb2.GenerateRequest,
-        deadline: float,
-        metadata: tuple[tuple[str, str], ...],
-    ) -> Opened:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            route.breaker.abandon()
-            raise DeadlineExceeded("the deadline passed before any upstream answered")
-        call = route.stub.Generate(request, timeout=remaining, metadata=metadata)
-        try:
-            first = await asyncio.wait_for(
-                call.read(), min(remaining, self._policy.first_token_timeout_s)
-            )
-        except TimeoutError:
-            call.cancel()
-            route.breaker.failure()
-            self._on_error(route.tier_name, "FIRST_TOKEN_TIMEOUT")
-            raise _Retryable(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                DeadlineExceeded(f"no first token from {route.address} in time"),
-            ) from None
-        except grpc.aio.AioRpcError as error:
-            code = error.code()
-            self._on_error(route.tier_name, code.name)
-            failure = from_rpc_error(error)
-            if code in _RETRY_CODES:
-                route.breaker.failure()
-                raise _Retryable(code, failure) from None
-            route.breaker.abandon()
-            if code in _FALLBACK_CODES:
-                raise _FallBack(code, failure) from None
-            raise failure from None
-        except BaseException:
-            call.cancel()
-            route.breaker.abandon()
-            raise
-        if first is grpc.aio.EOF:
-            route.breaker.failure()
-            raise _Retryable(
-                grpc.StatusCode.UNAVAILABLE,
-                Unavailable(f"{route.address} ended the stream without an event"),
-            )
-        route.breaker.success()
-        return Opened(route=route, call=call, first=first)
+
+def _remaining(deadline: float) -> float:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise DeadlineExceeded("the deadline passed before any upstream answered")
+    return remaining
 
 
 ROUTER_PROMPT = (
@@ -309,7 +345,7 @@ class IntentClassifier:
         text_for: Callable[[Route], str],
         *,
         deadline: float,
-        metadata: tuple[tuple[str, str], ...],
+        metadata: Metadata,
         attempts: Attempts,
     ) -> tuple[str | None, Route]:
         intents = tuple(manifest.intents)
@@ -353,7 +389,8 @@ class IntentClassifier:
         try:
             firsts: dict[int, str] = {}
             for intent in intents:
-                tokens = await route.stub.Tokenize(
+                tokens = await route.call(
+                    "Tokenize",
                     inference_pb2.TokenizeRequest(model=model, text=intent, add_special=False),
                     timeout=10,
                 )
@@ -364,13 +401,15 @@ class IntentClassifier:
                 firsts[tokens.tokens[0]] = intent
             pieces: dict[str, str] = {}
             for token, intent in firsts.items():
-                piece = await route.stub.Detokenize(
-                    inference_pb2.DetokenizeRequest(model=model, tokens=[token]), timeout=10
+                piece = await route.call(
+                    "Detokenize",
+                    inference_pb2.DetokenizeRequest(model=model, tokens=[token]),
+                    timeout=10,
                 )
                 pieces[piece.text] = intent
         except grpc.aio.AioRpcError as error:
-            if error.code() in _FALLBACK_CODES:
-                raise  # the upstream is down: let routing retry or fall back, cache nothing
+            if isinstance(classify(error), UpstreamFailure):
+                raise  # the upstream is down or full: let routing retry or fall back, cache nothing
             firsts, pieces = {}, {}
         constraint = (
             _Constraint({token: 100.0 for token in firsts}, pieces)
