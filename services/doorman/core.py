@@ -8,9 +8,10 @@ sanitising tier, no safety patterns) the per-token loop does nothing but forward
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,16 @@ from doorman.auth import Authenticator, Principal, Tenant
 from doorman.ledger_sink import LedgerSink
 from doorman.limits import TenantLimiter, TierQueue
 from doorman.outbound import Outbound
-from doorman.routing import Attempts, IntentClassifier, Manifest, Route, Router, RoutingTable
+from doorman.routing import (
+    Attempts,
+    IntentClassifier,
+    Manifest,
+    Metadata,
+    Opened,
+    Route,
+    Router,
+    RoutingTable,
+)
 from doorman.safety import SafetyFilter
 from doorman.sanitize import Masking, Sanitiser
 from slm.errors import SlmError, Unavailable, from_rpc_error
@@ -127,6 +137,7 @@ class _Outcome:
 
     principal: Principal
     model: str
+    started: float
     route: Route | None = None
     code: grpc.StatusCode = grpc.StatusCode.OK
     ttft: float | None = None
@@ -159,6 +170,29 @@ class _Sanitised:
             request, masking = self._sanitiser.sanitize(self._request)
         self.request, self.masking = request, masking
         return request, masking
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A generation on its way upstream: the client's request, its sanitised copy, its deadline."""
+
+    request: inference_pb2.GenerateRequest
+    sanitised: _Sanitised
+    deadline: float
+    metadata: Metadata
+
+
+def _metadata(call: CallInfo) -> Metadata:
+    return (("x-request-id", call.request_id),)
+
+
+def _status_of(error: BaseException) -> grpc.StatusCode:
+    """The status a request ended with, as the client sees it."""
+    if isinstance(error, SlmError):
+        return error.code
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.INTERNAL
 
 
 def input_fields(request: inference_pb2.GenerateRequest) -> Iterator[tuple[str, str]]:
@@ -220,11 +254,18 @@ class Doorman:
 
     async def list_models(self, call: CallInfo) -> list[types_pb2.ModelInfo]:
         principal = self._policy.authenticator.authenticate(call.authorization)
-        upstream = self._table.chain("")[0]
-        try:
-            response = await upstream.stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10)
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error) from None
+
+        async def build(route: Route) -> inference_pb2.ListModelsRequest:
+            return inference_pb2.ListModelsRequest()
+
+        response: inference_pb2.ListModelsResponse = await self._router.unary(
+            self._table.chain(""),
+            "ListModels",
+            build,
+            deadline=time.monotonic() + 10,
+            metadata=_metadata(call),
+            attempts=Attempts(),
+        )
         models = list(response.models)
         known = {m.name for m in models}
         models += [
@@ -238,28 +279,24 @@ class Doorman:
         self, model: str, inputs: list[str], call: CallInfo
     ) -> inference_pb2.EmbedResponse:
         """Embeddings from the first upstream of the model's chain that answers."""
-        principal = self._policy.authenticator.authenticate(call.authorization)
-        self._policy.authenticator.check_model(principal, model)
-        last: SlmError = Unavailable("no upstream could serve the request", retry_after_s=1)
-        for route in self._table.chain(model):
-            texts = inputs
-            if route.sanitize:
-                if self._policy.sanitiser is None:
-                    raise Unavailable("a route needs sanitising but no sanitiser is configured")
-                masking = Masking("".join(inputs))
-                texts = [self._policy.sanitiser.mask(masking, text) for text in inputs]
-            try:
-                response: inference_pb2.EmbedResponse = await route.stub.Embed(
-                    inference_pb2.EmbedRequest(model=route.model_for(model), inputs=texts),
-                    timeout=min(call.timeout_s or self._default_timeout_s, self._default_timeout_s),
-                    metadata=(("x-request-id", call.request_id),),
-                )
-                return response
-            except grpc.aio.AioRpcError as error:
-                last = from_rpc_error(error)
-                if error.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise last from None
-        raise last
+        self._authenticate(call, model)
+        masked: list[str] = []
+
+        async def build(route: Route) -> inference_pb2.EmbedRequest:
+            if route.sanitize and not masked:
+                masked.extend(self._mask_all(inputs))
+            texts = masked if route.sanitize else inputs
+            return inference_pb2.EmbedRequest(model=route.model_for(model), inputs=texts)
+
+        response: inference_pb2.EmbedResponse = await self._router.unary(
+            self._table.chain(model),
+            "Embed",
+            build,
+            deadline=self._deadline(call),
+            metadata=_metadata(call),
+            attempts=Attempts(),
+        )
+        return response
 
     async def count_tokens(self, request: inference_pb2.CountTokensRequest, call: CallInfo) -> int:
         """Prompt tokens of the request as the first upstream of its chain that answers sees it.
@@ -268,146 +305,183 @@ class Doorman:
         upstream would be sent. A manifest alias counts on its fallback model: which specialist
         serves depends on a generation the count must not run.
         """
-        principal = self._policy.authenticator.authenticate(call.authorization)
-        self._policy.authenticator.check_model(principal, request.model)
+        self._authenticate(call, request.model)
         manifest = self._table.manifest(request.model)
         model = manifest.fallback if manifest is not None else request.model
-        timeout = min(call.timeout_s or self._default_timeout_s, self._default_timeout_s)
-        last: SlmError = Unavailable("no upstream could count the tokens", retry_after_s=1)
-        for route in self._table.chain(model):
-            source = request
-            if route.sanitize:
-                if self._policy.sanitiser is None:
-                    raise Unavailable("a route needs sanitising but no sanitiser is configured")
-                generate = inference_pb2.GenerateRequest(model=request.model, tools=request.tools)
-                if request.HasField("chat"):
-                    generate.chat.CopyFrom(request.chat)
-                else:
-                    generate.prompt = request.prompt
-                masked, _ = self._policy.sanitiser.sanitize(generate)
-                source = inference_pb2.CountTokensRequest(tools=masked.tools)
-                if masked.HasField("chat"):
-                    source.chat.CopyFrom(masked.chat)
-                else:
-                    source.prompt = masked.prompt
+        # Sanitised as a generation would be, and only if a route asks for it.
+        as_generation = inference_pb2.GenerateRequest(model=request.model, tools=request.tools)
+        if request.HasField("chat"):
+            as_generation.chat.CopyFrom(request.chat)
+        else:
+            as_generation.prompt = request.prompt
+        sanitised = _Sanitised(self._policy.sanitiser, as_generation)
+
+        async def build(route: Route) -> inference_pb2.CountTokensRequest:
             routed = inference_pb2.CountTokensRequest()
-            routed.CopyFrom(source)
+            routed.CopyFrom(request)
             routed.model = route.model_for(model)
-            try:
-                response: inference_pb2.CountTokensResponse = await route.stub.CountTokens(
-                    routed,
-                    timeout=timeout,
-                    metadata=(("x-request-id", call.request_id),),
-                )
-                return response.prompt_tokens
-            except grpc.aio.AioRpcError as error:
-                last = from_rpc_error(error)
-                if error.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise last from None
-        raise last
+            if route.sanitize:
+                masked = (await sanitised.get())[0]
+                routed.tools.CopyFrom(masked.tools)
+                if masked.HasField("chat"):
+                    routed.chat.CopyFrom(masked.chat)
+                else:
+                    routed.prompt = masked.prompt
+            return routed
+
+        response: inference_pb2.CountTokensResponse = await self._router.unary(
+            self._table.chain(model),
+            "CountTokens",
+            build,
+            deadline=self._deadline(call),
+            metadata=_metadata(call),
+            attempts=Attempts(),
+        )
+        return response.prompt_tokens
 
     async def generate(
         self, request: inference_pb2.GenerateRequest, call: CallInfo
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        """Stream the upstream's events; the final `end` carries tier, upstream, hops, entities."""
-        policy = self._policy
-        principal = policy.authenticator.authenticate(call.authorization)
-        policy.authenticator.check_model(principal, request.model)
+        """Stream the upstream's events; the final `end` carries tier, upstream, hops, entities.
+
+        Slots and permits live on one exit stack; as it unwinds, whatever ended the request,
+        they are given back and the request is accounted for (metrics, ledger, token charge).
+        """
+        principal = self._authenticate(call, request.model)
         self._ledger.admit()
-        tenant = principal.tenant
-        started = time.perf_counter()
-        outcome = _Outcome(principal, request.model)
-        limiter = policy.limiter if tenant.limited else None
-        queue: TierQueue | None = None
-        self._metrics.in_flight.inc()
-        try:
-            if limiter is not None:
-                await limiter.admit(tenant)
-            if policy.safety is not None:
-                policy.safety.check_fields(input_fields(request))
-            timeout = min(call.timeout_s or self._default_timeout_s, self._default_timeout_s)
-            deadline = time.monotonic() + timeout
-            metadata = (("x-request-id", call.request_id),)
-            sanitised = _Sanitised(policy.sanitiser, request)
-            model = request.model
-            chain = self._table.chain(model)
-            manifest = self._table.manifest(model)
-            if manifest is not None:
-                model = await self._route_by_intent(
-                    manifest, request, sanitised, outcome, deadline, metadata
+        outcome = _Outcome(principal, request.model, started=time.perf_counter())
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(self._account, request, call, outcome)
+            stack.enter_context(self._metrics.in_flight.track_inprogress())
+            try:
+                await self._admit(stack, principal.tenant)
+                self._check_input(request)
+                job = _Job(
+                    request,
+                    _Sanitised(self._policy.sanitiser, request),
+                    self._deadline(call),
+                    _metadata(call),
                 )
+                model = await self._choose_model(job, outcome)
                 chain = self._table.chain(model)
-            queue = policy.tier_queues.get(chain[0].tier) if chain else None
-            if queue is not None:
-                self._metrics.queue_depth.labels(chain[0].tier_name).inc()
-                try:
-                    await queue.acquire(tenant.priority)
-                except BaseException:
-                    queue = None
-                    raise
-                finally:
-                    self._metrics.queue_depth.labels(chain[0].tier_name).dec()
-
-            async def build(route: Route) -> inference_pb2.GenerateRequest:
-                source = (await sanitised.get())[0] if route.sanitize else request
-                target = route.model_for(model)
-                if target == source.model:
-                    return source
-                routed = inference_pb2.GenerateRequest()
-                routed.CopyFrom(source)
-                routed.model = target
-                return routed
-
-            opened = await self._router.open(
-                chain, build, deadline=deadline, metadata=metadata, attempts=outcome.attempts
-            )
-            outcome.ttft = time.perf_counter() - started
-            route = outcome.route = opened.route
-            if route.sanitize and sanitised.masking is not None:
-                outcome.masked = dict(sanitised.masking.counts)
-            if manifest is not None:
-                outcome.hops.append(
-                    types_pb2.RouteHop(
-                        model=route.model_for(model), tier=route.tier, upstream=route.address
-                    )
+                await self._wait_for_tier(stack, chain, principal.tenant)
+                opened = await self._open(job, model, chain, outcome)
+                stream = await stack.enter_async_context(
+                    contextlib.aclosing(self._stream(opened, job.sanitised, outcome))
                 )
-            async for response in self._stream(opened.first, opened.call, sanitised, outcome):
-                yield response
-        except grpc.aio.AioRpcError as error:
-            outcome.code = error.code()
-            tier = outcome.route.tier_name if outcome.route else "TIER_UNSPECIFIED"
-            self._metrics.upstream_errors.labels(tier, outcome.code.name).inc()
-            failure = from_rpc_error(error)
-            if outcome.code == grpc.StatusCode.CANCELLED:
-                failure = Unavailable("the upstream cancelled the generation", retry_after_s=1)
-            raise failure from None
-        except SlmError as error:
-            outcome.code = error.code
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            outcome.code = grpc.StatusCode.CANCELLED
-            raise
+                async for response in stream:
+                    yield response
+            except grpc.aio.AioRpcError as error:
+                # Only a stream that broke after its first event: routing converts the rest.
+                raise self._broken_stream(error, outcome) from None
+            except BaseException as error:
+                outcome.code = _status_of(error)
+                raise
+
+    def _authenticate(self, call: CallInfo, model: str) -> Principal:
+        principal = self._policy.authenticator.authenticate(call.authorization)
+        self._policy.authenticator.check_model(principal, model)
+        return principal
+
+    async def _admit(self, stack: contextlib.AsyncExitStack, tenant: Tenant) -> None:
+        """A request slot within the tenant's concurrency and rate limits, held on `stack`."""
+        limiter = self._policy.limiter
+        if limiter is not None and tenant.limited:
+            await stack.enter_async_context(limiter.admitted(tenant))
+
+    def _check_input(self, request: inference_pb2.GenerateRequest) -> None:
+        if self._policy.safety is not None:
+            self._policy.safety.check_fields(input_fields(request))
+
+    def _deadline(self, call: CallInfo) -> float:
+        timeout = min(call.timeout_s or self._default_timeout_s, self._default_timeout_s)
+        return time.monotonic() + timeout
+
+    async def _choose_model(self, job: _Job, outcome: _Outcome) -> str:
+        """The model to serve: the request's, or the specialist its manifest's router picks."""
+        manifest = self._table.manifest(job.request.model)
+        if manifest is None:
+            return job.request.model
+        return await self._route_by_intent(manifest, job, outcome)
+
+    async def _wait_for_tier(
+        self, stack: contextlib.AsyncExitStack, chain: Sequence[Route], tenant: Tenant
+    ) -> None:
+        """A slot at the first tier of the chain, where that tier has a queue, held on `stack`."""
+        queue = self._policy.tier_queues.get(chain[0].tier) if chain else None
+        if queue is None:
+            return
+        depth = self._metrics.queue_depth.labels(chain[0].tier_name)
+        depth.inc()
+        try:
+            await stack.enter_async_context(queue.slot(tenant.priority))
         finally:
-            if queue is not None:
-                queue.release()
-            self._metrics.in_flight.dec()
-            if limiter is not None:
-                limiter.release(tenant)
-                if outcome.end is not None:
-                    self._spawn(self._charge(limiter, tenant, outcome.end.usage.total_tokens))
-            latency = time.perf_counter() - started
-            self._observe(outcome, latency)
-            self._record(request, call, outcome, latency)
+            depth.dec()
+
+    async def _open(
+        self, job: _Job, model: str, chain: Sequence[Route], outcome: _Outcome
+    ) -> Opened:
+        """The generation, opened on the first route of the chain that answers."""
+
+        async def build(route: Route) -> inference_pb2.GenerateRequest:
+            source = (await job.sanitised.get())[0] if route.sanitize else job.request
+            target = route.model_for(model)
+            if target == source.model:
+                return source
+            routed = inference_pb2.GenerateRequest()
+            routed.CopyFrom(source)
+            routed.model = target
+            return routed
+
+        opened = await self._router.open(
+            chain, build, deadline=job.deadline, metadata=job.metadata, attempts=outcome.attempts
+        )
+        outcome.ttft = time.perf_counter() - outcome.started
+        route = outcome.route = opened.route
+        if route.sanitize and job.sanitised.masking is not None:
+            outcome.masked = dict(job.sanitised.masking.counts)
+        if outcome.hops:
+            # The router model's hop is there: name the specialist's after it.
+            outcome.hops.append(
+                types_pb2.RouteHop(
+                    model=route.model_for(model), tier=route.tier, upstream=route.address
+                )
+            )
+        return opened
+
+    def _broken_stream(self, error: grpc.aio.AioRpcError, outcome: _Outcome) -> SlmError:
+        outcome.code = error.code()
+        tier = outcome.route.tier_name if outcome.route else "TIER_UNSPECIFIED"
+        self._metrics.upstream_errors.labels(tier, outcome.code.name).inc()
+        if outcome.code == grpc.StatusCode.CANCELLED:
+            return Unavailable("the upstream cancelled the generation", retry_after_s=1)
+        return from_rpc_error(error)
+
+    def _account(
+        self, request: inference_pb2.GenerateRequest, call: CallInfo, outcome: _Outcome
+    ) -> None:
+        """The request has ended, however: charge its tokens, observe it, record it."""
+        limiter = self._policy.limiter
+        tenant = outcome.principal.tenant
+        if limiter is not None and tenant.limited and outcome.end is not None:
+            self._spawn(self._charge(limiter, tenant, outcome.end.usage.total_tokens))
+        latency = time.perf_counter() - outcome.started
+        self._observe(outcome, latency)
+        self._record(request, call, outcome, latency)
+
+    def _mask_all(self, texts: list[str]) -> list[str]:
+        sanitiser = self._policy.sanitiser
+        if sanitiser is None:
+            raise Unavailable("a route needs sanitising but no sanitiser is configured")
+        # One masking for all texts: the same value gets the same placeholder in each.
+        masking = Masking("".join(texts))
+        return [sanitiser.mask(masking, text) for text in texts]
 
     async def _stream(
-        self,
-        first: inference_pb2.GenerateResponse,
-        rpc: grpc.aio.UnaryStreamCall,
-        sanitised: _Sanitised,
-        outcome: _Outcome,
-    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        route = outcome.route
-        assert route is not None
+        self, opened: Opened, sanitised: _Sanitised, outcome: _Outcome
+    ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
+        """The upstream's events, through the output policy where there is one; the hot path."""
+        route, rpc = opened.route, opened.call
         masking = sanitised.masking if route.sanitize else None
         placeholders = masking.placeholders if masking is not None else {}
         safety = self._policy.safety
@@ -417,7 +491,7 @@ class Doorman:
                 placeholders, safety.output_filter if safety is not None else lambda: None
             )
         deltas = 0
-        response = first
+        response = opened.first
         try:
             while response is not grpc.aio.EOF:
                 if response.HasField("end"):
@@ -474,20 +548,12 @@ class Doorman:
         self._finish(end, outcome, None)
         return inference_pb2.GenerateResponse(end=end)
 
-    async def _route_by_intent(
-        self,
-        manifest: Manifest,
-        request: inference_pb2.GenerateRequest,
-        sanitised: _Sanitised,
-        outcome: _Outcome,
-        deadline: float,
-        metadata: tuple[tuple[str, str], ...],
-    ) -> str:
+    async def _route_by_intent(self, manifest: Manifest, job: _Job, outcome: _Outcome) -> str:
         """Ask the manifest's router model for an intent; returns the specialist to serve."""
-        plain = _last_user_text(request)
+        plain = _last_user_text(job.request)
         masked_text = ""
         if any(route.sanitize for route in self._table.chain(manifest.router_model)):
-            sanitised_request, _ = await sanitised.get()
+            sanitised_request, _ = await job.sanitised.get()
             masked_text = _last_user_text(sanitised_request)
 
         def text_for(route: Route) -> str:
@@ -497,8 +563,8 @@ class Doorman:
             manifest,
             self._table.chain(manifest.router_model),
             text_for,
-            deadline=deadline,
-            metadata=metadata,
+            deadline=job.deadline,
+            metadata=job.metadata,
             attempts=outcome.attempts,
         )
         if intent is None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from doorman.auth import Tenant
@@ -151,6 +152,15 @@ class TenantLimiter:
     def release(self, tenant: Tenant) -> None:
         self._running[tenant.name] -= 1
 
+    @contextlib.asynccontextmanager
+    async def admitted(self, tenant: Tenant) -> AsyncIterator[None]:
+        """The tenant's request slot for the duration of the block; refused as `admit` refuses."""
+        await self.admit(tenant)
+        try:
+            yield
+        finally:
+            self.release(tenant)
+
     async def charge(self, tenant: Tenant, tokens: int) -> None:
         if tenant.tpm and tokens:
             await self._buckets.acquire(
@@ -201,6 +211,15 @@ class TierQueue:
                 self._waiting.remove(entry)
                 heapq.heapify(self._waiting)
             raise
+
+    @contextlib.asynccontextmanager
+    async def slot(self, priority: int) -> AsyncIterator[None]:
+        """A slot at the tier for the duration of the block, waiting for it as `acquire` does."""
+        await self.acquire(priority)
+        try:
+            yield
+        finally:
+            self.release()
 
     def release(self) -> None:
         while self._waiting:
