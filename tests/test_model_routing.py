@@ -79,7 +79,7 @@ async def test_requests_go_to_the_replicas_that_hold_their_model(
         channel = connector.model_channel(address)
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         # The channel learns each replica's models from ListModels in the background.
-        await asyncio.wait_for(channel.refresh(), 30)  # type: ignore[attr-defined]
+        await asyncio.wait_for(channel.refresh(), 30)
         for _ in range(4):
             await generate(stub, ONLY_ON_SECOND)
         for _ in range(4):
