@@ -34,6 +34,14 @@ together on another thread while llama_decode runs (their states are known befor
 and each row samples only among its allowed tokens; rows without a constraint take exactly their
 usual path. A grammar that is complete ends its sequence (STOP) without another token.
 
+Backend sampling. On a context with backend sampling (a GPU's, `llama_api.Context`), the
+sampler chain of each sequence runs inside the decode graph: only the token of a row comes back
+to the host, not its 262k logits. A sequence samples on the host instead where the graph cannot:
+a constrained sequence (its token mask), one that asks for logprobs (they read the row's
+logits), and a prompt's first token when siblings share its row; rows sampled on the host and
+in the graph share a decode. Each chain keeps its own RNG wherever it runs, so the same seed
+gives the same text alone or batched.
+
 Choices (`n`). A request with n > 1 takes n slots at once (it waits as one unit); its prompt is
 prefilled once, in the first slot, and at its last chunk the KV is copied into the others
 (llama_memory_seq_cp), which then sample from the same logits row with their own chains and
@@ -145,6 +153,8 @@ class _Seq:
     next_token: int = -1
     last_token_at: float = 0.0
     released: bool = False
+    # Its chain could not run in the decode graph (llama.cpp's device lacks an op of it).
+    host_only: bool = False
 
     @property
     def prefilling(self) -> bool:
@@ -227,6 +237,8 @@ class Scheduler:
         # Prompt tokens computed by llama_decode (not restored, not copied), for tests and
         # benchmarks.
         self.prompt_tokens_decoded = 0
+        # Tokens sampled inside the decode graph (backend sampling), for tests and benchmarks.
+        self.tokens_sampled_on_device = 0
         self._thread = threading.Thread(target=self._run, name=f"decode-{config.name}", daemon=True)
         self._thread.start()
 
@@ -436,7 +448,7 @@ class Scheduler:
 
     def _release(self, seq: _Seq) -> None:
         self._context.clear_seq(seq.slot)
-        seq.sampler.close()
+        self._context.retire(seq.sampler)
         seq.released = True
         self._active.remove(seq)
         with self._cond:
@@ -505,6 +517,29 @@ class Scheduler:
                 top.slot = slot
                 self._metrics.moved()
 
+    def _place(self, seq: _Seq, prompt_end: bool = False) -> None:
+        """Decide where the sequence's next output is sampled, right before the decode that
+        computes it: in the graph (its chain attached to its slot) or on the host (the slot
+        returns logits). `prompt_end`: the output is its prompt's last row."""
+        context = self._context
+        if not context.backend_sampling:
+            return
+        request = seq.request
+        on_device = not (
+            seq.host_only
+            or seq.guide is not None  # its token mask is applied on the host
+            or request.sampling.logprobs  # they are read from the row's logits
+            or (prompt_end and request.n > 1)  # the siblings sample the same row
+        )
+        if not on_device:
+            context.detach(seq.slot)
+        elif not context.attach(seq.slot, seq.sampler):
+            seq.host_only = True  # attaching again would fail again
+            log.warning(
+                "sampler chain cannot run on the device; sampling on the host",
+                extra={"model": self.config.name},
+            )
+
     def _chunk_end(self, seq: _Seq) -> int:
         """Where the sequence's next prompt chunk ends: a function of the prompt and its prefix
         plan only, so the chunks are the same whatever else shares the steps."""
@@ -539,8 +574,11 @@ class Scheduler:
             outputs = [
                 (seq, batch.add(seq.next_token, seq.n_past, seq.slot, True)) for seq in decoding
             ]
+            for seq in decoding:
+                self._place(seq)
             masks = self._decode_masked(batch, [seq.guide for seq in decoding])
             work = [(seq.sampler, index) for seq, index in outputs]
+            self.tokens_sampled_on_device += sum(s.slot is not None for s, _ in work)
             tokens = Sampler.sample_many(self._context, work, self._samplers, masks)
             out: list[tuple[SeqRequest, list[Event]]] = []
             for (seq, index), token in zip(outputs, tokens, strict=True):
@@ -565,6 +603,8 @@ class Scheduler:
             index = batch.add_many(
                 seq.request.prompt[seq.prompt_pos : end], seq.n_past, seq.slot, last
             )
+            if last:
+                self._place(seq, prompt_end=True)
             # Siblings start in the same grammar state: the first one's mask serves them all.
             masks = self._decode_masked(batch, [seq.guide] if last else [])
             seq.prompt_pos = seq.n_past = end
@@ -576,6 +616,7 @@ class Scheduler:
                 choices = [seq, *self._siblings(seq)]
                 mask = masks[0] if masks is not None else None
                 work = [(choice.sampler, index) for choice in choices]
+                self.tokens_sampled_on_device += sum(s.slot is not None for s, _ in work)
                 tokens = Sampler.sample_many(
                     self._context, work, self._samplers, [mask] * len(choices)
                 )
