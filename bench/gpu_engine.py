@@ -1,38 +1,48 @@
 """Continuous batching on a CUDA GPU: inference-local's Engine, in this process, against
-llama.cpp's C++ `llama-server`, both over one CUDA build of the same llama.cpp sources.
+llama.cpp's own ceiling and its C++ `llama-server`, all over one CUDA build of the same
+llama.cpp sources.
 
 A one-off measurement that runs on a CUDA machine (the device `run` tool's H100), not part of
-`make bench-batching`. Up to four servers (--servers) take turns at 1, 16 and 64 concurrent
-streams (--concurrency):
-- engine: the Engine with its default sample_threads (one sampling thread per core, at most 8);
-- engine-fullvocab: the same Engine object with every sampler on llama.cpp's full-vocabulary
-  path (`llama_sampler_sample`) instead of a shortlist, each row a sampling task of its own as
-  for a chain without top_k, which measures what the shortlist gains;
-- engine-serial: an Engine with sample_threads=1, each sequence sampled in turn on the decode
-  thread;
-- llama-server: --parallel N, -c 512*N, -t and -tb the Engine's n_threads (all cores but one).
+`make bench-batching`. At each level of concurrent streams (--concurrency), these take turns
+(--servers):
+- engine: the Engine as it loads on a GPU, its sampler chains inside the decode graph (backend
+  sampling: only each row's token comes back to the host);
+- engine-host: the same Engine with backend sampling off: every row's 262k logits copied to the
+  host and sampled there (the shortlist, on its default sample_threads);
+- llama-server: --parallel N, -c 512*N, -t and -tb the Engine's n_threads (all cores but one);
+- llama-server-bs: the same with --backend-sampling (llama.cpp's own sampling in the graph).
 Each level is bench/batching.py's level(), imported, so the requests and the statistics are
 batching.py's, and so are llama-server's command and process (llama_server_command(),
 llama_server()) and the in-process Engine (direct_engine()). Each stream has a ~120-token
-prompt, a fixed seed per request, and 128 output tokens with the end-of-generation tokens banned.
-Each Engine gets `parallel` equal to the concurrency and 512 tokens of context a slot. Every layer
-goes to the GPU in all of them (gpu_layers -1, -ngl all). They all stay up during a level and
-take turns, every other round in reverse order (--repeat rounds); the run with the median
-throughput is kept. The JSON goes to --out, with a Markdown table and the ratios of the engine to
-each of the others. llama-server logs each level beside --log, in llama-server-1.log,
-llama-server-16.log and so on.
+prompt, a fixed seed per request, and 128 output tokens with the end-of-generation tokens banned
+(temperature 0.8, top_p 0.95, the default top_k and min_p, a logit bias: a chain that runs
+entirely in the graph). Each Engine gets `parallel` equal to the concurrency and 512 tokens of
+context a slot. Every layer goes to the GPU in all of them (gpu_layers -1, -ngl all). They all
+stay up during a level and take turns, every other round in reverse order (--repeat rounds);
+the run with the median throughput is kept.
+
+The ceiling is llama.cpp's `llama-batched-bench` ($LLAMA_BATCHED_BENCH) on the same model and
+build: N sequences of a 120-token prompt, then 128 decode steps of N tokens with no sampling at
+all; its decode tokens/s (S_TG) is what a server could reach if streaming, sampling and
+scheduling cost nothing. The JSON goes to --out, a Markdown table beside it (.md), with the
+ratios of the engine to the ceiling and to the others. llama-server logs each level beside
+--log, in llama-server-1.log, llama-server-16.log and so on.
 
 The device machine starts bare. Setup, in calls made one right after another:
-- carry the Python wheels the services need and a pruned llama.cpp source tarball;
+- carry the Python wheels the services need, llama_cpp's Python files and a pruned llama.cpp
+  source tarball;
 - build it with CMake (-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DBUILD_SHARED_LIBS=ON
-  -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF, targets llama-server and llama; the pruned tree needs
-  scripts/ui-assets.cmake), about 5 minutes on 16 cores. llama_cpp's Python files load its
-  libllama.so through LLAMA_CPP_LIB_PATH;
+  -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF
+  -DLLAMA_USE_PREBUILT_UI=OFF, targets llama, llama-server and llama-batched-bench; the pruned
+  tree needs scripts/ui-assets.cmake), about 5 minutes on 16 cores, started in the background
+  (setsid) by the first call. llama_cpp's Python files load its libllama.so through
+  LLAMA_CPP_LIB_PATH;
 - carry the GGUF model in chunks of under 64 MiB, written at their offsets and checked by sha256.
 Then:
 
     PYTHONPATH=/tmp/site LLAMA_CPP_LIB_PATH=/tmp/gb/build/bin \
-    LLAMA_SERVER=/tmp/gb/build/bin/llama-server PYTHONUNBUFFERED=1 \
+    LLAMA_SERVER=/tmp/gb/build/bin/llama-server \
+    LLAMA_BATCHED_BENCH=/tmp/gb/build/bin/llama-batched-bench PYTHONUNBUFFERED=1 \
         python3 bench/gpu_engine.py --model /tmp/gb/models/gemma-3-270m-q4_k_m.gguf \
         --out $OUT/gpu_engine.json --log $OUT/llama-server.log
 """
@@ -48,6 +58,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,25 +75,83 @@ import llama_cpp
 batching: Any = importlib.import_module("batching")
 
 
-def engine_at(model: Path, c: int, ctx: int, sample_threads: int | None) -> Any:
-    """batching.direct_engine on `model` with `c` slots of `ctx` tokens."""
-    from inference_local.config import InferenceLocalConfig, ModelConfig  # type: ignore[import-not-found, unused-ignore]
+@contextlib.asynccontextmanager
+async def engine_at(
+    model: Path, c: int, ctx: int, backend_sampling: bool | None
+) -> AsyncIterator[Any]:
+    """batching.direct_engine on `model` with `c` slots of `ctx` tokens, and backend sampling
+    as asked (None: the Engine's default, on where the logits are on a GPU)."""
+    from inference_local.config import (  # type: ignore[import-not-found, unused-ignore]
+        InferenceLocalConfig,
+        ModelConfig,
+    )
 
     base = InferenceLocalConfig(models_dir=model.parent)
     entry = base.models[0]
-    models = [
-        ModelConfig(
-            **{
-                **entry.model_dump(),
-                "path": model.name,
-                "parallel": c,
-                "context_length": ctx,
-                "gpu_layers": -1,  # every layer on the GPU, refused on a build without one
-            }
-        )
-    ]
-    config = base.model_copy(update={"models": models, "sample_threads": sample_threads})
-    return batching.direct_engine(config)
+    fields = {
+        "path": model.name,
+        "parallel": c,
+        "context_length": ctx,
+        "gpu_layers": -1,  # every layer on the GPU, refused on a build without one
+    }
+    with_field = "backend_sampling" in ModelConfig.model_fields
+    if with_field:
+        fields["backend_sampling"] = backend_sampling
+    models = [ModelConfig(**{**entry.model_dump(), **fields})]
+    config = base.model_copy(update={"models": models})
+    with contextlib.ExitStack() as patch:
+        if not with_field and backend_sampling is not None:
+            patch.enter_context(_context_params(backend_sampling))
+        # The model loads (and its context is made) as the engine starts.
+        engine_cm = batching.direct_engine(config)
+        engine = await engine_cm.__aenter__()
+    try:
+        yield engine
+    finally:
+        await engine_cm.__aexit__(None, None, None)
+
+
+@contextlib.contextmanager
+def _context_params(backend_sampling: bool) -> Iterator[None]:
+    """Until the model config has a backend_sampling field: the Engine's contexts made inside
+    this block get it from here."""
+    import functools
+
+    from inference_local import engine  # type: ignore[import-not-found, unused-ignore]
+
+    original = engine.ContextParams
+    engine.ContextParams = functools.partial(original, backend_sampling=backend_sampling)
+    try:
+        yield
+    finally:
+        engine.ContextParams = original
+
+
+def sampled_on_device(engine: Any) -> int:
+    """Tokens the engine's schedulers sampled inside the decode graph."""
+    return sum(
+        loaded.scheduler.tokens_sampled_on_device
+        for loaded in engine._loaded.values()
+        if loaded.scheduler is not None
+    )
+
+
+def batched_bench(model: Path, levels: list[int], ctx: int, prompt: int, tokens: int) -> Any:
+    """llama-batched-bench's decode tokens/s (S_TG) at each level, every layer on the GPU."""
+    command = [os.environ["LLAMA_BATCHED_BENCH"], "-m", str(model), "-ngl", "99"]
+    command += ["-c", str(ctx * max(levels)), "-b", "2048", "-ub", "512"]
+    command += ["-npp", str(prompt), "-ntg", str(tokens), "-npl", ",".join(map(str, levels))]
+    command += ["--output-format", "jsonl"]
+    print("llama-batched-bench:", " ".join(command), flush=True)
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return {
+        "command": command,
+        "levels": {
+            str(row["pl"]): dict(tokens_per_s=row["speed_tg"], prefill_tokens_per_s=row["speed_pp"])
+            for row in rows
+        },
+    }
 
 
 def gpu_memory() -> str:
@@ -96,111 +166,103 @@ def gpu_memory() -> str:
     return "?"
 
 
-SERVERS = ("engine", "engine-fullvocab", "engine-serial", "llama-server")
-
-
-class FullVocabulary:
-    """An Engine whose samplers take llama.cpp's full-vocabulary path (`llama_sampler_sample`)
-    instead of the shortlist: the same tokens, for an A/B of the shortlist's cost. Levels run one
-    at a time, so the switch is on exactly while this engine's streams run."""
-
-    streams = 0
-
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
-
-    async def generate(self, request: Any) -> Any:
-        FullVocabulary.streams += 1
-        try:
-            async for event in self.engine.generate(request):
-                yield event
-        finally:
-            FullVocabulary.streams -= 1
-
-
-def _patch_shortlist() -> None:
-    """Samplers are shortlisted only while no FullVocabulary stream runs; otherwise each row is
-    a task of its own on llama.cpp's path, as for a chain without top_k."""
-    from inference_local.llama_api import Sampler  # type: ignore[import-not-found, unused-ignore]
-
-    shortlisted = vars(Sampler)["shortlisted"].fget
-    Sampler.shortlisted = property(  # type: ignore[method-assign, assignment, unused-ignore]
-        lambda self: not FullVocabulary.streams and shortlisted(self)
-    )
+SERVERS = ("engine", "engine-host", "llama-server", "llama-server-bs")
+PROMPT_TOKENS = 120  # about the length of batching.py's prompts
 
 
 async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     from inference_local.engine import (  # type: ignore[import-not-found, unused-ignore]
-        default_sample_threads,
         default_threads,
     )
 
     threads = default_threads()
-    sample_threads = default_sample_threads()
     model = Path(args.model)
     log = Path(args.log)  # one llama-server log a level, e.g. llama-server-16.log
     results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": gpu_name(),
         "concurrency": args.concurrency,
         "max_tokens": args.max_tokens,
         "ctx_per_seq": args.ctx,
         "repeat": args.repeat,
         "threads": threads,
-        "sample_threads": {
-            "engine": sample_threads,
-            "engine-fullvocab": sample_threads,
-            "engine-serial": 1,
-        },
         "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
         "servers": {},
+        "tokens_sampled_on_device": {},
     }
-    print(
-        f"llama_supports_gpu_offload={results['gpu_offload']} threads={threads} "
-        f"sample_threads={sample_threads}",
-        flush=True,
-    )
-    _patch_shortlist()
+    print(f"device={results['device']} gpu_offload={results['gpu_offload']} threads={threads}")
+    if os.environ.get("LLAMA_BATCHED_BENCH"):
+        results["ceiling"] = batched_bench(
+            model, args.concurrency, args.ctx, PROMPT_TOKENS, args.max_tokens
+        )
+        for c, row in results["ceiling"]["levels"].items():
+            print(f"ceiling c={c}: {row['tokens_per_s']:.1f} tok/s decode", flush=True)
     for c in args.concurrency:
         async with contextlib.AsyncExitStack() as stack:
             targets: dict[str, Any] = {}
-            if {"engine", "engine-fullvocab"} & set(args.servers):
-                engine = await stack.enter_async_context(engine_at(model, c, args.ctx, None))
-                if "engine" in args.servers:
-                    targets["engine"] = engine
-                if "engine-fullvocab" in args.servers:
-                    targets["engine-fullvocab"] = FullVocabulary(engine)
-            if "engine-serial" in args.servers:
-                serial = await stack.enter_async_context(engine_at(model, c, args.ctx, 1))
-                targets["engine-serial"] = serial
+            for name, backend in (("engine", None), ("engine-host", False)):
+                if name in args.servers:
+                    cm = engine_at(model, c, args.ctx, backend)
+                    targets[name] = await stack.enter_async_context(cm)
             print(f"c={c}: engines loaded, GPU memory used {gpu_memory()}", flush=True)
-            if "llama-server" in args.servers:
-                level_log = log.with_name(f"{log.stem}-{c}{log.suffix}")
-                # Every layer on the GPU.
+            for name, extra in (("llama-server", []), ("llama-server-bs", ["--backend-sampling"])):
+                if name not in args.servers:
+                    continue
+                level_log = log.with_name(f"{log.stem}{name[12:]}-{c}{log.suffix}")
                 binary = os.environ["LLAMA_SERVER"]
+                # Every layer on the GPU.
                 command = batching.llama_server_command(binary, model, c, args.ctx, threads, -1)
-                print("llama-server:", " ".join(command), flush=True)
-                targets["llama-server"] = stack.enter_context(
-                    batching.llama_server(command, level_log)
-                )
-                print(f"c={c}: llama-server up, GPU memory used {gpu_memory()}", flush=True)
+                command += extra
+                print(f"{name}:", " ".join(command), flush=True)
+                targets[name] = stack.enter_context(batching.llama_server(command, level_log))
+            print(f"c={c}: servers up, GPU memory used {gpu_memory()}", flush=True)
             levels = await batching.interleaved(targets, c, args.max_tokens, args.repeat)
             for name, r in levels.items():
                 results["servers"].setdefault(name, {})[str(c)] = r
+            for name in ("engine", "engine-host"):
+                if name in targets:
+                    counts = results["tokens_sampled_on_device"].setdefault(name, {})
+                    counts[str(c)] = sampled_on_device(targets[name])
     return results
+
+
+def gpu_name() -> str:
+    with contextlib.suppress(Exception):
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        return out.stdout.strip()
+    return "?"
 
 
 def report(results: dict[str, Any]) -> str:
     servers = results["servers"]
+    ceiling = results.get("ceiling", {}).get("levels", {})
     lines = [
-        "| streams | server | tok/s | TTFT p50 ms | ITL p50 ms | ITL p99 ms | runs tok/s |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"{results['date']}, {results['device']}; {results['max_tokens']} tokens a stream, "
+        f"median of {results['repeat']} runs",
+        "",
+        "| streams | server | tok/s | x ceiling | TTFT p50 ms | ITL p50 ms | ITL p99 ms "
+        "| runs tok/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     names = [name for name in SERVERS if name in servers]
     for c in results["concurrency"]:
+        top = ceiling.get(str(c))
+        if top:
+            lines.append(
+                f"| {c} | llama-batched-bench (decode, no sampling) | {top['tokens_per_s']:.1f} "
+                "| x1.00 | | | | |"
+            )
         for name in names:
             r = servers[name][str(c)]
             each = ", ".join(f"{x:.0f}" for x in r["runs_tokens_per_s"])
+            share = f"x{r['tokens_per_s'] / top['tokens_per_s']:.2f}" if top else ""
             lines.append(
-                f"| {c} | {name} | {r['tokens_per_s']:.1f} | {r['ttft_p50_ms']:.1f} | "
+                f"| {c} | {name} | {r['tokens_per_s']:.1f} | {share} | {r['ttft_p50_ms']:.1f} | "
                 f"{r['itl_p50_ms']:.2f} | {r['itl_p99_ms']:.2f} | {each} |"
             )
     for other in names[1:] if "engine" in servers else ():
@@ -213,6 +275,13 @@ def report(results: dict[str, Any]) -> str:
                 for key in ("tokens_per_s", "ttft_p50_ms", "itl_p50_ms", "itl_p99_ms")
             ]
             lines.append(f"| {c} | " + " | ".join(f"x{x:.2f}" for x in ratios) + " |")
+    counts = results.get("tokens_sampled_on_device", {})
+    if counts:
+        lines += ["", "Tokens sampled inside the decode graph, by the end of each level: "]
+        lines[-1] += "; ".join(
+            f"{name} " + ", ".join(f"c={c}: {n}" for c, n in by_level.items())
+            for name, by_level in counts.items()
+        )
     return "\n".join(lines)
 
 
@@ -231,7 +300,9 @@ def main() -> int:
     results = asyncio.run(run_all(args))
     table = report(results)
     results["table"] = table
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    out = Path(args.out)
+    out.write_text(json.dumps(results, indent=2))
+    out.with_suffix(".md").write_text(table + "\n")
     print("\n" + table)
     return 0
 
