@@ -1,14 +1,18 @@
 """Continuous batching: aggregate throughput, TTFT and inter-token latency under concurrency.
 
-Four servers on the same model and machine, in one run, every one given the same thread count:
-- service-slm, the whole mesh through Envoy (inference-local with as many sequence slots as
-  the highest concurrency);
-- the direct engine: inference-local's Engine in this process, same settings, no mesh, which
-  shows what the mesh costs (and, with --servers engine-repacked, the same with llama.cpp's
-  repacked CPU weights, which llama-server uses and the engine leaves off by default);
-- llama-cpp-python's own OpenAI server (`python -m llama_cpp.server`);
-- llama.cpp's C++ `llama-server` with --parallel equal to the concurrency, built from the
-  sources vendored in the llama-cpp-python sdist (bench/build_llama_server.sh, not committed).
+Servers on the same model and machine, in one run, each as its users start it:
+- service-slm, the whole mesh through Envoy, on `make run`'s defaults (inference-local sizes
+  its threads and sequence slots from the machine);
+- the direct engine: inference-local's Engine in this process with the same defaults and no
+  mesh, which shows what the mesh costs (with --servers engine-repacked also the same with
+  llama.cpp's repacked CPU weights, which llama-server uses and the engine leaves off);
+- llama.cpp's C++ `llama-server` as its documentation says for the load: every core
+  (-t/-tb nproc) and a slot per stream (--parallel equal to the concurrency, -c that many times
+  the context per slot), built from the sources vendored in the llama-cpp-python sdist
+  (bench/build_llama_server.sh, not committed);
+- with --servers llama_cpp.server, llama-cpp-python's own OpenAI server (one sequence at a time).
+--settings tuned instead gives the mesh and the engine `parallel` equal to the highest
+concurrency and --ctx tokens a slot (hand-tuned; labelled so in the JSON).
 
 Every request streams a ~120-token prompt (/v1/completions over HTTP; Engine.generate for the
 direct engine), a fixed seed per request, and the end-of-generation tokens banned so that each
@@ -16,7 +20,7 @@ produces exactly max_tokens tokens. The servers stay up together and each level 
 them in turn, so a slow minute on a shared machine hits every server; --repeat N runs each
 level N times, every other round in reverse order, and keeps the median.
 
-    make bench-batching        # or: .venv/bin/python bench/batching.py --concurrency 1 4 16
+    make bench        # or: .venv/bin/python bench/batching.py --concurrency 1 4 16 32
 """
 
 from __future__ import annotations
@@ -264,19 +268,22 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     settings = mesh_settings(state)
     entry = InferenceLocalConfig().models[0]
     model_file = default_model_file()
-    slots = max(args.concurrency)
-    fields = {"parallel": slots, "context_length": args.ctx, "gpu_layers": args.gpu_layers}
+    fields: dict[str, Any] = {"gpu_layers": args.gpu_layers}
+    if args.settings == "tuned":
+        fields |= {"parallel": max(args.concurrency), "context_length": args.ctx}
     slots_models = [ModelConfig(**{**entry.model_dump(), **fields})]
     settings.inference_local.models = slots_models
-    from inference_local.engine import default_threads
-
-    # Every server gets the thread count inference-local uses by default (all cores but one).
-    threads = str(default_threads())
+    # Peers get every core, as their documentation starts them.
+    threads = str(len(os.sched_getaffinity(0)))
+    # A slot of llama-server holds as much context as one of the mesh's.
+    ctx = slots_models[0].context_length
     results: dict[str, Any] = {
+        "settings": args.settings,
         "concurrency": args.concurrency,
         "max_tokens": args.max_tokens,
         "cpu_count": os.cpu_count(),
         "threads": int(threads),
+        "context_per_slot": ctx,
         "gpu_layers": args.gpu_layers,
         "servers": {},
     }
@@ -306,7 +313,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         if "llama_cpp.server" in args.servers:
             port = free_port()
             command = [sys.executable, "-m", "llama_cpp.server", "--model", str(model_file)]
-            command += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(args.ctx)]
+            command += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(ctx)]
             command += ["--n_threads", threads, "--n_threads_batch", threads]
             if args.gpu_layers is not None:
                 command += ["--n_gpu_layers", str(args.gpu_layers)]
@@ -320,7 +327,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
                 if binary:
                     # --parallel equal to the concurrency, as llama.cpp's docs advise.
                     command = llama_server_command(
-                        binary, model_file, c, args.ctx, int(threads), args.gpu_layers
+                        binary, model_file, c, ctx, int(threads), args.gpu_layers
                     )
                     urls["llama-server"] = per_level.enter_context(
                         llama_server(command, state / f"ls-{c}.log")
@@ -428,9 +435,16 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16, 32])
-    parser.add_argument("--max-tokens", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--ctx", type=int, default=512, help="context per sequence")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
+    parser.add_argument("--max-tokens", type=int, nargs="+", default=[64])
+    parser.add_argument(
+        "--settings",
+        choices=["defaults", "tuned"],
+        default="defaults",
+        help="defaults: the mesh and engine as `make run` starts them; tuned: --ctx and "
+        "parallel equal to the highest concurrency (hand-tuned)",
+    )
+    parser.add_argument("--ctx", type=int, default=512, help="context per sequence (tuned)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per level (median kept)")
     parser.add_argument(
         "--gpu-layers",
@@ -442,7 +456,7 @@ def main() -> int:
     parser.add_argument(
         "--servers",
         nargs="+",
-        default=["mesh", "engine", "llama_cpp.server", "llama-server"],
+        default=["mesh", "engine", "llama-server"],
         choices=["mesh", "engine", "engine-repacked", "llama_cpp.server", "llama-server"],
     )
     args = parser.parse_args()
@@ -450,16 +464,17 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results = asyncio.run(run_all(args))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "batching.json").write_text(json.dumps(results, indent=2))
+    stem = "batching" if args.settings == "defaults" else f"batching-{args.settings}"
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     report(results)
-    print(f"\nJSON: {args.out / 'batching.json'}")
+    print(f"\nJSON: {args.out / f'{stem}.json'}")
     try:
         import matplotlib  # noqa: F401  (a dev dependency; absent on a bare GPU machine)
     except ImportError:
         print("no plot: matplotlib is not installed")
     else:
-        plot(results, args.out / "batching.png")
-        print(f"plot: {args.out / 'batching.png'}")
+        plot(results, args.out / f"{stem}.png")
+        print(f"plot: {args.out / f'{stem}.png'}")
     return 0
 
 

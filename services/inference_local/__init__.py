@@ -1,7 +1,15 @@
 """inference-local: runs GGUF models in-process with llama.cpp (llama-cpp-python)."""
 
 import ctypes
+import os
 import sys
+
+# Between two decodes llama.cpp's OpenMP workers would spin for GOMP's default spin count (about
+# a millisecond) before they sleep, taking the cores that sampling on the decode thread and the
+# rest of the mesh need at every step; with every core given to llama.cpp that starved them.
+# PASSIVE: idle workers sleep at once (ggml's barriers inside one decode still spin). Set before
+# libgomp loads, which reads it once; an explicit setting in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 if sys.platform.startswith("linux"):
     # libstdc++ goes into the process's global symbol scope before llama.cpp loads. Otherwise,

@@ -102,10 +102,16 @@ class InferenceLocalConfig(Section):
     cache_dir: Path = Path("~/.cache/service-slm/quantized")
     # Requests waiting for a sequence slot beyond this many are refused with RESOURCE_EXHAUSTED.
     max_queue: int = Field(default=256, ge=0)
-    # Default sequence slots per model.
-    parallel: int = Field(default=8, ge=1, le=256)
-    # llama.cpp threads per model; unset: all cores but one, which the rest of the mesh needs.
+    # Default sequence slots per model. Unset: sized when a model loads, 32 (engine.AUTO_SLOTS)
+    # unless their KV would take over half of memory_budget_mb (logged with the reason).
+    parallel: int | None = Field(default=None, ge=1, le=256)
+    # llama.cpp threads per model; unset: every core this process may run on.
     n_threads: int | None = Field(default=None, ge=1)
+    # llama.cpp's flash attention. Unset: on where the model runs on a GPU or on one thread,
+    # off on a CPU with several, where llama.cpp's CPU kernel splits a sequence's attention
+    # over threads by the batch's shape, so the same seed would give other text alone than
+    # batched. On: faster on a CPU too (about 8% at 16 streams on 2 cores), giving that up.
+    flash_attention: bool | None = None
     # Threads that sample a step's sequences in parallel, the decode thread included; unset:
     # one per core, at most 8. With a 262k vocabulary a token's sampling costs about 1 ms of
     # CPU, more than a GPU's decode of it.

@@ -449,8 +449,8 @@ class Engine:
             weights.refs += 1
         try:
             meta = weights.meta if weights else await asyncio.to_thread(_read_metadata, path)
-            n_slots = spec.parallel or self.config.parallel
             ctx_len = spec.context_length or 2048
+            n_slots, slots_why = self._slots(spec, meta, ctx_len)
             estimate = self._estimate(meta, path, n_slots, ctx_len, weights is None)
             await self._make_room(spec.name, estimate)
             if weights is None:
@@ -501,6 +501,9 @@ class Engine:
                 "model": spec.name,
                 "path": str(path),
                 "slots": n_slots,
+                "slots_chosen": slots_why,
+                "threads": self._threads(spec)[0],
+                "threads_chosen": self._threads(spec)[1],
                 "load_s": round(elapsed, 3),
                 "memory_mb": round(estimate / MB, 1),
             },
@@ -539,12 +542,47 @@ class Engine:
             )
         return target
 
+    def _slots(self, spec: LoadSpec, meta: ModelMetadata, ctx_len: int) -> tuple[int, str]:
+        """Sequence slots for a model, and why: as configured, else sized from the machine."""
+        if spec.parallel:
+            return spec.parallel, "models[].parallel"
+        if self.config.parallel:
+            return self.config.parallel, "inference_local.parallel"
+        per_slot = _kv_bytes(meta, ctx_len)
+        fit = max(1, (self.config.memory_budget_mb * MB // 2) // per_slot)
+        if fit < AUTO_SLOTS:
+            return fit, (
+                f"auto: {fit} slots of {ctx_len} tokens fill half the memory budget "
+                f"({self.config.memory_budget_mb} MB)"
+            )
+        return AUTO_SLOTS, (
+            f"auto: {AUTO_SLOTS}, so that as many concurrent streams batch together as a "
+            "llama-server started with --parallel for them; their KV fits the memory budget"
+        )
+
+    def _flash_attention(self, model: Model, threads: int) -> bool | None:
+        """As configured; unset: llama.cpp's choice, except off on a CPU with several threads,
+        which keeps the same seed's text the same alone and batched."""
+        if self.config.flash_attention is not None:
+            return self.config.flash_attention
+        if model.output_on_gpu or threads == 1:
+            return None
+        return False
+
+    def _threads(self, spec: LoadSpec) -> tuple[int, str]:
+        """llama.cpp threads for a model, and why."""
+        if spec.n_threads:
+            return spec.n_threads, "models[].n_threads"
+        if self.config.n_threads:
+            return self.config.n_threads, "inference_local.n_threads"
+        return default_threads(), "auto: every core this process may run on"
+
     def _estimate(
         self, meta: ModelMetadata, path: Path, n_slots: int, ctx_len: int, new_weights: bool
     ) -> int:
         """Weights (once per file) + f16 KV for every slot + logits and activations."""
         weights = path.stat().st_size if new_weights else 0
-        kv = 2 * 2 * meta.n_layer * meta.n_head_kv * meta.head_dim * ctx_len * n_slots
+        kv = _kv_bytes(meta, ctx_len) * n_slots
         compute = 4 * meta.n_vocab * max(n_slots, 1) + 4 * 16 * self.config.n_batch * meta.n_embd
         return weights + kv + compute + 32 * MB
 
@@ -582,7 +620,7 @@ class Engine:
     def _open(
         self, spec: LoadSpec, weights: _Weights, n_slots: int, ctx_len: int, estimate: int
     ) -> _Loaded:
-        threads = spec.n_threads or self.config.n_threads or default_threads()
+        threads, _why = self._threads(spec)
         context = Context(
             weights.model,
             ContextParams(
@@ -591,6 +629,7 @@ class Engine:
                 n_batch=max(self.config.n_batch, n_slots, ctx_len if spec.embeddings else 0),
                 n_threads=threads,
                 embeddings=spec.embeddings,
+                flash_attention=self._flash_attention(weights.model, threads),
             ),
         )
         source = weights.meta.chat_template or spec.chat_template
@@ -850,11 +889,19 @@ def _embed_all(context: Context, inputs: list[list[int]]) -> list[list[float]]:
 
 
 def default_threads() -> int:
-    """All cores but one: the rest of the mesh (Doorman, gateway, Envoy) needs a core on every
-    token, and llama.cpp's spinning thread pool collapses when one of its threads is
-    descheduled (measured on 2 cores with the other one busy: 0.5 tok/s with 2 threads, 21 tok/s
-    with 1)."""
-    return max(1, (os.cpu_count() or 1) - 1)
+    """Every core this process may run on, as llama-server takes them. Between two decodes the
+    OpenMP workers sleep rather than spin (inference_local/__init__.py), so the rest of the mesh
+    gets those cores for its share of every token."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def _kv_bytes(meta: ModelMetadata, ctx_len: int) -> int:
+    """f16 keys and values of one sequence slot of ctx_len tokens."""
+    return 2 * 2 * meta.n_layer * meta.n_head_kv * meta.head_dim * ctx_len
+
+
+# Slots a model gets when neither it nor inference_local sets `parallel`.
+AUTO_SLOTS = 32
 
 
 def default_sample_threads() -> int:

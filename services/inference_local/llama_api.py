@@ -228,6 +228,8 @@ class ContextParams:
     n_batch: int = 512
     n_threads: int = 1
     embeddings: bool = False
+    # llama.cpp's flash attention: None leaves it to llama.cpp (on where the backend has it).
+    flash_attention: bool | None = None
     # Sampler chains that run inside the decode graph (`Context.attach`); None: where the
     # logits are computed on a GPU, whose copy of every row's logits to the host then costs as
     # much as the decode. On a CPU the graph's sampling ops are slower than the host's
@@ -254,6 +256,12 @@ class Context:
         cparams.n_threads_batch = params.n_threads
         cparams.kv_unified = False
         cparams.no_perf = True
+        if params.flash_attention is not None:
+            cparams.flash_attn_type = (
+                C.LLAMA_FLASH_ATTN_TYPE_ENABLED
+                if params.flash_attention
+                else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            )
         if params.embeddings:
             cparams.embeddings = True
             cparams.pooling_type = C.LLAMA_POOLING_TYPE_MEAN

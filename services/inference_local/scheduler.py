@@ -161,6 +161,29 @@ class _Seq:
         return self.prompt_pos < len(self.request.prompt)
 
 
+def coalesce(events: list[Event]) -> list[Event]:
+    """One Delta per choice for the Deltas it has before its End (choices are independent
+    streams, so a later Delta may join an earlier one of its choice past another choice's)."""
+    merged: list[Event] = []
+    open_at: dict[int, int] = {}
+    for event in events:
+        if isinstance(event, Delta):
+            at = open_at.get(event.index)
+            if at is None:
+                open_at[event.index] = len(merged)
+                merged.append(event)
+            else:
+                head = merged[at]
+                assert isinstance(head, Delta)
+                merged[at] = Delta(
+                    head.text + event.text, head.logprobs + event.logprobs, head.index
+                )
+        else:
+            open_at.pop(event.index, None)
+            merged.append(event)
+    return merged
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     name: str
@@ -289,10 +312,19 @@ class Scheduler:
         try:
             while True:
                 item = await request.queue.get()
+                # A consumer that fell behind finds several steps waiting: they leave as one
+                # event per choice rather than one message per token down the mesh.
+                while not isinstance(item, BaseException) and not request.queue.empty():
+                    more = request.queue.get_nowait()
+                    if isinstance(more, BaseException):
+                        # Deliver what was generated, then the failure.
+                        request.queue.put_nowait(more)
+                        break
+                    item = [*item, *more]
                 if isinstance(item, BaseException):
                     done = True
                     raise item
-                for event in item:
+                for event in coalesce(item):
                     if isinstance(event, End):
                         ends += 1
                         done = ends == n
