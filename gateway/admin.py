@@ -1,4 +1,4 @@
-"""The admin key guard shared by every /admin/* route of the gateway."""
+"""The /admin/* API: one router whose dependency checks the admin key for every route in it."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ import hmac
 import ipaddress
 import logging
 
-from fastapi import Request
+from fastapi import APIRouter, Depends, Request
 
+from gateway.admin_adapters import adapters_router
+from gateway.admin_ledger import ledger_router
+from gateway.admin_models import models_router
 from gateway.config import GatewayConfig
-from gateway.errors import HttpError, for_status
+from gateway.errors import HttpError, Refusal, for_status
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +39,13 @@ class AdminGuard:
         if self._open:
             log.warning("admin API open without a key: allowed only on loopback")
 
-    def check(self, request: Request) -> HttpError | None:
-        """None when the caller may use the admin API, else the error to answer with.
+    def __call__(self, request: Request) -> None:
+        """As a FastAPI dependency: raises Refusal (401 or 403) unless the caller may pass."""
+        if denied := self.check(request):
+            raise Refusal(denied)
 
-        Routes use it as `if (denied := guard.check(request)): return denied.response()`.
-        """
+    def check(self, request: Request) -> HttpError | None:
+        """None when the caller may use the admin API, else the error to answer with."""
         if self._open:
             return None
         if not self._digest:
@@ -54,3 +59,13 @@ class AdminGuard:
         if not hmac.compare_digest(digest, self._digest):
             return for_status(403, "invalid admin key", "permission_denied")
         return None
+
+
+def admin_router(config: GatewayConfig) -> APIRouter:
+    """Every /admin/* route: models, adapters and the ledger. The key check is this router's
+    dependency, so a route added to any of them cannot skip it."""
+    router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(AdminGuard(config))])
+    router.include_router(models_router())
+    router.include_router(adapters_router())
+    router.include_router(ledger_router())
+    return router

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import grpc
-from fastapi import APIRouter, FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
 from gateway import errors
-from gateway.admin import AdminGuard
-from gateway.config import GatewaySettings
+from gateway.channels import ChannelsDep
 from gateway.protocol import ErrorResponse
-from slm.server import open_channel
-from slm.v1 import adapters_pb2, adapters_pb2_grpc, types_pb2
+from slm.v1 import adapters_pb2, types_pb2
 
 log = logging.getLogger(__name__)
 
@@ -95,49 +91,17 @@ def _error(error: grpc.RpcError) -> Response:
     return errors.from_grpc(error).response()
 
 
-class _Registry:
-    """The registry channel, open between the gateway's startup and shutdown."""
-
-    stub: adapters_pb2_grpc.AdapterRegistryServiceStub | None = None
-
-
-def adapters_router(settings: GatewaySettings) -> APIRouter:
-    """The /admin/adapters routes, guarded by the admin key, with their channel's lifespan."""
-    guard = AdminGuard(settings.gateway)
-    registry = _Registry()
-    address = settings.gateway.adapter_registry
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        channel = open_channel(address, settings.telemetry)
-        registry.stub = adapters_pb2_grpc.AdapterRegistryServiceStub(channel)
-        try:
-            yield
-        finally:
-            registry.stub = None
-            await channel.close(grace=None)
-
-    router = APIRouter(prefix="/admin/adapters", tags=["admin"], lifespan=lifespan)
+def adapters_router() -> APIRouter:
+    """The /admin/adapters routes (the admin router guards them)."""
+    router = APIRouter(prefix="/adapters")
     responses: dict[int | str, dict[str, Any]] = {
         s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 409, 500, 503)
     }
 
-    def stub() -> adapters_pb2_grpc.AdapterRegistryServiceStub:
-        if registry.stub is None:
-            raise RuntimeError("the gateway is not started: its lifespan has not run")
-        return registry.stub
-
     @router.post("", status_code=201, response_model=AdapterView, responses=responses)
-    async def register(request: Request) -> Response:
+    async def register(request: Request, channels: ChannelsDep) -> Response:
         """Register a LoRA adapter: the registry copies the artefact and checks its SHA-256."""
-        if denied := guard.check(request):
-            return denied.response()
-        try:
-            body = RegisterAdapterBody.model_validate_json(await request.body())
-        except ValidationError as error:
-            first = error.errors()[0]
-            param = ".".join(str(p) for p in first["loc"]) or None
-            return errors.invalid_request(str(first["msg"]), param).response()
+        body = errors.validated(RegisterAdapterBody, await request.body())
         message = adapters_pb2.RegisterAdapterRequest(
             name=body.name,
             base_model=body.base_model,
@@ -149,22 +113,20 @@ def adapters_router(settings: GatewaySettings) -> APIRouter:
         if body.default_scale is not None:
             message.default_scale = body.default_scale
         try:
-            reply = await stub().RegisterAdapter(message, timeout=TIMEOUT_S)
+            reply = await channels.adapters.RegisterAdapter(message, timeout=TIMEOUT_S)
         except grpc.aio.AioRpcError as error:
             return _error(error)
         return JSONResponse(adapter_view(reply.adapter).model_dump(), status_code=201)
 
     @router.get("", response_model=AdapterList, responses=responses)
     async def list_adapters(
-        request: Request, base_model: str = "", page_size: int = 0, page_token: str = ""
+        channels: ChannelsDep, base_model: str = "", page_size: int = 0, page_token: str = ""
     ) -> Response:
         """Registered adapters by name, optionally of one base model, a page at a time."""
-        if denied := guard.check(request):
-            return denied.response()
         if page_size < 0:
             return errors.invalid_request("page_size must be >= 0", "page_size").response()
         try:
-            reply = await stub().ListAdapters(
+            reply = await channels.adapters.ListAdapters(
                 adapters_pb2.ListAdaptersRequest(
                     base_model=base_model, page_size=page_size, page_token=page_token
                 ),
@@ -178,12 +140,10 @@ def adapters_router(settings: GatewaySettings) -> APIRouter:
         return JSONResponse(page.model_dump())
 
     @router.get("/{name}", response_model=AdapterView, responses=responses)
-    async def get_adapter(request: Request, name: str) -> Response:
+    async def get_adapter(channels: ChannelsDep, name: str) -> Response:
         """One adapter; its artefact's checksum is verified again on the way."""
-        if denied := guard.check(request):
-            return denied.response()
         try:
-            reply = await stub().GetAdapter(
+            reply = await channels.adapters.GetAdapter(
                 adapters_pb2.GetAdapterRequest(name=name), timeout=TIMEOUT_S
             )
         except grpc.aio.AioRpcError as error:
@@ -191,12 +151,12 @@ def adapters_router(settings: GatewaySettings) -> APIRouter:
         return JSONResponse(adapter_view(reply.adapter).model_dump())
 
     @router.delete("/{name}", responses=responses)
-    async def delete_adapter(request: Request, name: str) -> Response:
+    async def delete_adapter(channels: ChannelsDep, name: str) -> Response:
         """Forget an adapter; its artefact goes once no other adapter names it."""
-        if denied := guard.check(request):
-            return denied.response()
         try:
-            await stub().DeleteAdapter(adapters_pb2.DeleteAdapterRequest(name=name), timeout=30)
+            await channels.adapters.DeleteAdapter(
+                adapters_pb2.DeleteAdapterRequest(name=name), timeout=30
+            )
         except grpc.aio.AioRpcError as error:
             return _error(error)
         return JSONResponse({"name": name, "object": "adapter", "deleted": True})

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
 import grpc
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Request
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from gateway import errors
-from gateway.admin import AdminGuard
-from gateway.config import GatewaySettings
+from gateway.channels import ChannelsDep
 from gateway.protocol import ErrorResponse
-from slm.server import open_channel
-from slm.v1 import ledger_pb2, ledger_pb2_grpc
+from slm.v1 import ledger_pb2
 
 LIST_TIMEOUT_S = 60.0
 # Verify and export walk the whole chain.
@@ -82,41 +79,17 @@ def _filters(request: Request) -> tuple[str, Timestamp | None, Timestamp | None]
     )
 
 
-class _Ledger:
-    stub: ledger_pb2_grpc.LedgerServiceStub | None = None
-
-
-def ledger_router(settings: GatewaySettings) -> APIRouter:
-    """The /admin/ledger routes, guarded by the admin key, with their channel's lifespan."""
-    guard = AdminGuard(settings.gateway)
-    ledger = _Ledger()
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        channel = open_channel(settings.gateway.ledger, settings.telemetry)
-        ledger.stub = ledger_pb2_grpc.LedgerServiceStub(channel)
-        try:
-            yield
-        finally:
-            ledger.stub = None
-            await channel.close(grace=None)
-
-    router = APIRouter(prefix="/admin/ledger", tags=["admin"], lifespan=lifespan)
+def ledger_router() -> APIRouter:
+    """The /admin/ledger routes (the admin router guards them)."""
+    router = APIRouter(prefix="/ledger")
     responses: dict[int | str, dict[str, Any]] = {
         s: {"model": ErrorResponse} for s in (400, 401, 403, 500, 503, 504)
     }
 
-    def stub() -> ledger_pb2_grpc.LedgerServiceStub:
-        if ledger.stub is None:
-            raise RuntimeError("the gateway is not started: its lifespan has not run")
-        return ledger.stub
-
     @router.get("/records", responses=responses)
-    async def records(request: Request) -> Response:
+    async def records(request: Request, channels: ChannelsDep) -> Response:
         """Records in sequence order, a page at a time. Query: tenant, since and until
         (RFC 3339, since <= time < until), page_size (1-1000, default 100), page_token."""
-        if denied := guard.check(request):
-            return denied.response()
         try:
             tenant, since, until = _filters(request)
             size = request.query_params.get("page_size", "0")
@@ -132,7 +105,7 @@ def ledger_router(settings: GatewaySettings) -> APIRouter:
             end_time=until,
         )
         try:
-            reply = await stub().List(message, timeout=LIST_TIMEOUT_S)
+            reply = await channels.ledger.List(message, timeout=LIST_TIMEOUT_S)
         except grpc.aio.AioRpcError as error:
             return errors.from_grpc(error).response()
         return JSONResponse(
@@ -144,12 +117,10 @@ def ledger_router(settings: GatewaySettings) -> APIRouter:
         )
 
     @router.get("/verify", responses=responses)
-    async def verify(request: Request) -> Response:
+    async def verify(channels: ChannelsDep) -> Response:
         """Walk the whole chain; `first_break` names the first broken link, if any."""
-        if denied := guard.check(request):
-            return denied.response()
         try:
-            reply = await stub().Verify(ledger_pb2.VerifyRequest(), timeout=WALK_TIMEOUT_S)
+            reply = await channels.ledger.Verify(ledger_pb2.VerifyRequest(), timeout=WALK_TIMEOUT_S)
         except grpc.aio.AioRpcError as error:
             return errors.from_grpc(error).response()
         return JSONResponse(verify_view(reply))
@@ -159,15 +130,13 @@ def ledger_router(settings: GatewaySettings) -> APIRouter:
         responses={**responses, 200: {"content": {"text/csv": {}}}},
         response_class=StreamingResponse,
     )
-    async def export_csv(request: Request) -> Response:
+    async def export_csv(request: Request, channels: ChannelsDep) -> Response:
         """The matching records as CSV, streamed. Query: tenant, since, until (RFC 3339)."""
-        if denied := guard.check(request):
-            return denied.response()
         try:
             tenant, since, until = _filters(request)
         except BadParam as bad:
             return errors.invalid_request(bad.message, bad.param).response()
-        call = stub().ExportCsv(
+        call = channels.ledger.ExportCsv(
             ledger_pb2.ExportCsvRequest(tenant=tenant, start_time=since, end_time=until),
             timeout=WALK_TIMEOUT_S,
         )

@@ -1,21 +1,24 @@
-"""Admin REST endpoints for inference-local's models: /admin/models (list, load, unload)."""
+"""Admin REST endpoints for inference-local's models: /admin/models (list, load, unload).
+
+Each addresses every inference-local replica (fan-out) and reports per replica: a model loaded
+on one replica of N would serve one request in N.
+"""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
-from typing import Any
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import grpc
-from fastapi import APIRouter, FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
 from gateway import errors
-from gateway.admin import AdminGuard
-from gateway.config import GatewaySettings
+from gateway.channels import ChannelsDep, Replica
 from gateway.protocol import ErrorResponse
-from slm.server import open_channel
 from slm.v1 import inference_pb2, inference_pb2_grpc, types_pb2
 
 LOAD_TIMEOUT_S = 1800.0  # quantize-on-load of a big model takes minutes
@@ -58,83 +61,195 @@ def model_view(m: types_pb2.ModelInfo) -> dict[str, Any]:
     }
 
 
-class _Engine:
-    stub: inference_pb2_grpc.InferenceServiceStub | None = None
+Reply = TypeVar("Reply")
 
 
-def models_router(settings: GatewaySettings) -> APIRouter:
-    """The /admin/models routes, guarded by the admin key, with their channel's lifespan."""
-    guard = AdminGuard(settings.gateway)
-    engine = _Engine()
+@dataclass(frozen=True)
+class Outcome(Generic[Reply]):
+    """What one replica answered: its reply, or the error of its call."""
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        channel = open_channel(settings.gateway.inference_local, settings.telemetry)
-        engine.stub = inference_pb2_grpc.InferenceServiceStub(channel)
+    address: str
+    reply: Reply | None = None
+    error: grpc.aio.AioRpcError | None = None
+
+
+async def fan_out(
+    replicas: Sequence[Replica],
+    call: Callable[[inference_pb2_grpc.InferenceServiceStub], Awaitable[Reply]],
+) -> list[Outcome[Reply]]:
+    """`call` on every replica at once; one outcome per replica, in the replicas' order."""
+
+    async def one(replica: Replica) -> Outcome[Reply]:
         try:
-            yield
-        finally:
-            engine.stub = None
-            await channel.close(grace=None)
+            return Outcome(replica.address, reply=await call(replica.stub))
+        except grpc.aio.AioRpcError as error:
+            return Outcome(replica.address, error=error)
 
-    router = APIRouter(prefix="/admin/models", tags=["admin"], lifespan=lifespan)
-    responses: dict[int | str, dict[str, Any]] = {
-        s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 429, 500, 503)
+    async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(one(r)) for r in replicas]
+    return [t.result() for t in tasks]
+
+
+def error_view(error: grpc.aio.AioRpcError) -> dict[str, Any]:
+    http = errors.from_grpc(error)
+    return {
+        "status": http.status,
+        "type": http.type,
+        "code": http.code or error.code().name.lower(),
+        "message": http.message,
     }
 
-    def stub() -> inference_pb2_grpc.InferenceServiceStub:
-        if engine.stub is None:
-            raise RuntimeError("the gateway is not started: its lifespan has not run")
-        return engine.stub
 
-    def parse(model: type[BaseModel], raw: bytes) -> BaseModel | Response:
-        try:
-            return model.model_validate_json(raw)
-        except ValidationError as error:
-            first = error.errors()[0]
-            param = ".".join(str(p) for p in first["loc"]) or None
-            return errors.invalid_request(str(first["msg"]), param).response()
+def replica_view(outcome: Outcome[Any], **fields: Any) -> dict[str, Any]:
+    """One replica's line in a report: its address, whether its call succeeded, and why not."""
+    if outcome.error is not None:
+        return {"address": outcome.address, "ok": False, "error": error_view(outcome.error)}
+    return {"address": outcome.address, "ok": True, **fields}
+
+
+def failure(action: str, outcomes: Sequence[Outcome[Any]]) -> Response:
+    """The error for a fan-out some replicas failed, naming each of them.
+
+    Replicas that agree on the failure keep its status (a path outside the model directories
+    stays a 400 on every replica); replicas failing differently are a 502.
+    """
+    failed = [o for o in outcomes if o.error is not None]
+    assert failed, "failure() of a fan-out that succeeded"
+    first = failed[0].error
+    assert first is not None
+    names = ", ".join(o.address for o in failed)
+    where = f"{len(failed)} of {len(outcomes)} replicas ({names})"
+    codes = {o.error.code() for o in failed if o.error is not None}
+    messages = {errors.from_grpc(o.error).message for o in failed if o.error is not None}
+    if len(codes) == 1:
+        base = errors.from_grpc(first)
+        text = (
+            f"{base.message} (on {where})"
+            if len(messages) == 1
+            else f"{action} failed on {where}: "
+            + "; ".join(
+                f"{o.address}: {errors.from_grpc(o.error).message}"
+                for o in failed
+                if o.error is not None
+            )
+        )
+        error = errors.HttpError(
+            base.status, text, base.type, base.code, base.param, base.retry_after_s
+        )
+    else:
+        detail = "; ".join(
+            f"{o.address}: {o.error.code().name} {errors.from_grpc(o.error).message}"
+            for o in failed
+            if o.error is not None
+        )
+        error = errors.HttpError(
+            502, f"{action} failed on {where}: {detail}", errors.SERVER, "replicas_failed"
+        )
+    return JSONResponse(
+        {**error.body(), "replicas": [replica_view(o) for o in outcomes]},
+        status_code=error.status,
+        headers=error.headers(),
+    )
+
+
+async def replicas_of(channels: ChannelsDep) -> list[Replica]:
+    """FastAPI dependency: every inference-local replica now; 503 when there is none."""
+    try:
+        replicas = await channels.inference_replicas()
+    except OSError as error:
+        raise errors.Refusal(
+            errors.HttpError(503, f"cannot list inference-local replicas: {error}", errors.SERVER)
+        ) from None
+    if not replicas:
+        raise errors.Refusal(
+            errors.HttpError(503, "no inference-local replica is known", errors.SERVER)
+        )
+    return replicas
+
+
+def merge_listings(
+    outcomes: Sequence[Outcome[inference_pb2.ListModelsResponse]],
+) -> list[dict[str, Any]]:
+    """One entry per model name: the first listing replica's metadata, `loaded` when any
+    replica has it in memory, and `replicas` saying which replica holds it and whether loaded."""
+    merged: dict[str, dict[str, Any]] = {}
+    for outcome in outcomes:
+        if outcome.reply is None:
+            continue
+        for model in outcome.reply.models:
+            view = merged.get(model.name)
+            if view is None:
+                view = merged[model.name] = {**model_view(model), "replicas": []}
+            view["loaded"] = bool(view["loaded"] or model.loaded)
+            view["replicas"].append({"address": outcome.address, "loaded": model.loaded})
+    return list(merged.values())
+
+
+def models_router() -> APIRouter:
+    """The /admin/models routes (the admin router guards them). Each addresses every
+    inference-local replica and reports per replica: a model loaded on one replica of N would
+    serve one request in N, and a listing of one replica hides what the others hold."""
+    router = APIRouter(prefix="/models")
+    responses: dict[int | str, dict[str, Any]] = {
+        s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 429, 500, 502, 503)
+    }
 
     @router.get("", responses=responses)
-    async def list_models(request: Request) -> Response:
-        """Every model inference-local knows: configured and loaded, with GGUF metadata."""
-        if denied := guard.check(request):
-            return denied.response()
-        try:
-            reply = await stub().ListModels(inference_pb2.ListModelsRequest(), timeout=30)
-        except grpc.aio.AioRpcError as error:
-            return errors.from_grpc(error).response()
-        return JSONResponse({"object": "list", "data": [model_view(m) for m in reply.models]})
+    async def list_models(channels: ChannelsDep) -> Response:
+        """Every model each inference-local replica knows, configured or loaded, with GGUF
+        metadata; `replicas` says which replica holds each and whether it is loaded there."""
+        replicas = await replicas_of(channels)
+        outcomes = await fan_out(
+            replicas, lambda stub: stub.ListModels(inference_pb2.ListModelsRequest(), timeout=30)
+        )
+        if all(o.error is not None for o in outcomes):
+            return failure("listing models", outcomes)
+        # A replica that could not answer is reported, not hidden: its models are unknown.
+        report = [replica_view(o, models=len(o.reply.models) if o.reply else 0) for o in outcomes]
+        return JSONResponse(
+            {"object": "list", "data": merge_listings(outcomes), "replicas": report}
+        )
 
     @router.post("/load", responses=responses)
-    async def load(request: Request) -> Response:
-        """Load a GGUF from the model directories under a name (quantizing it first if asked)."""
-        if denied := guard.check(request):
-            return denied.response()
-        body = parse(LoadModelBody, await request.body())
-        if isinstance(body, Response):
-            return body
-        assert isinstance(body, LoadModelBody)
+    async def load(request: Request, channels: ChannelsDep) -> Response:
+        """Load a GGUF from the model directories under a name (quantizing it first if asked)
+        on every inference-local replica; 200 only when every replica has it."""
+        body = errors.validated(LoadModelBody, await request.body())
+        replicas = await replicas_of(channels)
         message = inference_pb2.LoadModelRequest(**body.model_dump())
-        try:
-            reply = await stub().LoadModel(message, timeout=LOAD_TIMEOUT_S)
-        except grpc.aio.AioRpcError as error:
-            return errors.from_grpc(error).response()
-        return JSONResponse(model_view(reply.model))
+        outcomes = await fan_out(
+            replicas, lambda stub: stub.LoadModel(message, timeout=LOAD_TIMEOUT_S)
+        )
+        if any(o.error is not None for o in outcomes):
+            return failure(f"loading {body.name!r}", outcomes)
+        first = outcomes[0].reply
+        assert first is not None
+        return JSONResponse(
+            {**model_view(first.model), "replicas": [replica_view(o) for o in outcomes]}
+        )
 
     @router.post("/unload", responses=responses)
-    async def unload(request: Request) -> Response:
-        """Unload a model once its running sequences have been failed or finished."""
-        if denied := guard.check(request):
-            return denied.response()
-        body = parse(UnloadModelBody, await request.body())
-        if isinstance(body, Response):
-            return body
-        assert isinstance(body, UnloadModelBody)
-        try:
-            await stub().UnloadModel(inference_pb2.UnloadModelRequest(name=body.name), timeout=60)
-        except grpc.aio.AioRpcError as error:
-            return errors.from_grpc(error).response()
-        return JSONResponse({"id": body.name, "object": "model", "loaded": False})
+    async def unload(request: Request, channels: ChannelsDep) -> Response:
+        """Unload a model from every replica, once its running sequences there have been failed
+        or finished. A replica that does not hold it is fine; 404 when none does."""
+        body = errors.validated(UnloadModelBody, await request.body())
+        replicas = await replicas_of(channels)
+        message = inference_pb2.UnloadModelRequest(name=body.name)
+        outcomes = await fan_out(replicas, lambda stub: stub.UnloadModel(message, timeout=60))
+        absent = [
+            o
+            for o in outcomes
+            if o.error is not None and o.error.code() == grpc.StatusCode.NOT_FOUND
+        ]
+        if len(absent) == len(outcomes):
+            return failure(f"unloading {body.name!r}", outcomes)
+        # A replica that never held the model is where the caller wants it: not a failure.
+        settled = [Outcome[Any](o.address) if o in absent else o for o in outcomes]
+        if any(o.error is not None for o in settled):
+            return failure(f"unloading {body.name!r}", settled)
+        report = [replica_view(o, held=o not in absent) for o in outcomes]
+        return JSONResponse(
+            {"id": body.name, "object": "model", "loaded": False, "replicas": report}
+        )
 
     return router

@@ -24,16 +24,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import slm
 from gateway import errors, protocol
-from gateway.admin_adapters import adapters_router
-from gateway.admin_ledger import ledger_router
-from gateway.admin_models import models_router
+from gateway.admin import admin_router
 from gateway.anthropic import routes as anthropic_routes
+from gateway.channels import Channels, install_channels
 from gateway.config import GatewaySettings
 from gateway.embeddings import embeddings_router
 from gateway.responses import routes as responses_routes
 from gateway.serving import CallContext, GatewayMetrics, OpenAIServing, call_metadata
 from gateway.ui_routes import install_ui
-from slm.discovery import build_resolver, connect
 from slm.logs import request_id_var
 
 log = logging.getLogger(__name__)
@@ -89,7 +87,7 @@ class _EdgeMiddleware:
 
 
 class _Runtime:
-    """What exists only between startup and shutdown: the Doorman channel and its stubs."""
+    """What exists only between startup and shutdown: the serving machinery over the Doorman."""
 
     serving: OpenAIServing | None = None
 
@@ -143,7 +141,8 @@ _GENERATION_ERRORS = _error_docs(400, 401, 403, 404, 413, 429, 500, 503, 504)
 
 
 def build_app(settings: GatewaySettings) -> FastAPI:
-    """Build the gateway: routes, error handlers, metrics; the Doorman channel opens at startup."""
+    """Build the gateway: routes, error handlers, metrics. At startup it opens one Connector
+    (from the settings' discovery section) that every gRPC call of the gateway goes through."""
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
     runtime = _Runtime()
@@ -151,18 +150,17 @@ def build_app(settings: GatewaySettings) -> FastAPI:
     max_n = settings.gateway.max_n
 
     @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        resolver = build_resolver(settings.discovery)
-        channel = connect(resolver, settings.gateway.doorman, settings.telemetry)
-        runtime.serving = OpenAIServing(channel, metrics)
-        log.info("gateway started", extra={"doorman": settings.gateway.doorman})
-        try:
-            yield
-        finally:
-            runtime.serving = None
-            # uvicorn has drained in-flight requests by now; nothing uses the channel any more.
-            await channel.close(grace=None)
-            log.info("gateway stopped")
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with Channels.open(settings) as channels:
+            runtime.serving = OpenAIServing(channels.doorman_channel, metrics)
+            install_channels(app, channels)
+            log.info("gateway started", extra={"doorman": settings.gateway.doorman})
+            try:
+                yield
+            finally:
+                runtime.serving = None
+                install_channels(app, None)
+        log.info("gateway stopped")
 
     app = FastAPI(
         title="service-slm gateway",
@@ -240,10 +238,8 @@ def build_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(anthropic_routes.messages_router(runtime.require, read_body, _context))
     app.include_router(responses_routes.responses_router(runtime.require, read_body, _context))
     install_ui(app, runtime.require, limit)
-    app.include_router(adapters_router(settings))
-    app.include_router(models_router(settings))
-    app.include_router(ledger_router(settings))
-    app.include_router(embeddings_router(settings))
+    app.include_router(admin_router(settings.gateway))
+    app.include_router(embeddings_router(read_body, _context))
     _install_error_handlers(app)
     _install_openapi(app)
     app.add_middleware(_EdgeMiddleware, metrics=metrics)
@@ -258,6 +254,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         code = "request_too_large" if exc.status_code == 413 else None
         return errors.for_status(exc.status_code, str(exc.detail), code).response(exc.headers)
 
+    async def refusal(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, errors.Refusal)
+        return exc.error.response()
+
     async def validation_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
@@ -269,6 +269,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         return errors.internal().response()
 
     app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(errors.Refusal, refusal)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, unexpected)
 

@@ -6,9 +6,10 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
 from slm.errors import from_rpc_error
@@ -107,6 +108,14 @@ class HttpError:
         return b"data: " + json.dumps(self.body()).encode() + b"\n\n"
 
 
+class Refusal(Exception):
+    """Raised where a route or dependency answers with `error`; the app's one handler sends it."""
+
+    def __init__(self, error: HttpError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 def _openai_param(field: str | None) -> str | None:
     if not field:
         return None
@@ -148,3 +157,20 @@ def for_status(status: int, message: str, code: str | None = None) -> HttpError:
 def internal(message: str = "internal error") -> HttpError:
     """A fault of the gateway or the Doorman, never reported as the client's."""
     return HttpError(500, message, SERVER, code="internal")
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def from_validation(error: ValidationError) -> HttpError:
+    """A 400 naming the first field a request body got wrong."""
+    first = error.errors()[0]
+    return invalid_request(str(first["msg"]), ".".join(str(p) for p in first["loc"]) or None)
+
+
+def validated(model: type[Body], raw: bytes) -> Body:
+    """`raw` JSON as `model`; raises Refusal with the 400 for the first wrong field."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as error:
+        raise Refusal(from_validation(error)) from None

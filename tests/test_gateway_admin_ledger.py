@@ -1,4 +1,4 @@
-"""/admin/ledger over HTTP, through the gateway's router, against a real ledger server."""
+"""/admin/ledger over HTTP, through the gateway app, against a real ledger server."""
 
 from __future__ import annotations
 
@@ -13,11 +13,10 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from fastapi import FastAPI
 from google.protobuf.timestamp_pb2 import Timestamp
 from helpers import free_port, gateway_settings, mesh_settings
 
-from gateway.admin_ledger import ledger_router
+from gateway.app import build_app
 from mesh.settings import Settings
 from slm.server import GrpcService
 from slm.v1 import ledger_pb2, ledger_pb2_grpc
@@ -36,8 +35,7 @@ def settings_for(tmp_path: Path, ledger_address: str) -> Settings:
 
 @asynccontextmanager
 async def client_for(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = FastAPI()
-    app.include_router(ledger_router(gateway_settings(settings)))
+    app = build_app(gateway_settings(settings))
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as client,
