@@ -1,9 +1,13 @@
-"""Latency the mesh adds (Envoy -> gateway -> Doorman -> inference-local) over in-process engines.
+"""Latency the mesh adds (Envoy -> gateway -> Doorman -> inference-local) over in-process engines,
+hop by hop.
 
 Two in-process baselines: llama-cpp-python's high-level API (llama_cpp), and inference-local's
-own continuous-batching engine (engine) driven in-process. Every path does identical work per
-request: the same prompt tokens, a full prefill and greedy decoding, so mesh minus engine is the
-mesh's hops alone. Runs are interleaved so that machine noise hits every path alike.
+own continuous-batching engine (engine) driven in-process. Then the same request entering the
+mesh at each hop: inference-local's gRPC Generate (inference_grpc), the Doorman's gRPC Complete
+(doorman_grpc), the gateway's HTTP port (gateway_http), and Envoy, over HTTP (mesh_http) and
+gRPC (mesh_grpc). Every path does identical work per request: the same prompt tokens, a full
+prefill and greedy decoding, so each path minus the one below it is one hop. Runs are
+interleaved so that machine noise hits every path alike.
 
     make bench            # or: .venv/bin/python bench/mesh_overhead.py --iterations 50
 """
@@ -29,10 +33,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from helpers import DEFAULT_MODEL, Mesh, default_model_file, mesh_settings
 
-from slm.v1 import doorman_pb2, doorman_pb2_grpc, types_pb2
+from slm.v1 import doorman_pb2, doorman_pb2_grpc, inference_pb2, inference_pb2_grpc, types_pb2
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 RESULTS = Path(__file__).parent / "results"
+PATHS = (
+    "llama_cpp",
+    "engine",
+    "inference_grpc",
+    "doorman_grpc",
+    "gateway_http",
+    "mesh_http",
+    "mesh_grpc",
+)
+# What each hop adds: the path entering above it minus the path entering below it.
+HOPS = {
+    "inference-local gRPC (servicer)": ("inference_grpc", "engine"),
+    "Doorman": ("doorman_grpc", "inference_grpc"),
+    "gateway (HTTP -> gRPC)": ("gateway_http", "doorman_grpc"),
+    "Envoy (HTTP)": ("mesh_http", "gateway_http"),
+    "Envoy (gRPC)": ("mesh_grpc", "doorman_grpc"),
+}
 
 
 @dataclass(frozen=True)
@@ -118,6 +139,26 @@ async def through_grpc(stub: Any, max_tokens: int) -> Sample:
     return Sample(ttft or time.perf_counter() - start, time.perf_counter() - start, count)
 
 
+async def through_inference(stub: Any, max_tokens: int) -> Sample:
+    """InferenceService.Generate on inference-local's own port: the engine behind one gRPC hop."""
+    request = inference_pb2.GenerateRequest(
+        model=DEFAULT_MODEL,
+        prompt=PROMPT,
+        sampling=types_pb2.SamplingParams(
+            max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=1
+        ),
+    )
+    start = time.perf_counter()
+    ttft = 0.0
+    count = 0
+    async for response in stub.Generate(request):
+        if response.HasField("delta") and response.delta.text:
+            if count == 0:
+                ttft = time.perf_counter() - start
+            count += 1
+    return Sample(ttft or time.perf_counter() - start, time.perf_counter() - start, count)
+
+
 async def in_process_engine(engine: Any, max_tokens: int) -> Sample:
     """inference-local's own engine (continuous batching scheduler) called in-process: the
     baseline that isolates what the mesh's hops add."""
@@ -161,6 +202,7 @@ async def main() -> int:
     from llama_cpp import Llama
 
     from inference_local.config import InferenceLocalConfig
+    from inference_local.engine import default_threads
 
     state = Path(tempfile.mkdtemp(prefix="slm-bench-"))
     settings = mesh_settings(state)
@@ -169,7 +211,7 @@ async def main() -> int:
     llama = Llama(
         model_path=str(model_file),
         n_ctx=entry.context_length,
-        n_threads=max(1, (os.cpu_count() or 1) - 1),  # as inference-local's default
+        n_threads=default_threads(),  # as inference-local's default
         n_batch=512,
         verbose=False,
     )
@@ -189,20 +231,25 @@ async def main() -> int:
         "cpu_count": os.cpu_count(),
     }
     try:
-        async with grpc.aio.insecure_channel(mesh.grpc_target) as channel:
+        gateway_url = f"http://127.0.0.1:{settings.gateway.port}"
+        async with (
+            grpc.aio.insecure_channel(mesh.grpc_target) as channel,
+            grpc.aio.insecure_channel(settings.doorman.endpoint.address) as doorman_channel,
+            grpc.aio.insecure_channel(settings.inference_local.endpoint.address) as local,
+        ):
             stub = doorman_pb2_grpc.DoormanServiceStub(channel)
+            doorman = doorman_pb2_grpc.DoormanServiceStub(doorman_channel)
+            inference = inference_pb2_grpc.InferenceServiceStub(local)
             with httpx.Client(timeout=120) as client:
                 for max_tokens in (1, 64):
-                    runs: dict[str, list[Sample]] = {
-                        "llama_cpp": [],
-                        "engine": [],
-                        "mesh_http": [],
-                        "mesh_grpc": [],
-                    }
+                    runs: dict[str, list[Sample]] = {name: [] for name in PATHS}
                     for i in range(args.warmup + args.iterations):
                         samples = {
                             "llama_cpp": direct(llama, max_tokens),
                             "engine": await in_process_engine(engine, max_tokens),
+                            "inference_grpc": await through_inference(inference, max_tokens),
+                            "doorman_grpc": await through_grpc(doorman, max_tokens),
+                            "gateway_http": through_http(client, gateway_url, max_tokens),
                             "mesh_http": through_http(client, mesh.base_url, max_tokens),
                             "mesh_grpc": await through_grpc(stub, max_tokens),
                         }
@@ -224,6 +271,19 @@ async def main() -> int:
         f"{'total p99':>11}{'tokens':>8}"
     )
     print(header)
+    results["hops"] = {
+        f"max_tokens_{n}": {
+            hop: {
+                "p50_ms": results[f"max_tokens_{n}"][u]["total_p50_ms"]
+                - results[f"max_tokens_{n}"][lo]["total_p50_ms"],
+                "p99_ms": results[f"max_tokens_{n}"][u]["total_p99_ms"]
+                - results[f"max_tokens_{n}"][lo]["total_p99_ms"],
+            }
+            for hop, (u, lo) in HOPS.items()
+        }
+        for n in (1, 64)
+    }
+    out.write_text(json.dumps(results, indent=2))
     for max_tokens in (1, 64):
         case = results[f"max_tokens_{max_tokens}"]
         for path, s in case.items():
@@ -231,6 +291,12 @@ async def main() -> int:
                 f"{'max_tokens=' + str(max_tokens):<22}{path:<12}{s['ttft_p50_ms']:>9.2f}m"
                 f"{s['ttft_p99_ms']:>9.2f}m{s['total_p50_ms']:>10.2f}m{s['total_p99_ms']:>10.2f}m"
                 f"{s['tokens']:>8.0f}"
+            )
+        for hop, (upper, lower) in HOPS.items():
+            u, lo = case[upper], case[lower]
+            print(
+                f"  hop {hop:<34} p50 {u['total_p50_ms'] - lo['total_p50_ms']:+.2f} ms  "
+                f"p99 {u['total_p99_ms'] - lo['total_p99_ms']:+.2f} ms"
             )
         base = case["engine"]
         for path in ("mesh_http", "mesh_grpc"):

@@ -54,9 +54,11 @@ import asyncio
 import codecs
 import collections
 import concurrent.futures
+import ctypes
 import enum
 import heapq
 import logging
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -159,6 +161,17 @@ class _Seq:
     @property
     def prefilling(self) -> bool:
         return self.prompt_pos < len(self.request.prompt)
+
+
+def name_os_thread(name: str) -> None:
+    """Name the calling thread for the OS (top -H, /proc/PID/task/TID/comm), so that the CPU
+    the decode thread takes can be told from the event loop's and llama.cpp's workers'."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None)
+        libc.prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+
+
+PR_SET_NAME = 15
 
 
 def coalesce(events: list[Event]) -> list[Event]:
@@ -373,6 +386,7 @@ class Scheduler:
         self._copying.clear()  # llama.cpp carried out the pending KV copies first
 
     def _run(self) -> None:
+        name_os_thread("slm-decode")
         while True:
             with self._cond:
                 while not self._stopping and not self._waiting and not self._active:
