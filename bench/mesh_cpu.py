@@ -5,9 +5,9 @@ The whole mesh on `make run`'s defaults takes N concurrent streaming completions
 process's CPU time (user + system, from /proc) over the load is divided by the tokens streamed:
 Envoy, the gateway, the Doorman, and inference-local split into its decode (the `slm-decode`
 thread and llama.cpp's OpenMP workers, which it starts and which inherit its name), its event
-loop (the servicer; the process's main thread) and the rest (samplers, gRPC's threads). The same load then runs on
-inference-local's Engine in this process, so the mesh's throughput is reported as a ratio of
-the engine's.
+loop (the servicer; the process's main thread) and the rest (samplers, gRPC's threads). The
+same load then runs on inference-local's Engine in this process, so the mesh's throughput is
+reported as a ratio of the engine's.
 
     .venv/bin/python bench/mesh_cpu.py --streams 16 --rounds 3
 """
