@@ -29,8 +29,6 @@ class Service:
     factory: str = ""
     # Whether `slm up` runs it with these settings.
     enabled: Callable[[Settings], bool] = lambda _settings: True
-    # Its replicas may not share state a second writer would break (the ledger's hash chain).
-    single: bool = False
 
     def config(self, settings: Settings) -> Any:
         return getattr(settings, self.section)
@@ -50,7 +48,7 @@ class Service:
 
 # In start order: each service starts after the ones it calls.
 SERVICES: tuple[Service, ...] = (
-    Service("ledger", "grpc", "ledger", "ledger.app:build_app", single=True),
+    Service("ledger", "grpc", "ledger", "ledger.app:build_app"),
     Service(
         "kv-cache",
         "grpc",

@@ -64,14 +64,18 @@ class Settings(BaseSettings):
     def _widen_to_replicas(self) -> Settings:
         """An address naming the first replica of a replicated service names all of them, so
         every caller balances over the replicas `slm up` runs."""
-        if self.ledger.endpoint.replicas != 1:
-            raise ValueError("ledger.endpoint.replicas must be 1: its hash chain has one writer")
+        if self.ledger.endpoint.replicas != 1 and self.ledger.backend == "sqlite":
+            raise ValueError(
+                "ledger.endpoint.replicas above 1 needs backend = 'postgresql': replicas share "
+                "the chain's head through the database"
+            )
         widen = {
             endpoint.addresses[0]: ",".join(endpoint.addresses)
             for endpoint in (
                 self.inference_local.endpoint,
                 self.inference_remote.endpoint,
                 self.doorman.endpoint,
+                self.ledger.endpoint,
                 self.adapters.endpoint,
                 self.kv_cache.endpoint,
             )
