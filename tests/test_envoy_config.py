@@ -13,7 +13,7 @@ from helpers import free_port
 from gateway.config import GatewayConfig
 from gateway.envoy import envoy_binary, render_envoy_config
 from gateway.envoy.config import EnvoyConfig
-from gateway.envoy.render import GRPC_PREFIXES, parse_address
+from gateway.envoy.render import GRPC_PREFIXES, parse_address, parse_addresses
 from mesh.settings import Settings
 
 
@@ -153,6 +153,49 @@ def test_names_are_resolved_and_ips_are_static() -> None:
     )
     assert cluster(config, "doorman")["type"] == "STRICT_DNS"
     assert cluster(config, "gateway")["type"] == "STATIC"
+
+
+def endpoints(config: dict[str, Any], name: str) -> list[tuple[str, int]]:
+    found = cluster(config, name)["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    return [
+        (
+            e["endpoint"]["address"]["socket_address"]["address"],
+            e["endpoint"]["address"]["socket_address"]["port_value"],
+        )
+        for e in found
+    ]
+
+
+def test_every_doorman_replica_is_an_endpoint(tmp_path: Path) -> None:
+    settings = edge_settings()
+    ports = [free_port(), free_port(), free_port()]
+    settings.gateway.doorman = ",".join(f"127.0.0.1:{p}" for p in ports)
+    config = yaml.safe_load(render_envoy_config(*_edge(settings)))
+    doorman = cluster(config, "doorman")
+    assert endpoints(config, "doorman") == [("127.0.0.1", p) for p in ports]
+    assert (doorman["type"], doorman["lb_policy"]) == ("STATIC", "ROUND_ROBIN")
+    # A Doorman that is down or draining leaves the rotation through its gRPC health check.
+    assert "grpc_health_check" in doorman["health_checks"][0]
+    result = validate(settings, tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_one_name_among_the_doormen_resolves_them_all(tmp_path: Path) -> None:
+    settings = edge_settings()
+    settings.gateway.doorman = f"127.0.0.1:{free_port()},localhost:{free_port()}"
+    config = yaml.safe_load(render_envoy_config(*_edge(settings)))
+    assert cluster(config, "doorman")["type"] == "STRICT_DNS"
+    assert [h for h, _ in endpoints(config, "doorman")] == ["127.0.0.1", "localhost"]
+    assert validate(settings, tmp_path).returncode == 0
+    # One Doorman needs no health check: Envoy would route to it anyway (panic threshold).
+    single = yaml.safe_load(render_envoy_config(*_edge(edge_settings())))
+    assert "health_checks" not in cluster(single, "doorman")
+
+
+@pytest.mark.parametrize("addresses", ["127.0.0.1:1,", ",127.0.0.1:1", "127.0.0.1:1,,h:2"])
+def test_an_empty_doorman_entry_is_refused(addresses: str) -> None:
+    with pytest.raises(ValueError, match="empty entry"):
+        parse_addresses(addresses)
 
 
 def test_wildcard_bind_is_dialled_on_loopback() -> None:

