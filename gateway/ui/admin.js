@@ -52,8 +52,12 @@
     const reply = await slm.request("GET", "/admin/models", {key: key()});
     if (reply.ok) {
       const items = rows(reply.body, "models");
-      state("models-state", `${items.length} model(s)`, "good");
-      const view = items.map((m) => ({name: m.id || m.name, loaded: m.loaded === undefined ? "" : (m.loaded ? "yes" : "no"), context: m.context_length, size: m.size_bytes ? `${(m.size_bytes / 1048576).toFixed(0)} MiB` : "", pinned: m.pinned ? "yes" : ""}));
+      // Each inference-local replica answers for itself; one that did not is named here.
+      const replicas = Array.isArray(reply.body.replicas) ? reply.body.replicas : [];
+      const down = replicas.filter((r) => !r.ok).map((r) => r.address);
+      state("models-state", `${items.length} model(s) on ${replicas.length || 1} replica(s)` + (down.length ? `; not answering: ${down.join(", ")}` : ""), down.length ? "bad" : "good");
+      const loadedOn = (m) => Array.isArray(m.replicas) ? `${m.replicas.filter((r) => r.loaded).length}/${replicas.length}` : "";
+      const view = items.map((m) => ({name: m.id || m.name, loaded: m.loaded === undefined ? "" : (m.loaded ? "yes" : "no"), "loaded on": loadedOn(m), context: m.context_length, size: m.size_bytes ? `${(m.size_bytes / 1048576).toFixed(0)} MiB` : "", pinned: m.pinned ? "yes" : ""}));
       table("models-table", view, {actions: (m) => m.loaded === "no" ? "" : slm.el("button", {type: "button", class: "danger", onclick: () => unload(m.name)}, "Unload")});
       return;
     }
