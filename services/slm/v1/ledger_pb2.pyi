@@ -21,6 +21,30 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ListOrder:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ListOrderEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ListOrder.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LIST_ORDER_UNSPECIFIED: _ListOrder.ValueType  # 0
+    """Sequence order, oldest first (as LIST_ORDER_OLDEST_FIRST)."""
+    LIST_ORDER_OLDEST_FIRST: _ListOrder.ValueType  # 1
+    """Sequence order, oldest first."""
+    LIST_ORDER_NEWEST_FIRST: _ListOrder.ValueType  # 2
+    """Reverse sequence order, newest first: the first page is the chain's tail."""
+
+class ListOrder(_ListOrder, metaclass=_ListOrderEnumTypeWrapper):
+    """The order in which List returns records."""
+
+LIST_ORDER_UNSPECIFIED: ListOrder.ValueType  # 0
+"""Sequence order, oldest first (as LIST_ORDER_OLDEST_FIRST)."""
+LIST_ORDER_OLDEST_FIRST: ListOrder.ValueType  # 1
+"""Sequence order, oldest first."""
+LIST_ORDER_NEWEST_FIRST: ListOrder.ValueType  # 2
+"""Reverse sequence order, newest first: the first page is the chain's tail."""
+Global___ListOrder: _TypeAlias = ListOrder  # noqa: Y015
+
 class _ChainBreakReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -260,6 +284,54 @@ class AppendResponse(_message.Message):
 Global___AppendResponse: _TypeAlias = AppendResponse  # noqa: Y015
 
 @_typing.final
+class AppendBatchRequest(_message.Message):
+    """Request of LedgerService.AppendBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___LedgerEntry]:
+        """1 to 1000 entries, appended in this order."""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___LedgerEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppendBatchRequest: _TypeAlias = AppendBatchRequest  # noqa: Y015
+
+@_typing.final
+class AppendBatchResponse(_message.Message):
+    """Response of LedgerService.AppendBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___LedgerRecord]:
+        """The records, in the order of the request's entries."""
+
+    def __init__(
+        self,
+        *,
+        records: _abc.Iterable[Global___LedgerRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppendBatchResponse: _TypeAlias = AppendBatchResponse  # noqa: Y015
+
+@_typing.final
 class ListRequest(_message.Message):
     """Request of LedgerService.List."""
 
@@ -270,6 +342,7 @@ class ListRequest(_message.Message):
     TENANT_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    ORDER_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """At most this many records; 0 means 100, at most 1000."""
     page_token: _builtins.str
@@ -278,6 +351,10 @@ class ListRequest(_message.Message):
     """
     tenant: _builtins.str
     """Only this tenant's records; "" for every tenant."""
+    order: Global___ListOrder.ValueType
+    """Oldest first (the default) or newest first. Pass the same order with every
+    page: a page token continues in the order it was made for.
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Only records with start_time <= time < end_time; unset means unbounded."""
@@ -292,10 +369,11 @@ class ListRequest(_message.Message):
         tenant: _builtins.str = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        order: Global___ListOrder.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "order", b"order", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

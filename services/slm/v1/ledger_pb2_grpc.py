@@ -41,6 +41,11 @@ class LedgerServiceStub:
                 request_serializer=slm_dot_v1_dot_ledger__pb2.AppendRequest.SerializeToString,
                 response_deserializer=slm_dot_v1_dot_ledger__pb2.AppendResponse.FromString,
                 _registered_method=True)
+        self.AppendBatch = channel.unary_unary(
+                '/slm.v1.LedgerService/AppendBatch',
+                request_serializer=slm_dot_v1_dot_ledger__pb2.AppendBatchRequest.SerializeToString,
+                response_deserializer=slm_dot_v1_dot_ledger__pb2.AppendBatchResponse.FromString,
+                _registered_method=True)
         self.List = channel.unary_unary(
                 '/slm.v1.LedgerService/List',
                 request_serializer=slm_dot_v1_dot_ledger__pb2.ListRequest.SerializeToString,
@@ -72,9 +77,22 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AppendBatch(self, request, context):
+        """AppendBatch adds several records at the end of the chain, in the order
+        given, in one transaction and one flush to disk: when it returns, all of
+        them are durable; when it fails, none was added. Concurrent Append and
+        AppendBatch calls may share one transaction; each keeps its own order.
+        Errors: INVALID_ARGUMENT (no entries, more than 1000, or an entry without
+        request_id, named by its index), UNAVAILABLE (storage down).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def List(self, request, context):
-        """List returns records in sequence order, a page at a time, optionally only
-        those of one tenant and/or in a time range.
+        """List returns records in sequence order (or newest first, see
+        ListRequest.order), a page at a time, optionally only those of one tenant
+        and/or in a time range.
         Errors: INVALID_ARGUMENT (bad page_token, page_size or time range),
         UNAVAILABLE (storage down).
         """
@@ -107,6 +125,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.Append,
                     request_deserializer=slm_dot_v1_dot_ledger__pb2.AppendRequest.FromString,
                     response_serializer=slm_dot_v1_dot_ledger__pb2.AppendResponse.SerializeToString,
+            ),
+            'AppendBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.AppendBatch,
+                    request_deserializer=slm_dot_v1_dot_ledger__pb2.AppendBatchRequest.FromString,
+                    response_serializer=slm_dot_v1_dot_ledger__pb2.AppendBatchResponse.SerializeToString,
             ),
             'List': grpc.unary_unary_rpc_method_handler(
                     servicer.List,
@@ -153,6 +176,33 @@ class LedgerService:
             '/slm.v1.LedgerService/Append',
             slm_dot_v1_dot_ledger__pb2.AppendRequest.SerializeToString,
             slm_dot_v1_dot_ledger__pb2.AppendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slm.v1.LedgerService/AppendBatch',
+            slm_dot_v1_dot_ledger__pb2.AppendBatchRequest.SerializeToString,
+            slm_dot_v1_dot_ledger__pb2.AppendBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,9 +40,18 @@ class LedgerServiceStub:
     sequence number and hashes. The record is durable when this returns.
     Errors: INVALID_ARGUMENT (missing request_id), UNAVAILABLE (storage down).
     """
+    AppendBatch: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.AppendBatchRequest, _ledger_pb2.AppendBatchResponse]
+    """AppendBatch adds several records at the end of the chain, in the order
+    given, in one transaction and one flush to disk: when it returns, all of
+    them are durable; when it fails, none was added. Concurrent Append and
+    AppendBatch calls may share one transaction; each keeps its own order.
+    Errors: INVALID_ARGUMENT (no entries, more than 1000, or an entry without
+    request_id, named by its index), UNAVAILABLE (storage down).
+    """
     List: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListRequest, _ledger_pb2.ListResponse]
-    """List returns records in sequence order, a page at a time, optionally only
-    those of one tenant and/or in a time range.
+    """List returns records in sequence order (or newest first, see
+    ListRequest.order), a page at a time, optionally only those of one tenant
+    and/or in a time range.
     Errors: INVALID_ARGUMENT (bad page_token, page_size or time range),
     UNAVAILABLE (storage down).
     """
@@ -69,9 +78,18 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     sequence number and hashes. The record is durable when this returns.
     Errors: INVALID_ARGUMENT (missing request_id), UNAVAILABLE (storage down).
     """
+    AppendBatch: _aio.UnaryUnaryMultiCallable[_ledger_pb2.AppendBatchRequest, _ledger_pb2.AppendBatchResponse]  # type: ignore[assignment]
+    """AppendBatch adds several records at the end of the chain, in the order
+    given, in one transaction and one flush to disk: when it returns, all of
+    them are durable; when it fails, none was added. Concurrent Append and
+    AppendBatch calls may share one transaction; each keeps its own order.
+    Errors: INVALID_ARGUMENT (no entries, more than 1000, or an entry without
+    request_id, named by its index), UNAVAILABLE (storage down).
+    """
     List: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListRequest, _ledger_pb2.ListResponse]  # type: ignore[assignment]
-    """List returns records in sequence order, a page at a time, optionally only
-    those of one tenant and/or in a time range.
+    """List returns records in sequence order (or newest first, see
+    ListRequest.order), a page at a time, optionally only those of one tenant
+    and/or in a time range.
     Errors: INVALID_ARGUMENT (bad page_token, page_size or time range),
     UNAVAILABLE (storage down).
     """
@@ -103,13 +121,28 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def AppendBatch(
+        self,
+        request: _ledger_pb2.AppendBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.AppendBatchResponse, _abc.Awaitable[_ledger_pb2.AppendBatchResponse]]:
+        """AppendBatch adds several records at the end of the chain, in the order
+        given, in one transaction and one flush to disk: when it returns, all of
+        them are durable; when it fails, none was added. Concurrent Append and
+        AppendBatch calls may share one transaction; each keeps its own order.
+        Errors: INVALID_ARGUMENT (no entries, more than 1000, or an entry without
+        request_id, named by its index), UNAVAILABLE (storage down).
+        """
+
+    @_abc_1.abstractmethod
     def List(
         self,
         request: _ledger_pb2.ListRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.ListResponse, _abc.Awaitable[_ledger_pb2.ListResponse]]:
-        """List returns records in sequence order, a page at a time, optionally only
-        those of one tenant and/or in a time range.
+        """List returns records in sequence order (or newest first, see
+        ListRequest.order), a page at a time, optionally only those of one tenant
+        and/or in a time range.
         Errors: INVALID_ARGUMENT (bad page_token, page_size or time range),
         UNAVAILABLE (storage down).
         """
