@@ -21,6 +21,7 @@ from gateway.envoy.config import EnvoyConfig
 from inference_local.config import InferenceLocalConfig
 from inference_remote.config import InferenceRemoteConfig
 from ledger.config import LedgerConfig
+from mesh.services import REPLICA_ENV
 from mesh.settings import Settings
 from slm.config import ServiceEndpoint
 from slm.runtime import Runtime
@@ -164,6 +165,26 @@ class Mesh:
     def inference_metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.settings.inference_local.endpoint.metrics_port}/metrics"
 
+    def metrics_url(self, replica: int = 0) -> str:
+        """inference-local's Prometheus endpoint of one replica (metrics_port + 100 k)."""
+        endpoint = self.settings.inference_local.endpoint.replica(replica)
+        return f"http://127.0.0.1:{endpoint.metrics_port}/metrics"
+
+    def pid_of(self, service: str, replica: int = 0) -> int:
+        """The pid of the process `slm up` runs for `slm serve <service>` as replica `replica`
+        (Linux: read from /proc, where the supervisor's children name both)."""
+        assert self.process is not None, "the mesh is not running"
+        for pid in _children(self.process.pid):
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue  # exited meanwhile
+            serves = command[-3:-1] == [b"serve", service.encode()]
+            if serves and f"{REPLICA_ENV}={replica}".encode() in environ:
+                return pid
+        raise LookupError(f"no process serves {service} replica {replica}")
+
     def start(self, timeout_s: float = 300) -> None:
         self.config_path.write_text(to_toml(self.settings))
         self._log = self.log_path.open("wb")
@@ -209,6 +230,22 @@ class Mesh:
             self._log.close()
             self._log = None
         return code
+
+
+def _children(parent: int) -> list[int]:
+    """The pids whose parent is `parent`, from /proc/<pid>/stat."""
+    found: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after it.
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+            found.append(int(entry.name))
+    return found
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:
