@@ -21,6 +21,7 @@ from helpers import free_port, mesh_settings
 from postgres_server import PostgresServer
 
 from mesh.settings import Settings
+from slm.errors import from_rpc_error
 from slm.server import GrpcService
 from slm.v1 import ledger_pb2, ledger_pb2_grpc, types_pb2
 
@@ -94,6 +95,40 @@ async def test_list_filters_and_pages(ledger_server: GrpcService) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await ledger.List(ledger_pb2.ListRequest(start_time=stamp(10), end_time=stamp(5)))
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_append_batch_and_newest_first_list(ledger_server: GrpcService) -> None:
+    async with grpc.aio.insecure_channel(address(ledger_server)) as channel:
+        ledger = ledger_pb2_grpc.LedgerServiceStub(channel)
+        first = (await ledger.Append(ledger_pb2.AppendRequest(entry=entry(0)))).record
+        batch = (
+            await ledger.AppendBatch(
+                ledger_pb2.AppendBatchRequest(entries=[entry(i) for i in range(1, 6)])
+            )
+        ).records
+        newest = ledger_pb2.ListRequest(page_size=4, order=ledger_pb2.LIST_ORDER_NEWEST_FIRST)
+        tail = await ledger.List(newest)
+        newest.page_token = tail.next_page_token
+        rest = await ledger.List(newest)
+        with pytest.raises(grpc.aio.AioRpcError) as nameless:
+            await ledger.AppendBatch(
+                ledger_pb2.AppendBatchRequest(entries=[entry(6), ledger_pb2.LedgerEntry()])
+            )
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await ledger.List(ledger_pb2.ListRequest(order=7))  # type: ignore[arg-type]
+        verdict = await ledger.Verify(ledger_pb2.VerifyRequest())
+    assert [r.entry.request_id for r in batch] == [f"r{i}" for i in range(1, 6)]
+    assert [r.sequence for r in batch] == [2, 3, 4, 5, 6]
+    assert batch[0].prev_hash == first.hash
+    assert [r.sequence for r in tail.records] == [6, 5, 4, 3]
+    assert [r.sequence for r in rest.records] == [2, 1]
+    assert rest.next_page_token == ""
+    assert nameless.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert from_rpc_error(nameless.value).field == "entries[1].request_id"
+    assert unknown.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert from_rpc_error(unknown.value).field == "order"
+    # The refused batch added nothing.
+    assert (verdict.intact, verdict.records_checked) == (True, 6)
 
 
 async def test_verify_and_export_csv(ledger_server: GrpcService) -> None:

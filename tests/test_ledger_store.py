@@ -3,12 +3,13 @@ append-only, verification of tampered rows, CSV export, restart."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import itertools
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +21,15 @@ from ledger.csv_export import COLUMNS, csv_chunks
 from ledger.postgres import PostgresBackend
 from ledger.sqlite import SqliteBackend
 from ledger.store import (
+    MAX_BATCH,
     Backend,
     BreakReason,
     Entry,
     Hop,
     LedgerStore,
     Query,
+    Row,
+    Seal,
     canonical,
     chain_hash,
 )
@@ -189,6 +193,132 @@ async def test_list_filters_by_tenant_and_time_range(store: LedgerStore) -> None
     ]
     assert rest.next_page_token == ""
     assert (await store.list(0, "", Query(tenant="nobody"))).records == []
+
+
+async def test_newest_first_pages_back_from_the_tail(store: LedgerStore) -> None:
+    for i in range(12):
+        await store.append(entry(i, tenant="acme" if i % 3 else "globex", time_ns=1000 + i))
+    tail = await store.list(3, "", newest_first=True)
+    assert [r.sequence for r in tail.records] == [12, 11, 10]
+    seen = [r.sequence for r in tail.records]
+    token = tail.next_page_token
+    while token:
+        page = await store.list(5, token, newest_first=True)
+        seen += [r.sequence for r in page.records]
+        token = page.next_page_token
+    assert seen == list(range(12, 0, -1))
+    # Filters hold in this order too: globex's newest within [1003, 1010), a page at a time.
+    query = Query(tenant="globex", since_ns=1003, until_ns=1010)
+    first = await store.list(1, "", query, newest_first=True)
+    rest = await store.list(10, first.next_page_token, query, newest_first=True)
+    assert [r.entry.request_id for r in first.records + rest.records] == [
+        "req-9",
+        "req-6",
+        "req-3",
+    ]
+    assert rest.next_page_token == ""
+    assert (await store.list(0, "", Query(tenant="nobody"), newest_first=True)).records == []
+
+
+async def test_a_batch_is_appended_in_order_on_one_chain(store: LedgerStore) -> None:
+    single = await store.append(entry(0))
+    batch = await store.append_batch([entry(i) for i in range(1, 6)])
+    assert [r.entry.request_id for r in batch] == [f"req-{i}" for i in range(1, 6)]
+    assert [r.sequence for r in batch] == list(range(2, 7))
+    assert batch[0].prev_hash == single.hash
+    for prev, cur in itertools.pairwise(batch):
+        assert cur.prev_hash == prev.hash
+    assert (await store.list(0, "")).records == [single, *batch]
+    assert (await store.verify()).intact
+
+
+class CountingBackend:
+    """A backend that counts its append transactions; `gate`, when set, holds each one open
+    until the test releases it."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.transactions = 0
+        self.entered = asyncio.Event()
+        self.gate: asyncio.Event | None = None
+
+    async def open(self) -> None:
+        await self.inner.open()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def append(self, seals: Sequence[Seal]) -> list[Row]:
+        self.transactions += 1
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        return await self.inner.append(seals)
+
+    async def rows(self, after: int, limit: int, query: Query) -> list[Row]:
+        return await self.inner.rows(after, limit, query)
+
+    async def latest(self, before: int | None, limit: int, query: Query) -> list[Row]:
+        return await self.inner.latest(before, limit, query)
+
+
+async def test_concurrent_appends_share_one_transaction_and_keep_the_chain(
+    storage: Storage,
+) -> None:
+    backend = CountingBackend(storage.make())
+    store = LedgerStore(backend)
+    await store.open()
+    try:
+        singles = [store.append(entry(i)) for i in range(40)]
+        batches = [
+            store.append_batch([entry(100 + 10 * b + i) for i in range(5)]) for b in range(4)
+        ]
+        # All of them are waiting before the first commit starts: one transaction for the lot.
+        records, batched = await asyncio.gather(asyncio.gather(*singles), asyncio.gather(*batches))
+        verdict = await store.verify()
+    finally:
+        await store.close()
+    assert backend.transactions == 1
+    assert (verdict.intact, verdict.records_checked) == (True, 60)
+    sequences = [r.sequence for r in records]
+    for batch in batched:
+        # A batch's entries stay together and in order within the group.
+        assert [r.sequence for r in batch] == list(range(batch[0].sequence, batch[0].sequence + 5))
+        sequences += [r.sequence for r in batch]
+    assert sorted(sequences) == list(range(1, 61))
+
+
+async def test_appends_arriving_during_a_commit_go_in_the_next_one(storage: Storage) -> None:
+    backend = CountingBackend(storage.make())
+    backend.gate = asyncio.Event()
+    store = LedgerStore(backend)
+    await store.open()
+    try:
+        first = asyncio.ensure_future(store.append(entry(0)))
+        await backend.entered.wait()  # the first commit is running, alone
+        later = [asyncio.ensure_future(store.append(entry(i))) for i in range(1, 30)]
+        backend.gate.set()
+        records = [await first, *await asyncio.gather(*later)]
+        verdict = await store.verify()
+    finally:
+        await store.close()
+    assert backend.transactions == 2
+    assert [r.sequence for r in records] == list(range(1, 31))
+    assert (verdict.intact, verdict.records_checked) == (True, 30)
+
+
+async def test_a_batch_names_the_entry_it_refuses(store: LedgerStore) -> None:
+    with pytest.raises(InvalidArgument) as empty:
+        await store.append_batch([])
+    assert empty.value.field == "entries"
+    with pytest.raises(InvalidArgument) as nameless:
+        await store.append_batch([entry(1), Entry(request_id="", time_unix_ns=1)])
+    assert nameless.value.field == "entries[1].request_id"
+    with pytest.raises(InvalidArgument) as large:
+        await store.append_batch([entry(i) for i in range(MAX_BATCH + 1)])
+    assert large.value.field == "entries"
+    # Refused whole: nothing of a refused batch was appended.
+    assert (await store.verify()).records_checked == 0
 
 
 async def test_records_cannot_be_changed_or_deleted(storage: Storage, store: LedgerStore) -> None:
@@ -363,7 +493,7 @@ async def test_records_written_before_the_tool_fields_existed_still_verify(
             body = json.dumps(data, sort_keys=True, separators=(",", ":"))
             return body, chain_hash(prev_hash, body)
 
-        old = await backend.append(seal_old)
+        [old] = await backend.append([seal_old])
     finally:
         await backend.close()
     assert "tool_calls" not in old.body

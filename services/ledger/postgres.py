@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
 
-from ledger.store import Query, Row
+from ledger.store import Query, Row, Seal
 from slm.errors import Unavailable
 
 T = TypeVar("T")
@@ -49,9 +49,12 @@ _UNREACHABLE: tuple[type[BaseException], ...] = (
 )
 
 
-def where(after: int, query: Query) -> tuple[str, list[Any]]:
+def where(query: Query, *, after: int = 0, before: int | None = None) -> tuple[str, list[Any]]:
     clauses: list[str] = ["sequence > $1"]
     params: list[Any] = [after]
+    if before is not None:
+        params.append(before)
+        clauses.append(f"sequence < ${len(params)}")
     if query.tenant:
         params.append(query.tenant)
         clauses.append(f"((body::jsonb) ->> 'tenant') = ${len(params)}")
@@ -104,8 +107,8 @@ class PostgresBackend:
         except _UNREACHABLE as error:
             raise Unavailable(f"ledger storage failed: {error}", retry_after_s=1) from None
 
-    async def append(self, seal: Callable[[int, str], tuple[str, str]]) -> Row:
-        async def insert(db: asyncpg.Connection) -> Row:
+    async def append(self, seals: Sequence[Seal]) -> list[Row]:
+        async def insert(db: asyncpg.Connection) -> list[Row]:
             async with db.transaction():
                 # Conflicts with itself but not with readers: one appender at a time, across
                 # every replica, while List and Verify go on.
@@ -113,24 +116,32 @@ class PostgresBackend:
                 head = await db.fetchrow(
                     "SELECT sequence, hash FROM records ORDER BY sequence DESC LIMIT 1"
                 )
-                sequence, prev_hash = (int(head[0]) + 1, str(head[1])) if head else (1, "")
-                body, digest = seal(sequence, prev_hash)
-                await db.execute(
+                sequence, prev_hash = (int(head[0]), str(head[1])) if head else (0, "")
+                rows: list[Row] = []
+                for seal in seals:
+                    sequence += 1
+                    body, digest = seal(sequence, prev_hash)
+                    rows.append(Row(sequence, body, prev_hash, digest))
+                    prev_hash = digest
+                # One commit, so one WAL flush, for the whole group.
+                await db.executemany(
                     "INSERT INTO records (sequence, body, prev_hash, hash) VALUES ($1, $2, $3, $4)",
-                    sequence,
-                    body,
-                    prev_hash,
-                    digest,
+                    [(r.sequence, r.body, r.prev_hash, r.hash) for r in rows],
                 )
-            return Row(sequence, body, prev_hash, digest)
+            return rows
 
         return await self._run(insert)
 
     async def rows(self, after: int, limit: int, query: Query) -> list[Row]:
-        clause, params = where(after, query)
+        return await self._select(*where(query, after=after), "ORDER BY sequence", limit)
+
+    async def latest(self, before: int | None, limit: int, query: Query) -> list[Row]:
+        return await self._select(*where(query, before=before), "ORDER BY sequence DESC", limit)
+
+    async def _select(self, clause: str, params: list[Any], order: str, limit: int) -> list[Row]:
         sql = (
             f"SELECT sequence, body, prev_hash, hash FROM records WHERE {clause} "
-            f"ORDER BY sequence LIMIT ${len(params) + 1}"
+            f"{order} LIMIT ${len(params) + 1}"
         )
 
         async def select(db: asyncpg.Connection) -> list[Row]:

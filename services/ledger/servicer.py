@@ -9,6 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from ledger.csv_export import csv_chunks
 from ledger.store import Entry, Hop, LedgerStore, Query, Record, Verification
+from slm.errors import InvalidArgument
 from slm.v1 import ledger_pb2, ledger_pb2_grpc, types_pb2
 
 # grpc ships no type information; the servicer context is untyped.
@@ -112,6 +113,15 @@ def verification_to_proto(result: Verification) -> ledger_pb2.VerifyResponse:
     return response
 
 
+def _newest_first(order: ledger_pb2.ListOrder.ValueType) -> bool:
+    if order == ledger_pb2.LIST_ORDER_NEWEST_FIRST:
+        return True
+    if order in (ledger_pb2.LIST_ORDER_UNSPECIFIED, ledger_pb2.LIST_ORDER_OLDEST_FIRST):
+        return False
+    # An order this server does not know (a newer client): refused, never served in another.
+    raise InvalidArgument(f"unknown order {order}", field="order")
+
+
 class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     def __init__(self, store: LedgerStore) -> None:
         self._store = store
@@ -122,6 +132,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         record = await self._store.append(entry_from_proto(request.entry))
         return ledger_pb2.AppendResponse(record=record_to_proto(record))
 
+    async def AppendBatch(
+        self, request: ledger_pb2.AppendBatchRequest, context: Context
+    ) -> ledger_pb2.AppendBatchResponse:
+        records = await self._store.append_batch([entry_from_proto(e) for e in request.entries])
+        return ledger_pb2.AppendBatchResponse(records=[record_to_proto(r) for r in records])
+
     async def List(
         self, request: ledger_pb2.ListRequest, context: Context
     ) -> ledger_pb2.ListResponse:
@@ -130,7 +146,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             request.start_time if request.HasField("start_time") else None,
             request.end_time if request.HasField("end_time") else None,
         )
-        page = await self._store.list(request.page_size, request.page_token, query)
+        page = await self._store.list(
+            request.page_size,
+            request.page_token,
+            query,
+            newest_first=_newest_first(request.order),
+        )
         return ledger_pb2.ListResponse(
             records=[record_to_proto(r) for r in page.records],
             next_page_token=page.next_page_token,

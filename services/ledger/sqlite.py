@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ledger.store import Query, Row
+from ledger.store import Query, Row, Seal
 from slm.errors import Unavailable
 
 T = TypeVar("T")
@@ -35,9 +35,12 @@ BEGIN SELECT RAISE(ABORT, 'ledger records are append-only'); END;
 """
 
 
-def where(after: int, query: Query) -> tuple[str, list[Any]]:
+def where(query: Query, *, after: int = 0, before: int | None = None) -> tuple[str, list[Any]]:
     clauses: list[str] = ["sequence > ?"]
     params: list[Any] = [after]
+    if before is not None:
+        clauses.append("sequence < ?")
+        params.append(before)
     if query.tenant:
         clauses.append("json_extract(body, '$.tenant') = ?")
         params.append(query.tenant)
@@ -99,10 +102,10 @@ class SqliteBackend:
 
         return await asyncio.to_thread(locked)
 
-    async def append(self, seal: Callable[[int, str], tuple[str, str]]) -> Row:
+    async def append(self, seals: Sequence[Seal]) -> list[Row]:
         db = self._require(self._writer)
 
-        def insert() -> Row:
+        def insert() -> list[Row]:
             # IMMEDIATE takes the write lock before reading the head, so two processes sharing
             # the file cannot both extend the same head.
             db.execute("BEGIN IMMEDIATE")
@@ -110,29 +113,40 @@ class SqliteBackend:
                 head = db.execute(
                     "SELECT sequence, hash FROM records ORDER BY sequence DESC LIMIT 1"
                 ).fetchone()
-                sequence, prev_hash = (int(head[0]) + 1, str(head[1])) if head else (1, "")
-                body, digest = seal(sequence, prev_hash)
-                db.execute(
+                sequence, prev_hash = (int(head[0]), str(head[1])) if head else (0, "")
+                rows: list[Row] = []
+                for seal in seals:
+                    sequence += 1
+                    body, digest = seal(sequence, prev_hash)
+                    rows.append(Row(sequence, body, prev_hash, digest))
+                    prev_hash = digest
+                db.executemany(
                     "INSERT INTO records (sequence, body, prev_hash, hash) VALUES (?, ?, ?, ?)",
-                    (sequence, body, prev_hash, digest),
+                    [(r.sequence, r.body, r.prev_hash, r.hash) for r in rows],
                 )
+                # One commit, so one fsync of the WAL, for the whole group.
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
-            return Row(sequence, body, prev_hash, digest)
+            return rows
 
         return await self._run(self._write_lock, insert)
 
     async def rows(self, after: int, limit: int, query: Query) -> list[Row]:
+        return await self._select(*where(query, after=after), "ORDER BY sequence", limit)
+
+    async def latest(self, before: int | None, limit: int, query: Query) -> list[Row]:
+        return await self._select(*where(query, before=before), "ORDER BY sequence DESC", limit)
+
+    async def _select(self, clause: str, params: list[Any], order: str, limit: int) -> list[Row]:
         db = self._require(self._reader)
-        clause, params = where(after, query)
 
         def select() -> list[Row]:
             found = db.execute(
                 f"SELECT sequence, body, prev_hash, hash FROM records WHERE {clause} "
-                "ORDER BY sequence LIMIT ?",
+                f"{order} LIMIT ?",
                 (*params, limit),
             ).fetchall()
             return [Row(int(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in found]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -9,12 +10,19 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
-from slm.errors import InvalidArgument
+from slm.errors import InvalidArgument, Unavailable
 
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
 # Rows read per backend call while walking the chain (verify, export).
 SCAN_BATCH = 500
+# Entries of one AppendBatch call.
+MAX_BATCH = 1000
+# Entries of one group commit: concurrent appends share a transaction up to this size.
+MAX_GROUP = 4000
+
+# seal(sequence, prev_hash) -> (body, hash): what the backend stores at `sequence`.
+Seal = Callable[[int, str], tuple[str, str]]
 
 
 @dataclass(frozen=True)
@@ -132,13 +140,20 @@ class Backend(Protocol):
 
     async def close(self) -> None: ...
 
-    async def append(self, seal: Callable[[int, str], tuple[str, str]]) -> Row:
-        """Atomically: read the head, call seal(next_sequence, head_hash) -> (body, hash),
-        insert the row and make it durable. Appends from several processes must serialise."""
+    async def append(self, seals: Sequence[Seal]) -> list[Row]:
+        """Atomically: read the head; for each seal in order, call seal(next_sequence,
+        prev_hash) -> (body, hash) with the hash of the row before; insert the rows and make
+        them durable in one commit (all or none). Appends from several processes must
+        serialise."""
         ...
 
     async def rows(self, after: int, limit: int, query: Query) -> list[Row]:
         """Up to `limit` rows with sequence > after that match `query`, in sequence order."""
+        ...
+
+    async def latest(self, before: int | None, limit: int, query: Query) -> list[Row]:
+        """Up to `limit` rows with sequence < before (any, when None) that match `query`,
+        newest first."""
         ...
 
 
@@ -206,44 +221,135 @@ def check_link(row: Row, prev_sequence: int, prev_hash: str) -> ChainBreak | Non
     return None
 
 
+def _sealer(entry: Entry) -> Seal:
+    def seal(sequence: int, prev_hash: str) -> tuple[str, str]:
+        body = canonical(sequence, entry)
+        return body, chain_hash(prev_hash, body)
+
+    return seal
+
+
+@dataclass
+class _Waiting:
+    """An append waiting for the next group commit."""
+
+    entries: Sequence[Entry]
+    done: asyncio.Future[list[Record]]
+
+
 class LedgerStore:
-    """Appends, pages, verifies and exports records; what is stored is up to the backend."""
+    """Appends, pages, verifies and exports records; what is stored is up to the backend.
+
+    Group commit: appends that arrive while a commit is running wait for the next one and
+    share its transaction (and its fsync), each caller's entries kept together in its order.
+    """
 
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
+        self._waiting: list[_Waiting] = []
+        self._committer: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         await self._backend.open()
 
     async def close(self) -> None:
+        if self._committer is not None:
+            # Appends already accepted finish before the storage goes away.
+            await asyncio.shield(self._committer)
         await self._backend.close()
 
     async def append(self, entry: Entry) -> Record:
         if not entry.request_id:
             raise InvalidArgument("request_id is required", field="entry.request_id")
+        return (await self._group_commit([entry]))[0]
 
-        def seal(sequence: int, prev_hash: str) -> tuple[str, str]:
-            body = canonical(sequence, entry)
-            return body, chain_hash(prev_hash, body)
+    async def append_batch(self, entries: Sequence[Entry]) -> list[Record]:
+        """Append `entries` in order, all in one transaction: durable when this returns."""
+        if not entries:
+            raise InvalidArgument("entries must not be empty", field="entries")
+        if len(entries) > MAX_BATCH:
+            raise InvalidArgument(f"at most {MAX_BATCH} entries per batch", field="entries")
+        for i, entry in enumerate(entries):
+            if not entry.request_id:
+                raise InvalidArgument("request_id is required", field=f"entries[{i}].request_id")
+        return await self._group_commit(entries)
 
-        row = await self._backend.append(seal)
-        return Record(row.sequence, entry, row.prev_hash, row.hash)
+    async def _group_commit(self, entries: Sequence[Entry]) -> list[Record]:
+        waiting = _Waiting(entries, asyncio.get_running_loop().create_future())
+        self._waiting.append(waiting)
+        if self._committer is None:
+            # A task of its own: a caller that goes away must not cancel the others' commit.
+            self._committer = asyncio.get_running_loop().create_task(
+                self._commit(), name="ledger-group-commit"
+            )
+        return await waiting.done
 
-    async def list(self, page_size: int, page_token: str, query: Query | None = None) -> Page:
+    async def _commit(self) -> None:
+        try:
+            while self._waiting:
+                group: list[_Waiting] = []
+                size = 0
+                while self._waiting and (
+                    not group or size + len(self._waiting[0].entries) <= MAX_GROUP
+                ):
+                    size += len(self._waiting[0].entries)
+                    group.append(self._waiting.pop(0))
+                seals = [_sealer(entry) for waiting in group for entry in waiting.entries]
+                try:
+                    rows = await self._backend.append(seals)
+                except BaseException as error:
+                    failure = (
+                        error
+                        if isinstance(error, Exception)
+                        else Unavailable("the ledger is shutting down", retry_after_s=1)
+                    )
+                    for waiting in group:
+                        if not waiting.done.done():
+                            waiting.done.set_exception(failure)
+                    if not isinstance(error, Exception):
+                        raise
+                    continue
+                start = 0
+                for waiting in group:
+                    mine = rows[start : start + len(waiting.entries)]
+                    start += len(waiting.entries)
+                    if not waiting.done.done():
+                        waiting.done.set_result(
+                            [
+                                Record(row.sequence, entry, row.prev_hash, row.hash)
+                                for row, entry in zip(mine, waiting.entries, strict=True)
+                            ]
+                        )
+        finally:
+            self._committer = None
+
+    async def list(
+        self,
+        page_size: int,
+        page_token: str,
+        query: Query | None = None,
+        *,
+        newest_first: bool = False,
+    ) -> Page:
+        """A page of records in sequence order, or newest first; the token continues it."""
         size = DEFAULT_PAGE if page_size == 0 else page_size
         if not 0 < size <= MAX_PAGE:
             raise InvalidArgument(f"page_size must be 1..{MAX_PAGE}", field="page_size")
-        after = 0
+        bound: int | None = None
         if page_token:
             try:
-                after = int(page_token)
+                bound = int(page_token)
             except ValueError:
                 raise InvalidArgument("malformed page_token", field="page_token") from None
-            if after < 0:
+            if bound < 0:
                 raise InvalidArgument("malformed page_token", field="page_token")
-        rows = await self._backend.rows(after, size + 1, query or Query())
+        if newest_first:
+            rows = await self._backend.latest(bound, size + 1, query or Query())
+        else:
+            rows = await self._backend.rows(bound or 0, size + 1, query or Query())
         records = [decode(row) for row in rows[:size]]
         more = len(rows) > size
+        # The last sequence returned: the next page starts after it (before it, newest first).
         return Page(records, str(records[-1].sequence) if more and records else "")
 
     async def scan(self, query: Query | None = None) -> AsyncIterator[Sequence[Record]]:
