@@ -7,8 +7,8 @@ on one replica of N would serve one request in N.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -64,7 +64,7 @@ def model_view(m: types_pb2.ModelInfo) -> dict[str, Any]:
 Reply = TypeVar("Reply")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Outcome(Generic[Reply]):
     """What one replica answered: its reply, or the error of its call."""
 
@@ -113,38 +113,24 @@ def failure(action: str, outcomes: Sequence[Outcome[Any]]) -> Response:
     Replicas that agree on the failure keep its status (a path outside the model directories
     stays a 400 on every replica); replicas failing differently are a 502.
     """
-    failed = [o for o in outcomes if o.error is not None]
+    failed = [
+        (o.address, o.error.code(), errors.from_grpc(o.error))
+        for o in outcomes
+        if o.error is not None
+    ]
     assert failed, "failure() of a fan-out that succeeded"
-    first = failed[0].error
-    assert first is not None
-    names = ", ".join(o.address for o in failed)
-    where = f"{len(failed)} of {len(outcomes)} replicas ({names})"
-    codes = {o.error.code() for o in failed if o.error is not None}
-    messages = {errors.from_grpc(o.error).message for o in failed if o.error is not None}
-    if len(codes) == 1:
-        base = errors.from_grpc(first)
-        text = (
-            f"{base.message} (on {where})"
-            if len(messages) == 1
-            else f"{action} failed on {where}: "
-            + "; ".join(
-                f"{o.address}: {errors.from_grpc(o.error).message}"
-                for o in failed
-                if o.error is not None
-            )
-        )
-        error = errors.HttpError(
-            base.status, text, base.type, base.code, base.param, base.retry_after_s
-        )
-    else:
-        detail = "; ".join(
-            f"{o.address}: {o.error.code().name} {errors.from_grpc(o.error).message}"
-            for o in failed
-            if o.error is not None
-        )
+    where = f"{len(failed)} of {len(outcomes)} replicas ({', '.join(a for a, _, _ in failed)})"
+    first = failed[0][2]
+    if len({code for _, code, _ in failed}) > 1:
+        detail = "; ".join(f"{a}: {code.name} {http.message}" for a, code, http in failed)
         error = errors.HttpError(
             502, f"{action} failed on {where}: {detail}", errors.SERVER, "replicas_failed"
         )
+    elif len({http.message for _, _, http in failed}) == 1:
+        error = dataclasses.replace(first, message=f"{first.message} (on {where})")
+    else:
+        detail = "; ".join(f"{a}: {http.message}" for a, _, http in failed)
+        error = dataclasses.replace(first, message=f"{action} failed on {where}: {detail}")
     return JSONResponse(
         {**error.body(), "replicas": [replica_view(o) for o in outcomes]},
         status_code=error.status,
@@ -153,7 +139,8 @@ def failure(action: str, outcomes: Sequence[Outcome[Any]]) -> Response:
 
 
 async def replicas_of(channels: ChannelsDep) -> list[Replica]:
-    """FastAPI dependency: every inference-local replica now; 503 when there is none."""
+    """Every inference-local replica there is now; raises Refusal (503) when discovery cannot
+    say or knows none."""
     try:
         replicas = await channels.inference_replicas()
     except OSError as error:
