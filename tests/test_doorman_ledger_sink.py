@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -18,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from doorman.ledger_sink import Backoff, LedgerMode, LedgerSink, Spool
 from ledger.app import build_app
 from slm.config import ServiceEndpoint
-from slm.errors import Unavailable, from_rpc_error
+from slm.errors import Internal, Unavailable, from_rpc_error
 from slm.server import GrpcService
 from slm.v1 import doorman_pb2, doorman_pb2_grpc, ledger_pb2, ledger_pb2_grpc, types_pb2
 
@@ -56,9 +58,21 @@ class LedgerAt:
             yield
 
     async def request_ids(self) -> list[str]:
-        async with self.running(), grpc.aio.insecure_channel(self.address) as channel:
-            page = await ledger_pb2_grpc.LedgerServiceStub(channel).List(ledger_pb2.ListRequest())
-        return [r.entry.request_id for r in page.records]
+        async with self.running():
+            return await self.request_ids_all()
+
+    async def request_ids_all(self) -> list[str]:
+        """Every record's request id in chain order, from the running ledger."""
+        ids: list[str] = []
+        request = ledger_pb2.ListRequest(page_size=1000)
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+            while True:
+                page = await stub.List(request)
+                ids += [r.entry.request_id for r in page.records]
+                if not page.next_page_token:
+                    return ids
+                request.page_token = page.next_page_token
 
 
 @pytest.fixture
@@ -96,55 +110,68 @@ async def sink_for(
 async def test_fail_closed_refuses_while_the_ledger_is_down(
     ledger: LedgerAt, tmp_path: Path
 ) -> None:
-    async with sink_for(ledger, "fail_closed", tmp_path / "spool") as sink:
+    spool = tmp_path / "spool"
+    async with sink_for(ledger, "fail_closed", spool) as sink:
         async with ledger.running():
-            sink.submit(entry(1))
-            await asyncio.wait_for(sink.delivered(), DEADLINE_S)
+            await asyncio.wait_for(sink.commit(entry(1)), DEADLINE_S)  # acknowledged
             sink.admit()
-        # The ledger is gone; the next record cannot be delivered and new requests are refused.
-        sink.submit(entry(2))
-        await asyncio.wait_for(sink.settled(), DEADLINE_S)
+        assert not spool.exists()
+        # The ledger is gone. A request already running still ends: its record is fsync'd to
+        # the spool before commit returns. New requests are refused.
+        await asyncio.wait_for(sink.commit(entry(2)), DEADLINE_S)
         assert not sink.available
+        assert spooled_ids(spool) == ["r2"]
         with pytest.raises(Unavailable) as refused:
             sink.admit()
         assert refused.value.retry_after_s is not None
         assert refused.value.reason == "LEDGER_UNAVAILABLE"
-        sink.submit(entry(3))  # a request that was already running when the ledger went down
+        await asyncio.wait_for(sink.commit(entry(3)), DEADLINE_S)
+        assert spooled_ids(spool) == ["r2", "r3"]
         async with ledger.running():
             await asyncio.wait_for(sink.delivered(), DEADLINE_S)
             sink.admit()
             assert sink.available
     assert await ledger.request_ids() == ["r1", "r2", "r3"]
-    assert not (tmp_path / "spool").exists()
+    assert spool.read_bytes() == b""
+
+
+def spooled_ids(spool: Path) -> list[str]:
+    return [
+        ledger_pb2.LedgerEntry.FromString(base64.b64decode(line)).request_id
+        for line in spool.read_bytes().splitlines()
+    ]
 
 
 async def test_spool_keeps_serving_and_replays_in_order(ledger: LedgerAt, tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     async with sink_for(ledger, "spool", spool) as sink:
         for i in range(5):
-            sink.submit(entry(i))
-        await asyncio.wait_for(sink.settled(), DEADLINE_S)
+            await asyncio.wait_for(sink.commit(entry(i)), DEADLINE_S)
         sink.admit()  # serving goes on
         assert sink.backlog == 5
-        assert len(spool.read_bytes().splitlines()) == 5
+        assert spooled_ids(spool) == [f"r{i}" for i in range(5)]
         async with ledger.running():
+            # Until the sink's next try the ledger counts as down: this one is spooled too, and
+            # the spool is replayed in order.
+            await asyncio.wait_for(sink.commit(entry(5)), DEADLINE_S)
             await asyncio.wait_for(sink.delivered(), DEADLINE_S)
-            sink.submit(entry(5))
-            await asyncio.wait_for(sink.delivered(), DEADLINE_S)
-    assert await ledger.request_ids() == [f"r{i}" for i in range(6)]
+            # The ledger is known to be back: the next record goes straight to it.
+            await asyncio.wait_for(sink.commit(entry(6)), DEADLINE_S)
+            assert sink.backlog == 0
+    assert await ledger.request_ids() == [f"r{i}" for i in range(7)]
     assert spool.read_bytes() == b""
 
 
-async def test_a_spooled_record_survives_a_doorman_crash(ledger: LedgerAt, tmp_path: Path) -> None:
+async def test_a_committed_record_survives_a_doorman_crash(
+    ledger: LedgerAt, tmp_path: Path
+) -> None:
     spool = tmp_path / "spool"
-    # The first Doorman never shuts down: only what reached the spool file can survive.
+    # The first Doorman never shuts down: only what commit made durable can survive.
     async with sink_for(ledger, "spool", spool, drain=False) as crashed:
         for i in range(3):
-            crashed.submit(entry(i))
-        await asyncio.wait_for(crashed.settled(), DEADLINE_S)
+            await asyncio.wait_for(crashed.commit(entry(i)), DEADLINE_S)
     async with ledger.running(), sink_for(ledger, "fail_closed", spool) as restarted:
-        restarted.submit(entry(3))
-        await asyncio.wait_for(restarted.delivered(), DEADLINE_S)
+        await asyncio.wait_for(restarted.commit(entry(3)), DEADLINE_S)
     assert await ledger.request_ids() == ["r0", "r1", "r2", "r3"]
 
 
@@ -153,13 +180,110 @@ async def test_fail_closed_spools_what_it_holds_at_shutdown(
 ) -> None:
     spool = tmp_path / "spool"
     async with sink_for(ledger, "fail_closed", spool) as sink:
-        sink.submit(entry(1))
+        sink.submit(entry(1))  # nobody waits for it: a request whose client went away
         await asyncio.wait_for(sink.settled(), DEADLINE_S)
         assert not sink.available
-    assert len(spool.read_bytes().splitlines()) == 1
+    assert spooled_ids(spool) == ["r1"]
     async with ledger.running(), sink_for(ledger, "fail_closed", spool) as restarted:
         await asyncio.wait_for(restarted.delivered(), DEADLINE_S)
     assert await ledger.request_ids() == ["r1"]
+
+
+class CountCalls(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Counts the RPCs a channel makes, by method name."""
+
+    def __init__(self) -> None:
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        method = client_call_details.method
+        name = method.decode() if isinstance(method, bytes) else str(method)
+        self.calls[name.rsplit("/", 1)[-1]] += 1
+        return await continuation(client_call_details, request)
+
+
+async def test_concurrent_commits_go_in_one_batch_and_keep_the_chain(
+    ledger: LedgerAt, tmp_path: Path
+) -> None:
+    counter = CountCalls()
+    async with (
+        ledger.running(),
+        grpc.aio.insecure_channel(ledger.address, interceptors=[counter]) as channel,
+    ):
+        sink = LedgerSink(
+            ledger_pb2_grpc.LedgerServiceStub(channel),
+            "fail_closed",
+            tmp_path / "spool",
+            CollectorRegistry(),
+        )
+        await sink.start()
+        try:
+            # All 40 are held before the worker runs: one AppendBatch takes them all.
+            await asyncio.wait_for(
+                asyncio.gather(*(sink.commit(entry(i)) for i in range(40))), DEADLINE_S
+            )
+            assert (counter.calls["AppendBatch"], counter.calls["Append"]) == (1, 0)
+
+            # 16 requests at a time, each committing as soon as its last one is durable: the
+            # batches interleave, and the chain stays one chain.
+            async def requests(worker: int) -> None:
+                for i in range(10):
+                    await sink.commit(entry(1000 + 100 * worker + i))
+
+            await asyncio.wait_for(asyncio.gather(*(requests(w) for w in range(16))), DEADLINE_S)
+            verdict = await ledger_pb2_grpc.LedgerServiceStub(channel).Verify(
+                ledger_pb2.VerifyRequest()
+            )
+            ids = await ledger.request_ids_all()
+        finally:
+            await sink.drain(timeout_s=5)
+    assert (verdict.intact, verdict.records_checked) == (True, 200)
+    expected = [f"r{i}" for i in range(40)]
+    expected += [f"r{1000 + 100 * w + i}" for w in range(16) for i in range(10)]
+    assert sorted(ids) == sorted(expected)
+    # Each request's records are in the order it committed them.
+    for w in range(16):
+        theirs = [f"r{1000 + 100 * w + i}" for i in range(10)]
+        assert [i for i in ids if i in theirs] == theirs
+    # Fewer calls than records: concurrent records shared batches.
+    assert counter.calls["AppendBatch"] + counter.calls["Append"] < 200
+
+
+async def test_a_record_the_ledger_refuses_fails_only_its_own_commit(
+    ledger: LedgerAt, tmp_path: Path
+) -> None:
+    async with ledger.running(), sink_for(ledger, "fail_closed", tmp_path / "spool") as sink:
+        nameless = ledger_pb2.LedgerEntry(model="m")  # the ledger refuses a record without id
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                sink.commit(entry(1)),
+                sink.commit(nameless),
+                sink.commit(entry(2)),
+                return_exceptions=True,
+            ),
+            DEADLINE_S,
+        )
+        sink.admit()  # a refused record is no outage
+    assert results[0] is None
+    assert results[2] is None
+    assert isinstance(results[1], Internal)
+    assert await ledger.request_ids() == ["r1", "r2"]
+
+
+async def test_commit_fails_when_neither_ledger_nor_spool_can_keep_the_record(
+    ledger: LedgerAt, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    async with sink_for(ledger, "spool", blocker / "spool") as sink:
+        with pytest.raises(Unavailable) as caught:
+            await asyncio.wait_for(sink.commit(entry(1)), DEADLINE_S)
+        assert caught.value.reason == "LEDGER_UNAVAILABLE"
+        with pytest.raises(Unavailable):
+            sink.admit()  # and new requests are refused, in spool mode too
+        assert sink.backlog == 0  # dropped: its request failed, nobody was told otherwise
 
 
 def test_spool_cuts_a_torn_last_record_and_resumes_at_its_offset(tmp_path: Path) -> None:

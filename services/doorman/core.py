@@ -11,7 +11,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,6 +156,8 @@ class _Outcome:
     masked: dict[str, int] = field(default_factory=dict)
     # Names of the tools the model called, one per call; never their arguments.
     tool_calls: list[str] = field(default_factory=list)
+    # True once the request's ledger record was handed to the ledger sink.
+    recorded: bool = False
 
 
 class _Sanitised:
@@ -346,12 +357,18 @@ class Doorman:
 
         Slots and permits live on one exit stack; as it unwinds, whatever ended the request,
         they are given back and the request is accounted for (metrics, ledger, token charge).
+        The final event leaves only once the request's ledger record is durable; an error
+        status, only once the record of the failed request is.
         """
         principal = self._authenticate(call, request.model)
         self._ledger.admit()
         outcome = _Outcome(principal, request.model, started=time.perf_counter())
+
+        async def record() -> None:
+            await self._commit_record(request, call, outcome)
+
         async with contextlib.AsyncExitStack() as stack:
-            stack.callback(self._account, request, call, outcome)
+            stack.push_async_callback(self._account, request, call, outcome)
             stack.enter_context(self._metrics.in_flight.track_inprogress())
             try:
                 await self._admit(stack, principal.tenant)
@@ -367,7 +384,7 @@ class Doorman:
                 await self._wait_for_tier(stack, chain, principal.tenant)
                 opened = await self._open(job, model, chain, outcome)
                 stream = await stack.enter_async_context(
-                    contextlib.aclosing(self._stream(opened, job.sanitised, outcome))
+                    contextlib.aclosing(self._stream(opened, job.sanitised, outcome, record))
                 )
                 async for response in stream:
                     yield response
@@ -457,17 +474,47 @@ class Doorman:
             return Unavailable("the upstream cancelled the generation", retry_after_s=1)
         return from_rpc_error(error)
 
-    def _account(
+    async def _account(
         self, request: inference_pb2.GenerateRequest, call: CallInfo, outcome: _Outcome
     ) -> None:
-        """The request has ended, however: charge its tokens, observe it, record it."""
+        """The request has ended, however: charge its tokens, observe it, and record it
+        unless its record went before its final event."""
         limiter = self._policy.limiter
         tenant = outcome.principal.tenant
         if limiter is not None and tenant.limited and outcome.end is not None:
             self._spawn(self._charge(limiter, tenant, outcome.end.usage.total_tokens))
         latency = time.perf_counter() - outcome.started
         self._observe(outcome, latency)
-        self._record(request, call, outcome, latency)
+        if outcome.recorded:
+            return
+        outcome.recorded = True
+        entry = self._entry(request, call, outcome, latency)
+        if outcome.code == grpc.StatusCode.CANCELLED:
+            # The client is gone and is told nothing: nothing to hold back for the record.
+            self._ledger.submit(entry)
+            return
+        try:
+            # The error status leaves as this returns: the record is durable before it.
+            await self._ledger.commit(entry)
+        except SlmError as error:
+            # The client learns the request failed either way; the error it gets stays its own.
+            log.error(
+                "the record of a failed request was not kept",
+                extra={"ledger_request_id": call.request_id, "error": error.message},
+            )
+
+    async def _commit_record(
+        self, request: inference_pb2.GenerateRequest, call: CallInfo, outcome: _Outcome
+    ) -> None:
+        """Make the request's record durable; called just before its final event is sent."""
+        latency = time.perf_counter() - outcome.started
+        outcome.recorded = True
+        try:
+            await self._ledger.commit(self._entry(request, call, outcome, latency))
+        except SlmError:
+            # Dropped by the sink: the request ends with this error and is recorded as such.
+            outcome.recorded = False
+            raise
 
     def _mask_all(self, texts: list[str]) -> list[str]:
         sanitiser = self._policy.sanitiser
@@ -478,9 +525,16 @@ class Doorman:
         return [sanitiser.mask(masking, text) for text in texts]
 
     async def _stream(
-        self, opened: Opened, sanitised: _Sanitised, outcome: _Outcome
+        self,
+        opened: Opened,
+        sanitised: _Sanitised,
+        outcome: _Outcome,
+        record: Callable[[], Awaitable[None]],
     ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
-        """The upstream's events, through the output policy where there is one; the hot path."""
+        """The upstream's events, through the output policy where there is one; the hot path.
+
+        `record` makes the request's ledger record durable; the final event waits for it.
+        """
         route, rpc = opened.route, opened.call
         masking = sanitised.masking if route.sanitize else None
         placeholders = masking.placeholders if masking is not None else {}
@@ -499,6 +553,7 @@ class Doorman:
                         for tail in outbound.flush():
                             yield inference_pb2.GenerateResponse(delta=tail)
                     self._finish(response.end, outcome, outbound)
+                    await record()
                     yield response
                     response = await rpc.read()
                     continue
@@ -514,7 +569,9 @@ class Doorman:
                     if stop:
                         if alive:
                             yield response
-                        yield self._content_filtered(outcome, deltas)
+                        end = self._content_filtered(outcome, deltas)
+                        await record()
+                        yield end
                         return
                     if alive:
                         yield response
@@ -607,13 +664,14 @@ class Doorman:
                 },
             )
 
-    def _record(
+    def _entry(
         self,
         request: inference_pb2.GenerateRequest,
         call: CallInfo,
         outcome: _Outcome,
         latency: float,
-    ) -> None:
+    ) -> ledger_pb2.LedgerEntry:
+        """The request's ledger record as it stands; never prompt or completion text."""
         now = Timestamp()
         now.GetCurrentTime()
         route = outcome.route
@@ -649,8 +707,7 @@ class Doorman:
         if end is not None:
             entry.prompt_tokens = end.usage.prompt_tokens
             entry.completion_tokens = end.usage.completion_tokens
-        # Off the token path: the client has its answer before the ledger write finishes.
-        self._ledger.submit(entry)
+        return entry
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)

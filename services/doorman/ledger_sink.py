@@ -7,6 +7,7 @@ import base64
 import binascii
 import collections
 import contextlib
+import itertools
 import logging
 import os
 import random
@@ -20,14 +21,18 @@ from typing import Literal
 import grpc
 from google.protobuf.message import DecodeError
 from opentelemetry import context as otel_context
+from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from slm.errors import Unavailable
+from slm.errors import Internal, Unavailable
 from slm.v1 import ledger_pb2, ledger_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 LedgerMode = Literal["fail_closed", "spool"]
+
+# Records per AppendBatch (the ledger takes up to 1000).
+MAX_BATCH = 500
 
 # Codes that say "the ledger cannot take it now"; anything else is the ledger refusing the
 # record itself, which no retry will change.
@@ -141,14 +146,15 @@ class Spool:
             _fsync_dir(self.path.parent)
         self.pending.extend((e, len(line)) for e, line in lines)
 
-    def advance(self) -> None:
-        """The oldest pending record is in the ledger: never replay it again."""
+    def advance(self, count: int = 1) -> None:
+        """The `count` oldest pending records are in the ledger: never replay them again."""
         with self._lock:
-            self._advance()
+            self._advance(count)
 
-    def _advance(self) -> None:
-        _, size = self.pending.popleft()
-        self._offset += size
+    def _advance(self, count: int) -> None:
+        for _ in range(count):
+            _, size = self.pending.popleft()
+            self._offset += size
         if not self.pending:
             # Everything replayed: start an empty file rather than growing one forever.
             with self.path.open("r+b") as spool:
@@ -173,13 +179,35 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class LedgerSink:
-    """Sends records to the ledger one at a time, oldest first, off the request path.
+@dataclass(eq=False)
+class _Held:
+    """A record on its way to the ledger, the trace context it was made in, and the future of
+    the request that waits for it to be durable (None: nobody waits, e.g. the client left)."""
 
-    While the ledger cannot be reached, `fail_closed` keeps the records in memory, retries
-    them with backoff and makes `admit` refuse new requests; `spool` writes them to the spool
-    file and keeps serving. Either way the spool is replayed, in order, before newer records
-    once the ledger answers again, and records still held at shutdown are written to it.
+    entry: ledger_pb2.LedgerEntry
+    context: otel_context.Context | None = None
+    done: asyncio.Future[None] | None = None
+
+    def resolve(self, error: BaseException | None = None) -> None:
+        if self.done is None or self.done.done():
+            return  # nobody waits, or the request was cancelled meanwhile
+        if error is None:
+            self.done.set_result(None)
+        else:
+            self.done.set_exception(error)
+
+
+class LedgerSink:
+    """Makes each record durable before its request may end, in order, through ledger outages.
+
+    `commit` returns once the ledger acknowledged the record or, while the ledger cannot be
+    reached, once the record is fsync'd to the spool; either way it survives a kill -9 of the
+    Doorman. Group commit: one worker sends whatever accumulated while the previous batch was
+    in flight as one AppendBatch (one transaction, one fsync in the ledger), and spools a
+    batch with one fsync. While the ledger is down, `fail_closed` makes `admit` refuse new
+    requests and `spool` keeps serving; requests already running have their records spooled
+    in both modes. The spool is replayed, in order, before newer records once the ledger
+    answers again; records still held at shutdown are written to it.
     """
 
     def __init__(
@@ -191,6 +219,7 @@ class LedgerSink:
         *,
         backoff: Backoff | None = None,
         append_timeout_s: float = 5.0,
+        max_batch: int = MAX_BATCH,
     ) -> None:
         self._stub = stub
         self._mode = mode
@@ -198,10 +227,8 @@ class LedgerSink:
         self._metrics = SinkMetrics(registry)
         self._backoff = backoff or Backoff()
         self._append_timeout_s = append_timeout_s
-        self._queue: collections.deque[ledger_pb2.LedgerEntry] = collections.deque()
-        # The trace context each record was submitted in, so its Append joins the request's
-        # trace although a worker task sends it (keyed by the entry object while it is queued).
-        self._contexts: dict[int, otel_context.Context] = {}
+        self._max_batch = max_batch
+        self._queue: collections.deque[_Held] = collections.deque()
         self._available = True
         self._spool_broken = False
         self._failures = 0
@@ -249,9 +276,24 @@ class LedgerSink:
                 retry_after_s=retry_after,
             )
 
+    async def commit(self, entry: ledger_pb2.LedgerEntry) -> None:
+        """Return once the record is durable: acknowledged by the ledger, or fsync'd to the spool.
+
+        Raises Unavailable when neither the ledger nor the spool could take it, Internal when
+        the ledger refused it for good; the record is then dropped, and the caller must not
+        tell its client that the request succeeded. A caller cancelled while it waits leaves
+        the record on its way.
+        """
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._hold(_Held(entry, otel_context.get_current(), done))
+        await done
+
     def submit(self, entry: ledger_pb2.LedgerEntry) -> None:
-        self._queue.append(entry)
-        self._contexts[id(entry)] = otel_context.get_current()
+        """Send the record without waiting for it: for a request nobody waits on any more."""
+        self._hold(_Held(entry, otel_context.get_current()))
+
+    def _hold(self, held: _Held) -> None:
+        self._queue.append(held)
         if self._started and self._worker is None:
             self._spawn_worker()  # after a drain: the sink keeps working
         self._update_backlog()
@@ -271,7 +313,7 @@ class LedgerSink:
     async def drain(self, timeout_s: float = 10.0) -> None:
         """Deliver what is held, spool what cannot be delivered in time; called on shutdown.
 
-        The worker stops; a later `submit` starts it again.
+        The worker stops; a later `submit` or `commit` starts it again.
         """
         self._closing = True
         self._wakeup.set()
@@ -292,9 +334,12 @@ class LedgerSink:
 
     async def _run(self) -> None:
         while True:
+            # Cleared before the work, so a record held meanwhile wakes the wait below at once.
+            self._wakeup.clear()
             if self._available or time.monotonic() >= self._retry_at:
                 await self._pump()
-            if not self._available and self._queue and (self._mode == "spool" or self._closing):
+            if self._queue and not self._available:
+                # No request waits on a ledger that is down: the spool makes its record durable.
                 await self._to_spool()
             self._update_backlog()
             if (
@@ -303,70 +348,143 @@ class LedgerSink:
                 and (not self._spool.pending or not self._available)
             ):
                 return
-            self._settled.set()
+            if not self._wakeup.is_set():
+                self._settled.set()
             timeout = None if self._available else max(0.0, self._retry_at - time.monotonic())
-            self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
 
     async def _pump(self) -> None:
+        """Send the spool, then the queue, a batch at a time, until done or unreachable."""
         # Oldest first: the spool always holds records older than those in memory.
         while self._spool.pending:
-            if not await self._send(self._spool.pending[0][0]):
+            batch = [
+                _Held(entry) for entry, _ in itertools.islice(self._spool.pending, self._max_batch)
+            ]
+            handled, reachable = await self._send(batch)
+            if handled:
+                await asyncio.to_thread(self._spool.advance, len(handled))
+            if not reachable:
                 return
-            await asyncio.to_thread(self._spool.advance)
         while self._queue:
-            if not await self._send(self._queue[0]):
+            # Everything that arrived while the last batch was in flight goes in this one.
+            batch = list(itertools.islice(self._queue, self._max_batch))
+            handled, reachable = await self._send(batch)
+            for held, error in zip(batch, handled, strict=False):
+                self._queue.popleft()
+                held.resolve(error)
+            if not reachable:
                 return
-            self._contexts.pop(id(self._queue.popleft()), None)
 
-    async def _send(self, entry: ledger_pb2.LedgerEntry) -> bool:
-        """True when the ledger took the record (or refused it for good), False to retry."""
-        submitted = self._contexts.get(id(entry))
-        token = otel_context.attach(submitted) if submitted is not None else None
+    async def _send(self, batch: list[_Held]) -> tuple[list[BaseException | None], bool]:
+        """Offer `batch` to the ledger. Returns, for the records it settled (a prefix of the
+        batch), None when it was taken or the error it was refused with for good; and False
+        when the ledger could not be reached (the rest must wait or be spooled)."""
+        try:
+            if len(batch) == 1:
+                await self._append(batch[0])
+            else:
+                await self._append_batch(batch)
+        except grpc.aio.AioRpcError as error:
+            if error.code() in TRANSIENT:
+                self._unreachable(error.code())
+                return [], False
+            if len(batch) == 1:
+                return [self._refused(batch[0], error.code())], True
+            # One record refused, or a ledger without AppendBatch: one at a time, so each
+            # record keeps its own fate.
+            handled: list[BaseException | None] = []
+            for held in batch:
+                try:
+                    await self._append(held)
+                except grpc.aio.AioRpcError as single:
+                    if single.code() in TRANSIENT:
+                        self._unreachable(single.code())
+                        return handled, False
+                    handled.append(self._refused(held, single.code()))
+                else:
+                    handled.append(None)
+            self._reachable()
+            return handled, True
+        self._reachable()
+        return [None] * len(batch), True
+
+    async def _append(self, held: _Held) -> None:
+        # Its Append joins the request's trace although this worker task sends it.
+        token = otel_context.attach(held.context) if held.context is not None else None
         try:
             await self._stub.Append(
-                ledger_pb2.AppendRequest(entry=entry), timeout=self._append_timeout_s
+                ledger_pb2.AppendRequest(entry=held.entry), timeout=self._append_timeout_s
             )
-        except grpc.aio.AioRpcError as error:
-            if error.code() not in TRANSIENT:
-                self._metrics.rejected.inc()
-                log.error(
-                    "ledger refused a record",
-                    extra={"code": error.code().name, "ledger_request_id": entry.request_id},
-                )
-                return True
-            self._failures += 1
-            self._retry_at = time.monotonic() + self._backoff.delay(self._failures)
-            if self._available:
-                log.error(
-                    "ledger unreachable",
-                    extra={"code": error.code().name, "mode": self._mode},
-                )
-            self._available = False
-            self._metrics.available.set(0)
-            return False
         finally:
             if token is not None:
                 otel_context.detach(token)
+
+    async def _append_batch(self, batch: list[_Held]) -> None:
+        # One call for many requests: its span links to each request's span instead.
+        links = [
+            trace.Link(trace.get_current_span(held.context).get_span_context())
+            for held in batch
+            if held.context is not None
+        ]
+        with trace.get_tracer(__name__).start_as_current_span(
+            "ledger group commit",
+            context=otel_context.Context(),
+            links=[link for link in links if link.context.is_valid],
+            attributes={"slm.ledger.records": len(batch)},
+        ):
+            await self._stub.AppendBatch(
+                ledger_pb2.AppendBatchRequest(entries=[held.entry for held in batch]),
+                timeout=self._append_timeout_s,
+            )
+
+    def _refused(self, held: _Held, code: grpc.StatusCode) -> BaseException:
+        self._metrics.rejected.inc()
+        log.error(
+            "ledger refused a record",
+            extra={"code": code.name, "ledger_request_id": held.entry.request_id},
+        )
+        return Internal(f"the audit ledger refused the request's record ({code.name})")
+
+    def _unreachable(self, code: grpc.StatusCode) -> None:
+        self._failures += 1
+        self._retry_at = time.monotonic() + self._backoff.delay(self._failures)
+        if self._available:
+            log.error("ledger unreachable", extra={"code": code.name, "mode": self._mode})
+        self._available = False
+        self._metrics.available.set(0)
+
+    def _reachable(self) -> None:
         if not self._available:
             log.info("ledger reachable again", extra={"backlog": self.backlog})
         self._available, self._failures = True, 0
         self._metrics.available.set(1)
-        return True
 
     async def _to_spool(self) -> None:
-        entries = list(self._queue)
+        batch = list(self._queue)
         try:
-            await asyncio.to_thread(self._spool.append, entries)
+            await asyncio.to_thread(self._spool.append, [held.entry for held in batch])
         except OSError as error:
             self._spool_broken = True
             log.error("ledger spool: write failed", extra={"error": str(error)})
+            failure = Unavailable(
+                "the audit ledger and the local spool both failed",
+                reason="LEDGER_UNAVAILABLE",
+                retry_after_s=1,
+            )
+            # A waiting request learns it now and its record is dropped (its client is told
+            # the request failed); a record nobody waits for stays in memory for a retry.
+            kept = [held for held in batch if held.done is None]
+            for held in batch:
+                self._queue.popleft()
+                held.resolve(failure)
+            self._queue.extendleft(reversed(kept))
             return
         self._spool_broken = False
-        self._metrics.spooled.inc(len(entries))
-        for _ in entries:
-            self._contexts.pop(id(self._queue.popleft()), None)
+        self._metrics.spooled.inc(len(batch))
+        for held in batch:
+            self._queue.popleft()
+            held.resolve()
 
     def _update_backlog(self) -> None:
         backlog = self.backlog
