@@ -18,12 +18,19 @@ def confine(dirs: Sequence[Path], path: str) -> Path:
     A relative path is looked up in each directory in turn; the first is used if none has it.
     """
     roots = [d.expanduser().resolve() for d in dirs]
-    candidate = Path(path).expanduser()
-    if candidate.is_absolute():
-        options = [candidate.resolve()]
-    else:
-        options = [(root / candidate).resolve() for root in roots]
-        options = [p for p in options if p.exists()] or options[:1]
+    try:
+        candidate = Path(path).expanduser()
+        if candidate.is_absolute():
+            options = [candidate.resolve()]
+        else:
+            options = [(root / candidate).resolve() for root in roots]
+            options = [p for p in options if p.exists()] or options[:1]
+    except (OSError, ValueError, RuntimeError) as error:
+        # A name too long for the file system, a NUL byte, a symlink loop, an unknown ~user.
+        reason = getattr(error, "strerror", None) or str(error)[:100]
+        raise InvalidArgument(
+            f"model path {path!r:.200} is not usable: {reason}", field="path"
+        ) from None
     for option in options:
         if any(option.is_relative_to(root) for root in roots):
             return option
