@@ -208,3 +208,28 @@ async def verify(settings: Settings) -> ledger_pb2.VerifyResponse:
             channel
         ).Verify(ledger_pb2.VerifyRequest())
     return verdict
+
+
+async def test_a_failed_request_is_recorded_before_its_error_status(
+    settings: Settings, tmp_path: Path
+) -> None:
+    doorman = DoormanProcess(settings, tmp_path)
+    unknown = chat()
+    unknown.model = "no-such-model"
+    async with ledger_running(settings):
+        doorman.start()
+        try:
+            await doorman.wait_serving()
+            async with grpc.aio.insecure_channel(doorman.address) as channel:
+                stub = doorman_pb2_grpc.DoormanServiceStub(channel)
+                call = stub.Chat(unknown, metadata=(("x-request-id", "failed"),))
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    [r async for r in call]
+            assert doorman.kill() == -signal.SIGKILL
+        finally:
+            doorman.stop()
+        records = await ledger_records(settings)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert [(r.entry.request_id, r.entry.status_code) for r in records] == [
+        ("failed", grpc.StatusCode.NOT_FOUND.value[0])
+    ]
