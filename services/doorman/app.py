@@ -96,6 +96,7 @@ class DoormanApp:
             pepper=config.key_pepper,
             required=config.auth_enabled,
         )
+        self._authenticator = authenticator
         if not authenticator.required:
             log.warning(
                 "authentication is off: every caller is tenant 'anonymous'; allowed only because "
@@ -144,7 +145,9 @@ class DoormanApp:
         )
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        doorman_pb2_grpc.add_DoormanServiceServicer_to_server(DoormanServicer(self.doorman), server)
+        doorman_pb2_grpc.add_DoormanServiceServicer_to_server(
+            DoormanServicer(self.doorman, self._authenticator), server
+        )
 
     async def start(self) -> None:
         await self._ledger.start()

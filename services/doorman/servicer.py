@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
+from doorman.auth import Authenticator
 from doorman.core import CallInfo, Doorman
 from slm.errors import InvalidArgument
 from slm.logs import request_id_var
@@ -29,12 +30,21 @@ def _call_info(context: Context, operation: str) -> CallInfo:
 
 
 class DoormanServicer(doorman_pb2_grpc.DoormanServiceServicer):
-    def __init__(self, doorman: Doorman) -> None:
+    def __init__(self, doorman: Doorman, authenticator: Authenticator) -> None:
         self._doorman = doorman
+        self._authenticator = authenticator
+
+    def _call(self, context: Context, operation: str) -> CallInfo:
+        """Who calls, checked before anything of the request is read: a caller without a valid
+        key learns nothing about what a valid request looks like."""
+        info = _call_info(context, operation)
+        self._authenticator.authenticate(info.authorization)
+        return info
 
     async def Chat(
         self, request: doorman_pb2.ChatRequest, context: Context
     ) -> AsyncIterator[doorman_pb2.ChatResponse]:
+        call = self._call(context, "Chat")
         if not request.model:
             raise InvalidArgument("model is required", field="model")
         if not request.messages:
@@ -45,7 +55,7 @@ class DoormanServicer(doorman_pb2_grpc.DoormanServiceServicer):
             sampling=request.sampling,
             tools=request.tools,
         )
-        async for response in self._doorman.generate(generate, _call_info(context, "Chat")):
+        async for response in self._doorman.generate(generate, call):
             if response.HasField("delta"):
                 yield doorman_pb2.ChatResponse(delta=response.delta)
             else:
@@ -54,6 +64,7 @@ class DoormanServicer(doorman_pb2_grpc.DoormanServiceServicer):
     async def Complete(
         self, request: doorman_pb2.CompleteRequest, context: Context
     ) -> AsyncIterator[doorman_pb2.CompleteResponse]:
+        call = self._call(context, "Complete")
         if not request.model:
             raise InvalidArgument("model is required", field="model")
         if not request.prompt:
@@ -61,7 +72,7 @@ class DoormanServicer(doorman_pb2_grpc.DoormanServiceServicer):
         generate = inference_pb2.GenerateRequest(
             model=request.model, prompt=request.prompt, sampling=request.sampling
         )
-        async for response in self._doorman.generate(generate, _call_info(context, "Complete")):
+        async for response in self._doorman.generate(generate, call):
             if response.HasField("delta"):
                 yield doorman_pb2.CompleteResponse(delta=response.delta)
             else:
@@ -70,6 +81,7 @@ class DoormanServicer(doorman_pb2_grpc.DoormanServiceServicer):
     async def CountTokens(
         self, request: doorman_pb2.DoormanServiceCountTokensRequest, context: Context
     ) -> doorman_pb2.DoormanServiceCountTokensResponse:
+        call = self._call(context, "CountTokens")
         if not request.model:
             raise InvalidArgument("model is required", field="model")
         if not request.messages:
@@ -80,28 +92,25 @@ class DoormanServicer(doorman_pb2_grpc.DoormanServiceServicer):
             tools=request.tools,
         )
         return doorman_pb2.DoormanServiceCountTokensResponse(
-            prompt_tokens=await self._doorman.count_tokens(
-                count, _call_info(context, "CountTokens")
-            )
+            prompt_tokens=await self._doorman.count_tokens(count, call)
         )
 
     async def ListModels(
         self, request: doorman_pb2.DoormanServiceListModelsRequest, context: Context
     ) -> doorman_pb2.DoormanServiceListModelsResponse:
         return doorman_pb2.DoormanServiceListModelsResponse(
-            models=await self._doorman.list_models(_call_info(context, "ListModels"))
+            models=await self._doorman.list_models(self._call(context, "ListModels"))
         )
 
     async def Embed(
         self, request: doorman_pb2.DoormanServiceEmbedRequest, context: Context
     ) -> doorman_pb2.DoormanServiceEmbedResponse:
+        call = self._call(context, "Embed")
         if not request.model:
             raise InvalidArgument("model is required", field="model")
         if not request.inputs:
             raise InvalidArgument("inputs must not be empty", field="inputs")
-        response = await self._doorman.embed(
-            request.model, list(request.inputs), _call_info(context, "Embed")
-        )
+        response = await self._doorman.embed(request.model, list(request.inputs), call)
         return doorman_pb2.DoormanServiceEmbedResponse(
             embeddings=response.embeddings, prompt_tokens=response.prompt_tokens
         )
