@@ -509,10 +509,15 @@ async def test_records_written_before_the_tool_fields_existed_still_verify(
     assert second.entry.tool_calls == ("f",)
 
 
-@pytest.mark.parametrize(("size", "token"), [(1001, ""), (10, "abc"), (10, "-4")])
-async def test_bad_paging_arguments_are_invalid(store: LedgerStore, size: int, token: str) -> None:
+@pytest.mark.parametrize(
+    ("size", "token"), [(1001, ""), (10, "abc"), (10, "-4"), (10, str(2**63)), (10, "9" * 40)]
+)
+@pytest.mark.parametrize("newest_first", [False, True])
+async def test_bad_paging_arguments_are_invalid(
+    store: LedgerStore, size: int, token: str, newest_first: bool
+) -> None:
     with pytest.raises(InvalidArgument):
-        await store.list(size, token)
+        await store.list(size, token, newest_first=newest_first)
 
 
 def test_an_inverted_time_range_is_invalid() -> None:

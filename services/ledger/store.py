@@ -341,7 +341,8 @@ class LedgerStore:
                 bound = int(page_token)
             except ValueError:
                 raise InvalidArgument("malformed page_token", field="page_token") from None
-            if bound < 0:
+            # Sequences are 64-bit signed in both databases.
+            if not 0 <= bound < 2**63:
                 raise InvalidArgument("malformed page_token", field="page_token")
         if newest_first:
             rows = await self._backend.latest(bound, size + 1, query or Query())
