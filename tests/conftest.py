@@ -38,12 +38,15 @@ def port0(endpoint: ServiceEndpoint) -> ServiceEndpoint:
 
 
 @pytest.fixture(autouse=True)
-async def _close_runtimes() -> AsyncIterator[None]:
-    """Closes the Runtimes (their channels) that the test and its function fixtures made."""
+def _close_runtimes() -> Iterator[None]:
+    """Closes the Runtimes (their channels) that the test and its function fixtures made, on
+    the loop that made them, which no longer runs once they are torn down. A plain fixture, so
+    that tests of synchronous APIs that refuse a running loop (Playwright's) can use it too."""
     made_before = len(OPEN_RUNTIMES)
     yield
     while len(OPEN_RUNTIMES) > made_before:
-        await OPEN_RUNTIMES.pop().close()
+        made, loop = OPEN_RUNTIMES.pop()
+        loop.run_until_complete(made.close())
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import subprocess
@@ -271,13 +272,13 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 60) -> bool:
 
 
 # Runtimes made by `runtime`; conftest closes those a test made when the test ends.
-OPEN_RUNTIMES: list[Runtime] = []
+OPEN_RUNTIMES: list[tuple[Runtime, asyncio.AbstractEventLoop]] = []
 
 
 def runtime(settings: Settings, registry: CollectorRegistry | None = None) -> Runtime:
     """The Runtime `slm serve` would hand a service built from `settings` (inside the loop)."""
     made = Runtime.create(settings.telemetry, settings.discovery, registry)
-    OPEN_RUNTIMES.append(made)
+    OPEN_RUNTIMES.append((made, asyncio.get_running_loop()))
     return made
 
 
