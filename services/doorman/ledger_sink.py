@@ -22,7 +22,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from slm.errors import Internal, Unavailable
 from slm.v1 import ledger_pb2, ledger_pb2_grpc
@@ -78,6 +78,18 @@ class SinkMetrics:
         self.rejected = Counter(
             "slm_doorman_ledger_rejected",
             "Records the ledger refused for good (not retried).",
+            registry=registry,
+        )
+        self.commit = Histogram(
+            "slm_doorman_ledger_commit_seconds",
+            "Time a request's final event waited for its record to be durable.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+            registry=registry,
+        )
+        self.batch = Histogram(
+            "slm_doorman_ledger_batch_records",
+            "Records per call to the ledger (group commit).",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 500),
             registry=registry,
         )
 
@@ -286,7 +298,8 @@ class LedgerSink:
         """
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._hold(_Held(entry, otel_context.get_current(), done))
-        await done
+        with self._metrics.commit.time():
+            await done
 
     def submit(self, entry: ledger_pb2.LedgerEntry) -> None:
         """Send the record without waiting for it: for a request nobody waits on any more."""
@@ -380,6 +393,7 @@ class LedgerSink:
         """Offer `batch` to the ledger. Returns, for the records it settled (a prefix of the
         batch), None when it was taken or the error it was refused with for good; and False
         when the ledger could not be reached (the rest must wait or be spooled)."""
+        self._metrics.batch.observe(len(batch))
         try:
             if len(batch) == 1:
                 await self._append(batch[0])
