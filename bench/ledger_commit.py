@@ -15,6 +15,7 @@ p99) and records made durable per second:
   per fsync.
 
     .venv/bin/python bench/ledger_commit.py              # --seconds 5 per run
+    .venv/bin/python bench/ledger_commit.py --backend postgresql   # a local PostgreSQL server
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from prometheus_client import CollectorRegistry
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from helpers import free_port, mesh_settings, to_toml
+from postgres_server import PostgresServer, postgres_bindir
 
 from doorman.ledger_sink import MAX_BATCH, LedgerSink
 from slm.v1 import ledger_pb2, ledger_pb2_grpc, types_pb2
@@ -142,8 +144,11 @@ async def run(
     )
 
 
-def start_ledger(state: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_ledger(state: Path, postgres_dsn: str) -> tuple[subprocess.Popen[bytes], str]:
     settings = mesh_settings(state)
+    if postgres_dsn:
+        settings.ledger.backend = "postgresql"
+        settings.ledger.postgres_dsn = postgres_dsn
     config = state / "slm.toml"
     config.write_text(to_toml(settings))
     process = subprocess.Popen(
@@ -164,17 +169,20 @@ async def verify(address: str) -> ledger_pb2.VerifyResponse:
     return verdict
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="length of each run")
-    parser.add_argument("--out", type=Path, default=RESULTS / "ledger_commit.json")
-    args = parser.parse_args()
-    # The spool runs take the ledger down on purpose; the sink's error lines say only that.
-    logging.getLogger("doorman.ledger_sink").setLevel(logging.CRITICAL)
+async def measure(backend: str, seconds: float) -> tuple[list[Result], ledger_pb2.VerifyResponse]:
+    """Every run against one ledger process; then Verify of the chain they made."""
     results: list[Result] = []
+    postgres: PostgresServer | None = None
+    dsn = ""
+    if backend == "postgresql":
+        if postgres_bindir() is None:
+            raise SystemExit("PostgreSQL is not installed: run `make deps`")
+        postgres = PostgresServer()
+        postgres.start()
+        dsn = await postgres.new_database()
     with tempfile.TemporaryDirectory(prefix="ledger-bench-") as tmp:
         state = Path(tmp)
-        ledger, address = start_ledger(state)
+        ledger, address = start_ledger(state, dsn)
         try:
             await verify(address)  # waits until the ledger serves
             first = 1
@@ -182,13 +190,28 @@ async def main() -> None:
                 target = f"127.0.0.1:{free_port()}" if mode.startswith("spool") else address
                 for concurrency in (1, 16):
                     spool = state / f"spool-{len(results)}"
-                    result = await run(mode, target, spool, concurrency, args.seconds, first)
+                    result = await run(mode, target, spool, concurrency, seconds, first)
                     first += result.records + 1
                     results.append(result)
             verdict = await verify(address)
         finally:
             ledger.send_signal(signal.SIGTERM)
             ledger.wait(timeout=60)
+            if postgres is not None:
+                postgres.stop()
+    return results, verdict
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each run")
+    parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    out: Path = args.out or RESULTS / f"ledger_commit.{args.backend}.json"
+    # The spool runs take the ledger down on purpose; the sink's error lines say only that.
+    logging.getLogger("doorman.ledger_sink").setLevel(logging.CRITICAL)
+    results, verdict = asyncio.run(measure(args.backend, args.seconds))
     print(f"{'mode':<24} {'streams':>7} {'records':>8} {'appends/s':>10} {'p50 ms':>8} "
           f"{'p99 ms':>8} {'RPCs':>7}")  # fmt: skip
     for r in results:
@@ -196,13 +219,19 @@ async def main() -> None:
             f"{r.mode:<24} {r.concurrency:>7} {r.records:>8} {r.appends_per_s:>10.1f} "
             f"{r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {r.rpcs:>7}"
         )
+    print(f"backend: {args.backend}")
     print(f"ledger after the runs: intact={verdict.intact}, {verdict.records_checked} records")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
         json.dumps(
             {
                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                "backend": "sqlite (WAL, synchronous=FULL), slm serve ledger as its own process",
+                "backend": (
+                    "sqlite (WAL, synchronous=FULL)"
+                    if args.backend == "sqlite"
+                    else "postgresql (synchronous_commit=on, local server)"
+                )
+                + ", slm serve ledger as its own process",
                 "seconds_per_run": args.seconds,
                 "results": [asdict(r) for r in results],
                 "chain_intact": verdict.intact,
@@ -212,8 +241,8 @@ async def main() -> None:
         )
         + "\n"
     )
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()
