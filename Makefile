@@ -65,6 +65,8 @@ bench: model
 	$(BIN)/python bench/decode_step.py
 	$(BIN)/python bench/kv_prefix.py
 	$(BIN)/python bench/structured.py
+	$(BIN)/python bench/mesh_cpu.py
+	$(BIN)/python bench/ledger_commit.py
 
 proto: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -Iproto \

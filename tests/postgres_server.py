@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -15,6 +18,24 @@ from helpers import free_port
 
 # initdb refuses to run as root; as root the server runs as this (Debian's) user instead.
 SERVER_USER = "postgres"
+
+
+def _children_of(parent: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                    found.append(int(entry.name))
+    return found
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "X"
 
 
 def postgres_bindir() -> Path | None:
@@ -56,6 +77,31 @@ class PostgresServer:
         )  # fmt: skip
         options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root}"
         # -w waits until the server accepts connections: no polling in the tests.
+        self._run(
+            str(self.bindir / "pg_ctl"), "-D", str(self.data), "-o", options,
+            "-l", str(self.root / "server.log"), "-w", "-t", "60", "start",
+        )  # fmt: skip
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster and its backends, as a crash of the server's host would (a
+        backend left running would hold the shared memory a new postmaster needs)."""
+        pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        victims = [pid, *_children_of(pid)]
+        for victim in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
+        for victim in victims:
+            while _state(victim) not in ("X", "Z"):
+                time.sleep(0.01)
+        # Dead, but a zombie until its parent reaps it, and PID 1 of these VMs does not: the
+        # lock files would still name a "running" postmaster. They are stale; remove them.
+        (self.data / "postmaster.pid").unlink()
+        for lock in self.root.glob(".s.PGSQL.*.lock"):
+            lock.unlink()
+
+    def restart(self) -> None:
+        """Start the killed server again (crash recovery replays its WAL)."""
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root}"
         self._run(
             str(self.bindir / "pg_ctl"), "-D", str(self.data), "-o", options,
             "-l", str(self.root / "server.log"), "-w", "-t", "60", "start",

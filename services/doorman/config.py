@@ -149,9 +149,10 @@ class DoormanConfig(Section):
     ledger: str = f"{LOOPBACK}:50056"
     # Upper bound on any upstream call when the caller set no deadline.
     default_timeout_s: float = Field(default=600.0, gt=0)
-    # While the ledger cannot be reached: "fail_closed" refuses new requests (UNAVAILABLE) and
-    # retries the records it holds; "spool" keeps serving, writing records to ledger_spool
-    # (fsync'd) and replaying them in order once the ledger is back.
+    # While the ledger cannot be reached: "fail_closed" refuses new requests (UNAVAILABLE);
+    # "spool" keeps serving. In both modes the records of requests already running go to
+    # ledger_spool (fsync'd) before their final event, and are replayed in order once the
+    # ledger is back.
     ledger_mode: Literal["fail_closed", "spool"] = "fail_closed"
     ledger_spool: Path = Path("~/.cache/service-slm/doorman-ledger.spool")
     # API keys map to tenants; off (None) unless tenants are configured. Off is allowed only
