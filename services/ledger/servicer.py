@@ -16,10 +16,59 @@ from slm.v1 import ledger_pb2, ledger_pb2_grpc, types_pb2
 Context: TypeAlias = Any
 
 
+# Times are stored as signed 64-bit nanoseconds since the epoch: 1677-09-21 to 2262-04-11.
+_NS_RANGE = (-(2**63), 2**63 - 1)
+
+
+def nanoseconds(time: Timestamp, field: str) -> int:
+    """A Timestamp as nanoseconds, or INVALID_ARGUMENT naming `field` when it is not a valid
+    Timestamp or lies outside what the ledger stores."""
+    if not 0 <= time.nanos <= 999_999_999:
+        raise InvalidArgument(f"{field}.nanos must be 0 to 999999999", field=field)
+    value = time.seconds * 1_000_000_000 + time.nanos
+    if not _NS_RANGE[0] <= value <= _NS_RANGE[1]:
+        raise InvalidArgument(
+            f"{field} must lie between 1677-09-21 and 2262-04-11 (64-bit nanoseconds)",
+            field=field,
+        )
+    return value
+
+
+def _text(entry: ledger_pb2.LedgerEntry) -> None:
+    """No NUL in any text of an entry: PostgreSQL cannot store it, and no name has one."""
+    texts = [
+        ("request_id", entry.request_id),
+        ("tenant", entry.tenant),
+        ("model", entry.model),
+        ("upstream", entry.upstream),
+        ("operation", entry.operation),
+        ("key_id", entry.key_id),
+        ("adapter", entry.adapter),
+        ("constraint", entry.constraint),
+        *(("entity_counts", key) for key in entry.entity_counts),
+        *(("policy_decisions", d) for d in entry.policy_decisions),
+        *(("tools_offered", name) for name in entry.tools_offered),
+        *(("tool_calls", name) for name in entry.tool_calls),
+        *(
+            (f"hops.{part}", value)
+            for hop in entry.hops
+            for part, value in (
+                ("model", hop.model),
+                ("upstream", hop.upstream),
+                ("intent", hop.intent),
+            )
+        ),
+    ]
+    for field, value in texts:
+        if "\x00" in value:
+            raise InvalidArgument(f"{field} must not contain NUL characters", field=field)
+
+
 def entry_from_proto(entry: ledger_pb2.LedgerEntry) -> Entry:
+    _text(entry)
     return Entry(
         request_id=entry.request_id,
-        time_unix_ns=entry.time.ToNanoseconds(),
+        time_unix_ns=nanoseconds(entry.time, "entry.time"),
         tenant=entry.tenant,
         model=entry.model,
         tier=entry.tier,
@@ -88,10 +137,12 @@ def record_to_proto(record: Record) -> ledger_pb2.LedgerRecord:
 
 
 def query_from_proto(tenant: str, start: Timestamp | None, end: Timestamp | None) -> Query:
+    if "\x00" in tenant:
+        raise InvalidArgument("tenant must not contain NUL characters", field="tenant")
     return Query(
         tenant=tenant,
-        since_ns=start.ToNanoseconds() if start is not None else None,
-        until_ns=end.ToNanoseconds() if end is not None else None,
+        since_ns=nanoseconds(start, "start_time") if start is not None else None,
+        until_ns=nanoseconds(end, "end_time") if end is not None else None,
     )
 
 
