@@ -119,44 +119,37 @@ def through_http(client: httpx.Client, url: str, max_tokens: int) -> Sample:
     return Sample(ttft or time.perf_counter() - start, time.perf_counter() - start, count)
 
 
-async def through_grpc(stub: Any, max_tokens: int) -> Sample:
-    """DoormanService.Complete through Envoy, as an internal service would call it."""
-    request = doorman_pb2.CompleteRequest(
-        model=DEFAULT_MODEL,
-        prompt=PROMPT,
-        sampling=types_pb2.SamplingParams(
-            max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=1
-        ),
-    )
+async def timed_stream(responses: Any) -> Sample:
+    """Time a gRPC stream of responses with `delta` and `end` (Doorman's or InferenceService's)."""
     start = time.perf_counter()
     ttft = 0.0
     count = 0
-    async for response in stub.Complete(request):
+    async for response in responses:
         if response.HasField("delta") and response.delta.text:
             if count == 0:
                 ttft = time.perf_counter() - start
             count += 1
     return Sample(ttft or time.perf_counter() - start, time.perf_counter() - start, count)
+
+
+def sampling(max_tokens: int) -> types_pb2.SamplingParams:
+    return types_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=1)
+
+
+async def through_grpc(stub: Any, max_tokens: int) -> Sample:
+    """DoormanService.Complete (through Envoy, or on the Doorman's own port)."""
+    request = doorman_pb2.CompleteRequest(
+        model=DEFAULT_MODEL, prompt=PROMPT, sampling=sampling(max_tokens)
+    )
+    return await timed_stream(stub.Complete(request))
 
 
 async def through_inference(stub: Any, max_tokens: int) -> Sample:
     """InferenceService.Generate on inference-local's own port: the engine behind one gRPC hop."""
     request = inference_pb2.GenerateRequest(
-        model=DEFAULT_MODEL,
-        prompt=PROMPT,
-        sampling=types_pb2.SamplingParams(
-            max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=1
-        ),
+        model=DEFAULT_MODEL, prompt=PROMPT, sampling=sampling(max_tokens)
     )
-    start = time.perf_counter()
-    ttft = 0.0
-    count = 0
-    async for response in stub.Generate(request):
-        if response.HasField("delta") and response.delta.text:
-            if count == 0:
-                ttft = time.perf_counter() - start
-            count += 1
-    return Sample(ttft or time.perf_counter() - start, time.perf_counter() - start, count)
+    return await timed_stream(stub.Generate(request))
 
 
 async def in_process_engine(engine: Any, max_tokens: int) -> Sample:
