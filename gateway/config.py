@@ -8,6 +8,10 @@ from pydantic import Field
 
 from slm.config import LOOPBACK, DiscoveryConfig, Section, TelemetryConfig
 
+# The routes that generate (each holds a sequence slot or a place in a queue while it runs):
+# they count against gateway.max_concurrent_requests and envoy.max_concurrent_requests.
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
+
 
 class GatewayConfig(Section):
     host: str = LOOPBACK
@@ -18,6 +22,16 @@ class GatewayConfig(Section):
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     # Most choices (`n`) one chat or completion request may ask for; above it is a 400.
     max_n: int = Field(default=8, ge=1, le=128)
+    # Generation requests (GENERATION_PATHS) in flight; beyond it the gateway answers 429 with
+    # Retry-After before it reads the body. Envoy refuses first at its own limit; this one
+    # holds for callers that reach the gateway directly. The default is what inference-local
+    # holds on its defaults: 32 sequence slots + max_queue 32.
+    max_concurrent_requests: int = Field(default=64, ge=1)
+    # A response write that the client has not taken for this long ends the request: the
+    # Doorman's call is cancelled (the engine frees the slot within a step) and the connection
+    # closed. A write blocks only once Envoy's buffer (envoy.connection_buffer_bytes) and the
+    # sockets' are full, so this bounds how long a client that stops reading holds a slot.
+    stall_timeout_s: float = Field(default=30.0, gt=0)
     # SHA-256 (hex) of the admin key guarding /admin/*. Empty: admin endpoints are open, which
     # is allowed only while the gateway listens on loopback (the embedded default).
     admin_key_sha256: str = Field(default="", pattern=r"^([0-9a-f]{64})?$")

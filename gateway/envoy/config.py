@@ -12,7 +12,26 @@ class EnvoyConfig(Section):
     port: int = Field(default=8080, ge=0, le=65535)
     admin_port: int = Field(default=9901, ge=0, le=65535)
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
-    # Longest silence allowed on a stream; generation streams send a chunk per token.
+    # Longest silence allowed on a stream; generation streams send a chunk per token. A client
+    # that stops reading makes its stream silent once the buffers below are full, so this is
+    # also the longest Envoy keeps a stalled client.
     stream_idle_timeout_s: int = Field(default=300, ge=1)
+    # Generation requests (chat, completions, responses, messages; the Doorman's Chat and
+    # Complete over gRPC) in flight through Envoy; beyond it Envoy refuses at once, in C++, with
+    # 429 and Retry-After (gRPC: UNAVAILABLE), before any Python process sees the request. The
+    # default is what inference-local holds on its defaults: 32 sequence slots + max_queue 32.
+    # Raise it with the slots and queues behind it (replicas, GPU tiers).
+    max_concurrent_requests: int = Field(default=64, ge=1)
+    # The Retry-After Envoy's refusals carry, in seconds.
+    retry_after_s: int = Field(default=1, ge=1)
+    # Bytes Envoy buffers per connection before it stops reading the other side. For a client
+    # that stops reading a stream, this (plus the kernel's socket buffers) is what piles up
+    # before the gateway's writes block and its stall timeout can see it; 64 KiB is a few
+    # hundred streamed tokens.
+    connection_buffer_bytes: int = Field(default=64 << 10, ge=16 << 10)
+    # TCP keepalive on accepted connections: a silent peer is probed after this long, then
+    # every quarter of it; three unanswered probes, or sent data unacknowledged (or a zero
+    # window) for this long, close the connection, so half-open connections are reaped.
+    tcp_keepalive_s: int = Field(default=60, ge=1)
     # Where `slm up` writes the rendered envoy.yaml.
     binary: str | None = None

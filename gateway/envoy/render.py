@@ -7,13 +7,15 @@ from dataclasses import dataclass
 
 import jinja2
 
-from gateway.config import GatewayConfig
+from gateway.config import GENERATION_PATHS, GatewayConfig
 from gateway.envoy.config import EnvoyConfig
 
 TEMPLATE = "envoy.yaml.jinja"
 
 # gRPC paths are "/<package>.<Service>/<Method>"; these go to the Doorman untouched.
 GRPC_PREFIXES = ("/slm.v1.", "/grpc.health.v1.", "/grpc.reflection.")
+# The Doorman's methods that generate: they count against envoy.max_concurrent_requests.
+GRPC_GENERATION_PATHS = ("/slm.v1.DoormanService/Chat", "/slm.v1.DoormanService/Complete")
 
 # A bind-everything address is fine to listen on, but must not be dialled as an upstream.
 _DIALLABLE = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
@@ -56,6 +58,21 @@ class Listen:
     port: int
 
 
+@dataclass(frozen=True, slots=True)
+class Keepalive:
+    """TCP keepalive and user timeout of accepted connections, in seconds (milliseconds for
+    the user timeout, as Linux takes it)."""
+
+    idle_s: int
+    interval_s: int
+    probes: int
+    user_timeout_ms: int
+
+    @classmethod
+    def of(cls, idle_s: int) -> Keepalive:
+        return cls(idle_s, max(1, idle_s // 4), 3, idle_s * 1000)
+
+
 def parse_address(address: str) -> Upstream:
     """`host:port` or `[v6]:port` -> Upstream; a wildcard host becomes loopback."""
     host, sep, port = address.rpartition(":")
@@ -78,7 +95,9 @@ def parse_addresses(addresses: str) -> Pool:
 
 def render_envoy_config(gateway: GatewayConfig, envoy: EnvoyConfig) -> str:
     """Envoy's bootstrap YAML: loopback admin, one edge listener, gateway and Doorman clusters
-    (the latter over every Doorman address the gateway names)."""
+    (the latter over every Doorman address the gateway names). Generation requests go to
+    clusters of their own, whose circuit breakers refuse those beyond
+    envoy.max_concurrent_requests in Envoy itself."""
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("gateway.envoy", ""),
         undefined=jinja2.StrictUndefined,
@@ -91,7 +110,17 @@ def render_envoy_config(gateway: GatewayConfig, envoy: EnvoyConfig) -> str:
         listen=Listen(envoy.host, envoy.port),
         stream_idle_timeout_s=envoy.stream_idle_timeout_s,
         max_body_bytes=envoy.max_body_bytes,
+        max_concurrent_requests=envoy.max_concurrent_requests,
+        overload_message=(
+            f"The mesh is serving its limit of {envoy.max_concurrent_requests} concurrent "
+            f"generations; retry after {envoy.retry_after_s} s."
+        ),
+        retry_after_s=envoy.retry_after_s,
+        connection_buffer_bytes=envoy.connection_buffer_bytes,
+        keepalive=Keepalive.of(envoy.tcp_keepalive_s),
         grpc_prefixes=GRPC_PREFIXES,
+        grpc_generation_paths=GRPC_GENERATION_PATHS,
+        generation_paths=GENERATION_PATHS,
         gateway=Upstream(_DIALLABLE.get(gateway.host, gateway.host), gateway.port),
         doorman=parse_addresses(gateway.doorman),
     )
@@ -107,6 +136,7 @@ def envoy_binary(envoy: EnvoyConfig) -> str:
 
 
 __all__ = [
+    "GRPC_GENERATION_PATHS",
     "GRPC_PREFIXES",
     "envoy_binary",
     "parse_address",
