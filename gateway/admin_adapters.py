@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import grpc
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
 from gateway import errors
 from gateway.channels import ChannelsDep
-from gateway.protocol import ErrorResponse
+from gateway.protocol import ErrorResponse, request_body_doc
 from slm.v1 import adapters_pb2, types_pb2
 
 log = logging.getLogger(__name__)
@@ -26,22 +26,52 @@ TIERS = {
 }
 TIER_NAMES = {v: k for k, v in TIERS.items()}
 TIMEOUT_S = 600.0  # registering copies and hashes the artefact, which may be gigabytes
+# The registry's own rules (services/adapters/registry.py), stated here so that the OpenAPI
+# document says what is refused, and so that nothing out of a protobuf field's range reaches it.
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+SHA256_PATTERN = r"^([0-9a-f]{64})?$"
+MAX_SCALE = 4.0
+MAX_PAGE = 1000
+MAX_TEXT = 4096
+
+AdapterName = Annotated[
+    str,
+    Path(
+        pattern=NAME_PATTERN,
+        description="1-64 of a-z, 0-9, '.', '_', '-', starting with a letter or digit.",
+        examples=["support-tone"],
+    ),
+]
 
 
 class RegisterAdapterBody(BaseModel):
     """POST /admin/adapters."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "support-tone",
+                    "base_model": "gemma-3-270m",
+                    "format": "gguf",
+                    "source": "support-tone.gguf",
+                    "default_scale": 1.0,
+                    "tiers": ["local"],
+                }
+            ]
+        },
+    )
 
-    name: str
-    base_model: str
+    name: str = Field(pattern=NAME_PATTERN)
+    base_model: str = Field(min_length=1, max_length=MAX_TEXT)
     format: Literal["gguf", "peft"]
     # A local path on the registry's host, or a file://, http:// or https:// URI.
-    source: str
-    # Expected hex SHA-256; omitted: the checksum of what was read is recorded.
-    sha256: str = ""
-    default_scale: float | None = None
-    tiers: list[Literal["local", "gpu", "external"]] = Field(default_factory=list)
+    source: str = Field(min_length=1, max_length=MAX_TEXT)
+    # Expected lower-case hex SHA-256; omitted: the checksum of what was read is recorded.
+    sha256: str = Field(default="", pattern=SHA256_PATTERN)
+    default_scale: float | None = Field(default=None, ge=0.0, le=MAX_SCALE)
+    tiers: list[Literal["local", "gpu", "external"]] = Field(default_factory=list, max_length=3)
 
 
 class AdapterView(BaseModel):
@@ -64,6 +94,12 @@ class AdapterList(BaseModel):
     object: Literal["list"] = "list"
     data: list[AdapterView]
     next_page_token: str
+
+
+class AdapterDeleted(BaseModel):
+    name: str
+    object: Literal["adapter"] = "adapter"
+    deleted: Literal[True] = True
 
 
 def adapter_view(adapter: adapters_pb2.Adapter) -> AdapterView:
@@ -98,7 +134,21 @@ def adapters_router() -> APIRouter:
         s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 409, 500, 503)
     }
 
-    @router.post("", status_code=201, response_model=AdapterView, responses=responses)
+    # The stateful phase of a fuzzer (and a reader) learns from these links that the name a
+    # registration returns is what GET and DELETE /admin/adapters/{name} take.
+    by_name = {"name": "$response.body#/name"}
+    links = {
+        "GetAdapter": {"operationId": "get_adapter", "parameters": by_name},
+        "DeleteAdapter": {"operationId": "delete_adapter", "parameters": by_name},
+    }
+
+    @router.post(
+        "",
+        status_code=201,
+        operation_id="register_adapter",
+        responses={**responses, 201: {"model": AdapterView, "links": links}},
+        openapi_extra=request_body_doc(RegisterAdapterBody),
+    )
     async def register(request: Request, channels: ChannelsDep) -> Response:
         """Register a LoRA adapter: the registry copies the artefact and checks its SHA-256."""
         body = errors.validated(RegisterAdapterBody, await request.body())
@@ -118,13 +168,16 @@ def adapters_router() -> APIRouter:
             return _error(error)
         return JSONResponse(adapter_view(reply.adapter).model_dump(), status_code=201)
 
-    @router.get("", response_model=AdapterList, responses=responses)
+    @router.get("", operation_id="list_adapters", response_model=AdapterList, responses=responses)
     async def list_adapters(
-        channels: ChannelsDep, base_model: str = "", page_size: int = 0, page_token: str = ""
+        channels: ChannelsDep,
+        base_model: Annotated[str, Query(max_length=MAX_TEXT)] = "",
+        page_size: Annotated[
+            int, Query(ge=0, le=MAX_PAGE, description="0 means the maximum, 1000.")
+        ] = 0,
+        page_token: Annotated[str, Query(max_length=MAX_TEXT)] = "",
     ) -> Response:
         """Registered adapters by name, optionally of one base model, a page at a time."""
-        if page_size < 0:
-            return errors.invalid_request("page_size must be >= 0", "page_size").response()
         try:
             reply = await channels.adapters.ListAdapters(
                 adapters_pb2.ListAdaptersRequest(
@@ -139,8 +192,10 @@ def adapters_router() -> APIRouter:
         )
         return JSONResponse(page.model_dump())
 
-    @router.get("/{name}", response_model=AdapterView, responses=responses)
-    async def get_adapter(channels: ChannelsDep, name: str) -> Response:
+    @router.get(
+        "/{name}", operation_id="get_adapter", response_model=AdapterView, responses=responses
+    )
+    async def get_adapter(channels: ChannelsDep, name: AdapterName) -> Response:
         """One adapter; its artefact's checksum is verified again on the way."""
         try:
             reply = await channels.adapters.GetAdapter(
@@ -150,8 +205,12 @@ def adapters_router() -> APIRouter:
             return _error(error)
         return JSONResponse(adapter_view(reply.adapter).model_dump())
 
-    @router.delete("/{name}", responses=responses)
-    async def delete_adapter(channels: ChannelsDep, name: str) -> Response:
+    @router.delete(
+        "/{name}",
+        operation_id="delete_adapter",
+        responses={**responses, 200: {"model": AdapterDeleted}},
+    )
+    async def delete_adapter(channels: ChannelsDep, name: AdapterName) -> Response:
         """Forget an adapter; its artefact goes once no other adapter names it."""
         try:
             await channels.adapters.DeleteAdapter(

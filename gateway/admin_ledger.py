@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import grpc
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
+from pydantic import BaseModel
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from gateway import errors
@@ -20,12 +21,62 @@ from slm.v1 import ledger_pb2
 LIST_TIMEOUT_S = 60.0
 # Verify and export walk the whole chain.
 WALK_TIMEOUT_S = 3600.0
+MAX_PAGE = 1000
+MAX_TEXT = 4096
+ORDERS = {
+    "oldest_first": ledger_pb2.LIST_ORDER_OLDEST_FIRST,
+    "newest_first": ledger_pb2.LIST_ORDER_NEWEST_FIRST,
+}
+
+# The query parameters, declared so that the OpenAPI document states what is refused.
+Tenant = Annotated[str, Query(max_length=MAX_TEXT, description="Only this tenant's records.")]
+Since = Annotated[
+    str | None,
+    Query(
+        json_schema_extra={"format": "date-time"},
+        max_length=64,
+        description="RFC 3339 with a time zone; records with since <= time.",
+        examples=["2026-01-01T00:00:00Z"],
+    ),
+]
+Until = Annotated[
+    str | None,
+    Query(
+        json_schema_extra={"format": "date-time"},
+        max_length=64,
+        description="RFC 3339 with a time zone; records with time < until.",
+        examples=["2026-12-31T00:00:00Z"],
+    ),
+]
 
 
 class BadParam(Exception):
     def __init__(self, message: str, param: str) -> None:
         super().__init__(message)
         self.message, self.param = message, param
+
+
+class RecordPage(BaseModel):
+    """GET /admin/ledger/records: `data` holds records as proto3 JSON (field names as in
+    ledger.proto's LedgerRecord)."""
+
+    object: Literal["list"] = "list"
+    data: list[dict[str, Any]]
+    next_page_token: str
+
+
+class ChainBreak(BaseModel):
+    sequence: int
+    reason: str
+    detail: str
+
+
+class VerifyReport(BaseModel):
+    intact: bool
+    records_checked: int
+    head_sequence: int
+    head_hash: str
+    first_break: ChainBreak | None
 
 
 def record_view(record: ledger_pb2.LedgerRecord) -> dict[str, Any]:
@@ -56,8 +107,7 @@ def verify_view(result: ledger_pb2.VerifyResponse) -> dict[str, Any]:
     }
 
 
-def _time(request: Request, param: str) -> Timestamp | None:
-    text = request.query_params.get(param)
+def _time(text: str | None, param: str) -> Timestamp | None:
     if not text:
         return None
     try:
@@ -67,16 +117,12 @@ def _time(request: Request, param: str) -> Timestamp | None:
     if moment.tzinfo is None:
         raise BadParam(f"{param} needs a time zone, e.g. Z", param)
     stamp = Timestamp()
-    stamp.FromDatetime(moment)
+    try:
+        stamp.FromDatetime(moment)
+    except (OverflowError, ValueError):
+        # e.g. 0001-01-01T00:00:00+01:00, which is before year 1 in UTC.
+        raise BadParam(f"{param} is outside years 1 to 9999 in UTC", param) from None
     return stamp
-
-
-def _filters(request: Request) -> tuple[str, Timestamp | None, Timestamp | None]:
-    return (
-        request.query_params.get("tenant", ""),
-        _time(request, "since"),
-        _time(request, "until"),
-    )
 
 
 def ledger_router() -> APIRouter:
@@ -86,23 +132,37 @@ def ledger_router() -> APIRouter:
         s: {"model": ErrorResponse} for s in (400, 401, 403, 500, 503, 504)
     }
 
-    @router.get("/records", responses=responses)
-    async def records(request: Request, channels: ChannelsDep) -> Response:
-        """Records in sequence order, a page at a time. Query: tenant, since and until
-        (RFC 3339, since <= time < until), page_size (1-1000, default 100), page_token."""
+    @router.get("/records", responses={**responses, 200: {"model": RecordPage}})
+    async def records(
+        channels: ChannelsDep,
+        tenant: Tenant = "",
+        since: Since = None,
+        until: Until = None,
+        page_size: Annotated[
+            int, Query(ge=0, le=MAX_PAGE, description="0 means the default, 100.")
+        ] = 0,
+        page_token: Annotated[
+            str, Query(max_length=MAX_TEXT, description="next_page_token of the last page.")
+        ] = "",
+        order: Annotated[
+            Literal["oldest_first", "newest_first"],
+            Query(description="Sequence order, or newest first (the chain's tail first)."),
+        ] = "oldest_first",
+    ) -> Response:
+        """Records a page at a time, oldest first or newest first, optionally of one tenant
+        and time range (since <= time < until). Pass the same filters and order with every
+        page."""
         try:
-            tenant, since, until = _filters(request)
-            size = request.query_params.get("page_size", "0")
-            if not size.isdigit():
-                raise BadParam("page_size must be a whole number", "page_size")
+            start, end = _time(since, "since"), _time(until, "until")
         except BadParam as bad:
             return errors.invalid_request(bad.message, bad.param).response()
         message = ledger_pb2.ListRequest(
             tenant=tenant,
-            page_size=int(size),
-            page_token=request.query_params.get("page_token", ""),
-            start_time=since,
-            end_time=until,
+            page_size=page_size,
+            page_token=page_token,
+            start_time=start,
+            end_time=end,
+            order=ORDERS[order],
         )
         try:
             reply = await channels.ledger.List(message, timeout=LIST_TIMEOUT_S)
@@ -116,7 +176,7 @@ def ledger_router() -> APIRouter:
             }
         )
 
-    @router.get("/verify", responses=responses)
+    @router.get("/verify", responses={**responses, 200: {"model": VerifyReport}})
     async def verify(channels: ChannelsDep) -> Response:
         """Walk the whole chain; `first_break` names the first broken link, if any."""
         try:
@@ -130,14 +190,16 @@ def ledger_router() -> APIRouter:
         responses={**responses, 200: {"content": {"text/csv": {}}}},
         response_class=StreamingResponse,
     )
-    async def export_csv(request: Request, channels: ChannelsDep) -> Response:
-        """The matching records as CSV, streamed. Query: tenant, since, until (RFC 3339)."""
+    async def export_csv(
+        channels: ChannelsDep, tenant: Tenant = "", since: Since = None, until: Until = None
+    ) -> Response:
+        """The matching records as CSV, streamed, in sequence order."""
         try:
-            tenant, since, until = _filters(request)
+            start, end = _time(since, "since"), _time(until, "until")
         except BadParam as bad:
             return errors.invalid_request(bad.message, bad.param).response()
         call = channels.ledger.ExportCsv(
-            ledger_pb2.ExportCsvRequest(tenant=tenant, start_time=since, end_time=until),
+            ledger_pb2.ExportCsvRequest(tenant=tenant, start_time=start, end_time=end),
             timeout=WALK_TIMEOUT_S,
         )
         chunks = call.__aiter__()

@@ -18,22 +18,32 @@ from starlette.responses import JSONResponse, Response
 
 from gateway import errors
 from gateway.channels import ChannelsDep, Replica
-from gateway.protocol import ErrorResponse
+from gateway.protocol import ErrorResponse, request_body_doc
 from slm.v1 import inference_pb2, inference_pb2_grpc, types_pb2
 
 LOAD_TIMEOUT_S = 1800.0  # quantize-on-load of a big model takes minutes
+# What LoadModelRequest's uint32 fields can carry; inference-local refuses what does not fit.
+_UINT32_MAX = (1 << 32) - 1
+MAX_TEXT = 4096
 
 
 class LoadModelBody(BaseModel):
     """POST /admin/models/load."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"name": "gemma-3-270m", "path": "gemma-3-270m-q4_k_m.gguf"}]
+        },
+    )
 
-    name: str = Field(min_length=1)
-    path: str = Field(min_length=1)
-    context_length: int = Field(default=0, ge=0)
+    name: str = Field(min_length=1, max_length=MAX_TEXT)
+    # A GGUF inside one of inference-local's model directories.
+    path: str = Field(min_length=1, max_length=MAX_TEXT)
+    # 0 takes the configured default.
+    context_length: int = Field(default=0, ge=0, le=_UINT32_MAX)
     parallel: int = Field(default=0, ge=0, le=256)
-    quantization: str = ""
+    quantization: str = Field(default="", max_length=64)
     pinned: bool = False
     embeddings: bool = False
 
@@ -41,9 +51,11 @@ class LoadModelBody(BaseModel):
 class UnloadModelBody(BaseModel):
     """POST /admin/models/unload."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"name": "gemma-3-270m"}]}
+    )
 
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=MAX_TEXT)
 
 
 def model_view(m: types_pb2.ModelInfo) -> dict[str, Any]:
@@ -197,7 +209,7 @@ def models_router() -> APIRouter:
             {"object": "list", "data": merge_listings(outcomes), "replicas": report}
         )
 
-    @router.post("/load", responses=responses)
+    @router.post("/load", responses=responses, openapi_extra=request_body_doc(LoadModelBody))
     async def load(request: Request, channels: ChannelsDep) -> Response:
         """Load a GGUF from the model directories under a name (quantizing it first if asked)
         on every inference-local replica; 200 only when every replica has it."""
@@ -215,7 +227,7 @@ def models_router() -> APIRouter:
             {**model_view(first.model), "replicas": [replica_view(o) for o in outcomes]}
         )
 
-    @router.post("/unload", responses=responses)
+    @router.post("/unload", responses=responses, openapi_extra=request_body_doc(UnloadModelBody))
     async def unload(request: Request, channels: ChannelsDep) -> Response:
         """Unload a model from every replica, once its running sequences there have been failed
         or finished. A replica that does not hold it is fine; 404 when none does."""

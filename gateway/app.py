@@ -69,17 +69,26 @@ class _EdgeMiddleware:
         scope[_STARTED] = started
         id_header = (b"x-request-id", request_id.encode("latin-1"))
         status = 500
+        responded = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, responded
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, responded = message["status"], True
                 message["headers"] = [*message.get("headers", ()), id_header]
             await send(message)
 
         token = request_id_var.set(request_id)
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            # Answered here, not by Starlette's ServerErrorMiddleware: that one re-raises after
+            # its 500, and uvicorn then closes the connection, which Envoy may already have
+            # given the next request (a 503 for a request that did nothing wrong).
+            log.exception("unhandled error")
+            if responded:
+                raise  # the response is cut short: closing the connection is how it shows
+            await errors.internal().response()(scope, receive, send_with_id)
         finally:
             request_id_var.reset(token)
             route = getattr(scope.get("route"), "path", _UNMATCHED)
@@ -350,17 +359,17 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def validation_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        param = protocol.error_param(tuple(first["loc"]))
-        return errors.invalid_request(str(first["msg"]), param).response()
-
-    async def unexpected(_: Request, exc: Exception) -> Response:
-        log.exception("unhandled error", exc_info=exc)
-        return errors.internal().response()
+        loc = tuple(first["loc"])
+        # FastAPI says where a parameter was ("query", "path", ...); clients name it alone.
+        if loc and loc[0] in ("query", "path", "header", "cookie"):
+            loc = loc[1:]
+        param = protocol.error_param(loc)
+        message = f"Invalid value for '{param}': {first['msg']}." if param else str(first["msg"])
+        return errors.invalid_request(message, param).response()
 
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(errors.Refusal, refusal)
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(Exception, unexpected)
 
 
 def _install_openapi(app: FastAPI) -> None:
@@ -384,6 +393,12 @@ def _install_openapi(app: FastAPI) -> None:
             )
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components.update(defs.get("$defs", {}))
+            # FastAPI documents a 422 for every validated parameter; this gateway answers 400.
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            for unused in ("HTTPValidationError", "ValidationError"):
+                components.pop(unused, None)
             app.openapi_schema = schema
         return app.openapi_schema
 

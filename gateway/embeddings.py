@@ -5,28 +5,54 @@ from __future__ import annotations
 import base64
 import struct
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import grpc
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from starlette.responses import JSONResponse, Response
 
 from gateway import errors
 from gateway.channels import ChannelsDep
-from gateway.protocol import ErrorResponse
+from gateway.protocol import ErrorResponse, request_body_doc
 from gateway.serving import CallContext
 from slm.v1 import doorman_pb2
 
 MAX_INPUTS = 256
 
+# The route checks these bounds itself (one message for both forms); the schema states them.
+Inputs = Annotated[
+    str | list[str],
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "minLength": 1},
+                {
+                    "type": "array",
+                    "items": {"type": "string", "minLength": 1},
+                    "minItems": 1,
+                    "maxItems": MAX_INPUTS,
+                },
+            ]
+        }
+    ),
+]
+
 
 class EmbeddingsBody(BaseModel):
     # A field not listed (e.g. `dimensions`) is refused with a 400 naming it, never ignored.
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"model": "gemma-3-270m", "input": "The quick brown fox"},
+                {"model": "gemma-3-270m", "input": ["first text", "second text"]},
+            ]
+        },
+    )
 
     model: str = Field(min_length=1)
-    input: str | list[str] = Field(min_length=1)
+    input: Inputs
     encoding_format: Literal["float", "base64"] = "float"
     user: str | None = None
 
@@ -51,7 +77,7 @@ def embeddings_router(
         s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 429, 500, 503)
     }
 
-    @router.post(ROUTE, responses=responses)
+    @router.post(ROUTE, responses=responses, openapi_extra=request_body_doc(EmbeddingsBody))
     async def embeddings(request: Request, channels: ChannelsDep) -> Response:
         """One embedding per input string, from a model loaded with embeddings enabled."""
         body = errors.validated(EmbeddingsBody, await read_body(request))

@@ -516,6 +516,14 @@ def describe(error: ValidationError) -> RequestInvalid:
     return RequestInvalid(f"Invalid value for '{param}': {first['msg']}.", param)
 
 
+def request_body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI for a route that parses a flat `model` (no nested models) from its JSON body
+    itself, to answer in its own error shape: the schema inline, so no app wiring is needed."""
+    schema = model.model_json_schema(mode="validation")
+    assert "$defs" not in schema, f"{model.__name__} nests models: list it in the app instead"
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 def parse_chat(body: bytes, max_n: int = DEFAULT_MAX_N) -> ChatCompletionRequest:
     """Validate a chat body straight from JSON bytes; raises RequestInvalid."""
     try:
@@ -603,8 +611,10 @@ class ModelList(BaseModel):
 class ErrorDetail(BaseModel):
     message: str
     type: str
-    param: str | None
-    code: str | None
+    # The gateway always sends both (null when they do not apply); Envoy's own replies (503
+    # when no gateway answers, 413 over the body limit) leave out `param`.
+    param: str | None = None
+    code: str | None = None
 
 
 class ErrorResponse(BaseModel):

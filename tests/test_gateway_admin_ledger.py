@@ -121,3 +121,41 @@ async def test_a_ledger_that_is_down_is_503(tmp_path: Path) -> None:
         assert response.status_code == 503
         exported = await client.get("/admin/ledger/export.csv", headers=AUTH)
         assert exported.status_code == 503
+
+
+async def test_newest_first_is_the_chain_tail_past_the_first_page(
+    client: httpx.AsyncClient, ledger_server: GrpcService
+) -> None:
+    # 5 records from the fixture, then more than a default page (100) of new ones: the first
+    # newest-first page must be the tail, not the tail of an oldest-first page.
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{ledger_server.port}") as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+        entries = [
+            ledger_pb2.LedgerEntry(request_id=f"n{i}", tenant="acme", model="m") for i in range(150)
+        ]
+        await stub.AppendBatch(ledger_pb2.AppendBatchRequest(entries=entries))
+    params = {"order": "newest_first", "page_size": "20"}
+    first = await client.get("/admin/ledger/records", params=params, headers=AUTH)
+    assert first.status_code == 200, first.text
+    page = first.json()
+    assert [r["sequence"] for r in page["data"]] == list(range(155, 135, -1))
+    assert page["data"][0]["entry"]["request_id"] == "n149"
+    params["page_token"] = page["next_page_token"]
+    second = (await client.get("/admin/ledger/records", params=params, headers=AUTH)).json()
+    assert [r["sequence"] for r in second["data"]] == list(range(135, 115, -1))
+    oldest = (await client.get("/admin/ledger/records", headers=AUTH)).json()
+    assert [r["sequence"] for r in oldest["data"]] == list(range(1, 101))
+
+
+async def test_an_order_or_page_size_out_of_range_is_400_naming_it(
+    client: httpx.AsyncClient,
+) -> None:
+    for query, param in (
+        ("order=sideways", "order"),
+        ("page_size=1837098970879", "page_size"),
+        ("page_size=-1", "page_size"),
+        ("since=0001-01-01T00:00:00%2B01:00", "since"),
+    ):
+        response = await client.get(f"/admin/ledger/records?{query}", headers=AUTH)
+        assert response.status_code == 400, (query, response.text)
+        assert response.json()["error"]["param"] == param, query

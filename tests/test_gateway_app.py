@@ -145,3 +145,32 @@ async def test_openapi_documents_the_request_bodies(client: httpx.AsyncClient) -
     components = schema["components"]["schemas"]
     assert {"ChatCompletionRequest", "CompletionRequest", "ChatMessage"} <= set(components)
     assert "#/$defs/" not in json.dumps(schema)
+
+
+async def test_a_fault_is_a_500_and_the_app_does_not_raise_past_it(app: FastAPI) -> None:
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("a bug")
+
+    # raise_app_exceptions: an exception that left the app (as Starlette's ServerErrorMiddleware
+    # re-raises after its 500) fails here; under uvicorn it closed the connection, which Envoy
+    # may have handed the next request already.
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=True)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        response = await client.get("/boom")
+        assert response.status_code == 500
+        assert response.json()["error"]["type"] == "server_error"
+        assert "a bug" not in response.text
+        assert response.headers["x-request-id"]
+
+
+async def test_openapi_says_400_where_fastapi_would_say_422(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    statuses = {
+        status
+        for operations in schema["paths"].values()
+        for operation in operations.values()
+        for status in operation["responses"]
+    }
+    assert "422" not in statuses
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
