@@ -308,7 +308,9 @@ def build_app(settings: GatewaySettings) -> FastAPI:
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "unavailable"}, status_code=503)
 
-    @app.get("/metrics", response_class=Response)
+    # Not in the public document: Prometheus scrapes this port inside the cluster, and the
+    # edge (Envoy), through which clients read the document, answers /metrics with 404.
+    @app.get("/metrics", response_class=Response, include_in_schema=False)
     async def prometheus() -> Response:
         """Prometheus metrics of this gateway process."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -392,6 +392,30 @@ class _GenerationRequest(_Wire):
 class ChatCompletionRequest(_GenerationRequest):
     """Body of POST /v1/chat/completions."""
 
+    # Examples a reader (and a fuzzer's examples phase) can send as they are: short answers.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "gemma-3-270m",
+                    "messages": [
+                        {"role": "system", "content": "You are terse."},
+                        {"role": "user", "content": "Name three colours."},
+                    ],
+                    "max_tokens": 8,
+                    "temperature": 0,
+                },
+                {
+                    "model": "gemma-3-270m",
+                    "messages": [{"role": "user", "content": "Say hello."}],
+                    "max_tokens": 4,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                },
+            ]
+        }
+    )
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=_UINT32_MAX)
     logprobs: bool | None = None
@@ -464,6 +488,16 @@ class ChatCompletionRequest(_GenerationRequest):
 
 class CompletionRequest(_GenerationRequest):
     """Body of POST /v1/completions."""
+
+    # Examples a reader (and a fuzzer's examples phase) can send as they are: short answers.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"model": "gemma-3-270m", "prompt": "The capital of France is", "max_tokens": 4},
+                {"model": "gemma-3-270m", "prompt": "One, two,", "max_tokens": 4, "stream": True},
+            ]
+        }
+    )
 
     prompt: Prompt
     # The legacy API: the number of alternatives per token (0-5) turns logprobs on.

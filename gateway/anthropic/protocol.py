@@ -202,6 +202,19 @@ class _Conversation(_Wire):
 class MessagesRequest(_Conversation):
     """Body of POST /v1/messages."""
 
+    # Examples a reader (and a fuzzer's examples phase) can send as they are: short answers.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "gemma-3-270m",
+                    "max_tokens": 8,
+                    "messages": [{"role": "user", "content": "Name three colours."}],
+                }
+            ]
+        }
+    )
+
     max_tokens: int = Field(ge=1, le=_UINT32_MAX)
     stop_sequences: list[str] | None = None
     stream: bool | None = None
@@ -214,6 +227,18 @@ class MessagesRequest(_Conversation):
 
 class CountTokensRequest(_Conversation):
     """Body of POST /v1/messages/count_tokens."""
+
+    # Examples a reader (and a fuzzer's examples phase) can send as they are: short answers.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "gemma-3-270m",
+                    "messages": [{"role": "user", "content": "Name three colours."}],
+                }
+            ]
+        }
+    )
 
     output_config: OutputConfig | None = None
 

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BeforeValidator,
+    ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
@@ -171,6 +172,15 @@ class TextConfig(_Wire):
 
 class ResponsesRequest(_Wire):
     """Body of POST /v1/responses."""
+
+    # Examples a reader (and a fuzzer's examples phase) can send as they are: short answers.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"model": "gemma-3-270m", "input": "Name three colours.", "max_output_tokens": 8}
+            ]
+        }
+    )
 
     model: str = Field(min_length=1)
     input: Annotated[list[InputItem], BeforeValidator(_input_items), Field(min_length=1)]
