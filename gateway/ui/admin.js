@@ -116,7 +116,6 @@
   });
 
   // --- ledger --------------------------------------------------------------------------------
-  const LEDGER_WINDOW_MS = 24 * 3600 * 1000;
   const SHOWN_RECORDS = 20;
 
   // One ledger record as a flat row: what was served, how, and its place in the chain.
@@ -153,15 +152,15 @@
     } else {
       state("chain-state", ...explain(chain, "/admin/ledger/verify"));
     }
-    // Records come oldest first: ask for the last day's and show the newest.
-    const since = new Date(Date.now() - LEDGER_WINDOW_MS).toISOString();
-    const records = await slm.request("GET", `/admin/ledger/records?page_size=1000&since=${encodeURIComponent(since)}`, {key: key()});
+    // The chain's tail, as the ledger reads it newest first: one page of the newest records,
+    // however many there are (a page of the oldest would show a stale tail).
+    const records = await slm.request("GET", `/admin/ledger/records?order=newest_first&page_size=${SHOWN_RECORDS}`, {key: key()});
     if (!records.ok) {
       table("ledger-table", []);
       return state("ledger-state", ...explain(records, "/admin/ledger/records"));
     }
-    const rowsShown = rows(records.body, "records", "entries").slice(-SHOWN_RECORDS).reverse().map(ledgerRow);
-    state("ledger-state", rowsShown.length ? `${rowsShown.length} most recent record(s), newest first` : "No records in the last 24 hours");
+    const rowsShown = rows(records.body, "records", "entries").slice(0, SHOWN_RECORDS).map(ledgerRow);
+    state("ledger-state", rowsShown.length ? `${rowsShown.length} most recent record(s), newest first` : "No records yet");
     table("ledger-table", rowsShown, {limit: 10});
   }
 
