@@ -101,7 +101,20 @@ class InferenceLocalConfig(Section):
     # Quantized copies are written here.
     cache_dir: Path = Path("~/.cache/service-slm/quantized")
     # Requests waiting for a sequence slot beyond this many are refused with RESOURCE_EXHAUSTED.
-    max_queue: int = Field(default=256, ge=0)
+    # A queued request waits for a running one to finish; one slot-load of them (32 on the
+    # default slots) each waits about one generation. Deeper queues outlast the Doorman's
+    # first_token_timeout_s on a CPU: with 256, 600 concurrent 32-token streams on 2 cores
+    # waited up to 117 s for a first token, timed out and opened the tier's breaker
+    # (bench/overload.py). envoy and gateway max_concurrent_requests default to slots + this.
+    max_queue: int = Field(default=32, ge=0)
+    # A stream whose reader (the servicer, hence the Doorman and the client behind it) has left
+    # its output untaken for this long is stopped: its slot is freed within a step and the
+    # reader, if it comes back, finds DEADLINE_EXCEEDED (reason READER_STALLED). Gaps while
+    # the stream waits for a slot or for its prompt do not count: only output waiting.
+    stall_timeout_s: float = Field(default=30.0, gt=0)
+    # Steps of output (a token per choice each) held for a reader that has not taken them;
+    # one more stops the stream as a stall does, so a stream's memory stays bounded.
+    max_undelivered_steps: int = Field(default=1024, ge=1)
     # Default sequence slots per model. Unset: sized when a model loads, 32 (engine.AUTO_SLOTS)
     # unless their KV would take over half of memory_budget_mb (logged with the reason).
     parallel: int | None = Field(default=None, ge=1, le=256)

@@ -289,6 +289,11 @@ class _ModelMetrics(SchedulerMetrics):
         self._waiting.set(waiting)
         self._kv.set(kv_used)
 
+    def idle(self, waiting: int) -> None:
+        self._running.set(0)
+        self._waiting.set(waiting)
+        self._kv.set(0.0)
+
     def token(self, n: int) -> None:
         self._tokens.inc(n)
 
@@ -483,6 +488,8 @@ class Engine:
                     self.config.prefill_chunk,
                     max(self.config.n_batch, n_slots),
                     self.config.sample_threads or default_sample_threads(),
+                    stall_timeout_s=self.config.stall_timeout_s,
+                    max_undelivered_steps=self.config.max_undelivered_steps,
                 ),
                 weights.model,
                 loaded.context,

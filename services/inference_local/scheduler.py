@@ -77,7 +77,7 @@ from inference_local.sampling import (
     TopLogprob,
     log_softmax_at,
 )
-from slm.errors import Internal, InvalidArgument, ResourceExhausted, SlmError
+from slm.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, SlmError
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,11 @@ class SeqRequest:
     n: int = 1
     # The constraint compiled for the model, set by `Scheduler.generate`.
     grammar: Grammar | None = None
+    # Since when (time.monotonic) the oldest output its reader has not taken waits; set by the
+    # event loop when output lands in an empty queue.
+    pending_since: float = 0.0
+    # Stopped because its reader left output untaken too long (or too much of it).
+    stalled: bool = False
 
 
 @dataclass(eq=False)
@@ -208,12 +213,17 @@ class SchedulerConfig:
     sample_threads: int = 1
     # The most choices (n) one request may ask for.
     max_n: int = 8
+    # A stream whose output waits untaken this long, or this many steps of it, is stopped.
+    stall_timeout_s: float = 30.0
+    max_undelivered_steps: int = 1024
 
 
 class SchedulerMetrics:
     """What the scheduler reports; implemented over Prometheus by the engine."""
 
     def step(self, batch_tokens: int, running: int, waiting: int, kv_used: float) -> None: ...
+
+    def idle(self, waiting: int) -> None: ...
 
     def token(self, n: int) -> None: ...
 
@@ -364,8 +374,45 @@ class Scheduler:
     # --- decode thread ---------------------------------------------------------------------
 
     def _deliver(self, outbox: list[tuple[SeqRequest, list[Event] | BaseException]]) -> None:
+        """Queue each request's output for its reader (on the event loop); a reader that has
+        left output untaken for stall_timeout_s, or max_undelivered_steps of it, stops its
+        stream, so a stalled client holds a slot and memory only that long."""
+        now = time.monotonic()
         for request, item in outbox:
-            request.queue.put_nowait(item)
+            if request.stalled:
+                continue  # nobody will read it: nothing more is kept
+            queue = request.queue
+            if queue.empty():
+                request.pending_since = now
+            elif isinstance(item, list) and (
+                queue.qsize() >= self.config.max_undelivered_steps
+                or now - request.pending_since >= self.config.stall_timeout_s
+            ):
+                self._stall(request, now)
+                continue
+            queue.put_nowait(item)
+
+    def _stall(self, request: SeqRequest, now: float) -> None:
+        """Stop a stream whose reader stalled: the decode thread frees its slot at the next
+        step; the reader, should it come back, gets what was queued, then the error."""
+        waited = now - request.pending_since
+        untaken = request.queue.qsize()
+        request.stalled = True
+        request.cancelled = True
+        request.queue.put_nowait(
+            DeadlineExceeded(
+                f"the stream's reader left {untaken} steps of output untaken for {waited:.1f} s",
+                reason="READER_STALLED",
+            )
+        )
+        log.warning(
+            "stream stopped: its reader left %d steps of output untaken for %.1f s",
+            untaken,
+            waited,
+            extra={"model": self.config.name},
+        )
+        with self._cond:
+            self._cond.notify()
 
     def _post(self, items: Iterable[tuple[SeqRequest, list[Event] | BaseException]]) -> None:
         """Queue events for the event loop; they leave at the next `_flush`."""
@@ -600,9 +647,11 @@ class Scheduler:
 
     def _step(self) -> None:
         for seq in [s for s in self._active if s.request.cancelled]:
-            self._finished(seq, Finish.CANCELLED.value)
+            self._finished(seq, "stalled" if seq.request.stalled else Finish.CANCELLED.value)
             self._release(seq)
         if not self._active:
+            # No step to observe, but the gauges must not keep the sequences just dropped.
+            self._metrics.idle(len(self._waiting))
             return
         self._compact()
         group = self._group()
