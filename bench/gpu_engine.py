@@ -5,8 +5,10 @@ llama.cpp sources.
 A one-off measurement that runs on a CUDA machine (the device `run` tool's H100), not part of
 `make bench-batching`. At each level of concurrent streams (--concurrency), these take turns
 (--servers):
-- engine: the Engine as it loads on a GPU, its sampler chains inside the decode graph (backend
-  sampling: only each row's token comes back to the host);
+- engine: the Engine as it loads on a GPU by default (backend sampling only for a context of
+  one slot: llama_api.BACKEND_SAMPLING_AUTO_SLOTS);
+- engine-device: the same Engine with backend sampling forced on: its sampler chains run
+  inside the decode graph and only each row's token comes back to the host;
 - engine-host: the same Engine with backend sampling off: every row's 262k logits copied to the
   host and sampled there (the shortlist, on its default sample_threads);
 - llama-server: --parallel N, -c 512*N, -t and -tb the Engine's n_threads (all cores but one);
@@ -119,12 +121,12 @@ def _context_params(backend_sampling: bool) -> Iterator[None]:
 
     from inference_local import engine  # type: ignore[import-not-found, unused-ignore]
 
-    original = engine.ContextParams
-    engine.ContextParams = functools.partial(original, backend_sampling=backend_sampling)
+    original = vars(engine)["ContextParams"]
+    vars(engine)["ContextParams"] = functools.partial(original, backend_sampling=backend_sampling)
     try:
         yield
     finally:
-        engine.ContextParams = original
+        vars(engine)["ContextParams"] = original
 
 
 def sampled_on_device(engine: Any) -> int:
@@ -166,7 +168,7 @@ def gpu_memory() -> str:
     return "?"
 
 
-SERVERS = ("engine", "engine-host", "llama-server", "llama-server-bs")
+SERVERS = ("engine", "engine-device", "engine-host", "llama-server", "llama-server-bs")
 PROMPT_TOKENS = 120  # about the length of batching.py's prompts
 
 
@@ -200,7 +202,8 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     for c in args.concurrency:
         async with contextlib.AsyncExitStack() as stack:
             targets: dict[str, Any] = {}
-            for name, backend in (("engine", None), ("engine-host", False)):
+            engines = (("engine", None), ("engine-device", True), ("engine-host", False))
+            for name, backend in engines:
                 if name in args.servers:
                     cm = engine_at(model, c, args.ctx, backend)
                     targets[name] = await stack.enter_async_context(cm)
@@ -219,7 +222,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
             levels = await batching.interleaved(targets, c, args.max_tokens, args.repeat)
             for name, r in levels.items():
                 results["servers"].setdefault(name, {})[str(c)] = r
-            for name in ("engine", "engine-host"):
+            for name, _ in engines:
                 if name in targets:
                     counts = results["tokens_sampled_on_device"].setdefault(name, {})
                     counts[str(c)] = sampled_on_device(targets[name])

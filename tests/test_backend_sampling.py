@@ -136,12 +136,13 @@ def person() -> Constraint:
     return constraint
 
 
-def test_the_default_follows_where_the_logits_are(model: Model) -> None:
-    context = Context(model, ContextParams(n_seq=1, n_ctx_per_seq=64))
-    try:
-        assert context.backend_sampling is model.output_on_gpu
-    finally:
-        context.close()
+def test_the_default_is_the_graph_only_for_one_slot_on_a_gpu(model: Model) -> None:
+    for slots, expected in ((1, model.output_on_gpu), (2, False)):
+        context = Context(model, ContextParams(n_seq=slots, n_ctx_per_seq=64))
+        try:
+            assert context.backend_sampling is expected
+        finally:
+            context.close()
 
 
 async def test_greedy_text_is_the_hosts(

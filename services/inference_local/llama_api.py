@@ -221,6 +221,10 @@ class LoraAdapter:
             self.ptr = None
 
 
+# Slots up to which a GPU context samples in the decode graph by default (ContextParams).
+BACKEND_SAMPLING_AUTO_SLOTS = 1
+
+
 @dataclass(frozen=True)
 class ContextParams:
     n_seq: int
@@ -230,10 +234,14 @@ class ContextParams:
     embeddings: bool = False
     # llama.cpp's flash attention: None leaves it to llama.cpp (on where the backend has it).
     flash_attention: bool | None = None
-    # Sampler chains that run inside the decode graph (`Context.attach`); None: where the
-    # logits are computed on a GPU, whose copy of every row's logits to the host then costs as
-    # much as the decode. On a CPU the graph's sampling ops are slower than the host's
-    # shortlist (measured with 8 streams: 61 ms a step against 56).
+    # Sampler chains that run inside the decode graph (`Context.attach`); None: only for a
+    # context of one slot whose logits are computed on a GPU. Measured on an H100 (CUDA 13.0,
+    # bench/results/gpu_engine_2026-12-06.md), top-k/top-p chains: 1 stream 736 tok/s in the
+    # graph against 640 on the host; 16 streams 1953 against 2095; 64 streams 1871 against
+    # 3116. llama.cpp builds one sampling subgraph per sequence, and with CUDA 13.0's CCCL its
+    # top-k sorts all 262k logits of each row; every change of the attached chains also
+    # reserves the graph again. On a CPU the graph's sampling ops are slower than the host's
+    # shortlist (8 streams: 61 ms a step against 56).
     backend_sampling: bool | None = None
 
 
@@ -266,9 +274,9 @@ class Context:
             cparams.embeddings = True
             cparams.pooling_type = C.LLAMA_POOLING_TYPE_MEAN
         backend = params.backend_sampling
-        self.backend_sampling = bool(
-            (model.output_on_gpu if backend is None else backend) and not params.embeddings
-        )
+        if backend is None:
+            backend = model.output_on_gpu and params.n_seq <= BACKEND_SAMPLING_AUTO_SLOTS
+        self.backend_sampling = backend and not params.embeddings
         if self.backend_sampling:
             # Every decode asks for at most one row per sequence (a prompt's last token, or
             # a decode step's): with that bound llama.cpp can run penalties in the graph, and
