@@ -108,7 +108,7 @@ def verify_view(result: ledger_pb2.VerifyResponse) -> dict[str, Any]:
 
 
 def _time(text: str | None, param: str) -> Timestamp | None:
-    if not text:
+    if text is None:
         return None
     try:
         moment = datetime.fromisoformat(text)

@@ -32,6 +32,7 @@ class LoadModelBody(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [{"name": "gemma-3-270m", "path": "gemma-3-270m-q4_k_m.gguf"}]
         },
@@ -52,7 +53,7 @@ class UnloadModelBody(BaseModel):
     """POST /admin/models/unload."""
 
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"name": "gemma-3-270m"}]}
+        extra="forbid", strict=True, json_schema_extra={"examples": [{"name": "gemma-3-270m"}]}
     )
 
     name: str = Field(min_length=1, max_length=MAX_TEXT)

@@ -43,6 +43,7 @@ class EmbeddingsBody(BaseModel):
     # A field not listed (e.g. `dimensions`) is refused with a 400 naming it, never ignored.
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {"model": "gemma-3-270m", "input": "The quick brown fox"},

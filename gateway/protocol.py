@@ -10,13 +10,15 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     ValidationError,
     ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError
 
 MAX_STOP_SEQUENCES = 4
 # The default of GatewayConfig.max_n; parse_* take the configured value.
@@ -70,6 +72,23 @@ def _stop_list(value: Any) -> Any:
     return value
 
 
+class AlsoAccepts:
+    """Annotation for a field whose BeforeValidator turns a shorthand (a string for a list of
+    parts, "auto" for a tool_choice object) into the declared type: the document then states
+    both forms, so that what the server takes is what the document says it takes."""
+
+    def __init__(self, shorthand: dict[str, Any]) -> None:
+        self.shorthand = shorthand
+
+    def __get_pydantic_json_schema__(
+        self, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {"anyOf": [self.shorthand, handler(core_schema)]}
+
+
+A_STRING: dict[str, Any] = {"type": "string"}
+
+
 _TEXT_PART_SCHEMA = {
     "type": "object",
     "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
@@ -120,7 +139,9 @@ Stop = Annotated[
 class _Wire(BaseModel):
     # A field the mesh does not implement is refused by name, never dropped: a caller whose
     # `tools` or `response_format` vanished would get a well-formed answer to another question.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: JSON's types as the document states them, so `false` is no 0 and `1` no true; a
+    # value the document calls invalid must not be taken as some other value.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class StreamOptions(_Wire):

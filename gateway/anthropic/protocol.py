@@ -7,14 +7,15 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from gateway.protocol import TOOL_NAME_PATTERN, RequestInvalid, error_param
+from gateway.protocol import A_STRING, TOOL_NAME_PATTERN, AlsoAccepts, RequestInvalid, error_param
 
 _UINT32_MAX = (1 << 32) - 1
 
 
 class _Wire(BaseModel):
     # Unknown fields and block types are refused by name, never dropped (see gateway.protocol).
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: JSON's types as the document states them (`false` is no 0).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class CacheControl(_Wire):
@@ -38,7 +39,7 @@ def _text_blocks(value: Any) -> Any:
     return value
 
 
-TextContent = Annotated[list[TextBlock], BeforeValidator(_text_blocks)]
+TextContent = Annotated[list[TextBlock], BeforeValidator(_text_blocks), AlsoAccepts(A_STRING)]
 
 # Which fields each block type takes beyond `type`; others are refused by name.
 _BLOCK_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
@@ -111,7 +112,7 @@ _ROLE_BLOCKS = {
 
 class MessageParam(_Wire):
     role: Literal["user", "assistant"]
-    content: Annotated[list[ContentBlock], BeforeValidator(_text_blocks)]
+    content: Annotated[list[ContentBlock], BeforeValidator(_text_blocks), AlsoAccepts(A_STRING)]
 
     @model_validator(mode="after")
     def _blocks_fit_the_role(self) -> MessageParam:

@@ -21,7 +21,14 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from gateway.protocol import TOOL_NAME_PATTERN, _Wire, describe, tool_choice_object
+from gateway.protocol import (
+    A_STRING,
+    TOOL_NAME_PATTERN,
+    AlsoAccepts,
+    _Wire,
+    describe,
+    tool_choice_object,
+)
 
 _UINT32_MAX = (1 << 32) - 1
 
@@ -42,7 +49,7 @@ def _parts(value: Any) -> Any:
     return value
 
 
-Parts = Annotated[list[ContentPart], BeforeValidator(_parts)]
+Parts = Annotated[list[ContentPart], BeforeValidator(_parts), AlsoAccepts(A_STRING)]
 
 # type: (required, allowed) fields beyond `type`.
 _ITEM_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
@@ -183,10 +190,19 @@ class ResponsesRequest(_Wire):
     )
 
     model: str = Field(min_length=1)
-    input: Annotated[list[InputItem], BeforeValidator(_input_items), Field(min_length=1)]
+    input: Annotated[
+        list[InputItem], BeforeValidator(_input_items), Field(min_length=1), AlsoAccepts(A_STRING)
+    ]
     instructions: str | None = None
     tools: list[FunctionTool] | None = None
-    tool_choice: Annotated[ToolChoiceParam, BeforeValidator(tool_choice_object)] | None = None
+    tool_choice: (
+        Annotated[
+            ToolChoiceParam,
+            BeforeValidator(tool_choice_object),
+            AlsoAccepts({"enum": ["none", "auto", "required"]}),
+        ]
+        | None
+    ) = None
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     max_output_tokens: int | None = Field(default=None, ge=1, le=_UINT32_MAX)

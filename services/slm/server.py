@@ -26,6 +26,9 @@ SERVER_OPTIONS: Sequence[tuple[str, int]] = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # Clients ping every 30 s (CHANNEL_OPTIONS); grpc's default here (5 min) counts those as
+    # strikes and answers GOAWAY "too_many_pings", failing the call in flight as UNAVAILABLE.
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 20_000),
     ("grpc.max_receive_message_length", 16 << 20),
     ("grpc.so_reuseport", 0),
 )
