@@ -83,8 +83,11 @@ class Timeline:
     last: float = 0.0
     tokens: int = 0
     gaps: list[float] = field(default_factory=list)
+    # Tokens the server reported (usage, or the engine's End); 0: count the chunks.
+    reported: int = 0
 
     def token(self) -> None:
+        """A chunk with text arrived (one token, or several a server sent together)."""
         now = time.perf_counter()
         if self.tokens == 0:
             self.first = now
@@ -95,7 +98,8 @@ class Timeline:
 
     def sample(self, error: str = "") -> Sample:
         last = self.last or self.start
-        return Sample(self.start, self.first or last, last, self.tokens, tuple(self.gaps), error)
+        tokens = self.reported or self.tokens
+        return Sample(self.start, self.first or last, last, tokens, tuple(self.gaps), error)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -122,7 +126,14 @@ def stream_request(index: int, max_tokens: int, run: int) -> dict[str, Any]:
 async def one_stream(
     client: httpx.AsyncClient, url: str, model: str, index: int, max_tokens: int, run: int
 ) -> Sample:
-    body = {"model": model, "stream": True, **stream_request(index, max_tokens, run)}
+    body = {
+        "model": model,
+        "stream": True,
+        # The token count comes from usage: a server may send several tokens in one chunk
+        # (the mesh does for a reader that falls behind).
+        "stream_options": {"include_usage": True},
+        **stream_request(index, max_tokens, run),
+    }
     timeline = Timeline()
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
@@ -130,9 +141,12 @@ async def one_stream(
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                choices = json.loads(line[6:]).get("choices") or [{}]
+                chunk = json.loads(line[6:])
+                choices = chunk.get("choices") or [{}]
                 if choices[0].get("text"):
                     timeline.token()
+                if chunk.get("usage"):
+                    timeline.reported = chunk["usage"]["completion_tokens"]
     except httpx.HTTPError as error:
         # llama_cpp.server drops concurrent streams; count them instead of stopping the run.
         return timeline.sample(type(error).__name__)
@@ -141,7 +155,7 @@ async def one_stream(
 
 async def engine_stream(engine: Any, model: str, index: int, max_tokens: int, run: int) -> Sample:
     """The same request as one_stream, straight to an Engine in this process."""
-    from inference_local.engine import Delta, Request
+    from inference_local.engine import Delta, End, Request
     from inference_local.sampling import Sampling
 
     fields = stream_request(index, max_tokens, run)
@@ -152,6 +166,8 @@ async def engine_stream(engine: Any, model: str, index: int, max_tokens: int, ru
     async for event in engine.generate(request):
         if isinstance(event, Delta) and event.text:
             timeline.token()
+        elif isinstance(event, End):
+            timeline.reported = event.completion_tokens
     return timeline.sample()
 
 
