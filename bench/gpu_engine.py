@@ -61,7 +61,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,7 @@ async def engine_at(
     model: Path, c: int, ctx: int, backend_sampling: bool | None
 ) -> AsyncIterator[Any]:
     """batching.direct_engine on `model` with `c` slots of `ctx` tokens, and backend sampling
-    as asked (None: the Engine's default, on where the logits are on a GPU)."""
+    as asked (None: the Engine's default, on for a one-slot context on a GPU)."""
     from inference_local.config import (  # type: ignore[import-not-found, unused-ignore]
         InferenceLocalConfig,
         ModelConfig,
@@ -95,38 +95,13 @@ async def engine_at(
         "parallel": c,
         "context_length": ctx,
         "gpu_layers": -1,  # every layer on the GPU, refused on a build without one
+        "backend_sampling": backend_sampling,
     }
-    with_field = "backend_sampling" in ModelConfig.model_fields
-    if with_field:
-        fields["backend_sampling"] = backend_sampling
     models = [ModelConfig(**{**entry.model_dump(), **fields})]
     config = base.model_copy(update={"models": models})
-    with contextlib.ExitStack() as patch:
-        if not with_field and backend_sampling is not None:
-            patch.enter_context(_context_params(backend_sampling))
-        # The model loads (and its context is made) as the engine starts.
-        engine_cm = batching.direct_engine(config)
-        engine = await engine_cm.__aenter__()
-    try:
+    # The model loads (and its context is made) as the engine starts.
+    async with batching.direct_engine(config) as engine:
         yield engine
-    finally:
-        await engine_cm.__aexit__(None, None, None)
-
-
-@contextlib.contextmanager
-def _context_params(backend_sampling: bool) -> Iterator[None]:
-    """Until the model config has a backend_sampling field: the Engine's contexts made inside
-    this block get it from here."""
-    import functools
-
-    from inference_local import engine  # type: ignore[import-not-found, unused-ignore]
-
-    original = vars(engine)["ContextParams"]
-    vars(engine)["ContextParams"] = functools.partial(original, backend_sampling=backend_sampling)
-    try:
-        yield
-    finally:
-        vars(engine)["ContextParams"] = original
 
 
 def sampled_on_device(engine: Any) -> int:

@@ -83,6 +83,12 @@ class ModelConfig(Section):
     # default, every layer on the GPU when there is one. The memory budget counts the weights
     # wherever they are.
     gpu_layers: int | None = Field(default=None, ge=-1)
+    # Sampler chains inside the decode graph, so only each sequence's token comes back from the
+    # GPU (chains it cannot run, e.g. a grammar, sample on the host). Unset: only for a
+    # one-slot context on a GPU: with CUDA 13.0 llama.cpp sorts each row's 262k logits for
+    # top-k, and at 16 and 64 streams on an H100 the host path was faster (bench/results/
+    # gpu_engine_2026-12-06.md).
+    backend_sampling: bool | None = None
 
 
 class InferenceLocalConfig(Section):

@@ -158,6 +158,7 @@ class LoadSpec:
     n_threads: int | None = None
     repack_weights: bool = False
     gpu_layers: int | None = None
+    backend_sampling: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -637,6 +638,7 @@ class Engine:
                 n_threads=threads,
                 embeddings=spec.embeddings,
                 flash_attention=self._flash_attention(weights.model, threads),
+                backend_sampling=spec.backend_sampling,
             ),
         )
         source = weights.meta.chat_template or spec.chat_template
@@ -947,6 +949,7 @@ def _spec_from_config(entry: ModelConfig) -> LoadSpec:
         n_threads=entry.n_threads,
         repack_weights=entry.repack_weights,
         gpu_layers=entry.gpu_layers,
+        backend_sampling=entry.backend_sampling,
     )
 
 
