@@ -8,6 +8,8 @@ import ipaddress
 import logging
 
 from fastapi import APIRouter, Depends, Request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.responses import Response
 
 from gateway.admin_adapters import adapters_router
 from gateway.admin_ledger import ledger_router
@@ -61,11 +63,22 @@ class AdminGuard:
         return None
 
 
-def admin_router(config: GatewayConfig) -> APIRouter:
-    """Every /admin/* route: models, adapters and the ledger. The key check is this router's
-    dependency, so a route added to any of them cannot skip it."""
+def admin_router(config: GatewayConfig, registry: CollectorRegistry) -> APIRouter:
+    """Every /admin/* route: models, adapters, the ledger and this gateway's metrics. The key
+    check is this router's dependency, so a route added to any of them cannot skip it."""
     router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(AdminGuard(config))])
     router.include_router(models_router())
     router.include_router(adapters_router())
     router.include_router(ledger_router())
+
+    @router.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
+    async def metrics() -> Response:
+        """This gateway's Prometheus metrics, for the admin page: the edge does not publish
+        /metrics (Prometheus scrapes the gateway's own port), so operators see them here."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
     return router

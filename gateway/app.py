@@ -326,7 +326,7 @@ def build_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(anthropic_routes.messages_router(runtime.require, read_body, _context))
     app.include_router(responses_routes.responses_router(runtime.require, read_body, _context))
     install_ui(app, runtime.require, limit)
-    app.include_router(admin_router(settings.gateway))
+    app.include_router(admin_router(settings.gateway, registry))
     app.include_router(embeddings_router(read_body, _context))
     _install_error_handlers(app)
     _install_openapi(app)

@@ -66,3 +66,6 @@ async def test_every_admin_route_of_the_app_is_guarded(tmp_path: Path) -> None:
                 }
             }
             assert wrong.json()["error"]["type"] == "permission_error"
+        metrics = await client.get("/admin/metrics", headers={"authorization": "Bearer s3cret"})
+        assert metrics.status_code == 200
+        assert "slm_gateway_requests_total" in metrics.text

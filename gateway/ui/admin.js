@@ -167,15 +167,16 @@
   // --- metrics -------------------------------------------------------------------------------
   let previous = null;
   async function loadMetrics() {
+    // The edge does not publish /metrics; the gateway shows its own to admins.
     const [metrics, ready] = await Promise.all([
-      fetch("/metrics").then((r) => (r.ok ? r.text() : null)).catch(() => null),
+      slm.request("GET", "/admin/metrics", {key: key()}),
       slm.request("GET", "/readyz"),
     ]);
-    if (metrics === null) {
+    if (!metrics.ok || typeof metrics.body !== "string") {
       $("metrics").replaceChildren();
-      return state("metrics-state", "Not available: /metrics did not answer.", "unavailable");
+      return state("metrics-state", ...explain(metrics, "/admin/metrics"));
     }
-    const s = slm.parseMetrics(metrics);
+    const s = slm.parseMetrics(metrics.body);
     const now = performance.now();
     const requests = slm.sum(s, "slm_gateway_requests_total");
     const generated = slm.sum(s, "slm_gateway_completion_tokens_total");
