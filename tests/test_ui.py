@@ -6,12 +6,14 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 from helpers import DEFAULT_MODEL, Mesh, mesh_settings, metric_value, wait_for
 from playwright.sync_api import BrowserContext, Page, sync_playwright
 
 from doorman.config import PrivacyConfig
+from slm.v1 import ledger_pb2, ledger_pb2_grpc
 
 pytestmark = pytest.mark.e2e
 
@@ -182,6 +184,36 @@ def test_masked_personal_data_is_marked(
     assert "Personal data: 1 item(s)" in mark.inner_text()
     assert probe.errors == []
     probe.page.close()
+
+
+def test_admin_page_lists_the_newest_records_newest_first(
+    browser_context: BrowserContext, privacy_mesh: Mesh
+) -> None:
+    # More records than the page ever asked for at once (1,000): it must show the chain's tail,
+    # not the tail of a page of the oldest.
+    address = privacy_mesh.settings.ledger.endpoint.address
+    with grpc.insecure_channel(address) as channel:
+        ledger = ledger_pb2_grpc.LedgerServiceStub(channel)
+        for batch in range(3):
+            entries = [
+                ledger_pb2.LedgerEntry(request_id=f"ui-{batch}-{i}", tenant="ui", model="m")
+                for i in range(400)
+            ]
+            appended = ledger.AppendBatch(ledger_pb2.AppendBatchRequest(entries=entries))
+    head = appended.records[-1].sequence
+    probe = PageProbe(browser_context.new_page(), privacy_mesh.base_url)
+    page = probe.page
+    page.set_default_timeout(120_000)
+    page.goto(f"{privacy_mesh.base_url}/admin")
+    page.locator("#ledger-table tbody tr").first.wait_for()
+    state = page.locator("#ledger-state").inner_text()
+    assert state == "20 most recent record(s), newest first"
+    shown = [
+        int(s) for s in page.locator("#ledger-table tbody tr td:first-child").all_inner_texts()
+    ]
+    assert shown == list(range(head, head - 20, -1))
+    assert probe.errors == []
+    page.close()
 
 
 def test_admin_page_shows_every_section(probe: PageProbe, mesh: Mesh) -> None:
