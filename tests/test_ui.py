@@ -83,8 +83,16 @@ def probe(browser_context: BrowserContext, mesh: Mesh) -> Iterator[PageProbe]:
 
 def open_chat(probe: PageProbe, mesh: Mesh) -> Page:
     page = probe.page
-    page.goto(f"{mesh.base_url}/")
-    page.wait_for_function("document.querySelector('#model').value !== ''")
+    response = page.goto(f"{mesh.base_url}/")
+    # The chat page itself: an error answered in its place (Envoy's 503 JSON when no gateway
+    # took the connection) has no #model, and is named here rather than as a script error.
+    assert response is not None, "no response for the chat page"
+    assert response.status == 200, (response.status, response.text())
+    # The model list arrives from /v1/models after the page has loaded. A locator waits for the
+    # option to exist; the former predicate (`querySelector('#model').value`) threw on any
+    # document without #model instead of failing on what the page was, and a throwing
+    # predicate ends Playwright's wait at once.
+    page.locator(f"#model option[value='{DEFAULT_MODEL}']").wait_for(state="attached")
     page.select_option("#model", DEFAULT_MODEL)
     return page
 
