@@ -44,7 +44,10 @@ def responses_router(
     @router.post(
         RESPONSES,
         responses={
-            200: {"description": "A Response object, or its events as SSE when `stream`."},
+            200: {
+                "description": "A Response object, or its events as SSE when `stream`.",
+                "content": {"application/json": {}, "text/event-stream": {}},
+            },
             **_ERRORS,
         },
         openapi_extra=_BODY_DOC,
