@@ -7,7 +7,7 @@ document does not declare, a request the document calls invalid that the server 
 Python traceback in the mesh's log fails the test.
 
 Generations stay cheap: the document's examples ask for a few tokens, and a hook
-(fuzz_http_hooks.py) makes every valid max_tokens at most 16 before the request goes out.
+(fuzz_http_hooks.py) makes every valid max_tokens at most 4 before the request goes out.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ SERVER_OPTIONS: Sequence[tuple[str, int]] = (
     ("grpc.http2.max_pings_without_data", 0),
     # Clients ping every 30 s (CHANNEL_OPTIONS); grpc's default here (5 min) counts those as
     # strikes and answers GOAWAY "too_many_pings", failing the call in flight as UNAVAILABLE.
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 20_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
     ("grpc.max_receive_message_length", 16 << 20),
     ("grpc.so_reuseport", 0),
 )
