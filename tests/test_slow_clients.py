@@ -4,14 +4,23 @@ its slot only up to a configured bound, and what is kept for it stays bounded.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import socket
+import threading
+import urllib.request
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
+import httpx
 import pytest
+from helpers import DEFAULT_MODEL, Mesh, mesh_settings, metric_value, wait_for
 from prometheus_client import CollectorRegistry
 
 from inference_local.config import InferenceLocalConfig, ModelConfig
 from inference_local.engine import Delta, End, Engine, Event, Finish, Request
 from inference_local.sampling import Sampling
+from mesh.settings import Settings
 from slm.errors import DeadlineExceeded
 
 MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
@@ -125,3 +134,122 @@ async def test_a_slow_reader_that_keeps_up_is_not_stopped(engine: Engine) -> Non
     assert isinstance(events[-1], End)
     assert events[-1].completion_tokens == 60
     assert count(engine, "two", "stalled") == 0
+
+
+# --- the whole mesh, real processes ------------------------------------------------------
+
+
+def stalling_settings(tmp_path: Path) -> Settings:
+    """The mesh with small stall bounds, and Envoy's own reapers (idle timeout, TCP user
+    timeout) far beyond the test's deadline, so that only the stall bounds can free a slot."""
+    settings = mesh_settings(tmp_path)
+    settings.inference_local = settings.inference_local.model_copy(
+        update={
+            "stall_timeout_s": 2.0,
+            "models": [settings.inference_local.models[0].model_copy(update={"parallel": 20})],
+        }
+    )
+    settings.gateway = settings.gateway.model_copy(update={"stall_timeout_s": 1.0})
+    settings.envoy = settings.envoy.model_copy(
+        update={
+            "connection_buffer_bytes": 16 << 10,
+            "socket_buffer_bytes": 32 << 10,
+            "stream_idle_timeout_s": 3600,
+            "tcp_keepalive_s": 3600,
+        }
+    )
+    return settings
+
+
+def stalling_request(port: int, max_tokens: int) -> bytes:
+    # Eight choices with 20 alternatives a token stream tens of kilobytes a step, so the output
+    # outgrows every buffer on the way in seconds: Envoy's, gRPC's windows, and the kernel's
+    # socket buffers, which on loopback grow to megabytes.
+    body = json.dumps(
+        {
+            "model": DEFAULT_MODEL,
+            "messages": [{"role": "user", "content": "Tell me a very long story."}],
+            "max_tokens": max_tokens,
+            "stream": True,
+            "logprobs": True,
+            "top_logprobs": 20,
+            "n": 8,
+            "logit_bias": {"1": -100, "106": -100},
+        }
+    ).encode()
+    return (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+def open_stream(port: int, max_tokens: int) -> socket.socket:
+    """Send a streaming request and read until its first event: it is generating."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(stalling_request(port, max_tokens))
+    received = b""
+    while b"data: " not in received:
+        chunk = sock.recv(4096)
+        assert chunk, f"closed before the first event: {received[:200]!r}"
+        received += chunk
+    assert received.startswith(b"HTTP/1.1 200"), received[:200]
+    return sock
+
+
+def finished(mesh: Mesh, reason: str) -> float:
+    with urllib.request.urlopen(mesh.inference_metrics_url, timeout=10) as answer:
+        text = answer.read().decode()
+    return metric_value(text, "slm_engine_requests_total", finish_reason=reason)
+
+
+def test_stalled_and_trickling_clients_free_their_slots_while_others_complete(
+    model_path: object, tmp_path: Path
+) -> None:
+    mesh = Mesh(stalling_settings(tmp_path), tmp_path / "slm.toml", tmp_path / "mesh.log")
+    mesh.start()
+    port = mesh.settings.envoy.port
+    stop = threading.Event()
+    sockets: list[socket.socket] = []
+    reader: threading.Thread | None = None
+    try:
+        before = finished(mesh, "cancelled") + finished(mesh, "stalled")
+        # A client that stops reading after the first event, and one that reads a byte a
+        # second; either would take hours to read its answer.
+        sockets.append(open_stream(port, 1800))
+        trickling = open_stream(port, 1800)
+        sockets.append(trickling)
+
+        def trickle() -> None:
+            with contextlib.suppress(OSError):
+                while not stop.wait(1.0) and trickling.recv(1):
+                    pass
+
+        reader = threading.Thread(target=trickle, daemon=True)
+        reader.start()
+        # Meanwhile other streams share the batch and run to their end.
+        with httpx.Client(base_url=mesh.base_url, timeout=300) as client:
+            for seed in (1, 2):
+                body = {
+                    "model": DEFAULT_MODEL,
+                    "messages": [{"role": "user", "content": "Count to ten."}],
+                    "max_tokens": 48,
+                    "seed": seed,
+                    "logit_bias": {"1": -100, "106": -100},
+                }
+                answer = client.post("/v1/chat/completions", json=body)
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["choices"][0]["finish_reason"] == "length"
+        # Both stalled streams leave the engine (cancelled through the gateway's write
+        # timeout, or stopped by the engine's own stall bound), long before they could end.
+        assert wait_for(
+            lambda: finished(mesh, "cancelled") + finished(mesh, "stalled") >= before + 2,
+            timeout_s=240,
+        ), mesh.log_tail()
+        assert finished(mesh, "length") == 2  # only the two complete ones ran to their end
+    finally:
+        stop.set()
+        if reader is not None:
+            reader.join()
+        for sock in sockets:
+            sock.close()
+        mesh.stop()

@@ -117,6 +117,7 @@ def render_envoy_config(gateway: GatewayConfig, envoy: EnvoyConfig) -> str:
         ),
         retry_after_s=envoy.retry_after_s,
         connection_buffer_bytes=envoy.connection_buffer_bytes,
+        socket_buffer_bytes=envoy.socket_buffer_bytes,
         keepalive=Keepalive.of(envoy.tcp_keepalive_s),
         grpc_prefixes=GRPC_PREFIXES,
         grpc_generation_paths=GRPC_GENERATION_PATHS,
