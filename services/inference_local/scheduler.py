@@ -434,6 +434,22 @@ class Scheduler:
 
     def _run(self) -> None:
         name_os_thread("slm-decode")
+        try:
+            self._loop_steps()
+        except BaseException:
+            # A bug must not leave requests waiting on a thread that is gone: fail them all,
+            # and every later one (generate checks _stopping).
+            log.exception("decode thread failed", extra={"model": self.config.name})
+            with self._cond:
+                self._stopping = True
+            failure = Internal(f"model {self.config.name!r}: the decode thread failed")
+            self._post([(s.request, failure) for s in self._active])
+            self._post([(r, failure) for r in self._waiting])
+            self._waiting.clear()
+            self._flush()
+            raise
+
+    def _loop_steps(self) -> None:
         while True:
             with self._cond:
                 while not self._stopping and not self._waiting and not self._active:
@@ -479,7 +495,14 @@ class Scheduler:
                 continue
             self._active.extend(seqs)
             if request.prefix is not None and request.prefix.restore is not None:
-                self._restore(seqs[0], request.prefix)
+                try:
+                    self._restore(seqs[0], request.prefix)
+                except Exception:
+                    # A state that cannot be restored is a full prefill, not a dead thread.
+                    log.exception("prefix restore failed", extra={"model": self.config.name})
+                    self._context.clear_seq(seqs[0].slot)
+                    seqs[0].prompt_pos = seqs[0].n_past = 0
+                    request.prefix.refused()
         return refused
 
     def _seqs(self, request: SeqRequest) -> list[_Seq]:
@@ -490,31 +513,33 @@ class Scheduler:
         try:
             for index in range(request.n):
                 samplers.append(Sampler(self._model, request.sampling.sampler_config(index)))
+            room = self._context.n_ctx_per_seq - len(request.prompt)
+            limit = min(request.sampling.max_tokens or room, room)
+            seqs: list[_Seq] = []
+            for index, (slot, sampler) in enumerate(zip(slots, samplers, strict=True)):
+                if request.sampling.uses_penalties:
+                    sampler.accept_prompt(request.prompt)
+                seqs.append(
+                    _Seq(
+                        request=request,
+                        slot=slot,
+                        sampler=sampler,
+                        max_tokens=limit,
+                        stops=StopMatcher(request.sampling.stop),
+                        decoder=codecs.getincrementaldecoder("utf-8")("replace"),
+                        index=index,
+                        guide=request.grammar.start() if request.grammar is not None else None,
+                        follows=seqs[0] if seqs else None,
+                    )
+                )
         except Exception:
+            # Whatever failed, the slots go back: a slot lost here would be lost for good, and
+            # once all were, every request would wait forever.
             for sampler in samplers:
                 sampler.close()
             for slot in slots:
                 heapq.heappush(self._free_slots, slot)
             raise
-        room = self._context.n_ctx_per_seq - len(request.prompt)
-        limit = min(request.sampling.max_tokens or room, room)
-        seqs: list[_Seq] = []
-        for index, (slot, sampler) in enumerate(zip(slots, samplers, strict=True)):
-            if request.sampling.uses_penalties:
-                sampler.accept_prompt(request.prompt)
-            seqs.append(
-                _Seq(
-                    request=request,
-                    slot=slot,
-                    sampler=sampler,
-                    max_tokens=limit,
-                    stops=StopMatcher(request.sampling.stop),
-                    decoder=codecs.getincrementaldecoder("utf-8")("replace"),
-                    index=index,
-                    guide=request.grammar.start() if request.grammar is not None else None,
-                    follows=seqs[0] if seqs else None,
-                )
-            )
         return seqs
 
     def _restore(self, seq: _Seq, plan: PrefixPlan) -> None:
