@@ -271,6 +271,14 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 60) -> bool:
     return True
 
 
+async def until(condition: Callable[[], bool], timeout_s: float = 120) -> None:
+    """wait_for for a test on the event loop: poll a condition another thread or process makes
+    true (it has no event to wait on); TimeoutError past the deadline."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
 # Runtimes made by `runtime`; conftest closes those a test made when the test ends.
 OPEN_RUNTIMES: list[tuple[Runtime, asyncio.AbstractEventLoop]] = []
 

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from helpers import until
 
 from inference_local.llama_api import Context, ContextParams, Model
 from inference_local.sampling import Sampling, TokenLogprob
@@ -89,12 +90,12 @@ async def test_a_consumer_that_falls_behind_reads_one_delta(
     first = await anext(stream)
     # Read nothing more until the whole answer waits in the queue (the decode thread fills it;
     # nothing signals the loop but the queue itself, whose waiters this test must not be).
-    async with asyncio.timeout(120):
-        while not any(  # noqa: ASYNC110
+    await until(
+        lambda: any(
             isinstance(item, list) and any(isinstance(e, End) for e in item)
             for item in list(behind.queue._queue)  # type: ignore[attr-defined]
-        ):
-            await asyncio.sleep(0.01)
+        )
+    )
     rest = [event async for event in stream]
 
     assert isinstance(first, Delta)

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import socket
 import threading
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
-from helpers import DEFAULT_MODEL, Mesh, mesh_settings, metric_value, wait_for
+from helpers import DEFAULT_MODEL, Mesh, mesh_settings, metric_value, until, wait_for
 from prometheus_client import CollectorRegistry
 
 from inference_local.config import InferenceLocalConfig, ModelConfig
@@ -33,15 +34,17 @@ def long_request(model: str, max_tokens: int, seed: int) -> Request:
     return Request(model, sampling, prompt="Write a long story about a lighthouse keeper.")
 
 
-async def until(condition: Callable[[], bool], timeout_s: float = 120) -> None:
-    """Poll a condition the decode thread makes true (it has no event to wait on)."""
-    async with asyncio.timeout(timeout_s):
-        while not condition():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-
-
 def count(engine: Engine, model: str, reason: str) -> float:
     return float(engine.metrics.requests.labels(model, reason)._value.get())
+
+
+def sampled(engine: Engine, model: str) -> float:
+    return float(engine.metrics.tokens.labels(model)._value.get())
+
+
+def behind(engine: Engine, tokens: float) -> bool:
+    """Model "two" has sampled `tokens` tokens, or runs nothing more."""
+    return sampled(engine, "two") >= tokens or running(engine, "two") == 0
 
 
 def running(engine: Engine, model: str) -> float:
@@ -129,8 +132,9 @@ async def test_a_slow_reader_that_keeps_up_is_not_stopped(engine: Engine) -> Non
     events: list[Event] = []
     async for event in stream:
         events.append(event)
-        # Slower than a decode step, well inside the 0.5 s bound.
-        await asyncio.sleep(0.05)
+        # Behind the engine by two steps each time: output is always waiting when it reads,
+        # for a step or two, never for the stall bound.
+        await until(functools.partial(behind, engine, sampled(engine, "two") + 2))
     assert isinstance(events[-1], End)
     assert events[-1].completion_tokens == 60
     assert count(engine, "two", "stalled") == 0
