@@ -7,6 +7,7 @@ gRPC health check fails; `instances` lists them for calls that must reach each o
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import ipaddress
@@ -351,12 +352,14 @@ class _Delegate:
 class _PickingChannel(grpc.aio.Channel):  # type: ignore[misc]
     """A channel whose calls each go to the channel `pick` chooses for their request."""
 
+    @abc.abstractmethod
     def pick(self, request: Any) -> grpc.aio.Channel:
-        raise NotImplementedError
+        """The channel a call with this request goes to."""
 
     @property
+    @abc.abstractmethod
     def current(self) -> grpc.aio.Channel:
-        raise NotImplementedError
+        """The channel connectivity questions are answered by."""
 
     def unary_unary(self, *args: Any, **kwargs: Any) -> Any:
         return _Delegate(self.pick, "unary_unary", args, kwargs)
