@@ -127,6 +127,9 @@ class CallInfo:
     timeout_s: float | None = None
     # The "authorization" metadata, e.g. "Bearer KEY".
     authorization: str | None = None
+    # Who the transport already authenticated from it (the servicer does, before it reads the
+    # request); None: the core authenticates.
+    principal: Principal | None = None
 
 
 @dataclass(frozen=True)
@@ -264,7 +267,7 @@ class Doorman:
         self._pending: set[asyncio.Task[None]] = set()
 
     async def list_models(self, call: CallInfo) -> list[types_pb2.ModelInfo]:
-        principal = self._policy.authenticator.authenticate(call.authorization)
+        principal = self._principal(call)
 
         async def build(route: Route) -> inference_pb2.ListModelsRequest:
             return inference_pb2.ListModelsRequest()
@@ -395,8 +398,13 @@ class Doorman:
                 outcome.code = _status_of(error)
                 raise
 
+    def _principal(self, call: CallInfo) -> Principal:
+        if call.principal is not None:
+            return call.principal
+        return self._policy.authenticator.authenticate(call.authorization)
+
     def _authenticate(self, call: CallInfo, model: str) -> Principal:
-        principal = self._policy.authenticator.authenticate(call.authorization)
+        principal = self._principal(call)
         self._policy.authenticator.check_model(principal, model)
         return principal
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any, TypeAlias
 
 from doorman.auth import Authenticator
@@ -38,8 +39,7 @@ class DoormanServicer(doorman_pb2_grpc.DoormanServiceServicer):
         """Who calls, checked before anything of the request is read: a caller without a valid
         key learns nothing about what a valid request looks like."""
         info = _call_info(context, operation)
-        self._authenticator.authenticate(info.authorization)
-        return info
+        return replace(info, principal=self._authenticator.authenticate(info.authorization))
 
     async def Chat(
         self, request: doorman_pb2.ChatRequest, context: Context

@@ -347,7 +347,7 @@ class Scheduler:
                 if isinstance(item, BaseException):
                     done = True
                     raise item
-                for event in coalesce(item):
+                for event in coalesce(item) if len(item) > 1 else item:
                     if isinstance(event, End):
                         ends += 1
                         done = ends == n

@@ -252,6 +252,9 @@ class Connector:
     def model_channel(self, address: str) -> grpc.aio.Channel:
         """Like `channel`, but a call whose request names a model that only some instances hold
         goes to those (slm.v1.InferenceService's ListModels says which)."""
+        if isinstance(self.resolver, StaticResolver) and "," not in address:
+            # One fixed instance: nothing to choose between, so no ListModels to poll.
+            return self.channel(address)
         if address not in self._model_channels:
             self._model_channels[address] = ModelRoutedChannel(self, address)
         return self._model_channels[address]
