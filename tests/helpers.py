@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import subprocess
@@ -269,6 +270,71 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 60) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+class ServedProcess:
+    """`slm serve <service>` as a child process, its stderr copied to `<state>/<service>.log`.
+
+    `config` gives the TOML it reads, written when it starts (a restart reads it anew).
+    """
+
+    def __init__(
+        self, service: str, state: Path, config: Callable[[], str], deadline_s: float = 60
+    ) -> None:
+        self.service = service
+        self.config_path = state / f"{service}.toml"
+        self.log = state / f"{service}.log"
+        self._config = config
+        self._deadline_s = deadline_s
+        self.process: subprocess.Popen[bytes] | None = None
+        self._serving = threading.Event()
+        self._copier = threading.Thread()
+
+    def start(self) -> None:
+        self.config_path.write_text(self._config())
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mesh.cli", "--config", str(self.config_path), "serve",
+             self.service],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "SLM_CONFIG": ""},
+        )  # fmt: skip
+        self._serving = threading.Event()
+        self._copier = threading.Thread(target=self._copy_log, args=(self.process,), daemon=True)
+        self._copier.start()
+
+    def _copy_log(self, process: subprocess.Popen[bytes]) -> None:
+        assert process.stderr is not None
+        with self.log.open("ab") as log:
+            for line in process.stderr:
+                log.write(line)
+                log.flush()
+                # GrpcService logs "serving" once health is SERVING: the app has started.
+                if b'"msg": "serving"' in line:
+                    self._serving.set()
+
+    async def wait_serving(self) -> None:
+        if not await asyncio.to_thread(self._serving.wait, self._deadline_s):
+            raise AssertionError(self.log.read_text())
+
+    def _reap(self) -> int:
+        assert self.process is not None
+        assert self.process.stderr is not None
+        code = self.process.wait(timeout=30)
+        self._copier.join(timeout=30)
+        self.process.stderr.close()
+        return code
+
+    def kill(self) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        return self._reap()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+            self._reap()
 
 
 async def until(condition: Callable[[], bool], timeout_s: float = 120) -> None:

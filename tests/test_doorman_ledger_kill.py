@@ -6,20 +6,15 @@ in-process ledger; it is killed with SIGKILL as soon as the client holds the Str
 
 from __future__ import annotations
 
-import asyncio
-import os
 import signal
 import socket
-import subprocess
-import sys
-import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import grpc
 import pytest
-from helpers import DEFAULT_MODEL, mesh_settings, runtime, to_toml
+from helpers import DEFAULT_MODEL, ServedProcess, mesh_settings, runtime, to_toml
 from prometheus_client import CollectorRegistry
 
 from ledger.app import build_app
@@ -31,65 +26,16 @@ from slm.v1 import doorman_pb2, doorman_pb2_grpc, ledger_pb2, ledger_pb2_grpc, t
 DEADLINE_S = 60
 
 
-class DoormanProcess:
+class DoormanProcess(ServedProcess):
     """`slm serve doorman` as a child process."""
 
     def __init__(self, settings: Settings, state: Path) -> None:
+        super().__init__("doorman", state, lambda: to_toml(settings), DEADLINE_S)
         self.settings = settings
-        self.config = state / "doorman.toml"
-        self.log = state / "doorman.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self._serving = threading.Event()
-        self._copier = threading.Thread()
 
     @property
     def address(self) -> str:
         return self.settings.doorman.endpoint.address
-
-    def start(self) -> None:
-        self.config.write_text(to_toml(self.settings))
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mesh.cli", "--config", str(self.config), "serve", "doorman"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, "SLM_CONFIG": ""},
-        )
-        self._serving = threading.Event()
-        self._copier = threading.Thread(target=self._copy_log, args=(self.process,), daemon=True)
-        self._copier.start()
-
-    def _copy_log(self, process: subprocess.Popen[bytes]) -> None:
-        assert process.stderr is not None
-        with self.log.open("ab") as log:
-            for line in process.stderr:
-                log.write(line)
-                log.flush()
-                # GrpcService logs "serving" once started: the spool is loaded by then.
-                if b'"msg": "serving"' in line:
-                    self._serving.set()
-
-    async def wait_serving(self) -> None:
-        if not await asyncio.to_thread(self._serving.wait, DEADLINE_S):
-            raise AssertionError(self.log.read_text())
-
-    def _reap(self) -> int:
-        assert self.process is not None
-        assert self.process.stderr is not None
-        code = self.process.wait(timeout=30)
-        self._copier.join(timeout=30)
-        self.process.stderr.close()
-        return code
-
-    def kill(self) -> int:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        return self._reap()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.terminate()
-            self._reap()
 
 
 @asynccontextmanager

@@ -9,15 +9,13 @@ import io
 import os
 import signal
 import sqlite3
-import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
-from helpers import free_port, mesh_settings
+from helpers import ServedProcess, free_port, mesh_settings
 from postgres_server import PostgresServer
 
 from mesh.settings import Settings
@@ -158,75 +156,30 @@ async def test_verify_and_export_csv(ledger_server: GrpcService) -> None:
 # --- durability: a real ledger process, SIGKILL, restart ---------------------------------
 
 
-class LedgerProcess:
+class LedgerProcess(ServedProcess):
     """`slm serve ledger` as a child process."""
 
     def __init__(self, settings: Settings, state: Path) -> None:
+        super().__init__("ledger", state, lambda: ledger_toml(settings))
         self.settings = settings
-        self.config = state / "ledger.toml"
-        # Only the ledger's own section: everything else keeps its default.
-        ledger = settings.ledger
-        self.config.write_text(
-            "[ledger]\n"
-            f'backend = "{ledger.backend}"\n'
-            f'database = "{ledger.database}"\n'
-            f'postgres_dsn = "{ledger.postgres_dsn}"\n'
-            "[ledger.endpoint]\n"
-            f"port = {ledger.endpoint.port}\n"
-            f"metrics_port = {ledger.endpoint.metrics_port}\n"
-        )
-        self.log = state / "ledger.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self._serving = threading.Event()
-        self._copier = threading.Thread()
 
     @property
     def address(self) -> str:
         return self.settings.ledger.endpoint.address
 
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mesh.cli", "--config", str(self.config), "serve", "ledger"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, "SLM_CONFIG": ""},
-        )
-        self._serving = threading.Event()
-        self._copier = threading.Thread(target=self._copy_log, args=(self.process,), daemon=True)
-        self._copier.start()
 
-    def _copy_log(self, process: subprocess.Popen[bytes]) -> None:
-        assert process.stderr is not None
-        with self.log.open("ab") as log:
-            for line in process.stderr:
-                log.write(line)
-                log.flush()
-                # GrpcService logs "serving" once health is SERVING, i.e. the store is open.
-                if b'"msg": "serving"' in line:
-                    self._serving.set()
-
-    async def wait_serving(self) -> None:
-        if not await asyncio.to_thread(self._serving.wait, 60):
-            raise AssertionError(self.log.read_text())
-
-    def _reap(self) -> int:
-        assert self.process is not None
-        assert self.process.stderr is not None
-        code = self.process.wait(timeout=30)
-        self._copier.join(timeout=30)
-        self.process.stderr.close()
-        return code
-
-    def kill(self) -> int:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        return self._reap()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.terminate()
-            self._reap()
+def ledger_toml(settings: Settings) -> str:
+    """Only the ledger's own section: everything else keeps its default."""
+    ledger = settings.ledger
+    return (
+        "[ledger]\n"
+        f'backend = "{ledger.backend}"\n'
+        f'database = "{ledger.database}"\n'
+        f'postgres_dsn = "{ledger.postgres_dsn}"\n'
+        "[ledger.endpoint]\n"
+        f"port = {ledger.endpoint.port}\n"
+        f"metrics_port = {ledger.endpoint.metrics_port}\n"
+    )
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
