@@ -31,6 +31,9 @@ RECOVERY_S = 120.0
 # A client's own deadline: a request still unanswered after it has hung.
 DEADLINE_S = 60.0
 WORKERS = 3
+# A refused client waits this long before it asks again, as clients back off: pacing the load,
+# not waiting for anything (nothing in the test depends on it).
+BACKOFF_S = 0.05
 VICTIMS = ("inference-local", "doorman", "ledger", "gateway", "envoy")
 
 
@@ -70,7 +73,7 @@ class Load:
                 except httpx.TransportError:
                     # The edge itself was down: a refusal the client sees at once.
                     self.refused.append(0)
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(BACKOFF_S)
                     continue
                 if response.status_code == 200:
                     assert response.json()["choices"][0]["finish_reason"]
@@ -79,7 +82,7 @@ class Load:
                         self.changed.notify_all()
                 else:
                     self.refused.append(response.status_code)
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(BACKOFF_S)
 
 
 def pid_of(mesh: Mesh, name: str) -> int:
