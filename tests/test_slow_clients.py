@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import socket
 import threading
@@ -40,11 +39,6 @@ def count(engine: Engine, model: str, reason: str) -> float:
 
 def sampled(engine: Engine, model: str) -> float:
     return float(engine.metrics.tokens.labels(model)._value.get())
-
-
-def behind(engine: Engine, tokens: float) -> bool:
-    """Model "two" has sampled `tokens` tokens, or runs nothing more."""
-    return sampled(engine, "two") >= tokens or running(engine, "two") == 0
 
 
 def running(engine: Engine, model: str) -> float:
@@ -132,9 +126,9 @@ async def test_a_slow_reader_that_keeps_up_is_not_stopped(engine: Engine) -> Non
     events: list[Event] = []
     async for event in stream:
         events.append(event)
-        # Behind the engine by two steps each time: output is always waiting when it reads,
-        # for a step or two, never for the stall bound.
-        await until(functools.partial(behind, engine, sampled(engine, "two") + 2))
+        # Slower than a decode step, well inside the 0.5 s bound: a reader's pace, which no
+        # condition in the engine expresses (the engine's token counter is not per stream).
+        await asyncio.sleep(0.05)
     assert isinstance(events[-1], End)
     assert events[-1].completion_tokens == 60
     assert count(engine, "two", "stalled") == 0
