@@ -37,10 +37,6 @@ def count(engine: Engine, model: str, reason: str) -> float:
     return float(engine.metrics.requests.labels(model, reason)._value.get())
 
 
-def sampled(engine: Engine, model: str) -> float:
-    return float(engine.metrics.tokens.labels(model)._value.get())
-
-
 def running(engine: Engine, model: str) -> float:
     return float(engine.metrics.running.labels(model)._value.get())
 
