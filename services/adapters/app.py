@@ -37,6 +37,11 @@ def metadata_store(config: AdapterRegistryConfig) -> MetadataStore:
     if config.backend == "postgresql":
         from adapters.postgres import PostgresMetadata
 
+        if not config.postgres_dsn:
+            raise ValueError(
+                "adapters: backend = 'postgresql' needs postgres_dsn (SLM_ADAPTERS__POSTGRES_DSN)"
+            )
+
         return PostgresMetadata(config.postgres_dsn)
     return SqliteMetadata(config.database)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from slm.config import Section, ServiceEndpoint
 
@@ -18,6 +18,8 @@ class AdapterRegistryConfig(Section):
     backend: Literal["sqlite", "postgresql"] = "sqlite"
     database: Path = Path("~/.cache/service-slm/adapters.sqlite3")
     # e.g. "postgresql://slm@db:5432/adapters"; put a password in SLM_ADAPTERS__POSTGRES_DSN.
+    # Checked when the adapters starts, not here: only its pods get the DSN from a Secret, and
+    # every other service reads this file too.
     postgres_dsn: str = ""
     # Local source paths must lie inside one of these; empty: any path the service can read.
     source_dirs: list[Path] = []
@@ -28,9 +30,3 @@ class AdapterRegistryConfig(Section):
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
-
-    @model_validator(mode="after")
-    def _dsn_for_postgresql(self) -> AdapterRegistryConfig:
-        if self.backend == "postgresql" and not self.postgres_dsn:
-            raise ValueError("adapters: backend = 'postgresql' needs postgres_dsn")
-        return self

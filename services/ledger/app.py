@@ -33,6 +33,11 @@ def build_backend(config: LedgerConfig) -> Backend:
     if config.backend == "postgresql":
         from ledger.postgres import PostgresBackend
 
+        if not config.postgres_dsn:
+            raise ValueError(
+                "ledger: backend = 'postgresql' needs postgres_dsn (SLM_LEDGER__POSTGRES_DSN)"
+            )
+
         return PostgresBackend(config.postgres_dsn)
     from ledger.sqlite import SqliteBackend
 

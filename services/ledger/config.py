@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import field_validator
 
 from slm.config import Section, ServiceEndpoint
 
@@ -16,15 +16,11 @@ class LedgerConfig(Section):
     backend: Literal["sqlite", "postgresql"] = "sqlite"
     database: Path = Path("~/.cache/service-slm/ledger.sqlite3")
     # e.g. "postgresql://slm@db:5432/ledger"; put a password in SLM_LEDGER__POSTGRES_DSN.
+    # Checked when the ledger starts, not here: only its pods get the DSN from a Secret, and
+    # every other service reads this file too.
     postgres_dsn: str = ""
 
     @field_validator("database")
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
-
-    @model_validator(mode="after")
-    def _dsn_for_postgresql(self) -> LedgerConfig:
-        if self.backend == "postgresql" and not self.postgres_dsn:
-            raise ValueError("ledger: backend = 'postgresql' needs postgres_dsn")
-        return self
