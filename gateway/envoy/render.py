@@ -122,8 +122,12 @@ def render_envoy_config(gateway: GatewayConfig, envoy: EnvoyConfig) -> str:
         grpc_prefixes=GRPC_PREFIXES,
         grpc_generation_paths=GRPC_GENERATION_PATHS,
         generation_paths=GENERATION_PATHS,
-        gateway=Upstream(_DIALLABLE.get(gateway.host, gateway.host), gateway.port),
-        doorman=parse_addresses(gateway.doorman),
+        gateway=(
+            parse_address(envoy.gateway)
+            if envoy.gateway
+            else Upstream(_DIALLABLE.get(gateway.host, gateway.host), gateway.port)
+        ),
+        doorman=parse_addresses(envoy.doorman or gateway.doorman),
     )
 
 

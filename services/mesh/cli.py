@@ -39,6 +39,24 @@ async def serve_grpc(service: Service, settings: Settings, replica: int = 0) -> 
         await runtime.close()
 
 
+def write_envoy_config(settings: Settings, out: Path | None) -> int:
+    """The bootstrap `slm serve envoy` runs, for an Envoy started elsewhere (the chart renders
+    it in an init container, so the cluster's edge is this one, not a copy of it)."""
+    from gateway.envoy.render import render_envoy_config
+
+    try:
+        rendered = render_envoy_config(settings.gateway, settings.envoy)
+    except ValueError as error:
+        print(f"slm: bad configuration: {error}", file=sys.stderr)
+        return 2
+    if out is None:
+        sys.stdout.write(rendered)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(rendered)
+    return 0
+
+
 def serve(name: str, settings: Settings) -> int:
     service = BY_NAME[name]
     if service.kind == "envoy":
@@ -74,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     from ledger.commands import add_arguments as add_ledger_arguments
 
     add_ledger_arguments(commands.add_parser("ledger", help="verify the ledger or export CSV"))
+    envoy = commands.add_parser(
+        "envoy-config", help="write Envoy's bootstrap rendered from the settings"
+    )
+    envoy.add_argument("--out", type=Path, help="file to write (default: standard output)")
     models = commands.add_parser("models", help="model files")
     models.add_argument("action", choices=["assemble", *cli_client.MODEL_ACTIONS])
     cli_client.add_arguments(commands, models)
@@ -86,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if cli_client.handles(args):
         return cli_client.run(args, settings)
+    if args.command == "envoy-config":
+        return write_envoy_config(settings, args.out)
     if args.command == "ledger":
         from ledger.commands import run as run_ledger
 
