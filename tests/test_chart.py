@@ -6,7 +6,9 @@ import base64
 import hashlib
 import ipaddress
 import json
+import os
 import re
+import subprocess
 import tomllib
 from functools import cache
 from pathlib import Path
@@ -18,6 +20,9 @@ import pytest
 import yaml  # type: ignore[import-untyped]
 from pydantic import BaseModel
 
+from gateway.envoy import envoy_binary
+from gateway.envoy.config import EnvoyConfig
+from mesh.cli import main as cli_main
 from mesh.settings import Settings
 from slm.discovery import KubernetesResolver
 
@@ -83,7 +88,8 @@ def containers(objects: list[Obj]) -> list[tuple[Obj, Obj]]:
     return [
         (d, c)
         for d in of_kind(objects, "Deployment")
-        for c in d["spec"]["template"]["spec"]["containers"]
+        for c in d["spec"]["template"]["spec"].get("initContainers", [])
+        + d["spec"]["template"]["spec"]["containers"]
     ]
 
 
@@ -282,6 +288,36 @@ def _known(model: type[BaseModel], data: Obj, prefix: str, dropped: set[str]) ->
     return kept
 
 
+@pytest.mark.parametrize("name", VALUE_FILES)
+def test_every_slm_container_loads_the_config_with_its_own_secrets_only(
+    name: str, tmp_path: Path
+) -> None:
+    # A section one pod's Secret completes (the ledger's DSN) must not stop the others
+    # starting: each loads the whole file with only the environment its own pod is given.
+    objects = render(name)
+    config = tmp_path / "slm.toml"
+    config.write_text(named(objects, "ConfigMap", full("config"))["data"]["slm.toml"])
+    checked = 0
+    for _, container in containers(objects):
+        env = {e["name"]: e for e in container.get("env", [])}
+        if "SLM_CONFIG" not in env:
+            continue
+        own = {
+            key: "0" * 64 if key.lower().endswith("sha256") else FROM_SECRET
+            for key in env
+            if key != "SLM_CONFIG"
+        }
+        with pytest.MonkeyPatch.context() as patch:
+            for key in [k for k in os.environ if k.startswith("SLM_")]:
+                patch.delenv(key)
+            for key, value in own.items():
+                patch.setenv(key, value)
+            patch.setenv("SLM_CONFIG", str(config))
+            Settings()
+        checked += 1
+    assert checked >= 5
+
+
 def _service_port(objects: list[Obj], address: str) -> tuple[Obj, int]:
     host, _, port = address.rpartition(":")
     service = named(objects, "Service", host)
@@ -409,21 +445,61 @@ def test_sqlite_ledger_has_one_writer_on_a_kept_volume() -> None:
     assert ledger["strategy"]["type"] == "Recreate"
 
 
-def test_envoy_routes_to_the_charts_gateway_and_doorman() -> None:
-    objects = render("default-values.yaml")
-    envoy = yaml.safe_load(named(objects, "ConfigMap", full("envoy"))["data"]["envoy.yaml"])
-    clusters = {c["name"]: c for c in envoy["static_resources"]["clusters"]}
-    for component, port in (("gateway", 8000), ("doorman", 50051)):
-        address = clusters[component]["load_assignment"]["endpoints"][0]["lb_endpoints"][0][
-            "endpoint"
-        ]["address"]
-        socket = address["socket_address"]
-        assert socket == {
+@pytest.mark.parametrize("name", VALUE_FILES)
+def test_envoy_runs_the_meshs_own_bootstrap_on_the_charts_services(
+    name: str, tmp_path: Path
+) -> None:
+    objects = render(name)
+    if not values_of(name).get("envoy", {}).get("enabled", True):
+        pytest.skip("no edge in this release")
+    pod = named(objects, "Deployment", full("envoy"))["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    (envoy,) = pod["containers"]
+    # The init container writes what Envoy reads, from the mesh config the other pods read.
+    assert init["args"][0] == "envoy-config"
+    out = Path(init["args"][init["args"].index("--out") + 1])
+    assert ["-c", str(out)] == envoy["args"][:2]
+    (written,) = [m for m in init["volumeMounts"] if out.is_relative_to(m["mountPath"])]
+    (read,) = [m for m in envoy["volumeMounts"] if m["mountPath"] == written["mountPath"]]
+    assert read["name"] == written["name"]
+    assert read["readOnly"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == written["name"]]
+    assert "emptyDir" in volume
+
+    # What the init container runs, on the chart's config: the bootstrap `slm up` runs.
+    config = tmp_path / "slm.toml"
+    config.write_text(named(objects, "ConfigMap", full("config"))["data"]["slm.toml"])
+    rendered = tmp_path / "envoy.yaml"
+    assert cli_main(["--config", str(config), "envoy-config", "--out", str(rendered)]) == 0
+    bootstrap = yaml.safe_load(rendered.read_text())
+    clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
+    ports = {"gateway": 8000, "doorman": 50051}
+    for cluster in ("gateway", "gateway_generation", "doorman", "doorman_generation"):
+        component = cluster.removesuffix("_generation")
+        (endpoint,) = clusters[cluster]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        assert endpoint["endpoint"]["address"]["socket_address"] == {
             "address": f"{full(component)}.{NAMESPACE}.svc.cluster.local",
-            "port_value": port,
+            "port_value": ports[component],
         }
-        named(objects, "Service", full(component))
-    assert envoy["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+        assert clusters[cluster]["type"] == "STRICT_DNS"
+    limit = values_of(name).get("envoy", {}).get("maxConcurrentRequests", 64)
+    for cluster in ("gateway_generation", "doorman_generation"):
+        (thresholds,) = clusters[cluster]["circuit_breakers"]["thresholds"]
+        assert thresholds["max_requests"] == limit
+    (listener,) = bootstrap["static_resources"]["listeners"]
+    assert listener["address"]["socket_address"]["address"] == "0.0.0.0"
+    assert bootstrap["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    refusals = [m for m in manager["local_reply_config"]["mappers"] if m.get("status_code") == 429]
+    assert refusals, "the edge answers a full generation cluster with 429"
+    result = subprocess.run(
+        [envoy_binary(EnvoyConfig()), "--mode", "validate", "-c", str(rendered)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_hpas_scale_gateway_and_doorman() -> None:

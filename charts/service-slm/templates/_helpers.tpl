@@ -93,6 +93,14 @@ Call with (dict "root" $ "component" "ledger" "port" 50056).
 {{- end }}
 
 {{/*
+A component's Service as a fully qualified host:port, for resolvers that do not search the
+pod's DNS domains (Envoy's STRICT_DNS clusters).
+*/}}
+{{- define "service-slm.fqdnAddress" -}}
+{{- printf "%s.%s.svc.%s:%d" (include "service-slm.componentName" (dict "root" .root "component" .component)) .root.Release.Namespace .root.Values.clusterDomain (int .port) }}
+{{- end }}
+
+{{/*
 Checksum of the mesh config, so pods roll when it changes.
 */}}
 {{- define "service-slm.configChecksum" -}}
