@@ -9,7 +9,7 @@ import logging
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import uvicorn
@@ -20,12 +20,12 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import slm
 from gateway import errors, protocol
 from gateway.admin import admin_router
+from gateway.admission import Admission, Generations
 from gateway.anthropic import routes as anthropic_routes
 from gateway.channels import Channels, install_channels
 from gateway.config import GENERATION_PATHS, GatewaySettings
@@ -94,82 +94,6 @@ class _EdgeMiddleware:
             route = getattr(scope.get("route"), "path", _UNMATCHED)
             self.metrics.requests.labels(route, scope["method"], str(status)).inc()
             self.metrics.duration.labels(route).observe(time.perf_counter() - started)
-
-
-class ClientStalled(TimeoutError):
-    """The client took no response bytes for the stall timeout; its request is ended.
-
-    A TimeoutError, so an OSError: the SSE response treats it as the client leaving, closing
-    its Doorman call (the engine frees the slot within a step)."""
-
-
-class _Admission:
-    """Generation requests beyond `limit` are refused with 429 before their body is read, and a
-    response write that the client does not take within `stall_timeout_s` ends its request.
-
-    Envoy refuses at its own limit first (in C++); this is the limit for what reaches the
-    gateway, exact where Envoy's lets a burst's connecting requests through, and the one for
-    callers that reach the gateway directly.
-    """
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        limit: int,
-        stall_timeout_s: float,
-        routes: Mapping[str, BaseRoute],
-        retry_after_s: int = 1,
-    ) -> None:
-        self.app = app
-        self.limit = limit
-        self.stall_timeout_s = stall_timeout_s
-        # The generation paths and their routes, so a refusal is counted under its route.
-        self.routes = routes
-        self.in_flight = 0
-        self._refusal = errors.HttpError(
-            429,
-            f"The gateway is serving its limit of {limit} concurrent generations; "
-            f"retry after {retry_after_s} s.",
-            errors.RATE_LIMIT,
-            code="overloaded",
-            retry_after_s=retry_after_s,
-        )
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        bounded = self._bounded(send)
-        route = self.routes.get(scope["path"])
-        if route is None or scope["method"] != "POST":
-            await self.app(scope, receive, bounded)
-            return
-        if self.in_flight >= self.limit:
-            scope["route"] = route
-            await self._refusal.response()(scope, receive, bounded)
-            return
-        self.in_flight += 1
-        try:
-            await self.app(scope, receive, bounded)
-        finally:
-            self.in_flight -= 1
-
-    def _bounded(self, send: Send) -> Send:
-        timeout = self.stall_timeout_s
-
-        async def bounded(message: Message) -> None:
-            # uvicorn's send waits only while the socket's buffer is full (the client is not
-            # reading); the timer costs a heap entry per chunk otherwise.
-            try:
-                async with asyncio.timeout(timeout):
-                    await send(message)
-            except TimeoutError:
-                log.warning(
-                    "the client took no response bytes for %s s: ending its request", timeout
-                )
-                raise ClientStalled(f"the client took nothing for {timeout} s") from None
-
-        return bounded
 
 
 class _Runtime:
@@ -325,7 +249,8 @@ def build_app(settings: GatewaySettings) -> FastAPI:
 
     app.include_router(anthropic_routes.messages_router(runtime.require, read_body, _context))
     app.include_router(responses_routes.responses_router(runtime.require, read_body, _context))
-    install_ui(app, runtime.require, limit)
+    generations = Generations(settings.gateway.max_concurrent_requests)
+    install_ui(app, runtime.require, limit, generations)
     app.include_router(admin_router(settings.gateway, registry))
     app.include_router(embeddings_router(read_body, _context))
     _install_error_handlers(app)
@@ -336,8 +261,8 @@ def build_app(settings: GatewaySettings) -> FastAPI:
         if (path := getattr(route, "path", None)) in GENERATION_PATHS
     }
     app.add_middleware(
-        _Admission,
-        limit=settings.gateway.max_concurrent_requests,
+        Admission,
+        generations=generations,
         stall_timeout_s=settings.gateway.stall_timeout_s,
         routes=generation,
     )

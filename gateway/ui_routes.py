@@ -22,6 +22,7 @@ from starlette.responses import Response
 from starlette.websockets import WebSocketDisconnect
 
 from gateway import errors, protocol
+from gateway.admission import Generations
 from gateway.serving import SSE_DONE, CallContext, OpenAIServing, call_metadata
 from slm.logs import request_id_var
 
@@ -120,17 +121,31 @@ class ChatSocket:
 
     One generation at a time: the socket closing cancels it (the gRPC call, and so the engine,
     stop within a step); a second request sent while one runs closes the socket with 1008.
+    Each request takes a slot of the gateway's `generations`, as an HTTP generation does, and
+    is refused with the same 429 error frame when none is free. A client that takes no frame
+    for the gateway's stall timeout (the Admission middleware bounds every send) loses its
+    socket and its generation.
     """
 
-    def __init__(self, websocket: WebSocket, serving: OpenAIServing, limit: int) -> None:
+    def __init__(
+        self,
+        websocket: WebSocket,
+        serving: OpenAIServing,
+        limit: int,
+        generations: Generations,
+    ) -> None:
         self._ws = websocket
         self._serving = serving
         self._limit = limit
+        self._generations = generations
         self._handshake_id = websocket.headers.get("x-request-id") or uuid.uuid4().hex
         self._header_key = websocket.headers.get("authorization")
         self._count = 0
         # Whether the running request has sent its [DONE]; it may still be draining its call.
         self._answered = True
+        # Whether a send failed: the client left, or took nothing for the stall timeout
+        # (Starlette reports both as WebSocketDisconnect). Nothing more can reach it.
+        self._lost = False
 
     async def run(self) -> None:
         # One receive is always pending, so a disconnect is seen while a generation streams.
@@ -145,6 +160,8 @@ class ChatSocket:
                 if pump is not None:
                     # Sent after [DONE] while the last call still drained: let it finish first.
                     await pump
+                    if self._lost:
+                        return
                 text = _message_text(message)
                 if len(text.encode()) > self._limit:
                     await self._ws.close(_TOO_BIG, f"message exceeds {self._limit} bytes")
@@ -157,6 +174,8 @@ class ChatSocket:
                 self._answered = False
                 pump = asyncio.ensure_future(self._pump(body, ctx))
                 await asyncio.wait({pump, incoming}, return_when=asyncio.FIRST_COMPLETED)
+                if self._lost:
+                    return  # a send failed (the client left or took nothing): drop the socket
                 if pump.done() or self._answered:
                     continue
                 # The client spoke while we streamed: it left, or broke the protocol.
@@ -189,12 +208,17 @@ class ChatSocket:
         return body, ctx
 
     async def _error(self, error: errors.HttpError) -> None:
-        with contextlib.suppress(WebSocketDisconnect):
+        try:
             await self._ws.send_text(json.dumps(error.body(), separators=(",", ":")))
             await self._ws.send_text(DONE_FRAME)
             self._answered = True
+        except WebSocketDisconnect:
+            self._lost = True
 
     async def _pump(self, body: protocol.ChatCompletionRequest, ctx: CallContext) -> None:
+        if not self._generations.try_take():
+            await self._error(self._generations.refusal)
+            return
         token = request_id_var.set(ctx.request_id)
         events = self._serving.chat_events(body, ctx)
         try:
@@ -205,8 +229,9 @@ class ChatSocket:
             # Refused before the first token (unknown model, limits): an error, then [DONE].
             await self._error(errors.from_grpc(error))
         except WebSocketDisconnect:
-            pass  # the receive side reports the disconnect; the generator's finally cancels
+            self._lost = True  # the generator's finally cancels the generation
         finally:
+            self._generations.release()
             await events.aclose()  # type: ignore[attr-defined]
             request_id_var.reset(token)
 
@@ -227,7 +252,12 @@ async def _stop(task: asyncio.Task[None]) -> None:
         await task
 
 
-def install_ui(app: FastAPI, serving: Callable[[], OpenAIServing], max_body_bytes: int) -> None:
+def install_ui(
+    app: FastAPI,
+    serving: Callable[[], OpenAIServing],
+    max_body_bytes: int,
+    generations: Generations,
+) -> None:
     """Add the chat UI at `/`, the admin page at `/admin`, their files under `/ui/`, and the
     chat WebSocket. `serving` returns the running app's OpenAIServing."""
     assets = load_assets(UI_DIR)
@@ -255,4 +285,4 @@ def install_ui(app: FastAPI, serving: Callable[[], OpenAIServing], max_body_byte
             await websocket.close(_POLICY_VIOLATION, "cross-origin WebSocket refused")
             return
         await websocket.accept()
-        await ChatSocket(websocket, serving(), max_body_bytes).run()
+        await ChatSocket(websocket, serving(), max_body_bytes, generations).run()

@@ -26,7 +26,7 @@ from helpers import free_port, wait_for
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway.app import ClientStalled, _Admission
+from gateway.admission import Admission, ClientStalled, Generations
 from gateway.config import GENERATION_PATHS, GatewayConfig
 from gateway.envoy import envoy_binary, render_envoy_config
 from gateway.envoy.config import EnvoyConfig
@@ -285,7 +285,7 @@ def http_scope(path: str, method: str = "POST") -> Scope:
 
 async def test_gateway_refuses_beyond_its_limit_before_reading_the_body() -> None:
     inner = HeldApp()
-    admission = _Admission(inner, limit=LIMIT, stall_timeout_s=60, routes=ROUTES)
+    admission = Admission(inner, Generations(LIMIT), stall_timeout_s=60, routes=ROUTES)
     sent: list[list[Message]] = []
     read = 0
 
@@ -325,13 +325,13 @@ async def test_gateway_refuses_beyond_its_limit_before_reading_the_body() -> Non
             await asyncio.sleep(0)
     inner.release.set()
     await asyncio.gather(*running, other)
-    assert admission.in_flight == 0
+    assert admission.generations.in_flight == 0
 
 
 async def test_gateway_ends_a_request_whose_client_takes_nothing() -> None:
     inner = HeldApp()
     inner.release.set()
-    admission = _Admission(inner, limit=LIMIT, stall_timeout_s=0.05, routes=ROUTES)
+    admission = Admission(inner, Generations(LIMIT), stall_timeout_s=0.05, routes=ROUTES)
     never = asyncio.Event()
 
     async def receive() -> Message:
@@ -342,4 +342,4 @@ async def test_gateway_ends_a_request_whose_client_takes_nothing() -> None:
 
     with pytest.raises(ClientStalled):
         await admission(http_scope(GENERATION_PATHS[0]), receive, stuck)
-    assert admission.in_flight == 0  # its slot is free
+    assert admission.generations.in_flight == 0  # its slot is free

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
-from helpers import DEFAULT_MODEL, Mesh, metric_value, wait_for
+import uvicorn
+from helpers import DEFAULT_MODEL, Mesh, metric_value, until, wait_for
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin
 
+from gateway.app import build_app
+from gateway.config import GatewaySettings
 from gateway.protocol import RequestInvalid
 from gateway.ui_routes import DONE_FRAME, parse_ws_request, same_origin, sse_payload
 
@@ -195,3 +202,104 @@ async def test_refused_from_another_origin_and_when_too_big(mesh: Mesh) -> None:
             await read_until_closed(socket)
     assert closed.value.rcvd is not None
     assert closed.value.rcvd.code == 1009
+
+
+# --- the gateway's limits apply to the socket: a gateway of its own on the session's Doorman ---
+
+
+@contextlib.asynccontextmanager
+async def small_gateway(mesh: Mesh, stall_timeout_s: float) -> AsyncIterator[str]:
+    """A real gateway in this process, in front of the session mesh's Doorman, that runs one
+    generation at a time; yields its base URL. Its sockets have small send buffers (accepted
+    sockets inherit the listener's), so a client that stops reading blocks its writes within
+    kilobytes rather than the megabytes loopback buffers grow to."""
+    config = mesh.settings.gateway.model_copy(
+        update={"port": 0, "max_concurrent_requests": 1, "stall_timeout_s": stall_timeout_s}
+    )
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
+    listener.bind(("127.0.0.1", 0))
+    app = build_app(GatewaySettings(config, mesh.settings.telemetry, mesh.settings.discovery))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on"))
+    serving = asyncio.create_task(server.serve(sockets=[listener]))
+    try:
+        await until(lambda: server.started)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await serving
+        listener.close()
+
+
+def small_client_socket(base: str) -> socket.socket:
+    """A connected socket whose receive buffer stays small, for a client that stops reading."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
+    sock.connect((host, int(port)))
+    sock.setblocking(False)
+    return sock
+
+
+SMALL_BUFFER = 8 << 10
+LONG = {
+    "model": DEFAULT_MODEL,
+    "messages": [{"role": "user", "content": "Tell me a very long story."}],
+    "max_tokens": 1800,
+    "logit_bias": {"1": -100, "106": -100},  # no end of generation: it runs to max_tokens
+}
+
+
+@pytest.mark.e2e
+async def test_socket_generations_count_against_the_gateways_limit(mesh: Mesh) -> None:
+    async with small_gateway(mesh, stall_timeout_s=30) as base:
+        url = base.replace("http://", "ws://", 1) + WS_PATH
+        _, cancelled_before = engine_counters(mesh)
+        async with connect(url) as holder, connect(url) as other:
+            await holder.send(json.dumps(LONG))
+            await holder.recv()  # generating: the gateway's one slot is taken
+            async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+                refused = await client.post(
+                    "/v1/chat/completions",
+                    json={"model": DEFAULT_MODEL, "messages": MESSAGES, **GREEDY},
+                )
+            assert refused.status_code == 429
+            assert refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["code"] == "overloaded"
+            # A second socket's request is refused the same way, as a frame, then [DONE].
+            (frame,) = await answer(other, {"model": DEFAULT_MODEL, "messages": MESSAGES})
+            assert frame["error"]["code"] == "overloaded"
+            await holder.close()
+            # The holder's generation ends (the engine counts it cancelled), freeing the slot.
+            await until(lambda: engine_counters(mesh)[1] == cancelled_before + 1)
+            served = await answer(other, {"model": DEFAULT_MODEL, "messages": MESSAGES, **GREEDY})
+        assert text_of(served)
+
+
+@pytest.mark.e2e
+async def test_a_socket_whose_client_reads_nothing_is_dropped(
+    mesh: Mesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Eight choices with 20 alternatives a token: tens of kilobytes a step, which outgrow the
+    # socket buffers in seconds once the client stops reading.
+    heavy = {**LONG, "n": 8, "logprobs": True, "top_logprobs": 20}
+    async with small_gateway(mesh, stall_timeout_s=1.0) as base:
+        url = base.replace("http://", "ws://", 1) + WS_PATH
+        _, cancelled_before = engine_counters(mesh)
+        # max_queue=1: the client library stops reading the socket once one frame waits.
+        sock = small_client_socket(base)
+        async with connect(url, sock=sock, max_queue=1, max_size=None) as stalled:
+            await stalled.send(json.dumps(heavy))
+            await stalled.recv()
+            # Reads nothing more; the gateway gives up on it and its generation ends.
+            # The engine counts each of the eight choices' sequences.
+            await until(lambda: engine_counters(mesh)[1] == cancelled_before + 8)
+            assert "the client took no response bytes" in caplog.text
+            with pytest.raises(ConnectionClosed):
+                await read_until_closed(stalled)
+        # Its slot is free: the gateway's one generation serves the next socket.
+        async with connect(url) as next_socket:
+            served = await answer(
+                next_socket, {"model": DEFAULT_MODEL, "messages": MESSAGES, **GREEDY}
+            )
+        assert text_of(served)

@@ -70,7 +70,6 @@ class RegistryAdapters:
         )
 
 
-
 class InferenceRemoteApp:
     service_names: tuple[str, ...] = (
         inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
