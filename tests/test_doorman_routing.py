@@ -20,7 +20,15 @@ from doorman.breaker import BreakerState, CircuitBreaker
 from doorman.config import ManifestConfig, RouteConfig, RouteStep, RoutingConfig
 from mesh.settings import Settings
 from slm.server import GrpcService
-from slm.v1 import doorman_pb2, doorman_pb2_grpc, ledger_pb2, ledger_pb2_grpc, types_pb2
+from slm.v1 import (
+    doorman_pb2,
+    doorman_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    ledger_pb2,
+    ledger_pb2_grpc,
+    types_pb2,
+)
 
 
 def address(service: GrpcService) -> str:
@@ -289,3 +297,114 @@ def test_external_upstreams_must_be_on_the_allowlist() -> None:
     with pytest.raises(ValueError, match=r"not on doorman\.routing\.external_allowlist"):
         RoutingConfig(routes=[route])
     assert RoutingConfig(routes=[route], external_allowlist=["remote.example"]).routes
+
+
+@pytest.fixture
+async def one_slot_engine(
+    model_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[GrpcService]:
+    """A real inference-local with one sequence slot, so one generation makes it busy."""
+    from inference_local.app import build_app
+
+    settings = mesh_settings(tmp_path_factory.mktemp("one-slot"))
+    local = settings.inference_local
+    settings.inference_local = local.model_copy(
+        update={"models": [local.models[0].model_copy(update={"parallel": 1})]}
+    )
+    registry = CollectorRegistry()
+    endpoint = local.endpoint.model_copy(update={"port": 0, "metrics_port": 0})
+    async with GrpcService(
+        "inference-local-busy",
+        build_app(settings.inference_local, runtime(settings, registry)),
+        endpoint,
+        settings.telemetry,
+        registry,
+        serve_metrics=False,
+        grace_s=0,
+    ) as service:
+        yield service
+
+
+def two_step_chain(first: str, second: str, **policy: float) -> RoutingConfig:
+    return RoutingConfig(
+        routes=[
+            RouteConfig(
+                model="chained",
+                chain=[
+                    RouteStep(tier="gpu", upstream=first, model=DEFAULT_MODEL),
+                    RouteStep(tier="local", upstream=second, model=DEFAULT_MODEL),
+                ],
+            )
+        ],
+        breaker_failures=1,
+        breaker_reset_s=600,
+        **policy,  # type: ignore[arg-type]
+    )
+
+
+async def test_a_busy_upstream_goes_to_the_next_tier_without_opening_its_breaker(
+    one_slot_engine: GrpcService,
+    inference_server: GrpcService,
+    ledger_server: GrpcService,
+    tmp_path: Path,
+) -> None:
+    busy, live = address(one_slot_engine), address(inference_server)
+    routing = two_step_chain(busy, live, first_token_timeout_s=0.5, retry_attempts=3)
+    hold = inference_pb2.GenerateRequest(
+        model=DEFAULT_MODEL,
+        prompt="Tell me a very long story.",
+        sampling=types_pb2.SamplingParams(max_tokens=4000, logit_bias={1: -100, 106: -100}),
+    )
+    async with (
+        grpc.aio.insecure_channel(busy) as channel,
+        doorman_for(routed_settings(tmp_path, ledger_server, routing, live)) as (stub, service),
+    ):
+        # The busy upstream's one slot runs a generation that lasts until the test cancels it,
+        # so a request there waits in its queue past the first-token timeout.
+        holding = inference_pb2_grpc.InferenceServiceStub(channel).Generate(hold)
+        await holding.read()
+        try:
+            for _ in range(3):
+                responses = [r async for r in stub.Chat(chat("chained"))]
+                assert responses[-1].end.upstream == live
+        finally:
+            holding.cancel()
+        entries = await ledger_entries(ledger_server, service)
+    # One attempt each (a busy upstream is not retried), and never `breaker_open`: with
+    # breaker_failures=1, a timeout counted as a failure would open it for the second request.
+    for entry in entries:
+        assert list(entry.policy_decisions) == [
+            f"fallback:TIER_GPU:{busy}:DEADLINE_EXCEEDED",
+            f"try:TIER_LOCAL:{live}",
+        ]
+
+
+async def test_an_upstream_that_never_answers_opens_its_breaker(
+    inference_server: GrpcService, ledger_server: GrpcService, tmp_path: Path
+) -> None:
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # takes the connection, never says a word
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    hung = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    live = address(inference_server)
+    routing = two_step_chain(hung, live, first_token_timeout_s=0.5, retry_attempts=1)
+    try:
+        async with doorman_for(routed_settings(tmp_path, ledger_server, routing, live)) as (
+            stub,
+            service,
+        ):
+            for _ in range(2):
+                responses = [r async for r in stub.Chat(chat("chained"))]
+                assert responses[-1].end.upstream == live
+            entries = await ledger_entries(ledger_server, service)
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+    assert [list(e.policy_decisions) for e in entries] == [
+        [f"fallback:TIER_GPU:{hung}:DEADLINE_EXCEEDED", f"try:TIER_LOCAL:{live}"],
+        [f"breaker_open:TIER_GPU:{hung}", f"try:TIER_LOCAL:{live}"],
+    ]

@@ -179,21 +179,37 @@ class Router:
             request = await build(route)
             remaining = _remaining(deadline)
             call = route.call("Generate", request, timeout=remaining, metadata=metadata)
+            # Inference services send their headers on receiving a request, before it queues:
+            # with them, a late first token means a busy upstream, not a dead one. (Asked
+            # before the wait ends: cancelling a read cancels the call, which ends both.)
+            headers = asyncio.ensure_future(call.initial_metadata())
+            reading = asyncio.ensure_future(call.read())
             try:
-                first = await asyncio.wait_for(
-                    call.read(), min(remaining, self._policy.first_token_timeout_s)
+                done, _ = await asyncio.wait(
+                    {reading}, timeout=min(remaining, self._policy.first_token_timeout_s)
                 )
-            except TimeoutError:
+                alive = headers.done() and not headers.cancelled() and not headers.exception()
+            except BaseException:
+                reading.cancel()
+                call.cancel()
+                raise
+            finally:
+                headers.cancel()
+            if not done:
+                reading.cancel()
                 call.cancel()
                 self._on_error(route.tier_name, "FIRST_TOKEN_TIMEOUT")
                 raise UpstreamFailure(
                     grpc.StatusCode.DEADLINE_EXCEEDED,
-                    DeadlineExceeded(f"no first token from {route.address} in time"),
-                    retry=True,
-                ) from None
-            except BaseException:
-                call.cancel()
-                raise
+                    DeadlineExceeded(
+                        f"no first token from {route.address} in time"
+                        + (" (it has the request queued)" if alive else "")
+                    ),
+                    # A busy upstream is neither retried nor counted against its breaker: the
+                    # next tier is tried at once, as for a full queue.
+                    retry=not alive,
+                )
+            first = reading.result()
             if first is grpc.aio.EOF:
                 raise UpstreamFailure(
                     grpc.StatusCode.UNAVAILABLE,

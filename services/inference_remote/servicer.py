@@ -161,6 +161,9 @@ class RemoteInferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        # Headers at once, before the request queues: the Doorman tells a busy upstream (a
+        # late first token after them) from a dead one (nothing at all).
+        await context.send_initial_metadata(())
         async for event in self._core.generate(request_from_proto(request)):
             if isinstance(event, Delta):
                 yield inference_pb2.GenerateResponse(delta=delta_to_proto(event))
