@@ -338,7 +338,7 @@ def two_step_chain(first: str, second: str, **policy: float) -> RoutingConfig:
         ],
         breaker_failures=1,
         breaker_reset_s=600,
-        **policy,  # type: ignore[arg-type]
+        **policy,
     )
 
 
