@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
+from contextvars import ContextVar
 
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -13,6 +14,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway import errors
 
 log = logging.getLogger(__name__)
+
+# Set in the task of a request the gateway ended because its client stalled; never reset, so
+# that uvicorn's own log line after the app returns (same task) still sees it.
+_ENDED_STALLED: ContextVar[bool] = ContextVar("slm_ended_stalled", default=False)
+_INCOMPLETE = "ASGI callable returned without completing response"
 
 
 class ClientStalled(TimeoutError):
@@ -103,9 +109,20 @@ class Admission:
                 log.warning(
                     "the client took no response bytes for %s s: ending its request", timeout
                 )
+                _ENDED_STALLED.set(True)
                 raise ClientStalled(f"the client took nothing for {timeout} s") from None
 
         return bounded
 
 
-__all__ = ["Admission", "ClientStalled", "Generations"]
+class StalledEndFilter(logging.Filter):
+    """Drops uvicorn's ERROR "ASGI callable returned without completing response" for a
+    response the gateway ended on purpose because its client stalled (already logged as a
+    warning): closing the connection is the end it meant. Any other incomplete response still
+    logs its error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_ENDED_STALLED.get() and record.getMessage().startswith(_INCOMPLETE))
+
+
+__all__ = ["Admission", "ClientStalled", "Generations", "StalledEndFilter"]

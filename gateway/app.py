@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import slm
 from gateway import errors, protocol
 from gateway.admin import admin_router
-from gateway.admission import Admission, Generations
+from gateway.admission import Admission, Generations, StalledEndFilter
 from gateway.anthropic import routes as anthropic_routes
 from gateway.channels import Channels, install_channels
 from gateway.config import GENERATION_PATHS, GatewaySettings
@@ -374,9 +374,12 @@ async def serve_gateway(settings: GatewaySettings, *, grace_s: int = 30) -> None
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
             loop.add_signal_handler(sig, server.handle_exit, sig, None)
             installed.append(sig)
+    stalled_ends = StalledEndFilter()
+    logging.getLogger("uvicorn.error").addFilter(stalled_ends)
     try:
         await server.serve()
     finally:
+        logging.getLogger("uvicorn.error").removeFilter(stalled_ends)
         for sig in installed:
             loop.remove_signal_handler(sig)
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
+import logging
 import subprocess
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -26,7 +28,7 @@ from helpers import free_port, wait_for
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway.admission import Admission, ClientStalled, Generations
+from gateway.admission import Admission, ClientStalled, Generations, StalledEndFilter
 from gateway.config import GENERATION_PATHS, GatewayConfig
 from gateway.envoy import envoy_binary, render_envoy_config
 from gateway.envoy.config import EnvoyConfig
@@ -343,3 +345,16 @@ async def test_gateway_ends_a_request_whose_client_takes_nothing() -> None:
     with pytest.raises(ClientStalled):
         await admission(http_scope(GENERATION_PATHS[0]), receive, stuck)
     assert admission.generations.in_flight == 0  # its slot is free
+    # uvicorn's error for the response left incomplete is the end the gateway meant: dropped
+    # in this request's task, kept for any other.
+    incomplete = logging.LogRecord(
+        "uvicorn.error",
+        logging.ERROR,
+        __file__,
+        0,
+        "ASGI callable returned without completing response.",
+        None,
+        None,
+    )
+    assert not StalledEndFilter().filter(incomplete)
+    assert contextvars.Context().run(StalledEndFilter().filter, incomplete)
