@@ -447,7 +447,7 @@ def test_sqlite_ledger_has_one_writer_on_a_kept_volume() -> None:
 
 @pytest.mark.parametrize("name", VALUE_FILES)
 def test_envoy_runs_the_meshs_own_bootstrap_on_the_charts_services(
-    name: str, tmp_path: Path
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     objects = render(name)
     if not values_of(name).get("envoy", {}).get("enabled", True):
@@ -470,6 +470,8 @@ def test_envoy_runs_the_meshs_own_bootstrap_on_the_charts_services(
     config = tmp_path / "slm.toml"
     config.write_text(named(objects, "ConfigMap", full("config"))["data"]["slm.toml"])
     rendered = tmp_path / "envoy.yaml"
+    # `--config` sets $SLM_CONFIG for the process; restored when the test ends.
+    monkeypatch.setenv("SLM_CONFIG", str(config))
     assert cli_main(["--config", str(config), "envoy-config", "--out", str(rendered)]) == 0
     bootstrap = yaml.safe_load(rendered.read_text())
     clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
