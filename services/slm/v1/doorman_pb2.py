@@ -26,33 +26,35 @@ from slm.v1 import inference_pb2 as slm_dot_v1_dot_inference__pb2
 from slm.v1 import types_pb2 as slm_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14slm/v1/doorman.proto\x12\x06slm.v1\x1a\x16slm/v1/inference.proto\x1a\x12slm/v1/types.proto\"\x8e\x01\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x08messages\x18\x02 \x03(\x0b\x32\x13.slm.v1.ChatMessage\x12(\n\x08sampling\x18\x03 \x01(\x0b\x32\x16.slm.v1.SamplingParams\x12\x1f\n\x05tools\x18\x04 \x01(\x0b\x32\x10.slm.v1.ToolSpec\"]\n\x0c\x43hatResponse\x12\"\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x11.slm.v1.TextDeltaH\x00\x12 \n\x03\x65nd\x18\x02 \x01(\x0b\x32\x11.slm.v1.StreamEndH\x00\x42\x07\n\x05\x65vent\"Z\n\x0f\x43ompleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12(\n\x08sampling\x18\x03 \x01(\x0b\x32\x16.slm.v1.SamplingParams\"a\n\x10\x43ompleteResponse\x12\"\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x11.slm.v1.TextDeltaH\x00\x12 \n\x03\x65nd\x18\x02 \x01(\x0b\x32\x11.slm.v1.StreamEndH\x00\x42\x07\n\x05\x65vent\"!\n\x1f\x44oormanServiceListModelsRequest\"E\n DoormanServiceListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.slm.v1.ModelInfo\";\n\x1a\x44oormanServiceEmbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\"y\n DoormanServiceCountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x08messages\x18\x02 \x03(\x0b\x32\x13.slm.v1.ChatMessage\x12\x1f\n\x05tools\x18\x03 \x01(\x0b\x32\x10.slm.v1.ToolSpec\":\n!DoormanServiceCountTokensResponse\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\"[\n\x1b\x44oormanServiceEmbedResponse\x12%\n\nembeddings\x18\x01 \x03(\x0b\x32\x11.slm.v1.Embedding\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r2\x9d\x03\n\x0e\x44oormanService\x12\x33\n\x04\x43hat\x12\x13.slm.v1.ChatRequest\x1a\x14.slm.v1.ChatResponse0\x01\x12?\n\x08\x43omplete\x12\x17.slm.v1.CompleteRequest\x1a\x18.slm.v1.CompleteResponse0\x01\x12_\n\nListModels\x12\'.slm.v1.DoormanServiceListModelsRequest\x1a(.slm.v1.DoormanServiceListModelsResponse\x12P\n\x05\x45mbed\x12\".slm.v1.DoormanServiceEmbedRequest\x1a#.slm.v1.DoormanServiceEmbedResponse\x12\x62\n\x0b\x43ountTokens\x12(.slm.v1.DoormanServiceCountTokensRequest\x1a).slm.v1.DoormanServiceCountTokensResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14slm/v1/doorman.proto\x12\x06slm.v1\x1a\x16slm/v1/inference.proto\x1a\x12slm/v1/types.proto\"\xb2\x01\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x08messages\x18\x02 \x03(\x0b\x32\x13.slm.v1.ChatMessage\x12(\n\x08sampling\x18\x03 \x01(\x0b\x32\x16.slm.v1.SamplingParams\x12\x1f\n\x05tools\x18\x04 \x01(\x0b\x32\x10.slm.v1.ToolSpec\x12\"\n\x05\x63\x61\x63he\x18\x05 \x01(\x0e\x32\x13.slm.v1.CachePolicy\"]\n\x0c\x43hatResponse\x12\"\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x11.slm.v1.TextDeltaH\x00\x12 \n\x03\x65nd\x18\x02 \x01(\x0b\x32\x11.slm.v1.StreamEndH\x00\x42\x07\n\x05\x65vent\"~\n\x0f\x43ompleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12(\n\x08sampling\x18\x03 \x01(\x0b\x32\x16.slm.v1.SamplingParams\x12\"\n\x05\x63\x61\x63he\x18\x04 \x01(\x0e\x32\x13.slm.v1.CachePolicy\"a\n\x10\x43ompleteResponse\x12\"\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x11.slm.v1.TextDeltaH\x00\x12 \n\x03\x65nd\x18\x02 \x01(\x0b\x32\x11.slm.v1.StreamEndH\x00\x42\x07\n\x05\x65vent\"!\n\x1f\x44oormanServiceListModelsRequest\"E\n DoormanServiceListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.slm.v1.ModelInfo\";\n\x1a\x44oormanServiceEmbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\"y\n DoormanServiceCountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x08messages\x18\x02 \x03(\x0b\x32\x13.slm.v1.ChatMessage\x12\x1f\n\x05tools\x18\x03 \x01(\x0b\x32\x10.slm.v1.ToolSpec\":\n!DoormanServiceCountTokensResponse\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\"[\n\x1b\x44oormanServiceEmbedResponse\x12%\n\nembeddings\x18\x01 \x03(\x0b\x32\x11.slm.v1.Embedding\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r*D\n\x0b\x43\x61\x63hePolicy\x12\x1c\n\x18\x43\x41\x43HE_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43\x41\x43HE_POLICY_BYPASS\x10\x01\x32\x9d\x03\n\x0e\x44oormanService\x12\x33\n\x04\x43hat\x12\x13.slm.v1.ChatRequest\x1a\x14.slm.v1.ChatResponse0\x01\x12?\n\x08\x43omplete\x12\x17.slm.v1.CompleteRequest\x1a\x18.slm.v1.CompleteResponse0\x01\x12_\n\nListModels\x12\'.slm.v1.DoormanServiceListModelsRequest\x1a(.slm.v1.DoormanServiceListModelsResponse\x12P\n\x05\x45mbed\x12\".slm.v1.DoormanServiceEmbedRequest\x1a#.slm.v1.DoormanServiceEmbedResponse\x12\x62\n\x0b\x43ountTokens\x12(.slm.v1.DoormanServiceCountTokensRequest\x1a).slm.v1.DoormanServiceCountTokensResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'slm.v1.doorman_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CACHEPOLICY']._serialized_start=1022
+  _globals['_CACHEPOLICY']._serialized_end=1090
   _globals['_CHATREQUEST']._serialized_start=77
-  _globals['_CHATREQUEST']._serialized_end=219
-  _globals['_CHATRESPONSE']._serialized_start=221
-  _globals['_CHATRESPONSE']._serialized_end=314
-  _globals['_COMPLETEREQUEST']._serialized_start=316
-  _globals['_COMPLETEREQUEST']._serialized_end=406
-  _globals['_COMPLETERESPONSE']._serialized_start=408
-  _globals['_COMPLETERESPONSE']._serialized_end=505
-  _globals['_DOORMANSERVICELISTMODELSREQUEST']._serialized_start=507
-  _globals['_DOORMANSERVICELISTMODELSREQUEST']._serialized_end=540
-  _globals['_DOORMANSERVICELISTMODELSRESPONSE']._serialized_start=542
-  _globals['_DOORMANSERVICELISTMODELSRESPONSE']._serialized_end=611
-  _globals['_DOORMANSERVICEEMBEDREQUEST']._serialized_start=613
-  _globals['_DOORMANSERVICEEMBEDREQUEST']._serialized_end=672
-  _globals['_DOORMANSERVICECOUNTTOKENSREQUEST']._serialized_start=674
-  _globals['_DOORMANSERVICECOUNTTOKENSREQUEST']._serialized_end=795
-  _globals['_DOORMANSERVICECOUNTTOKENSRESPONSE']._serialized_start=797
-  _globals['_DOORMANSERVICECOUNTTOKENSRESPONSE']._serialized_end=855
-  _globals['_DOORMANSERVICEEMBEDRESPONSE']._serialized_start=857
-  _globals['_DOORMANSERVICEEMBEDRESPONSE']._serialized_end=948
-  _globals['_DOORMANSERVICE']._serialized_start=951
-  _globals['_DOORMANSERVICE']._serialized_end=1364
+  _globals['_CHATREQUEST']._serialized_end=255
+  _globals['_CHATRESPONSE']._serialized_start=257
+  _globals['_CHATRESPONSE']._serialized_end=350
+  _globals['_COMPLETEREQUEST']._serialized_start=352
+  _globals['_COMPLETEREQUEST']._serialized_end=478
+  _globals['_COMPLETERESPONSE']._serialized_start=480
+  _globals['_COMPLETERESPONSE']._serialized_end=577
+  _globals['_DOORMANSERVICELISTMODELSREQUEST']._serialized_start=579
+  _globals['_DOORMANSERVICELISTMODELSREQUEST']._serialized_end=612
+  _globals['_DOORMANSERVICELISTMODELSRESPONSE']._serialized_start=614
+  _globals['_DOORMANSERVICELISTMODELSRESPONSE']._serialized_end=683
+  _globals['_DOORMANSERVICEEMBEDREQUEST']._serialized_start=685
+  _globals['_DOORMANSERVICEEMBEDREQUEST']._serialized_end=744
+  _globals['_DOORMANSERVICECOUNTTOKENSREQUEST']._serialized_start=746
+  _globals['_DOORMANSERVICECOUNTTOKENSREQUEST']._serialized_end=867
+  _globals['_DOORMANSERVICECOUNTTOKENSRESPONSE']._serialized_start=869
+  _globals['_DOORMANSERVICECOUNTTOKENSRESPONSE']._serialized_end=927
+  _globals['_DOORMANSERVICEEMBEDRESPONSE']._serialized_start=929
+  _globals['_DOORMANSERVICEEMBEDRESPONSE']._serialized_end=1020
+  _globals['_DOORMANSERVICE']._serialized_start=1093
+  _globals['_DOORMANSERVICE']._serialized_end=1506
 # @@protoc_insertion_point(module_scope)

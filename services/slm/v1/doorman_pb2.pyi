@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from slm.v1 import inference_pb2 as _inference_pb2
 from slm.v1 import types_pb2 as _types_pb2
 import builtins as _builtins
@@ -20,6 +21,33 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _CachePolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CachePolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CachePolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CACHE_POLICY_UNSPECIFIED: _CachePolicy.ValueType  # 0
+    """Served from the cache when an identical answer is there; a complete
+    answer is kept for identical requests of the same tenant.
+    """
+    CACHE_POLICY_BYPASS: _CachePolicy.ValueType  # 1
+    """Neither served from the cache nor kept in it."""
+
+class CachePolicy(_CachePolicy, metaclass=_CachePolicyEnumTypeWrapper):
+    """How a generation uses the Doorman's result cache. Only deterministic requests
+    (temperature 0, or a seed set) are ever cached. The metadata "cache-control:
+    no-cache" (or no-store) has the effect of CACHE_POLICY_BYPASS.
+    """
+
+CACHE_POLICY_UNSPECIFIED: CachePolicy.ValueType  # 0
+"""Served from the cache when an identical answer is there; a complete
+answer is kept for identical requests of the same tenant.
+"""
+CACHE_POLICY_BYPASS: CachePolicy.ValueType  # 1
+"""Neither served from the cache nor kept in it."""
+Global___CachePolicy: _TypeAlias = CachePolicy  # noqa: Y015
+
 @_typing.final
 class ChatRequest(_message.Message):
     """Request of DoormanService.Chat."""
@@ -30,7 +58,10 @@ class ChatRequest(_message.Message):
     MESSAGES_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
     TOOLS_FIELD_NUMBER: _builtins.int
+    CACHE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    cache: Global___CachePolicy.ValueType
+    """Whether the Doorman's result cache may answer (and keep) this request."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ChatMessage]: ...
     @_builtins.property
@@ -46,10 +77,11 @@ class ChatRequest(_message.Message):
         messages: _abc.Iterable[_types_pb2.ChatMessage] | None = ...,
         sampling: _types_pb2.SamplingParams | None = ...,
         tools: _types_pb2.ToolSpec | None = ...,
+        cache: Global___CachePolicy.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling", "tools", b"tools"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "model", b"model", "sampling", b"sampling", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache", b"cache", "messages", b"messages", "model", b"model", "sampling", b"sampling", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -92,8 +124,11 @@ class CompleteRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     PROMPT_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
+    CACHE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     prompt: _builtins.str
+    cache: Global___CachePolicy.ValueType
+    """Whether the Doorman's result cache may answer (and keep) this request."""
     @_builtins.property
     def sampling(self) -> _types_pb2.SamplingParams: ...
     def __init__(
@@ -102,10 +137,11 @@ class CompleteRequest(_message.Message):
         model: _builtins.str = ...,
         prompt: _builtins.str = ...,
         sampling: _types_pb2.SamplingParams | None = ...,
+        cache: Global___CachePolicy.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "prompt", b"prompt", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache", b"cache", "model", b"model", "prompt", b"prompt", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

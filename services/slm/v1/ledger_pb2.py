@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from slm.v1 import types_pb2 as slm_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13slm/v1/ledger.proto\x12\x06slm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x12slm/v1/types.proto\"\xd1\x04\n\x0bLedgerEntry\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x1a\n\x04tier\x18\x05 \x01(\x0e\x32\x0c.slm.v1.Tier\x12\x10\n\x08upstream\x18\x06 \x01(\t\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x08 \x01(\r\x12\x0f\n\x07ttft_ms\x18\t \x01(\x01\x12\x12\n\nlatency_ms\x18\n \x01(\x01\x12+\n\rfinish_reason\x18\x0b \x01(\x0e\x32\x14.slm.v1.FinishReason\x12\x13\n\x0bstatus_code\x18\x0c \x01(\x05\x12\x11\n\toperation\x18\r \x01(\t\x12\x0e\n\x06key_id\x18\x0e \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x0f \x01(\t\x12\x1e\n\x04hops\x18\x10 \x03(\x0b\x32\x10.slm.v1.RouteHop\x12<\n\rentity_counts\x18\x11 \x03(\x0b\x32%.slm.v1.LedgerEntry.EntityCountsEntry\x12\x18\n\x10policy_decisions\x18\x12 \x03(\t\x12\x15\n\rtools_offered\x18\x13 \x03(\t\x12\x12\n\ntool_calls\x18\x14 \x03(\t\x12\x12\n\nconstraint\x18\x15 \x01(\t\x1a\x33\n\x11\x45ntityCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"e\n\x0cLedgerRecord\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\"\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x13.slm.v1.LedgerEntry\x12\x11\n\tprev_hash\x18\x03 \x01(\t\x12\x0c\n\x04hash\x18\x04 \x01(\t\"3\n\rAppendRequest\x12\"\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x13.slm.v1.LedgerEntry\"6\n\x0e\x41ppendResponse\x12$\n\x06record\x18\x01 \x01(\x0b\x32\x14.slm.v1.LedgerRecord\":\n\x12\x41ppendBatchRequest\x12$\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x13.slm.v1.LedgerEntry\"<\n\x13\x41ppendBatchResponse\x12%\n\x07records\x18\x01 \x03(\x0b\x32\x14.slm.v1.LedgerRecord\"\xc4\x01\n\x0bListRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12 \n\x05order\x18\x06 \x01(\x0e\x32\x11.slm.v1.ListOrder\"N\n\x0cListResponse\x12%\n\x07records\x18\x01 \x03(\x0b\x32\x14.slm.v1.LedgerRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x0f\n\rVerifyRequest\"X\n\nChainBreak\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12(\n\x06reason\x18\x02 \x01(\x0e\x32\x18.slm.v1.ChainBreakReason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\x8c\x01\n\x0eVerifyResponse\x12\x0e\n\x06intact\x18\x01 \x01(\x08\x12\x17\n\x0frecords_checked\x18\x02 \x01(\x04\x12\x11\n\thead_hash\x18\x03 \x01(\t\x12\x15\n\rhead_sequence\x18\x04 \x01(\x04\x12\'\n\x0b\x66irst_break\x18\x05 \x01(\x0b\x32\x12.slm.v1.ChainBreak\"\x80\x01\n\x10\x45xportCsvRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\"\n\x11\x45xportCsvResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c*a\n\tListOrder\x12\x1a\n\x16LIST_ORDER_UNSPECIFIED\x10\x00\x12\x1b\n\x17LIST_ORDER_OLDEST_FIRST\x10\x01\x12\x1b\n\x17LIST_ORDER_NEWEST_FIRST\x10\x02*\xd3\x01\n\x10\x43hainBreakReason\x12\"\n\x1e\x43HAIN_BREAK_REASON_UNSPECIFIED\x10\x00\x12$\n CHAIN_BREAK_REASON_HASH_MISMATCH\x10\x01\x12)\n%CHAIN_BREAK_REASON_PREV_HASH_MISMATCH\x10\x02\x12#\n\x1f\x43HAIN_BREAK_REASON_SEQUENCE_GAP\x10\x03\x12%\n!CHAIN_BREAK_REASON_MALFORMED_BODY\x10\x04\x32\xc0\x02\n\rLedgerService\x12\x37\n\x06\x41ppend\x12\x15.slm.v1.AppendRequest\x1a\x16.slm.v1.AppendResponse\x12\x46\n\x0b\x41ppendBatch\x12\x1a.slm.v1.AppendBatchRequest\x1a\x1b.slm.v1.AppendBatchResponse\x12\x31\n\x04List\x12\x13.slm.v1.ListRequest\x1a\x14.slm.v1.ListResponse\x12\x37\n\x06Verify\x12\x15.slm.v1.VerifyRequest\x1a\x16.slm.v1.VerifyResponse\x12\x42\n\tExportCsv\x12\x18.slm.v1.ExportCsvRequest\x1a\x19.slm.v1.ExportCsvResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13slm/v1/ledger.proto\x12\x06slm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x12slm/v1/types.proto\"\xe4\x04\n\x0bLedgerEntry\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x1a\n\x04tier\x18\x05 \x01(\x0e\x32\x0c.slm.v1.Tier\x12\x10\n\x08upstream\x18\x06 \x01(\t\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x08 \x01(\r\x12\x0f\n\x07ttft_ms\x18\t \x01(\x01\x12\x12\n\nlatency_ms\x18\n \x01(\x01\x12+\n\rfinish_reason\x18\x0b \x01(\x0e\x32\x14.slm.v1.FinishReason\x12\x13\n\x0bstatus_code\x18\x0c \x01(\x05\x12\x11\n\toperation\x18\r \x01(\t\x12\x0e\n\x06key_id\x18\x0e \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x0f \x01(\t\x12\x1e\n\x04hops\x18\x10 \x03(\x0b\x32\x10.slm.v1.RouteHop\x12<\n\rentity_counts\x18\x11 \x03(\x0b\x32%.slm.v1.LedgerEntry.EntityCountsEntry\x12\x18\n\x10policy_decisions\x18\x12 \x03(\t\x12\x15\n\rtools_offered\x18\x13 \x03(\t\x12\x12\n\ntool_calls\x18\x14 \x03(\t\x12\x12\n\nconstraint\x18\x15 \x01(\t\x12\x11\n\tcache_hit\x18\x16 \x01(\x08\x1a\x33\n\x11\x45ntityCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"e\n\x0cLedgerRecord\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\"\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x13.slm.v1.LedgerEntry\x12\x11\n\tprev_hash\x18\x03 \x01(\t\x12\x0c\n\x04hash\x18\x04 \x01(\t\"3\n\rAppendRequest\x12\"\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x13.slm.v1.LedgerEntry\"6\n\x0e\x41ppendResponse\x12$\n\x06record\x18\x01 \x01(\x0b\x32\x14.slm.v1.LedgerRecord\":\n\x12\x41ppendBatchRequest\x12$\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x13.slm.v1.LedgerEntry\"<\n\x13\x41ppendBatchResponse\x12%\n\x07records\x18\x01 \x03(\x0b\x32\x14.slm.v1.LedgerRecord\"\xc4\x01\n\x0bListRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12 \n\x05order\x18\x06 \x01(\x0e\x32\x11.slm.v1.ListOrder\"N\n\x0cListResponse\x12%\n\x07records\x18\x01 \x03(\x0b\x32\x14.slm.v1.LedgerRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x0f\n\rVerifyRequest\"X\n\nChainBreak\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12(\n\x06reason\x18\x02 \x01(\x0e\x32\x18.slm.v1.ChainBreakReason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\x8c\x01\n\x0eVerifyResponse\x12\x0e\n\x06intact\x18\x01 \x01(\x08\x12\x17\n\x0frecords_checked\x18\x02 \x01(\x04\x12\x11\n\thead_hash\x18\x03 \x01(\t\x12\x15\n\rhead_sequence\x18\x04 \x01(\x04\x12\'\n\x0b\x66irst_break\x18\x05 \x01(\x0b\x32\x12.slm.v1.ChainBreak\"\x80\x01\n\x10\x45xportCsvRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\"\n\x11\x45xportCsvResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c*a\n\tListOrder\x12\x1a\n\x16LIST_ORDER_UNSPECIFIED\x10\x00\x12\x1b\n\x17LIST_ORDER_OLDEST_FIRST\x10\x01\x12\x1b\n\x17LIST_ORDER_NEWEST_FIRST\x10\x02*\xd3\x01\n\x10\x43hainBreakReason\x12\"\n\x1e\x43HAIN_BREAK_REASON_UNSPECIFIED\x10\x00\x12$\n CHAIN_BREAK_REASON_HASH_MISMATCH\x10\x01\x12)\n%CHAIN_BREAK_REASON_PREV_HASH_MISMATCH\x10\x02\x12#\n\x1f\x43HAIN_BREAK_REASON_SEQUENCE_GAP\x10\x03\x12%\n!CHAIN_BREAK_REASON_MALFORMED_BODY\x10\x04\x32\xc0\x02\n\rLedgerService\x12\x37\n\x06\x41ppend\x12\x15.slm.v1.AppendRequest\x1a\x16.slm.v1.AppendResponse\x12\x46\n\x0b\x41ppendBatch\x12\x1a.slm.v1.AppendBatchRequest\x1a\x1b.slm.v1.AppendBatchResponse\x12\x31\n\x04List\x12\x13.slm.v1.ListRequest\x1a\x14.slm.v1.ListResponse\x12\x37\n\x06Verify\x12\x15.slm.v1.VerifyRequest\x1a\x16.slm.v1.VerifyResponse\x12\x42\n\tExportCsv\x12\x18.slm.v1.ExportCsvRequest\x1a\x19.slm.v1.ExportCsvResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,38 +35,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LEDGERENTRY_ENTITYCOUNTSENTRY']._loaded_options = None
   _globals['_LEDGERENTRY_ENTITYCOUNTSENTRY']._serialized_options = b'8\001'
-  _globals['_LISTORDER']._serialized_start=1710
-  _globals['_LISTORDER']._serialized_end=1807
-  _globals['_CHAINBREAKREASON']._serialized_start=1810
-  _globals['_CHAINBREAKREASON']._serialized_end=2021
+  _globals['_LISTORDER']._serialized_start=1729
+  _globals['_LISTORDER']._serialized_end=1826
+  _globals['_CHAINBREAKREASON']._serialized_start=1829
+  _globals['_CHAINBREAKREASON']._serialized_end=2040
   _globals['_LEDGERENTRY']._serialized_start=85
-  _globals['_LEDGERENTRY']._serialized_end=678
-  _globals['_LEDGERENTRY_ENTITYCOUNTSENTRY']._serialized_start=627
-  _globals['_LEDGERENTRY_ENTITYCOUNTSENTRY']._serialized_end=678
-  _globals['_LEDGERRECORD']._serialized_start=680
-  _globals['_LEDGERRECORD']._serialized_end=781
-  _globals['_APPENDREQUEST']._serialized_start=783
-  _globals['_APPENDREQUEST']._serialized_end=834
-  _globals['_APPENDRESPONSE']._serialized_start=836
-  _globals['_APPENDRESPONSE']._serialized_end=890
-  _globals['_APPENDBATCHREQUEST']._serialized_start=892
-  _globals['_APPENDBATCHREQUEST']._serialized_end=950
-  _globals['_APPENDBATCHRESPONSE']._serialized_start=952
-  _globals['_APPENDBATCHRESPONSE']._serialized_end=1012
-  _globals['_LISTREQUEST']._serialized_start=1015
-  _globals['_LISTREQUEST']._serialized_end=1211
-  _globals['_LISTRESPONSE']._serialized_start=1213
-  _globals['_LISTRESPONSE']._serialized_end=1291
-  _globals['_VERIFYREQUEST']._serialized_start=1293
-  _globals['_VERIFYREQUEST']._serialized_end=1308
-  _globals['_CHAINBREAK']._serialized_start=1310
-  _globals['_CHAINBREAK']._serialized_end=1398
-  _globals['_VERIFYRESPONSE']._serialized_start=1401
-  _globals['_VERIFYRESPONSE']._serialized_end=1541
-  _globals['_EXPORTCSVREQUEST']._serialized_start=1544
-  _globals['_EXPORTCSVREQUEST']._serialized_end=1672
-  _globals['_EXPORTCSVRESPONSE']._serialized_start=1674
-  _globals['_EXPORTCSVRESPONSE']._serialized_end=1708
-  _globals['_LEDGERSERVICE']._serialized_start=2024
-  _globals['_LEDGERSERVICE']._serialized_end=2344
+  _globals['_LEDGERENTRY']._serialized_end=697
+  _globals['_LEDGERENTRY_ENTITYCOUNTSENTRY']._serialized_start=646
+  _globals['_LEDGERENTRY_ENTITYCOUNTSENTRY']._serialized_end=697
+  _globals['_LEDGERRECORD']._serialized_start=699
+  _globals['_LEDGERRECORD']._serialized_end=800
+  _globals['_APPENDREQUEST']._serialized_start=802
+  _globals['_APPENDREQUEST']._serialized_end=853
+  _globals['_APPENDRESPONSE']._serialized_start=855
+  _globals['_APPENDRESPONSE']._serialized_end=909
+  _globals['_APPENDBATCHREQUEST']._serialized_start=911
+  _globals['_APPENDBATCHREQUEST']._serialized_end=969
+  _globals['_APPENDBATCHRESPONSE']._serialized_start=971
+  _globals['_APPENDBATCHRESPONSE']._serialized_end=1031
+  _globals['_LISTREQUEST']._serialized_start=1034
+  _globals['_LISTREQUEST']._serialized_end=1230
+  _globals['_LISTRESPONSE']._serialized_start=1232
+  _globals['_LISTRESPONSE']._serialized_end=1310
+  _globals['_VERIFYREQUEST']._serialized_start=1312
+  _globals['_VERIFYREQUEST']._serialized_end=1327
+  _globals['_CHAINBREAK']._serialized_start=1329
+  _globals['_CHAINBREAK']._serialized_end=1417
+  _globals['_VERIFYRESPONSE']._serialized_start=1420
+  _globals['_VERIFYRESPONSE']._serialized_end=1560
+  _globals['_EXPORTCSVREQUEST']._serialized_start=1563
+  _globals['_EXPORTCSVREQUEST']._serialized_end=1691
+  _globals['_EXPORTCSVRESPONSE']._serialized_start=1693
+  _globals['_EXPORTCSVRESPONSE']._serialized_end=1727
+  _globals['_LEDGERSERVICE']._serialized_start=2043
+  _globals['_LEDGERSERVICE']._serialized_end=2363
 # @@protoc_insertion_point(module_scope)

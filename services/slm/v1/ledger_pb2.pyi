@@ -130,6 +130,7 @@ class LedgerEntry(_message.Message):
     TOOLS_OFFERED_FIELD_NUMBER: _builtins.int
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
     CONSTRAINT_FIELD_NUMBER: _builtins.int
+    CACHE_HIT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     tenant: _builtins.str
     model: _builtins.str
@@ -151,6 +152,8 @@ class LedgerEntry(_message.Message):
     """The LoRA adapter applied, "" for none."""
     constraint: _builtins.str
     """The kind of output constraint asked for ("json_schema", "regex", ...), "" for none."""
+    cache_hit: _builtins.bool
+    """The answer was replayed from the Doorman's result cache: no upstream was called."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -197,10 +200,11 @@ class LedgerEntry(_message.Message):
         tools_offered: _abc.Iterable[_builtins.str] | None = ...,
         tool_calls: _abc.Iterable[_builtins.str] | None = ...,
         constraint: _builtins.str = ...,
+        cache_hit: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "completion_tokens", b"completion_tokens", "constraint", b"constraint", "entity_counts", b"entity_counts", "finish_reason", b"finish_reason", "hops", b"hops", "key_id", b"key_id", "latency_ms", b"latency_ms", "model", b"model", "operation", b"operation", "policy_decisions", b"policy_decisions", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "status_code", b"status_code", "tenant", b"tenant", "tier", b"tier", "time", b"time", "tool_calls", b"tool_calls", "tools_offered", b"tools_offered", "ttft_ms", b"ttft_ms", "upstream", b"upstream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "cache_hit", b"cache_hit", "completion_tokens", b"completion_tokens", "constraint", b"constraint", "entity_counts", b"entity_counts", "finish_reason", b"finish_reason", "hops", b"hops", "key_id", b"key_id", "latency_ms", b"latency_ms", "model", b"model", "operation", b"operation", "policy_decisions", b"policy_decisions", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "status_code", b"status_code", "tenant", b"tenant", "tier", b"tier", "time", b"time", "tool_calls", b"tool_calls", "tools_offered", b"tools_offered", "ttft_ms", b"ttft_ms", "upstream", b"upstream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
