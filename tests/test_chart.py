@@ -31,7 +31,10 @@ VALUE_FILES = sorted(p.name for p in (CHART / "ci").glob("*-values.yaml"))
 RELEASE, NAMESPACE = "rel", "llm"
 # The chart's minimum (Chart.yaml kubeVersion) and the newest schemas kubernetes-validate has.
 KUBE_VERSIONS = ("1.27.0", kubernetes_validate.latest_version())
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CRD_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("policy.sigstore.dev/v1beta1", "ClusterImagePolicy"),
+}
 # Config keys the chart writes for components whose settings have not landed in
 # services/slm/config.py yet; any other unknown key is a chart bug and fails the test.
 PENDING_CONFIG_KEYS: set[str] = set()
@@ -121,6 +124,7 @@ def test_value_files_cover_each_deployment_shape() -> None:
         "default-values.yaml",
         "external-tier-values.yaml",
         "gpu-vllm-values.yaml",
+        "signed-images-values.yaml",
     ]
 
 
