@@ -358,3 +358,48 @@ def runtime(settings: Settings, registry: CollectorRegistry | None = None) -> Ru
 
 def gateway_settings(settings: Settings) -> GatewaySettings:
     return GatewaySettings(settings.gateway, settings.telemetry, settings.discovery)
+
+
+class LlamaServer:
+    """llama-cpp-python's OpenAI server on a loopback port (a free one unless given), with the
+    default model; the constructor returns once it accepts connections."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        log_path: Path,
+        api_key: str | None = None,
+        port: int | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self._log = log_path
+        self.process = subprocess.Popen(
+            [
+                sys.executable, "-m", "llama_cpp.server", "--model", str(model_path),
+                "--model_alias", DEFAULT_MODEL, "--host", "127.0.0.1", "--port", str(self.port),
+                "--n_ctx", "1024", "--n_threads", "1",
+                # A new request must queue, not interrupt the one being generated.
+                "--interrupt_requests", "False",
+                *(["--api_key", api_key] if api_key else []),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert self.process.stderr is not None
+        seen = []
+        # uvicorn logs this line once the socket accepts connections.
+        for line in self.process.stderr:
+            seen.append(line)
+            if b"Uvicorn running on" in line:
+                break
+        else:
+            raise RuntimeError(b"".join(seen[-20:]).decode(errors="replace"))
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+        if self.process.stderr is not None:
+            self.process.stderr.close()

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +13,7 @@ import grpc
 import httpx
 import pytest
 from conftest import port0
-from helpers import DEFAULT_MODEL, Mesh, free_port, metric_value, wait_for
+from helpers import DEFAULT_MODEL, LlamaServer, Mesh, free_port, metric_value, wait_for
 from prometheus_client import CollectorRegistry, generate_latest
 
 from inference_remote.app import InferenceRemoteApp
@@ -30,44 +27,6 @@ from slm.server import GrpcService
 from slm.v1 import inference_pb2, inference_pb2_grpc, types_pb2
 
 AFFINITY_CHARS = 48
-
-
-class LlamaServer:
-    """llama-cpp-python's OpenAI server on a free loopback port, with the default model."""
-
-    def __init__(self, model_path: Path, log_path: Path, api_key: str | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        self._log = log_path
-        self.process = subprocess.Popen(
-            [
-                sys.executable, "-m", "llama_cpp.server", "--model", str(model_path),
-                "--model_alias", DEFAULT_MODEL, "--host", "127.0.0.1", "--port", str(self.port),
-                "--n_ctx", "1024", "--n_threads", "1",
-                # A new request must queue, not interrupt the one being generated.
-                "--interrupt_requests", "False",
-                *(["--api_key", api_key] if api_key else []),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        assert self.process.stderr is not None
-        seen = []
-        # uvicorn logs this line once the socket accepts connections.
-        for line in self.process.stderr:
-            seen.append(line)
-            if b"Uvicorn running on" in line:
-                break
-        else:
-            raise RuntimeError(b"".join(seen[-20:]).decode(errors="replace"))
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
-        if self.process.stderr is not None:
-            self.process.stderr.close()
 
 
 @pytest.fixture(scope="module")

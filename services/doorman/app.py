@@ -61,6 +61,7 @@ class DoormanApp:
                 first_token_timeout_s=routing.first_token_timeout_s,
             ),
             on_upstream_error=lambda tier, code: metrics.upstream_errors.labels(tier, code).inc(),
+            demand=metrics.tier_demand.labels,
         )
         self._buckets: BucketStore | None = None
         self.doorman = Doorman(
@@ -87,6 +88,7 @@ class DoormanApp:
             # Tier C only ever sees sanitised text, whatever a route says.
             sanitize=sanitize or step.tier == "external",
             model=step.model,
+            cold_start_wait_s=step.cold_start_wait_s,
         )
 
     def _policy(self, table: RoutingTable) -> Policy:

@@ -24,6 +24,10 @@ class RouteStep(Section):
     # Send only sanitised text; default: whether doorman.privacy.sanitize_tiers names the tier.
     # Always true for "external", whatever is written here.
     sanitize: bool | None = None
+    # A pool that may be scaled to zero (the chart's vLLM pools with scaleToZero): while it is
+    # absent (UNAVAILABLE), keep trying it this long, with backoff, before the next tier. Its
+    # demand (slm_doorman_tier_demand) is what scales it back up. 0: the usual retries.
+    cold_start_wait_s: float = Field(default=0.0, ge=0)
 
 
 class RouteConfig(Section):

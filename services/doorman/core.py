@@ -116,6 +116,14 @@ class DoormanMetrics:
             ["tier"],
             registry=registry,
         )
+        # What an autoscaler of a tier's pool reads (the chart's KEDA ScaledObjects): it is
+        # above zero while a request waits for a pool scaled to zero.
+        self.tier_demand = Gauge(
+            "slm_doorman_tier_demand",
+            "Generations waiting for or streaming from a tier, by the model it serves them.",
+            ["tier", "model"],
+            registry=registry,
+        )
 
 
 @dataclass
@@ -386,6 +394,7 @@ class Doorman:
                 chain = self._table.chain(model)
                 await self._wait_for_tier(stack, chain, principal.tenant)
                 opened = await self._open(job, model, chain, outcome)
+                stack.callback(opened.release)
                 stream = await stack.enter_async_context(
                     contextlib.aclosing(self._stream(opened, job.sanitised, outcome, record))
                 )
@@ -459,7 +468,12 @@ class Doorman:
             return routed
 
         opened = await self._router.open(
-            chain, build, deadline=job.deadline, metadata=job.metadata, attempts=outcome.attempts
+            chain,
+            build,
+            deadline=job.deadline,
+            metadata=job.metadata,
+            attempts=outcome.attempts,
+            model=model,
         )
         outcome.ttft = time.perf_counter() - outcome.started
         route = outcome.route = opened.route

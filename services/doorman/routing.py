@@ -11,8 +11,8 @@ from typing import Any, Literal, TypeVar
 import grpc
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     retry_if_exception,
-    stop_after_attempt,
     wait_exponential_jitter,
 )
 
@@ -49,6 +49,9 @@ class Route:
     sanitize: bool = False
     # The model's name at this upstream; None keeps the client's.
     model: str | None = None
+    # How long to keep trying an upstream that is not there (UNAVAILABLE) before the next
+    # tier: a pool scaled to zero, starting while the request waits. 0: the usual retries.
+    cold_start_wait_s: float = 0.0
 
     def model_for(self, requested: str) -> str:
         return self.model or requested
@@ -107,11 +110,15 @@ class RoutingTable:
 
 @dataclass
 class Opened:
-    """A generation that has produced its first event on `route`; the rest is read from `call`."""
+    """A generation that has produced its first event on `route`; the rest is read from `call`.
+
+    `release` ends the request's count in the route's demand; the caller calls it once the
+    request is over."""
 
     route: Route
     call: Any  # grpc.aio.UnaryStreamCall; grpc ships no types
     first: inference_pb2.GenerateResponse
+    release: Callable[[], None] = lambda: None
 
 
 class UpstreamFailure(Exception):
@@ -145,6 +152,9 @@ class Attempts:
 
 
 UpstreamErrorHook = Callable[[str, str], None]
+# (tier name, model at the upstream) -> the gauge of generations waiting for or streaming from
+# that tier for that model: what an autoscaler of the tier's pool (KEDA) reads.
+DemandGauge = Callable[[str, str], Any]
 Build = Callable[[Route], Awaitable[RequestT]]
 
 
@@ -159,10 +169,14 @@ class Router:
     """
 
     def __init__(
-        self, policy: RetryPolicy, on_upstream_error: UpstreamErrorHook | None = None
+        self,
+        policy: RetryPolicy,
+        on_upstream_error: UpstreamErrorHook | None = None,
+        demand: DemandGauge | None = None,
     ) -> None:
         self._policy = policy
         self._on_error = on_upstream_error or (lambda tier, code: None)
+        self._demand = demand
 
     async def open(
         self,
@@ -172,8 +186,11 @@ class Router:
         deadline: float,
         metadata: Metadata,
         attempts: Attempts,
+        model: str = "",
     ) -> Opened:
-        """A generation opened on the first route that streams an event."""
+        """A generation opened on the first route that streams an event. While a route is
+        tried, and after it opened until `Opened.release`, the request counts in that route's
+        demand for `model` (as the route names it)."""
 
         async def attempt(route: Route) -> Opened:
             request = await build(route)
@@ -218,7 +235,27 @@ class Router:
                 )
             return Opened(route=route, call=call, first=first)
 
-        return await self._first(chain, attempt, attempts)
+        held: list[Callable[[], None]] = []
+
+        def hold(route: Route) -> Callable[[], None]:
+            if self._demand is None:
+                return lambda: None
+            gauge = self._demand(route.tier_name, route.model_for(model))
+            gauge.inc()
+            released = False
+
+            def release() -> None:
+                nonlocal released
+                if not released:
+                    released = True
+                    gauge.dec()
+
+            held[:] = [release]
+            return release
+
+        opened = await self._first(chain, attempt, attempts, hold)
+        opened.release = held[0] if held else opened.release
+        return opened
 
     async def unary(
         self,
@@ -245,6 +282,7 @@ class Router:
         chain: Sequence[Route],
         attempt: Callable[[Route], Awaitable[ResultT]],
         attempts: Attempts,
+        hold: Callable[[Route], Callable[[], None]] | None = None,
     ) -> ResultT:
         last: SlmError | None = None
         retry_after: float | None = None
@@ -256,12 +294,17 @@ class Router:
                 continue
             if index > 0 or attempts.decisions:
                 attempts.decisions.append(f"try:{route.tier_name}:{route.address}")
+            release = hold(route) if hold is not None else None
             try:
                 return await self._with_retries(route, attempt)
-            except UpstreamFailure as failure:
-                last = failure.error
+            except BaseException as error:
+                if release is not None:
+                    release()
+                if not isinstance(error, UpstreamFailure):
+                    raise
+                last = error.error
                 attempts.decisions.append(
-                    f"fallback:{route.tier_name}:{route.address}:{failure.code.name}"
+                    f"fallback:{route.tier_name}:{route.address}:{error.code.name}"
                 )
         if last is not None and last.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             raise last
@@ -276,8 +319,9 @@ class Router:
         self, route: Route, attempt: Callable[[Route], Awaitable[ResultT]]
     ) -> ResultT:
         policy = self._policy
+        cold = route.cold_start_wait_s > 0
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(policy.attempts),
+            stop=self._stop(route),
             wait=wait_exponential_jitter(
                 multiplier=policy.initial_backoff_s,
                 max=policy.max_backoff_s,
@@ -287,21 +331,48 @@ class Router:
             reraise=True,
         )
         first_attempt = True
-        async for retry in retrying:
-            with retry:
-                # The breaker may have opened (or gone half-open) since the last attempt.
-                if not first_attempt and not route.breaker.allow():
-                    raise UpstreamFailure(
-                        grpc.StatusCode.UNAVAILABLE,
-                        Unavailable("circuit open", reason="BREAKER"),
-                        retry=False,
-                    )
-                first_attempt = False
-                return await self._once(route, attempt)
+        try:
+            async for retry in retrying:
+                with retry:
+                    # The breaker may have opened (or gone half-open) since the last attempt.
+                    if not first_attempt and not route.breaker.allow():
+                        raise UpstreamFailure(
+                            grpc.StatusCode.UNAVAILABLE,
+                            Unavailable("circuit open", reason="BREAKER"),
+                            retry=False,
+                        )
+                    first_attempt = False
+                    return await self._once(route, attempt, cold)
+        except UpstreamFailure as failure:
+            if cold and _absent(failure) and failure.retry:
+                # Still absent when its cold-start wait ended: one failure for the request,
+                # none for the attempts made while it may have been starting.
+                route.breaker.failure()
+            raise
         raise AssertionError("tenacity stops by raising")  # pragma: no cover
 
-    async def _once(self, route: Route, attempt: Callable[[Route], Awaitable[ResultT]]) -> ResultT:
-        """One attempt, and its verdict for the route's breaker."""
+    def _stop(self, route: Route) -> Callable[[RetryCallState], bool]:
+        """After policy.attempts; for an upstream with a cold-start wait that is absent
+        (UNAVAILABLE), once that wait has passed instead."""
+        attempts, wait_s = self._policy.attempts, route.cold_start_wait_s
+
+        def stop(state: RetryCallState) -> bool:
+            if wait_s > 0 and state.outcome is not None:
+                failure = state.outcome.exception()
+                if isinstance(failure, UpstreamFailure) and _absent(failure):
+                    return (state.seconds_since_start or 0.0) >= wait_s
+            return state.attempt_number >= attempts
+
+        return stop
+
+    async def _once(
+        self,
+        route: Route,
+        attempt: Callable[[Route], Awaitable[ResultT]],
+        starting: bool = False,
+    ) -> ResultT:
+        """One attempt, and its verdict for the route's breaker (none for an absent upstream
+        that may be `starting`: its cold-start wait decides)."""
         try:
             result = await attempt(route)
         except grpc.aio.AioRpcError as error:
@@ -316,11 +387,20 @@ class Router:
         else:
             route.breaker.success()
             return result
-        if isinstance(failure, UpstreamFailure) and failure.retry:
+        if (
+            isinstance(failure, UpstreamFailure)
+            and failure.retry
+            and not (starting and _absent(failure))
+        ):
             route.breaker.failure()
         else:
             route.breaker.abandon()
         raise failure from None
+
+
+def _absent(failure: UpstreamFailure) -> bool:
+    """The upstream is not there (nothing listens, no endpoint), as opposed to slow or full."""
+    return failure.code is grpc.StatusCode.UNAVAILABLE
 
 
 def _remaining(deadline: float) -> float:
@@ -385,9 +465,17 @@ class IntentClassifier:
             )
 
         opened = await self._router.open(
-            chain, build, deadline=deadline, metadata=metadata, attempts=attempts
+            chain,
+            build,
+            deadline=deadline,
+            metadata=metadata,
+            attempts=attempts,
+            model=manifest.router_model,
         )
-        answer = await _read_text(opened)
+        try:
+            answer = await _read_text(opened)
+        finally:
+            opened.release()
         route = opened.route
         constraint = self._constraints.get(
             (route.address, route.model_for(manifest.router_model), intents)
