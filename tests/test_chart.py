@@ -34,6 +34,7 @@ KUBE_VERSIONS = ("1.27.0", kubernetes_validate.latest_version())
 CRD_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("policy.sigstore.dev/v1beta1", "ClusterImagePolicy"),
+    ("keda.sh/v1alpha1", "ScaledObject"),
 }
 # Config keys the chart writes for components whose settings have not landed in
 # services/slm/config.py yet; any other unknown key is a chart bug and fails the test.
