@@ -35,6 +35,7 @@ COLUMNS = (
     "tools_offered",
     "tool_calls",
     "constraint",
+    "cache_hit",
     "prev_hash",
     "hash",
 )
@@ -92,6 +93,7 @@ def csv_row(record: Record) -> list[str]:
         _text(";".join(e.tools_offered)),
         _text(";".join(e.tool_calls)),
         _text(e.constraint),
+        "true" if e.cache_hit else "false",
         record.prev_hash,
         record.hash,
     ]

@@ -91,6 +91,7 @@ def entry_from_proto(entry: ledger_pb2.LedgerEntry) -> Entry:
         tools_offered=tuple(entry.tools_offered),
         tool_calls=tuple(entry.tool_calls),
         constraint=entry.constraint,
+        cache_hit=entry.cache_hit,
     )
 
 
@@ -132,6 +133,7 @@ def record_to_proto(record: Record) -> ledger_pb2.LedgerRecord:
             tools_offered=e.tools_offered,
             tool_calls=e.tool_calls,
             constraint=e.constraint,
+            cache_hit=e.cache_hit,
         ),
     )
 

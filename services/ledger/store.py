@@ -63,6 +63,8 @@ class Entry:
     tools_offered: tuple[str, ...] = ()
     tool_calls: tuple[str, ...] = ()
     constraint: str = ""
+    # The answer was replayed from the Doorman's result cache: no upstream saw the request.
+    cache_hit: bool = False
 
 
 @dataclass(frozen=True)
