@@ -131,7 +131,7 @@ def _context(request: Request, route: str) -> CallContext:
         authorization = f"Bearer {key}"
     return CallContext(
         request_id=request_id,
-        metadata=call_metadata(request_id, authorization),
+        metadata=call_metadata(request_id, authorization, request.headers.get("cache-control")),
         receive=request.receive,
         started=scope[_STARTED],
         route=route,

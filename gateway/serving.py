@@ -110,11 +110,17 @@ class CallContext:
     route: str
 
 
-def call_metadata(request_id: str, authorization: str | None) -> tuple[tuple[str, str], ...]:
-    """gRPC metadata for a Doorman call: the request id, and the caller's key when it sent one."""
+def call_metadata(
+    request_id: str, authorization: str | None, cache_control: str | None = None
+) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata for a Doorman call: the request id, the caller's key when it sent one, and
+    its Cache-Control header, which the Doorman's result cache honours (no-cache bypasses it)."""
+    metadata: tuple[tuple[str, str], ...] = (("x-request-id", request_id),)
     if authorization:
-        return (("x-request-id", request_id), ("authorization", authorization))
-    return (("x-request-id", request_id),)
+        metadata += (("authorization", authorization),)
+    if cache_control:
+        metadata += (("cache-control", cache_control),)
+    return metadata
 
 
 # --- OpenAI -> protobuf -------------------------------------------------------------------------

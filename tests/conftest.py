@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -12,7 +14,14 @@ from prometheus_client import CollectorRegistry
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import OPEN_RUNTIMES, Mesh, default_model_file, mesh_settings, runtime
+from helpers import (
+    OPEN_RUNTIMES,
+    Mesh,
+    default_model_file,
+    free_port,
+    mesh_settings,
+    runtime,
+)
 from postgres_server import PostgresServer, postgres_bindir
 
 from mesh.settings import Settings
@@ -86,6 +95,33 @@ def mesh(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     yield running
     code = running.stop()
     assert code == 0, running.log_tail()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server on a free loopback port (`make deps` installs it)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed: run `make deps`")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if b"Ready to accept connections" in line:
+            break
+    else:
+        pytest.fail(f"redis-server exited with {process.wait()}")
+    yield f"redis://127.0.0.1:{port}/0"
+    process.terminate()
+    process.wait(timeout=30)
+    process.stdout.close()
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from typing import IO
 from prometheus_client import CollectorRegistry
 
 from adapters.config import AdapterRegistryConfig
-from doorman.config import DoormanConfig
+from doorman.config import CacheConfig, DoormanConfig
 from gateway.config import GatewayConfig, GatewaySettings
 from gateway.envoy.config import EnvoyConfig
 from inference_local.config import InferenceLocalConfig
@@ -78,6 +78,9 @@ def mesh_settings(state_dir: Path) -> Settings:
             inference_local=f"127.0.0.1:{ports['inference']}",
             ledger=f"127.0.0.1:{ports['ledger']}",
             ledger_spool=state_dir / "doorman-ledger.spool",
+            # Off, so that a test repeating a greedy request reaches the engine each time; the
+            # cache's own tests turn it on.
+            cache=CacheConfig(enabled=False),
         ),
         gateway=GatewayConfig(
             port=ports["gateway"],

@@ -9,7 +9,8 @@ from prometheus_client import CollectorRegistry
 
 from doorman.auth import Authenticator, Tenant
 from doorman.breaker import CircuitBreaker
-from doorman.config import DoormanConfig, RouteStep, TenantConfig
+from doorman.cache import MemoryResults, RedisResults, ResultCache, ResultStore
+from doorman.config import CacheConfig, DoormanConfig, RouteStep, TenantConfig
 from doorman.core import Doorman, DoormanMetrics, Policy
 from doorman.ledger_sink import LedgerSink
 from doorman.limits import BucketStore, MemoryBuckets, RedisBuckets, TenantLimiter, TierQueue
@@ -126,6 +127,7 @@ class DoormanApp:
                 )
             )
         safety = config.safety
+        self._cache = _result_cache(config.cache)
         return Policy(
             authenticator=authenticator,
             limiter=limiter,
@@ -144,6 +146,7 @@ class DoormanApp:
                 if safety.input_deny or safety.output_deny
                 else None
             ),
+            cache=self._cache,
         )
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -158,6 +161,19 @@ class DoormanApp:
         await self.doorman.drain()
         if self._buckets is not None:
             await self._buckets.close()
+        if self._cache is not None:
+            await self._cache.close()
+
+
+def _result_cache(config: CacheConfig) -> ResultCache | None:
+    if not config.enabled:
+        return None
+    store: ResultStore = (
+        RedisResults(config.redis_url, config.ttl_s)
+        if config.backend == "redis"
+        else MemoryResults(config.ttl_s, config.max_entries, config.max_bytes)
+    )
+    return ResultCache(store, config.max_entry_bytes)
 
 
 def _tenant(config: TenantConfig) -> Tenant:

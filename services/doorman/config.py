@@ -146,6 +146,34 @@ class LimitsConfig(Section):
     tier_queues: list[TierQueueConfig] = []
 
 
+class CacheConfig(Section):
+    """The result cache: whole answers of deterministic requests (temperature 0, or a seed)."""
+
+    enabled: bool = True
+    # How long an answer is served from the cache after it was kept.
+    ttl_s: float = Field(default=600.0, gt=0)
+    # Where answers live: this process, or Redis shared by every replica.
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Bounds of the memory backend, least recently used out first. In Redis, the server's
+    # maxmemory and eviction policy bound the cache, so these may not be set with it.
+    max_entries: int = Field(default=10_000, ge=1)
+    max_bytes: int = Field(default=64 * 2**20, ge=1)
+    # Answers larger than this (serialised) are not kept, with either backend.
+    max_entry_bytes: int = Field(default=2**20, ge=1)
+
+    @model_validator(mode="after")
+    def _bounds_of_the_backend(self) -> CacheConfig:
+        if self.backend == "redis":
+            given = sorted({"max_entries", "max_bytes"} & self.model_fields_set)
+            if given:
+                raise ValueError(
+                    f"doorman.cache: {', '.join(given)} bound only the memory backend; with "
+                    "redis, bound the cache with the server's maxmemory and an eviction policy"
+                )
+        return self
+
+
 class DoormanConfig(Section):
     endpoint: ServiceEndpoint = ServiceEndpoint(port=50051, metrics_port=9151)
     # Address of InferenceService (tier A) and LedgerService.
@@ -169,6 +197,7 @@ class DoormanConfig(Section):
     privacy: PrivacyConfig = PrivacyConfig()
     safety: SafetyConfig = SafetyConfig()
     limits: LimitsConfig = LimitsConfig()
+    cache: CacheConfig = CacheConfig()
 
     @property
     def auth_enabled(self) -> bool:

@@ -29,6 +29,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from doorman.auth import Authenticator, Principal, Tenant
+from doorman.cache import ResultCache, cache_key, cacheable, deterministic
 from doorman.ledger_sink import LedgerSink
 from doorman.limits import TenantLimiter, TierQueue
 from doorman.outbound import Outbound
@@ -110,6 +111,24 @@ class DoormanMetrics:
             ["kind"],
             registry=registry,
         )
+        self.cache_hits = Counter(
+            "slm_doorman_cache_hits",
+            "Requests answered from the result cache, by model.",
+            ["model"],
+            registry=registry,
+        )
+        self.cache_misses = Counter(
+            "slm_doorman_cache_misses",
+            "Cacheable requests the result cache had no answer for, by model.",
+            ["model"],
+            registry=registry,
+        )
+        self.cache_errors = Counter(
+            "slm_doorman_cache_errors",
+            "Result cache reads and writes that failed (the request went upstream), by operation.",
+            ["operation"],
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "slm_doorman_queue_depth",
             "Requests waiting in a tier's queue.",
@@ -138,6 +157,8 @@ class CallInfo:
     # Who the transport already authenticated from it (the servicer does, before it reads the
     # request); None: the core authenticates.
     principal: Principal | None = None
+    # Neither answer from the result cache nor keep the answer in it (Cache-Control: no-cache).
+    cache_bypass: bool = False
 
 
 @dataclass(frozen=True)
@@ -149,6 +170,16 @@ class Policy:
     tier_queues: Mapping[types_pb2.Tier.ValueType, TierQueue] = field(default_factory=dict)
     sanitiser: Sanitiser | None = None
     safety: SafetyFilter | None = None
+    cache: ResultCache | None = None
+
+
+@dataclass(frozen=True)
+class _Caching:
+    """A cacheable request's keys: of its plain form, and of its sanitised form where a route
+    that may serve it sanitises; each None where no such route serves it."""
+
+    plain: str | None
+    sanitised: str | None
 
 
 @dataclass
@@ -169,6 +200,9 @@ class _Outcome:
     tool_calls: list[str] = field(default_factory=list)
     # True once the request's ledger record was handed to the ledger sink.
     recorded: bool = False
+    # Set for a cacheable request; a complete answer from upstream is kept under its key.
+    caching: _Caching | None = None
+    cache_hit: bool = False
 
 
 class _Sanitised:
@@ -192,6 +226,23 @@ class _Sanitised:
             request, masking = self._sanitiser.sanitize(self._request)
         self.request, self.masking = request, masking
         return request, masking
+
+
+class _Replay:
+    """A cached answer, read like an upstream's stream."""
+
+    def __init__(self, events: list[inference_pb2.GenerateResponse], sanitised: bool) -> None:
+        self._events = iter(events)
+        # The answer is in placeholder form: rehydrate it with this request's own mapping.
+        self.sanitised = sanitised
+        self.first = next(self._events)
+        self.call = self
+
+    async def read(self) -> inference_pb2.GenerateResponse | Any:
+        return next(self._events, grpc.aio.EOF)
+
+    def cancel(self) -> bool:
+        return True
 
 
 @dataclass(frozen=True)
@@ -390,6 +441,14 @@ class Doorman:
                     self._deadline(call),
                     _metadata(call),
                 )
+                replay = await self._cached(job, call, outcome)
+                if replay is not None:
+                    stream = await stack.enter_async_context(
+                        contextlib.aclosing(self._stream(replay, job.sanitised, outcome, record))
+                    )
+                    async for response in stream:
+                        yield response
+                    return
                 model = await self._choose_model(job, outcome)
                 chain = self._table.chain(model)
                 await self._wait_for_tier(stack, chain, principal.tenant)
@@ -430,6 +489,66 @@ class Doorman:
     def _deadline(self, call: CallInfo) -> float:
         timeout = min(call.timeout_s or self._default_timeout_s, self._default_timeout_s)
         return time.monotonic() + timeout
+
+    async def _cached(self, job: _Job, call: CallInfo, outcome: _Outcome) -> _Replay | None:
+        """The request's answer from the result cache, if it is cacheable and there.
+
+        The key is of the request as an upstream that may serve it is sent: sanitised where that
+        route sanitises (a cached answer then holds placeholders, rehydrated below with this
+        request's own mapping), plain where it does not (the answer is then the upstream's own
+        text, found only by a request with the very same personal data).
+        """
+        cache = self._policy.cache
+        request = job.request
+        if cache is None or call.cache_bypass or not deterministic(request.sampling):
+            return None
+        tenant = outcome.principal.tenant.name
+        forms = {route.sanitize for route in self._answer_routes(request.model)}
+        plain = cache_key(tenant, request) if False in forms else None
+        sanitised = None
+        masking = None
+        if True in forms and self._policy.sanitiser is not None:
+            masked_request, masking = await job.sanitised.get()
+            sanitised = cache_key(tenant, masked_request)
+        outcome.caching = _Caching(plain, sanitised)
+        keys = [key for key in (plain, sanitised) if key is not None]
+        try:
+            found = await cache.get(keys)
+        except SlmError as error:
+            self._metrics.cache_errors.labels("get").inc()
+            log.warning("result cache read failed", extra={"error": error.message})
+            found = None
+        if found is None:
+            self._metrics.cache_misses.labels(request.model).inc()
+            return None
+        key, events = found
+        self._metrics.cache_hits.labels(request.model).inc()
+        outcome.cache_hit = True
+        # Nothing is kept again from a replay.
+        outcome.caching = None
+        outcome.ttft = time.perf_counter() - outcome.started
+        # Where plain and sanitised text are the same, no placeholder was made to restore.
+        in_placeholders = key == sanitised and key != plain
+        if in_placeholders and masking is not None:
+            outcome.masked = dict(masking.counts)
+        return _Replay(events, sanitised=in_placeholders)
+
+    def _answer_routes(self, model: str) -> list[Route]:
+        """Every route that may produce the answer to `model`: a manifest's specialists'."""
+        manifest = self._table.manifest(model)
+        if manifest is None:
+            return list(self._table.chain(model))
+        models = {*manifest.intents.values(), manifest.fallback}
+        return [route for name in sorted(models) for route in self._table.chain(name)]
+
+    async def _keep(self, key: str, events: list[bytes]) -> None:
+        cache = self._policy.cache
+        assert cache is not None
+        try:
+            await cache.put(key, events)
+        except SlmError as error:
+            self._metrics.cache_errors.labels("put").inc()
+            log.warning("result cache write failed", extra={"error": error.message})
 
     async def _choose_model(self, job: _Job, outcome: _Outcome) -> str:
         """The model to serve: the request's, or the specialist its manifest's router picks."""
@@ -548,7 +667,7 @@ class Doorman:
 
     async def _stream(
         self,
-        opened: Opened,
+        opened: Opened | _Replay,
         sanitised: _Sanitised,
         outcome: _Outcome,
         record: Callable[[], Awaitable[None]],
@@ -557,8 +676,9 @@ class Doorman:
 
         `record` makes the request's ledger record durable; the final event waits for it.
         """
-        route, rpc = opened.route, opened.call
-        masking = sanitised.masking if route.sanitize else None
+        rpc = opened.call
+        in_placeholders = opened.sanitised if isinstance(opened, _Replay) else opened.route.sanitize
+        masking = sanitised.masking if in_placeholders else None
         placeholders = masking.placeholders if masking is not None else {}
         safety = self._policy.safety
         outbound: Outbound | None = None
@@ -567,13 +687,19 @@ class Doorman:
                 placeholders, safety.output_filter if safety is not None else lambda: None
             )
         deltas = 0
+        # The upstream's events as it sent them, before the output path rewrites them in place.
+        kept: list[bytes] | None = [] if outcome.caching is not None else None
         response = opened.first
         try:
             while response is not grpc.aio.EOF:
+                if kept is not None:
+                    kept.append(response.SerializeToString())
                 if response.HasField("end"):
                     if outbound is not None:
                         for tail in outbound.flush():
                             yield inference_pb2.GenerateResponse(delta=tail)
+                    if kept is not None:
+                        self._keep_answer(response.end, outcome, kept)
                     self._finish(response.end, outcome, outbound)
                     await record()
                     yield response
@@ -601,13 +727,27 @@ class Doorman:
         finally:
             rpc.cancel()
 
+    def _keep_answer(self, end: types_pb2.StreamEnd, outcome: _Outcome, kept: list[bytes]) -> None:
+        """Keep a complete answer under the key of the form its upstream was sent."""
+        caching, route = outcome.caching, outcome.route
+        if caching is None or route is None or not cacheable(end):
+            return
+        key = caching.sanitised if route.sanitize else caching.plain
+        if key is not None:
+            # Off the stream's path: the client's final event need not wait for the cache.
+            self._spawn(self._keep(key, kept))
+
     def _finish(
         self, end: types_pb2.StreamEnd, outcome: _Outcome, outbound: Outbound | None
     ) -> None:
         route = outcome.route
-        assert route is not None
-        end.tier = route.tier
-        end.upstream = route.address
+        if route is not None:
+            end.tier = route.tier
+            end.upstream = route.address
+        else:
+            # A replay from the result cache: no upstream served this request.
+            end.tier = types_pb2.TIER_UNSPECIFIED
+            end.upstream = ""
         if outcome.hops:
             end.hops.extend(outcome.hops)
         if outcome.masked:
@@ -660,7 +800,13 @@ class Doorman:
 
     def _observe(self, outcome: _Outcome, latency: float) -> None:
         model = outcome.model
-        tier = outcome.route.tier_name if outcome.route else "TIER_UNSPECIFIED"
+        tier = (
+            outcome.route.tier_name
+            if outcome.route
+            else "cache"
+            if outcome.cache_hit
+            else "TIER_UNSPECIFIED"
+        )
         self._metrics.requests.labels(model, tier, outcome.code.name).inc()
         self._metrics.latency.labels(model, tier).observe(latency)
         if outcome.ttft is not None:
@@ -718,6 +864,7 @@ class Doorman:
             tools_offered=[tool.name for tool in request.tools.tools],
             tool_calls=outcome.tool_calls,
             constraint=_constraint_kind(request),
+            cache_hit=outcome.cache_hit,
             finish_reason=(
                 end.finish_reason
                 if end is not None

@@ -16,18 +16,39 @@ from slm.v1 import doorman_pb2, doorman_pb2_grpc, inference_pb2, types_pb2
 Context: TypeAlias = Any
 
 
+# Cache-Control request directives that keep a request off the result cache: the answer must be
+# fresh (no-cache, max-age=0) or must not be kept (no-store). Others do not concern this cache.
+_BYPASS_DIRECTIVES = frozenset({"no-cache", "no-store", "max-age=0"})
+
+
+def _bypasses_cache(cache_control: str) -> bool:
+    directives = {part.strip().lower().replace(" ", "") for part in cache_control.split(",")}
+    return not directives.isdisjoint(_BYPASS_DIRECTIVES)
+
+
 def _call_info(context: Context, operation: str) -> CallInfo:
     authorization = None
+    bypass = False
     for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
+        if key == "authorization" and authorization is None:
             authorization = value
-            break
+        elif key == "cache-control":
+            bypass = bypass or _bypasses_cache(value)
     return CallInfo(
         request_id=request_id_var.get(),
         operation=operation,
         timeout_s=context.time_remaining(),
         authorization=authorization,
+        cache_bypass=bypass,
     )
+
+
+def _with_cache_policy(call: CallInfo, policy: doorman_pb2.CachePolicy.ValueType) -> CallInfo:
+    if policy == doorman_pb2.CACHE_POLICY_BYPASS:
+        return replace(call, cache_bypass=True)
+    if policy != doorman_pb2.CACHE_POLICY_UNSPECIFIED:
+        raise InvalidArgument(f"cache: unknown cache policy {policy}", field="cache")
+    return call
 
 
 class DoormanServicer(doorman_pb2_grpc.DoormanServiceServicer):
@@ -44,7 +65,7 @@ class DoormanServicer(doorman_pb2_grpc.DoormanServiceServicer):
     async def Chat(
         self, request: doorman_pb2.ChatRequest, context: Context
     ) -> AsyncIterator[doorman_pb2.ChatResponse]:
-        call = self._call(context, "Chat")
+        call = _with_cache_policy(self._call(context, "Chat"), request.cache)
         if not request.model:
             raise InvalidArgument("model is required", field="model")
         if not request.messages:
@@ -64,7 +85,7 @@ class DoormanServicer(doorman_pb2_grpc.DoormanServiceServicer):
     async def Complete(
         self, request: doorman_pb2.CompleteRequest, context: Context
     ) -> AsyncIterator[doorman_pb2.CompleteResponse]:
-        call = self._call(context, "Complete")
+        call = _with_cache_policy(self._call(context, "Complete"), request.cache)
         if not request.model:
             raise InvalidArgument("model is required", field="model")
         if not request.prompt:
