@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from gateway.documents import DocumentLimits
 from slm.config import LOOPBACK, DiscoveryConfig, Section, TelemetryConfig
 
 # The routes that generate (each holds a sequence slot or a place in a queue while it runs):
@@ -40,6 +42,33 @@ class GatewayConfig(Section):
     inference_local: str = f"{LOOPBACK}:50052"
     ledger: str = f"{LOOPBACK}:50056"
     adapter_registry: str = f"{LOOPBACK}:50055"
+    # Files uploaded through /v1/files, each under a generated name; nothing else is written here.
+    files_dir: Path = Path("~/.cache/service-slm/files")
+    # Most bytes one file may have, uploaded or sent inline in a chat. An inline file travels
+    # base64 in the JSON body, 4/3 its size, so it also has to fit max_body_bytes (and Envoy's
+    # envoy.max_body_bytes, which bounds uploads too): for files of max_file_bytes, both need
+    # at least 4/3 * max_file_bytes plus the rest of the body (about 14 MiB for 10 MiB files).
+    max_file_bytes: int = Field(default=10 << 20, ge=1)
+    max_pdf_pages: int = Field(default=200, ge=1)
+    # Cells read from one workbook, all sheets together (empty cells in a row's range count).
+    max_sheet_cells: int = Field(default=200_000, ge=1)
+    # Characters of text one file may give; a longer one is refused, never cut.
+    max_extracted_chars: int = Field(default=400_000, ge=1)
+    # Files one owner (API key) may keep in files_dir; an upload past it is a 400.
+    max_files_per_owner: int = Field(default=100, ge=1)
+
+    @field_validator("files_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    def document_limits(self) -> DocumentLimits:
+        return DocumentLimits(
+            max_file_bytes=self.max_file_bytes,
+            max_pdf_pages=self.max_pdf_pages,
+            max_sheet_cells=self.max_sheet_cells,
+            max_extracted_chars=self.max_extracted_chars,
+        )
 
 
 @dataclass(frozen=True)

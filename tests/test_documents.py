@@ -1,0 +1,202 @@
+"""Document ingest: text out of real PDF, DOCX, XLSX and Markdown files, and every refusal."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import docx
+import pytest
+from openpyxl import Workbook  # type: ignore[import-untyped]
+
+from gateway.documents import (
+    DOCX,
+    PDF,
+    XLSX,
+    DocumentError,
+    DocumentLimits,
+    extract_text,
+    media_type_of,
+)
+
+LIMITS = DocumentLimits()
+
+
+def make_pdf(pages: list[str]) -> bytes:
+    """A valid PDF with one line of Helvetica text per page, written by hand: no installed
+    package writes text PDFs. Offsets in the xref table are the real ones."""
+    page_ids = [3 + 2 * i for i in range(len(pages))]
+    font_id = 3 + 2 * len(pages)
+    objects: dict[int, bytes] = {
+        1: b"<< /Type /Catalog /Pages 2 0 R >>",
+        2: b"<< /Type /Pages /Kids ["
+        + b" ".join(b"%d 0 R" % p for p in page_ids)
+        + b"] /Count %d >>" % len(pages),
+        font_id: b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    }
+    for page_id, line in zip(page_ids, pages, strict=True):
+        escaped = line.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+        stream = b"BT /F1 12 Tf 72 720 Td (" + escaped.encode("latin-1") + b") Tj ET"
+        objects[page_id] = (
+            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] "
+            b"/Resources << /Font << /F1 %d 0 R >> >> /Contents %d 0 R >>" % (font_id, page_id + 1)
+        )
+        objects[page_id + 1] = b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream"
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = {}
+    for number in sorted(objects):
+        offsets[number] = len(out)
+        out += b"%d 0 obj\n" % number + objects[number] + b"\nendobj\n"
+    xref = len(out)
+    count = max(objects) + 1
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % count
+    for number in range(1, count):
+        out += b"%010d 00000 n \n" % offsets[number]
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (count, xref)
+    return bytes(out)
+
+
+def make_docx(paragraphs: list[str], table: list[list[str]] | None = None) -> bytes:
+    document = docx.Document()
+    for paragraph in paragraphs:
+        document.add_paragraph(paragraph)
+    if table:
+        grid = document.add_table(rows=len(table), cols=len(table[0]))
+        for r, row in enumerate(table):
+            for c, value in enumerate(row):
+                grid.cell(r, c).text = value
+    out = io.BytesIO()
+    document.save(out)
+    return out.getvalue()
+
+
+def make_xlsx(sheets: dict[str, list[list[object]]]) -> bytes:
+    workbook = Workbook()
+    workbook.remove(workbook.active)
+    for title, rows in sheets.items():
+        sheet = workbook.create_sheet(title)
+        for row in rows:
+            sheet.append(row)
+    out = io.BytesIO()
+    workbook.save(out)
+    return out.getvalue()
+
+
+def refusal(data: bytes, media_type: str | None, filename: str | None, **limits: int) -> str:
+    with pytest.raises(DocumentError) as caught:
+        extract_text(data, media_type, filename, DocumentLimits(**limits))
+    return caught.value.message
+
+
+def test_pdf_gives_the_text_of_every_page() -> None:
+    data = make_pdf(["Quarterly report", "Revenue grew (a lot)"])
+    text = extract_text(data, "application/pdf", "report.pdf", LIMITS)
+    assert "Quarterly report" in text
+    assert "Revenue grew (a lot)" in text
+    assert text.index("Quarterly") < text.index("Revenue")
+
+
+def test_docx_gives_paragraphs_and_tables_in_order() -> None:
+    data = make_docx(["Dear team,", "Write to jane.doe@example.com."], [["name", "role"]])
+    text = extract_text(data, DOCX, "letter.docx", LIMITS)
+    assert text.splitlines() == ["Dear team,", "Write to jane.doe@example.com.", "name\trole"]
+
+
+def test_xlsx_gives_each_sheet_as_tab_separated_rows() -> None:
+    data = make_xlsx(
+        {"Budget": [["item", "cost"], ["rent", 1200], [None, None]], "Notes": [["ok"]]}
+    )
+    text = extract_text(data, XLSX, "budget.xlsx", LIMITS)
+    assert text.splitlines() == [
+        "[sheet Budget]",
+        "item\tcost",
+        "rent\t1200",
+        "[sheet Notes]",
+        "ok",
+    ]
+
+
+def test_markdown_is_its_own_text() -> None:
+    data = "# Plan\n\n- ship *it*\n- café\n".encode()
+    assert (
+        extract_text(data, "text/markdown", "plan.md", LIMITS) == "# Plan\n\n- ship *it*\n- café\n"
+    )
+    # A byte-order mark is no part of the text.
+    assert extract_text(b"\xef\xbb\xbfhi", None, "a.md", LIMITS) == "hi"
+
+
+def test_the_type_comes_from_the_media_type_then_the_name_then_the_bytes() -> None:
+    pdf = make_pdf(["x"])
+    assert media_type_of(pdf, "application/pdf; charset=binary", None) == PDF
+    assert media_type_of(pdf, "application/octet-stream", "x.PDF") == PDF
+    assert media_type_of(pdf, None, None) == PDF
+    assert media_type_of(make_docx(["x"]), None, "upload.bin") == DOCX
+    assert media_type_of(make_xlsx({"a": [["x"]]}), None, None) == XLSX
+    assert extract_text(make_docx(["sniffed"]), None, None, LIMITS) == "sniffed"
+
+
+def test_unsupported_types_are_refused_naming_them() -> None:
+    assert "'image/png'" in refusal(b"\x89PNG", "image/png", "x.png")
+    assert "'.doc'" in refusal(b"\xd0\xcf\x11\xe0", None, "old.doc")
+    assert "unknown type" in refusal(b"just bytes", None, None)
+    # A zip that is neither a document nor a workbook.
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("hello.txt", "hi")
+    assert "not supported" in refusal(archive.getvalue(), None, "x.zip")
+
+
+def test_corrupt_files_are_refused_saying_so() -> None:
+    pdf = make_pdf(["Quarterly report"])
+    assert "not a readable PDF" in refusal(pdf[: len(pdf) // 3], PDF, "x.pdf")
+    assert "not a readable PDF" in refusal(b"%PDF-1.4\ngarbage", PDF, "x.pdf")
+    docx_bytes = make_docx(["x"])
+    assert "not a readable DOCX" in refusal(docx_bytes[:200], DOCX, "x.docx")
+    assert "not a readable DOCX" in refusal(b"not a zip", DOCX, "x.docx")
+    assert "not a readable XLSX" in refusal(make_docx(["x"]), XLSX, "x.xlsx")
+
+
+def test_a_text_file_must_be_utf8() -> None:
+    assert "UTF-8" in refusal("naïve".encode("latin-1"), "text/markdown", "x.md")
+
+
+def test_an_encrypted_pdf_is_refused() -> None:
+    from pypdf import PdfReader, PdfWriter
+
+    writer = PdfWriter()
+    writer.append(PdfReader(io.BytesIO(make_pdf(["secret"]))))
+    writer.encrypt("pw", algorithm="RC4-128")
+    out = io.BytesIO()
+    writer.write(out)
+    assert "encrypted" in refusal(out.getvalue(), PDF, "x.pdf")
+
+
+def test_limits_are_enforced_and_named() -> None:
+    message = refusal(b"12345", "text/plain", "a.txt", max_file_bytes=4)
+    assert "5 bytes" in message
+    assert "at most 4" in message
+    pdf = make_pdf(["one", "two", "three"])
+    assert "3 pages" in refusal(pdf, PDF, "x.pdf", max_pdf_pages=2)
+    assert extract_text(pdf, PDF, "x.pdf", DocumentLimits(max_pdf_pages=3))
+    assert "longer than 10 characters" in refusal(
+        b"x" * 11, "text/plain", None, max_extracted_chars=10
+    )
+    big = make_docx(["a" * 30] * 5)
+    assert "longer than 100" in refusal(big, DOCX, None, max_extracted_chars=100)
+    sheet = make_xlsx({"s": [[1, 2, 3]] * 10})
+    assert "more than 20 cells" in refusal(sheet, XLSX, None, max_sheet_cells=20)
+
+
+def test_a_zip_bomb_is_refused_before_it_is_unpacked() -> None:
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("word/document.xml", b"\0" * (2 << 20))
+    data = archive.getvalue()
+    message = refusal(data, DOCX, "bomb.docx", max_file_bytes=len(data) + 1)
+    assert "unpacks to" in message
+
+
+def test_an_error_never_quotes_the_file() -> None:
+    secret = b"jane.doe@example.com"
+    for media_type in (PDF, DOCX, XLSX):
+        assert "jane.doe" not in refusal(b"%PDF-1.4\n" + secret, media_type, None)
