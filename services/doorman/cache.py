@@ -157,10 +157,15 @@ class RedisResults:
     """Entries in Redis, shared by every Doorman replica; Redis expires them after the TTL and
     its maxmemory policy bounds their size."""
 
-    def __init__(self, url: str, ttl_s: float, prefix: str = "slm:result:") -> None:
+    def __init__(
+        self, url: str, ttl_s: float, prefix: str = "slm:result:", timeout_s: float = 1.0
+    ) -> None:
         import redis.asyncio as redis
 
-        self._client: Any = redis.Redis.from_url(url)
+        # The cache is skipped when Redis fails; a Redis that hangs must fail, not hold requests.
+        self._client: Any = redis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
         self._ttl_ms = max(1, int(ttl_s * 1000))
         self._prefix = prefix
 

@@ -508,8 +508,13 @@ class Doorman:
         sanitised = None
         masking = None
         if True in forms and self._policy.sanitiser is not None:
-            masked_request, masking = await job.sanitised.get()
-            sanitised = cache_key(tenant, masked_request)
+            try:
+                masked_request, masking = await job.sanitised.get()
+                sanitised = cache_key(tenant, masked_request)
+            except SlmError:
+                # Only the cache's lookup failed here: a route that needs the sanitised
+                # request fails it as it would have, one that does not is still tried.
+                pass
         outcome.caching = _Caching(plain, sanitised)
         keys = [key for key in (plain, sanitised) if key is not None]
         try:
