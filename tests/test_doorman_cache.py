@@ -25,7 +25,13 @@ from doorman.cache import (
     deterministic,
     encode,
 )
-from doorman.config import CacheConfig, PrivacyConfig, RoutingConfig, TenantConfig
+from doorman.config import (
+    CacheConfig,
+    PrivacyConfig,
+    RoutingConfig,
+    SafetyConfig,
+    TenantConfig,
+)
 from gateway.app import build_app
 from mesh.settings import Settings
 from slm.server import GrpcService
@@ -337,6 +343,25 @@ async def test_personal_data_is_cached_masked_and_each_caller_gets_its_own_back(
     assert [e.cache_hit for e in entries] == [False, True]
     assert EMAIL not in str(entries)
     assert OTHER_EMAIL not in str(entries)
+
+
+async def test_a_replay_passes_the_output_filter_and_is_kept_unfiltered(
+    inference_server: GrpcService, ledger_server: GrpcService, tmp_path: Path
+) -> None:
+    safety = SafetyConfig(output_deny=["[aeiou]"], output_action="redact")
+    async with cached_doorman(tmp_path, inference_server, ledger_server, safety=safety) as (
+        stub,
+        service,
+    ):
+        first = await events(stub.Chat(chat()))
+        await kept(service)
+        before = engine_requests(inference_server)
+        second = await events(stub.Chat(chat()))
+        assert engine_requests(inference_server) == before
+        entries = await ledger_entries(ledger_server, service)
+    assert "[redacted]" in text(first)
+    assert text(second) == text(first)
+    assert [list(e.policy_decisions) for e in entries] == [["safety:redacted"]] * 2
 
 
 async def test_a_route_that_does_not_sanitise_keeps_personal_data_under_its_own_key(
