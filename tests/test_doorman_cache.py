@@ -35,7 +35,14 @@ from doorman.config import (
 from gateway.app import build_app
 from mesh.settings import Settings
 from slm.server import GrpcService
-from slm.v1 import doorman_pb2, doorman_pb2_grpc, inference_pb2, types_pb2
+from slm.v1 import (
+    doorman_pb2,
+    doorman_pb2_grpc,
+    inference_pb2,
+    ledger_pb2,
+    ledger_pb2_grpc,
+    types_pb2,
+)
 
 # --- the cache class ----------------------------------------------------------------------------
 
@@ -293,9 +300,14 @@ async def test_a_repeated_greedy_request_is_answered_from_the_cache(
         assert doorman_metric(service, "slm_doorman_cache_hits_total") == 1
         assert doorman_metric(service, "slm_doorman_cache_misses_total") == 1
         entries = await ledger_entries(ledger_server, service)
+        async with grpc.aio.insecure_channel(address(ledger_server)) as channel:
+            verdict = await ledger_pb2_grpc.LedgerServiceStub(channel).Verify(
+                ledger_pb2.VerifyRequest()
+            )
     assert [e.cache_hit for e in entries] == [False, True]
     assert entries[1].completion_tokens == entries[0].completion_tokens > 0
     assert entries[1].tier == types_pb2.TIER_UNSPECIFIED
+    assert (verdict.intact, verdict.records_checked) == (True, 2)
 
 
 async def test_a_completion_replays_as_the_same_stream(
