@@ -30,6 +30,7 @@ from gateway.anthropic import routes as anthropic_routes
 from gateway.channels import Channels, install_channels
 from gateway.config import GENERATION_PATHS, GatewaySettings
 from gateway.embeddings import embeddings_router
+from gateway.files import Documents, files_router
 from gateway.responses import routes as responses_routes
 from gateway.serving import CallContext, GatewayMetrics, OpenAIServing, call_metadata
 from gateway.ui_routes import install_ui
@@ -158,6 +159,7 @@ def build_app(settings: GatewaySettings) -> FastAPI:
     runtime = _Runtime()
     limit = settings.gateway.max_body_bytes
     max_n = settings.gateway.max_n
+    documents = Documents(settings.gateway, _context)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -190,7 +192,12 @@ def build_app(settings: GatewaySettings) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         """Generate the next message of a conversation, streamed as SSE when `stream` is true."""
         try:
-            body = protocol.parse_chat(await _read_body(request, limit), max_n)
+            body = await documents.parse(
+                request,
+                "/v1/chat/completions",
+                await _read_body(request, limit),
+                lambda raw, files: protocol.parse_chat(raw, max_n, files),
+            )
         except protocol.RequestInvalid as error:
             return errors.invalid_request(error.message, error.param).response()
         return await runtime.require().chat(body, _context(request, "/v1/chat/completions"))
@@ -253,6 +260,7 @@ def build_app(settings: GatewaySettings) -> FastAPI:
     install_ui(app, runtime.require, limit, generations)
     app.include_router(admin_router(settings.gateway, registry))
     app.include_router(embeddings_router(read_body, _context))
+    app.include_router(files_router(documents, _read_body))
     _install_error_handlers(app)
     _install_openapi(app)
     generation = {

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, Literal, Protocol, cast
 
 from pydantic import (
     BaseModel,
@@ -20,6 +20,8 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError
 
+from gateway.documents import DocumentError
+
 MAX_STOP_SEQUENCES = 4
 # The default of GatewayConfig.max_n; parse_* take the configured value.
 DEFAULT_MAX_N = 8
@@ -29,29 +31,61 @@ _UINT32_MAX = (1 << 32) - 1
 _UINT64_MAX = (1 << 64) - 1
 
 
-def _flatten_content(value: Any) -> Any:
-    """Accept a string or a list of text parts and hand pydantic one string.
+class FileTexts(Protocol):
+    """What turns a file content part into text (gateway.files.Attachments): reads its inline
+    data or its uploaded file, raising DocumentError for a file that gives no text."""
+
+    def text_of(self, file: object) -> str: ...
+
+
+def _flatten_content(value: Any, info: ValidationInfo) -> Any:
+    """Accept a string or a list of text and file parts and hand pydantic one string.
 
     Normalising here keeps validation errors pointing at `content` itself instead of at the
-    members of a union, and does the joining once, at parse time.
+    members of a union, and does the joining once, at parse time. A file part becomes the
+    text of its file here, so that it is sanitised like any text from here on.
     """
     if value is None:
         return ""
     if isinstance(value, list):
         texts: list[str] = []
-        for part in value:
+        for index, part in enumerate(value):
+            if isinstance(part, dict) and part.get("type") == "file" and set(part) <= _FILE_KEYS:
+                texts.append(_file_text(part.get("file"), index, info))
+                continue
             if not (
                 isinstance(part, dict)
                 and part.get("type") == "text"
                 and isinstance(part.get("text"), str)
             ):
                 raise PydanticCustomError(
-                    "content_part", "only content parts of type 'text' with a string 'text' work"
+                    "content_part",
+                    "only content parts of type 'text' with a string 'text', or of type 'file' "
+                    "with a 'file' object, work",
                 )
             texts.append(part["text"])
         # vLLM and llama.cpp's server join text parts with newlines too.
         return "\n".join(texts)
     return value
+
+
+_FILE_KEYS = frozenset({"type", "file"})
+
+
+def _file_text(file: object, index: int, info: ValidationInfo) -> str:
+    files: FileTexts | None = (info.context or {}).get("files")
+    field = f"{index}.file"
+    if files is None:
+        raise PydanticCustomError(
+            "file_part", "file parts are not accepted here", {"field": f"{index}.type"}
+        )
+    try:
+        return files.text_of(file)
+    except DocumentError as error:
+        # The reason travels in the context: a template would read braces in it as fields.
+        raise PydanticCustomError(
+            "file_part", "{reason}", {"reason": error.message, "field": field}
+        ) from None
 
 
 def _single_prompt(value: Any) -> Any:
@@ -94,6 +128,29 @@ _TEXT_PART_SCHEMA = {
     "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
     "required": ["type", "text"],
 }
+# OpenAI's file part: the file inline (base64, best as a data URL naming its media type) or
+# the id of a file uploaded to /v1/files. PDF, DOCX, XLSX, Markdown and plain text are read.
+FILE_PART_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "type": {"const": "file"},
+        "file": {
+            "type": "object",
+            "properties": {
+                "file_data": {
+                    "type": "string",
+                    "description": "The file, base64: 'data:application/pdf;base64,...' or bare.",
+                },
+                "file_id": {"type": "string", "description": "A file uploaded to /v1/files."},
+                "filename": {"type": "string"},
+            },
+            "additionalProperties": False,
+            "oneOf": [{"required": ["file_data"]}, {"required": ["file_id"]}],
+        },
+    },
+    "required": ["type", "file"],
+    "additionalProperties": False,
+}
 
 MessageContent = Annotated[
     str,
@@ -102,7 +159,7 @@ MessageContent = Annotated[
         {
             "anyOf": [
                 {"type": "string"},
-                {"type": "array", "items": _TEXT_PART_SCHEMA},
+                {"type": "array", "items": {"anyOf": [_TEXT_PART_SCHEMA, FILE_PART_SCHEMA]}},
                 {"type": "null"},
             ]
         }
@@ -556,7 +613,8 @@ def describe(error: ValidationError) -> RequestInvalid:
     # A check across fields names the one it blames in its context, under the object it ran on.
     field = (first.get("ctx") or {}).get("field")
     if isinstance(field, str):
-        loc = (*loc, field)
+        # A dotted path below it, indices as digits: "1.file" is content[1].file.
+        loc = (*loc, *(int(p) if p.isdigit() else p for p in field.split(".")))
     param = error_param(loc)
     kind = first["type"]
     if kind == "missing" and param is not None:
@@ -579,10 +637,15 @@ def request_body_doc(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-def parse_chat(body: bytes, max_n: int = DEFAULT_MAX_N) -> ChatCompletionRequest:
-    """Validate a chat body straight from JSON bytes; raises RequestInvalid."""
+def parse_chat(
+    body: bytes, max_n: int = DEFAULT_MAX_N, files: FileTexts | None = None
+) -> ChatCompletionRequest:
+    """Validate a chat body straight from JSON bytes, file parts read by `files` (without it,
+    they are refused); raises RequestInvalid. Reading files blocks: run it in a thread."""
     try:
-        return ChatCompletionRequest.model_validate_json(body, context={"max_n": max_n})
+        return ChatCompletionRequest.model_validate_json(
+            body, context={"max_n": max_n, "files": files}
+        )
     except ValidationError as error:
         raise describe(error) from None
 

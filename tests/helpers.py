@@ -88,6 +88,7 @@ def mesh_settings(state_dir: Path) -> Settings:
             adapter_registry=registry,
             inference_local=f"127.0.0.1:{ports['inference']}",
             ledger=f"127.0.0.1:{ports['ledger']}",
+            files_dir=state_dir / "files",
         ),
         envoy=EnvoyConfig(port=ports["envoy"], admin_port=free_port()),
     )

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import io
+import json
 import zipfile
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
 
 import docx
 import pytest
@@ -18,6 +24,8 @@ from gateway.documents import (
     extract_text,
     media_type_of,
 )
+from gateway.files import ANONYMOUS, FILE_ID, Attachments, FileStore
+from gateway.protocol import RequestInvalid, parse_chat
 
 LIMITS = DocumentLimits()
 
@@ -200,3 +208,109 @@ def test_an_error_never_quotes_the_file() -> None:
     secret = b"jane.doe@example.com"
     for media_type in (PDF, DOCX, XLSX):
         assert "jane.doe" not in refusal(b"%PDF-1.4\n" + secret, media_type, None)
+
+
+# --- file parts of a chat, parsed ----------------------------------------------------------------
+
+
+def data_url(data: bytes, media_type: str) -> str:
+    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
+def chat_body(*parts: dict[str, Any]) -> bytes:
+    content = [{"type": "text", "text": "Summarise."}, *parts]
+    return json.dumps({"model": "m", "messages": [{"role": "user", "content": content}]}).encode()
+
+
+def no_owner() -> Coroutine[Any, Any, str]:
+    raise AssertionError("an inline file needs no owner")
+
+
+def test_a_file_part_becomes_a_text_part_naming_the_file(tmp_path: Path) -> None:
+    loop = asyncio.new_event_loop()
+    loop.close()  # an inline file asks for no owner: nothing runs on the loop
+
+    def attachments(store: FileStore, owner: Callable[[], Coroutine[Any, Any, str]]) -> Attachments:
+        return Attachments(store, LIMITS, owner, loop)
+
+    file = {"file_data": data_url(make_docx(["Hello"]), DOCX), "filename": "a\nletter.docx"}
+    part = {"type": "file", "file": file}
+    body = parse_chat(chat_body(part), files=attachments(FileStore(tmp_path, 10), no_owner))
+    assert body.messages[0].content == "Summarise.\n[file a letter.docx]\nHello"
+    # Bare base64 without a data URL: the type comes from the name.
+    bare = {"file_data": base64.b64encode(b"# Notes").decode(), "filename": "n.md"}
+    files = attachments(FileStore(tmp_path, 10), no_owner)
+    parsed = parse_chat(chat_body({"type": "file", "file": bare}), files=files)
+    assert parsed.messages[0].content.endswith("[file n.md]\n# Notes")
+
+
+@pytest.mark.parametrize(
+    ("file", "words"),
+    [
+        ({"file_data": data_url(b"%PDF-1.4 junk", PDF), "filename": "x.pdf"}, "readable PDF"),
+        ({"file_data": "data:text/markdown;base64,@@@"}, "not valid base64"),
+        ({"file_data": "data:image/png;base64,AAAA"}, "'image/png' are not supported"),
+        ({"file_data": "AAAA", "file_id": "file-1"}, "exactly one of"),
+        ({"filename": "x.md"}, "exactly one of"),
+        ({"file_data": "AAAA", "detail": "high"}, "does not take 'detail'"),
+        ({"file_id": "file-" + "0" * 24}, "no file"),
+    ],
+)
+def test_a_bad_file_part_is_a_400_naming_the_part(
+    tmp_path: Path, file: dict[str, str], words: str
+) -> None:
+    async def anonymous() -> str:
+        return ANONYMOUS
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        files = Attachments(FileStore(tmp_path, 10), LIMITS, anonymous, loop)
+        with pytest.raises(RequestInvalid) as caught:
+            await asyncio.to_thread(parse_chat, chat_body({"type": "file", "file": file}), 8, files)
+        assert caught.value.param == "messages[0].content[1].file"
+        assert words in caught.value.message
+
+    asyncio.run(run())
+
+
+def test_without_a_file_reader_file_parts_are_refused() -> None:
+    part = {"type": "file", "file": {"file_data": "AAAA"}}
+    with pytest.raises(RequestInvalid) as caught:
+        parse_chat(chat_body(part))
+    assert caught.value.param == "messages[0].content[1].type"
+
+
+def test_an_uploaded_file_is_read_by_its_owner_only(tmp_path: Path) -> None:
+    store = FileStore(tmp_path, 10)
+    stored = store.create("alice", b"# Plan\nship it", "plan.md", "user_data", "text/markdown")
+    assert FILE_ID.match(stored.id)
+    assert store.get("bob", stored.id) is None
+    assert store.list("bob") == []
+    assert not store.delete("bob", stored.id)
+    assert [f.id for f in store.list("alice")] == [stored.id]
+    # A client string never becomes a path.
+    assert store.get("alice", "../" + stored.id) is None
+
+    async def run(owner: str) -> str:
+        async def resolve() -> str:
+            return owner
+
+        files = Attachments(store, LIMITS, resolve, asyncio.get_running_loop())
+        part = {"type": "file", "file": {"file_id": stored.id}}
+        body = await asyncio.to_thread(parse_chat, chat_body(part), 8, files)
+        return body.messages[0].content
+
+    assert asyncio.run(run("alice")).endswith("[file plan.md]\n# Plan\nship it")
+    with pytest.raises(RequestInvalid, match="no file"):
+        asyncio.run(run("bob"))
+    assert store.delete("alice", stored.id)
+    assert store.list("alice") == []
+
+
+def test_an_owner_keeps_a_bounded_number_of_files(tmp_path: Path) -> None:
+    store = FileStore(tmp_path, 2)
+    for _ in range(2):
+        store.create("alice", b"x", "x.md", "user_data", "text/markdown")
+    with pytest.raises(DocumentError, match="2 files already"):
+        store.create("alice", b"x", "x.md", "user_data", "text/markdown")
+    store.create("bob", b"x", "x.md", "user_data", "text/markdown")
