@@ -238,7 +238,8 @@ class _Replay:
         self.first = next(self._events)
         self.call = self
 
-    async def read(self) -> inference_pb2.GenerateResponse | Any:
+    async def read(self) -> Any:
+        """The next event, or grpc.aio.EOF after the end, as an upstream call's read()."""
         return next(self._events, grpc.aio.EOF)
 
     def cancel(self) -> bool:
