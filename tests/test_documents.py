@@ -7,14 +7,20 @@ import base64
 import io
 import json
 import zipfile
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
 import docx
+import grpc
+import httpx
+import openai
 import pytest
+from helpers import DEFAULT_MODEL, Mesh, mesh_settings
 from openpyxl import Workbook  # type: ignore[import-untyped]
 
+from doorman.auth import hash_api_key
+from doorman.config import PrivacyConfig, TenantConfig
 from gateway.documents import (
     DOCX,
     PDF,
@@ -26,6 +32,7 @@ from gateway.documents import (
 )
 from gateway.files import ANONYMOUS, FILE_ID, Attachments, FileStore
 from gateway.protocol import RequestInvalid, parse_chat
+from slm.v1 import ledger_pb2, ledger_pb2_grpc
 
 LIMITS = DocumentLimits()
 
@@ -314,3 +321,138 @@ def test_an_owner_keeps_a_bounded_number_of_files(tmp_path: Path) -> None:
     with pytest.raises(DocumentError, match="2 files already"):
         store.create("alice", b"x", "x.md", "user_data", "text/markdown")
     store.create("bob", b"x", "x.md", "user_data", "text/markdown")
+
+
+# --- the whole mesh through Envoy, authentication on, the local tier sanitised --------------------
+
+KEY_A = "sk-docs-alice-5f1e"
+KEY_B = "sk-docs-bob-93c0"
+EMAIL = "jane.doe@example.com"
+SECRET_PHRASE = "Project Bluewhistle budget"
+
+
+@pytest.fixture(scope="module")
+def docs_mesh(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    state = tmp_path_factory.mktemp("documents-mesh")
+    settings = mesh_settings(state)
+    settings.doorman = settings.doorman.model_copy(
+        update={
+            "auth_required": True,
+            "tenants": [
+                TenantConfig(name="alice", key_hashes=[hash_api_key(KEY_A)]),
+                TenantConfig(name="bob", key_hashes=[hash_api_key(KEY_B)]),
+            ],
+            "privacy": PrivacyConfig(sanitize_tiers=["local"]),
+        }
+    )
+    mesh = Mesh(settings, state / "slm.toml", state / "mesh.log")
+    mesh.start()
+    yield mesh
+    assert mesh.stop() == 0, mesh.log_tail()
+
+
+def client_for(mesh: Mesh, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{mesh.base_url}/v1", api_key=key, max_retries=0)
+
+
+def ask(client: openai.OpenAI, part: dict[str, Any]) -> Any:
+    messages: Any = [
+        {"role": "user", "content": [{"type": "text", "text": "Who wrote this?"}, part]}
+    ]
+    return client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=messages, max_tokens=8, temperature=0
+    )
+
+
+async def ledger_text(mesh: Mesh) -> tuple[str, ledger_pb2.ListResponse]:
+    async with grpc.aio.insecure_channel(mesh.settings.doorman.ledger) as channel:
+        records = await ledger_pb2_grpc.LedgerServiceStub(channel).List(
+            ledger_pb2.ListRequest(page_size=1000), timeout=30
+        )
+    return str(records), records
+
+
+@pytest.mark.e2e
+async def test_a_docx_in_a_chat_is_masked_like_any_text(docs_mesh: Mesh) -> None:
+    document = make_docx([SECRET_PHRASE, f"Write to {EMAIL} by Friday."])
+    encoded = data_url(document, DOCX)
+    part = {"type": "file", "file": {"file_data": encoded, "filename": "b.docx"}}
+    with client_for(docs_mesh, KEY_A) as client:
+        reply = ask(client, part)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    # The Doorman masked the address it found in the file's text before the engine saw it.
+    assert (reply.model_extra or {})["slm"]["masked_entities"]["EMAIL_ADDRESS"] >= 1
+    ledger, records = await ledger_text(docs_mesh)
+    assert dict(records.records[-1].entry.entity_counts)["EMAIL_ADDRESS"] >= 1
+    log = docs_mesh.log_path.read_text(errors="replace")
+    for secret in (EMAIL, "jane.doe", SECRET_PHRASE, encoded[40:80]):
+        assert secret not in ledger
+        assert secret not in log
+
+
+@pytest.mark.e2e
+def test_a_corrupt_file_is_a_400_that_says_why(docs_mesh: Mesh) -> None:
+    part = {"type": "file", "file": {"file_data": data_url(b"%PDF-1.7 broken", PDF)}}
+    with client_for(docs_mesh, KEY_A) as client, pytest.raises(openai.BadRequestError) as caught:
+        ask(client, part)
+    error = caught.value.body
+    assert isinstance(error, dict)
+    assert error["param"] == "messages[0].content[1].file"
+    assert "not a readable PDF" in error["message"]
+    # The server is still healthy after the refusal.
+    assert httpx.get(f"{docs_mesh.base_url}/readyz", timeout=30).status_code == 200
+
+
+@pytest.mark.e2e
+def test_an_uploaded_file_serves_its_owner_and_no_one_else(docs_mesh: Mesh) -> None:
+    notes = f"# Notes\n\n{SECRET_PHRASE}: ask {EMAIL}.\n".encode()
+    with client_for(docs_mesh, KEY_A) as alice, client_for(docs_mesh, KEY_B) as bob:
+        uploaded = alice.files.create(
+            file=("notes.md", notes, "text/markdown"), purpose="user_data"
+        )
+        assert uploaded.id.startswith("file-")
+        assert (uploaded.bytes, uploaded.filename, uploaded.purpose) == (
+            len(notes),
+            "notes.md",
+            "user_data",
+        )
+        assert alice.files.retrieve(uploaded.id).id == uploaded.id
+        assert uploaded.id in [f.id for f in alice.files.list()]
+
+        reference = {"type": "file", "file": {"file_id": uploaded.id}}
+        reply = ask(alice, reference)
+        assert (reply.model_extra or {})["slm"]["masked_entities"]["EMAIL_ADDRESS"] >= 1
+
+        # Another key cannot see, list, use or delete it; it is told "not found".
+        with pytest.raises(openai.NotFoundError):
+            bob.files.retrieve(uploaded.id)
+        assert uploaded.id not in [f.id for f in bob.files.list()]
+        with pytest.raises(openai.BadRequestError, match="no file"):
+            ask(bob, reference)
+        with pytest.raises(openai.NotFoundError):
+            bob.files.delete(uploaded.id)
+
+        assert alice.files.delete(uploaded.id).deleted
+        with pytest.raises(openai.NotFoundError):
+            alice.files.retrieve(uploaded.id)
+    log = docs_mesh.log_path.read_text(errors="replace")
+    assert SECRET_PHRASE not in log
+    assert EMAIL not in log
+
+
+@pytest.mark.e2e
+def test_files_refuse_a_missing_or_wrong_key_and_bad_uploads(docs_mesh: Mesh) -> None:
+    url = f"{docs_mesh.base_url}/v1/files"
+    files = {"file": ("a.md", b"# hi", "text/markdown")}
+    assert httpx.post(url, files=files, data={"purpose": "user_data"}).status_code == 401
+    wrong = {"authorization": "Bearer sk-nobody"}
+    assert httpx.get(url, headers=wrong).status_code == 401
+    key = {"authorization": f"Bearer {KEY_A}"}
+    bad_purpose = httpx.post(url, headers=key, files=files, data={"purpose": "fine-tune"})
+    assert (bad_purpose.status_code, bad_purpose.json()["error"]["param"]) == (400, "purpose")
+    image = {"file": ("a.png", b"\x89PNG\r\n", "image/png")}
+    unsupported = httpx.post(url, headers=key, files=image, data={"purpose": "user_data"})
+    assert unsupported.status_code == 400
+    assert "'image/png'" in unsupported.json()["error"]["message"]
+    not_multipart = httpx.post(url, headers=key, json={"purpose": "user_data"})
+    assert not_multipart.status_code == 400
