@@ -419,7 +419,9 @@ def test_vllm_pools_are_wired_as_tier_b_upstreams() -> None:
     assert local["containers"][0]["image"].endswith("-cuda")
 
 
-def test_ledger_on_postgresql_and_rate_limits_in_redis_come_from_existing_secrets() -> None:
+def test_ledger_on_postgresql_and_rate_limits_and_cache_in_redis_come_from_existing_secrets() -> (
+    None
+):
     objects = render("gpu-vllm-values.yaml")
     assert not [
         c
@@ -439,6 +441,12 @@ def test_ledger_on_postgresql_and_rate_limits_in_redis_come_from_existing_secret
     env = {e["name"]: e for e in doorman["env"]}
     assert env["SLM_DOORMAN__LIMITS__REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == "slm-redis"
     assert mesh_config(objects)["doorman"]["limits"]["backend"] == "redis"
+    # The result cache shares the Redis, so the Doorman replicas share their answers.
+    assert (
+        env["SLM_DOORMAN__CACHE__REDIS_URL"]["valueFrom"]
+        == env["SLM_DOORMAN__LIMITS__REDIS_URL"]["valueFrom"]
+    )
+    assert mesh_config(objects)["doorman"]["cache"]["backend"] == "redis"
 
 
 def test_sqlite_ledger_has_one_writer_on_a_kept_volume() -> None:
