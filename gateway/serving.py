@@ -318,13 +318,15 @@ def usage_dict(usage: types_pb2.Usage) -> dict[str, int]:
 def slm_extension(end: types_pb2.StreamEnd) -> dict[str, Any]:
     """service-slm's own figures, as a top-level "slm" object on the final chunk or response.
 
-    Which tier and upstream served the answer, and how much personal data of each type the
-    Doorman masked before the request left and restored in the answer. OpenAI clients ignore
-    unknown top-level fields, so this is safe to send to all of them.
+    Which tier and upstream served the answer (none: `cached`, a replay from the Doorman's
+    result cache), and how much personal data of each type the Doorman masked before the
+    request left and restored in the answer. OpenAI clients ignore unknown top-level fields,
+    so this is safe to send to all of them.
     """
     return {
         "tier": TIERS.get(end.tier),
         "upstream": end.upstream or None,
+        "cached": end.cache_hit,
         "masked_entities": dict(end.masked_entities),
         "hops": [
             {

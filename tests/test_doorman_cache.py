@@ -297,6 +297,7 @@ async def test_a_repeated_greedy_request_is_answered_from_the_cache(
         # Nothing went upstream: no tier served it.
         assert first_end.tier == types_pb2.TIER_LOCAL
         assert (second_end.tier, second_end.upstream) == (types_pb2.TIER_UNSPECIFIED, "")
+        assert (first_end.cache_hit, second_end.cache_hit) == (False, True)
         assert doorman_metric(service, "slm_doorman_cache_hits_total") == 1
         assert doorman_metric(service, "slm_doorman_cache_misses_total") == 1
         entries = await ledger_entries(ledger_server, service)
@@ -518,6 +519,9 @@ async def test_no_cache_header_through_the_gateway(
     assert content
     assert cached.json()["choices"][0]["message"]["content"] == content
     assert fresh.json()["choices"][0]["message"]["content"] == content
+    # The answer says where it came from: the cache, or a tier.
+    assert [r.json()["slm"]["cached"] for r in (first, cached, fresh)] == [False, True, False]
+    assert (cached.json()["slm"]["tier"], fresh.json()["slm"]["tier"]) == (None, "local")
     assert streamed.status_code == 200
     assert "data: [DONE]" in streamed.text
 

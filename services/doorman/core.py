@@ -754,6 +754,7 @@ class Doorman:
             # A replay from the result cache: no upstream served this request.
             end.tier = types_pb2.TIER_UNSPECIFIED
             end.upstream = ""
+        end.cache_hit = outcome.cache_hit
         if outcome.hops:
             end.hops.extend(outcome.hops)
         if outcome.masked:

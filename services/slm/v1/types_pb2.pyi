@@ -871,6 +871,7 @@ class StreamEnd(_message.Message):
     MASKED_ENTITIES_FIELD_NUMBER: _builtins.int
     CHOICES_FIELD_NUMBER: _builtins.int
     STOP_SEQUENCE_FIELD_NUMBER: _builtins.int
+    CACHE_HIT_FIELD_NUMBER: _builtins.int
     finish_reason: Global___FinishReason.ValueType
     model: _builtins.str
     """The model that served the request."""
@@ -881,6 +882,8 @@ class StreamEnd(_message.Message):
     """The stop string (SamplingParams.stop) that ended choice 0, when one did; "" when the model
     ended its turn itself. Anthropic's stop_sequence, vLLM's stop_reason.
     """
+    cache_hit: _builtins.bool
+    """Set by the Doorman: the answer was replayed from its result cache (no tier served it)."""
     @_builtins.property
     def usage(self) -> Global___Usage: ...
     @_builtins.property
@@ -909,10 +912,11 @@ class StreamEnd(_message.Message):
         masked_entities: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         choices: _abc.Iterable[Global___ChoiceEnd] | None = ...,
         stop_sequence: _builtins.str = ...,
+        cache_hit: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "finish_reason", b"finish_reason", "hops", b"hops", "masked_entities", b"masked_entities", "model", b"model", "stop_sequence", b"stop_sequence", "tier", b"tier", "upstream", b"upstream", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hit", b"cache_hit", "choices", b"choices", "finish_reason", b"finish_reason", "hops", b"hops", "masked_entities", b"masked_entities", "model", b"model", "stop_sequence", b"stop_sequence", "tier", b"tier", "upstream", b"upstream", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
