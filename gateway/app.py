@@ -254,8 +254,12 @@ def build_app(settings: GatewaySettings) -> FastAPI:
     async def read_body(request: Request) -> bytes:
         return await _read_body(request, limit)
 
-    app.include_router(anthropic_routes.messages_router(runtime.require, read_body, _context))
-    app.include_router(responses_routes.responses_router(runtime.require, read_body, _context))
+    app.include_router(
+        anthropic_routes.messages_router(runtime.require, read_body, _context, documents)
+    )
+    app.include_router(
+        responses_routes.responses_router(runtime.require, read_body, _context, documents)
+    )
     generations = Generations(settings.gateway.max_concurrent_requests)
     install_ui(app, runtime.require, limit, generations)
     app.include_router(admin_router(settings.gateway, registry))

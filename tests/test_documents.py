@@ -21,6 +21,7 @@ from openpyxl import Workbook  # type: ignore[import-untyped]
 
 from doorman.auth import hash_api_key
 from doorman.config import PrivacyConfig, TenantConfig
+from gateway.anthropic.protocol import parse_messages
 from gateway.documents import (
     DOCX,
     PDF,
@@ -32,6 +33,7 @@ from gateway.documents import (
 )
 from gateway.files import ANONYMOUS, FILE_ID, Attachments, FileStore
 from gateway.protocol import RequestInvalid, parse_chat
+from gateway.responses.protocol import parse_responses
 from slm.v1 import ledger_pb2, ledger_pb2_grpc
 
 LIMITS = DocumentLimits()
@@ -456,3 +458,94 @@ def test_files_refuse_a_missing_or_wrong_key_and_bad_uploads(docs_mesh: Mesh) ->
     assert "'image/png'" in unsupported.json()["error"]["message"]
     not_multipart = httpx.post(url, headers=key, json={"purpose": "user_data"})
     assert not_multipart.status_code == 400
+
+
+# --- Responses input_file and Anthropic document blocks ------------------------------------------
+
+
+def test_a_responses_input_file_becomes_input_text(tmp_path: Path) -> None:
+    loop = asyncio.new_event_loop()
+    loop.close()  # inline files ask for no owner
+    files = Attachments(FileStore(tmp_path, 10), LIMITS, no_owner, loop)
+    part = {"type": "input_file", "file_data": data_url(b"# Plan", "text/markdown")}
+    part["filename"] = "plan.md"
+    item = {"role": "user", "content": [{"type": "input_text", "text": "Read:"}, part]}
+    body = json.dumps({"model": "m", "input": [item]}).encode()
+    parsed = parse_responses(body, files)
+    assert parsed.input[0].text == "Read:\n[file plan.md]\n# Plan"
+    broken = {"type": "input_file", "file_url": "https://example.com/x.pdf"}
+    item["content"] = [broken]
+    with pytest.raises(RequestInvalid) as caught:
+        parse_responses(json.dumps({"model": "m", "input": [item]}).encode(), files)
+    assert caught.value.param == "input[0].content[0]"
+    assert "'file_url'" in caught.value.message
+    with pytest.raises(RequestInvalid, match="not accepted here"):
+        parse_responses(body)
+
+
+def test_an_anthropic_document_becomes_a_text_block(tmp_path: Path) -> None:
+    loop = asyncio.new_event_loop()
+    loop.close()  # inline files ask for no owner
+    files = Attachments(FileStore(tmp_path, 10), LIMITS, no_owner, loop)
+    pdf = base64.b64encode(make_pdf(["Quarterly report"])).decode()
+    document = {
+        "type": "document",
+        "source": {"type": "base64", "media_type": "application/pdf", "data": pdf},
+        "title": "q3.pdf",
+        "context": "From finance.",
+    }
+    plain = {
+        "type": "document",
+        "source": {"type": "text", "media_type": "text/plain", "data": "hi"},
+    }
+    message = {"role": "user", "content": [document, plain, {"type": "text", "text": "Sum up."}]}
+    body = {"model": "m", "max_tokens": 4, "messages": [message]}
+    parsed = parse_messages(json.dumps(body).encode(), files)
+    texts = [block.text for block in parsed.messages[0].content]
+    assert texts[0] is not None
+    assert texts[0].startswith("From finance.\n[file q3.pdf]\nQuarterly report")
+    assert texts[1:] == ["[file]\nhi", "Sum up."]
+    document["source"] = {"type": "url", "url": "https://example.com/x.pdf"}
+    with pytest.raises(RequestInvalid) as caught:
+        parse_messages(json.dumps(body).encode(), files)
+    assert caught.value.param == "messages[0].content[0].source"
+    assert "url and content sources are not supported" in caught.value.message
+
+
+@pytest.mark.e2e
+async def test_responses_and_messages_read_files_through_the_mesh(docs_mesh: Mesh) -> None:
+    docx_data = make_docx([f"Contact {EMAIL}."])
+    headers = {"authorization": f"Bearer {KEY_A}"}
+    async with httpx.AsyncClient(base_url=docs_mesh.base_url, timeout=120) as http:
+        part = {"type": "input_file", "file_data": data_url(docx_data, DOCX), "filename": "c.docx"}
+        response = await http.post(
+            "/v1/responses",
+            headers=headers,
+            json={
+                "model": DEFAULT_MODEL,
+                "input": [{"role": "user", "content": [part]}],
+                "max_output_tokens": 4,
+            },
+        )
+        assert response.status_code == 200, response.text
+        _, records = await ledger_text(docs_mesh)
+        assert dict(records.records[-1].entry.entity_counts)["EMAIL_ADDRESS"] >= 1
+        source = {
+            "type": "base64",
+            "media_type": DOCX,
+            "data": base64.b64encode(docx_data).decode(),
+        }
+        message = await http.post(
+            "/v1/messages",
+            headers={"x-api-key": KEY_A},
+            json={
+                "model": DEFAULT_MODEL,
+                "max_tokens": 4,
+                "messages": [{"role": "user", "content": [{"type": "document", "source": source}]}],
+            },
+        )
+        assert message.status_code == 200, message.text
+        ledger, records = await ledger_text(docs_mesh)
+        assert dict(records.records[-1].entry.entity_counts)["EMAIL_ADDRESS"] >= 1
+    assert EMAIL not in ledger
+    assert EMAIL not in docs_mesh.log_path.read_text(errors="replace")

@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError
 
-from gateway.protocol import A_STRING, TOOL_NAME_PATTERN, AlsoAccepts, RequestInvalid, error_param
+from gateway.documents import DocumentError
+from gateway.protocol import (
+    A_STRING,
+    TOOL_NAME_PATTERN,
+    AlsoAccepts,
+    FileTexts,
+    RequestInvalid,
+    error_param,
+)
 
 _UINT32_MAX = (1 << 32) - 1
 
@@ -103,6 +122,127 @@ class ContentBlock(_Wire):
         return "\n".join(b.text for b in self.content or [])
 
 
+def _documents_as_text(value: Any, info: ValidationInfo) -> Any:
+    """A document block becomes a text block holding its file's text here, so that it is
+    sanitised like any text from here on (see gateway.protocol's file parts)."""
+    value = _text_blocks(value)
+    if not isinstance(value, list):
+        return value
+    return [
+        _document_text(block, index, info)
+        if isinstance(block, dict) and block.get("type") == "document"
+        else block
+        for index, block in enumerate(value)
+    ]
+
+
+_DOCUMENT_FIELDS = frozenset({"type", "source", "title", "context", "cache_control", "citations"})
+
+
+def _document_text(block: dict[str, Any], index: int, info: ValidationInfo) -> dict[str, Any]:
+    def refuse(field: str, message: str) -> PydanticCustomError:
+        # The reason travels in the context: a template would read braces in it as fields.
+        return PydanticCustomError(
+            "document", "{reason}", {"reason": message, "field": f"{index}.{field}"}
+        )
+
+    for name in sorted(set(block) - _DOCUMENT_FIELDS):
+        raise refuse(name, "Extra inputs are not permitted")
+    citations = block.get("citations")
+    if citations is not None and citations != {"enabled": False}:
+        raise refuse("citations", "citations are not supported")
+    title, context = block.get("title"), block.get("context")
+    for name, text in (("title", title), ("context", context)):
+        if text is not None and not isinstance(text, str):
+            raise refuse(name, "Input should be a valid string")
+    source = block.get("source")
+    files: FileTexts | None = (info.context or {}).get("files")
+    if files is None:
+        raise refuse("type", "document blocks are not accepted here")
+    if not isinstance(source, dict):
+        raise refuse("source", "a document needs a source object")
+    kind, data = source.get("type"), source.get("data")
+    file: dict[str, Any]
+    if kind == "base64" and set(source) == {"type", "media_type", "data"}:
+        file = {"file_data": f"data:{source['media_type']};base64,{data}"}
+    elif kind == "text" and set(source) == {"type", "media_type", "data"}:
+        file = {"file_data": f"data:text/plain;base64,{_b64(data)}"}
+    elif kind == "file" and set(source) == {"type", "file_id"}:
+        file = {"file_id": source["file_id"]}
+    else:
+        raise refuse(
+            "source",
+            "a document source is {type: base64, media_type, data}, {type: text, media_type, "
+            "data} or {type: file, file_id}; url and content sources are not supported",
+        )
+    if title is not None:
+        file["filename"] = title
+    try:
+        text = files.text_of(file)
+    except DocumentError as error:
+        raise refuse("source", error.message) from None
+    text = f"{context}\n{text}" if context else text
+    converted: dict[str, Any] = {"type": "text", "text": text}
+    if "cache_control" in block:
+        converted["cache_control"] = block["cache_control"]
+    return converted
+
+
+def _b64(data: object) -> str:
+    if not isinstance(data, str):
+        raise PydanticCustomError("document", "a text source's data must be a string")
+    return base64.b64encode(data.encode()).decode()
+
+
+_DOCUMENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "type": {"const": "document"},
+        "source": {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "properties": {
+                        "type": {"enum": ["base64", "text"]},
+                        "media_type": {"type": "string"},
+                        "data": {"type": "string"},
+                    },
+                    "required": ["type", "media_type", "data"],
+                    "additionalProperties": False,
+                },
+                {
+                    "type": "object",
+                    "properties": {"type": {"const": "file"}, "file_id": {"type": "string"}},
+                    "required": ["type", "file_id"],
+                    "additionalProperties": False,
+                },
+            ]
+        },
+        "title": {"type": "string"},
+        "context": {"type": "string"},
+        "cache_control": {"type": "object"},
+        "citations": {
+            "type": "object",
+            "properties": {"enabled": {"const": False}},
+            "required": ["enabled"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["type", "source"],
+    "additionalProperties": False,
+}
+
+
+class _Documents:
+    """The document states that a block may also be a document (read as text at parse)."""
+
+    def __get_pydantic_json_schema__(
+        self, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        schema = handler(core_schema)
+        return {**schema, "items": {"anyOf": [schema["items"], _DOCUMENT_SCHEMA]}}
+
+
 # Blocks only their own role may carry.
 _ROLE_BLOCKS = {
     "user": frozenset({"text", "tool_result"}),
@@ -112,7 +252,12 @@ _ROLE_BLOCKS = {
 
 class MessageParam(_Wire):
     role: Literal["user", "assistant"]
-    content: Annotated[list[ContentBlock], BeforeValidator(_text_blocks), AlsoAccepts(A_STRING)]
+    content: Annotated[
+        list[ContentBlock],
+        BeforeValidator(_documents_as_text),
+        _Documents(),
+        AlsoAccepts(A_STRING),
+    ]
 
     @model_validator(mode="after")
     def _blocks_fit_the_role(self) -> MessageParam:
@@ -266,18 +411,19 @@ def describe(error: ValidationError) -> RequestInvalid:
     return RequestInvalid(text, error_param(loc) or None)
 
 
-def parse_messages(body: bytes) -> MessagesRequest:
-    """Validate a Messages body straight from JSON bytes; raises RequestInvalid."""
+def parse_messages(body: bytes, files: FileTexts | None = None) -> MessagesRequest:
+    """Validate a Messages body straight from JSON bytes, document blocks read by `files`
+    (without it, they are refused); raises RequestInvalid. Reading files blocks: use a thread."""
     try:
-        return MessagesRequest.model_validate_json(body)
+        return MessagesRequest.model_validate_json(body, context={"files": files})
     except ValidationError as error:
         raise describe(error) from None
 
 
-def parse_count_tokens(body: bytes) -> CountTokensRequest:
-    """Validate a count_tokens body; raises RequestInvalid."""
+def parse_count_tokens(body: bytes, files: FileTexts | None = None) -> CountTokensRequest:
+    """Validate a count_tokens body (document blocks read by `files`); raises RequestInvalid."""
     try:
-        return CountTokensRequest.model_validate_json(body)
+        return CountTokensRequest.model_validate_json(body, context={"files": files})
     except ValidationError as error:
         raise describe(error) from None
 

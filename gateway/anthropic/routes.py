@@ -18,7 +18,8 @@ from gateway.anthropic.serving import (
     count_tokens_request,
     error_response,
 )
-from gateway.protocol import RequestInvalid
+from gateway.files import Documents
+from gateway.protocol import FileTexts, RequestInvalid
 from gateway.serving import CallContext, OpenAIServing, json_response
 
 Body = TypeVar("Body")
@@ -45,14 +46,18 @@ def messages_router(
     serving: Callable[[], OpenAIServing],
     read_body: Callable[[Request], Awaitable[bytes]],
     context: Callable[[Request, str], CallContext],
+    documents: Documents,
 ) -> APIRouter:
-    """The Messages routes over the app's OpenAIServing (its Doorman stub and call machinery)."""
+    """The Messages routes over the app's OpenAIServing (its Doorman stub and call machinery);
+    `documents` reads the document blocks."""
     router = APIRouter()
 
-    async def parsed(request: Request, parse: Callable[[bytes], Body]) -> Body | Response:
+    async def parsed(
+        request: Request, route: str, parse: Callable[[bytes, FileTexts | None], Body]
+    ) -> Body | Response:
         """The validated body, or the error response that refuses it (Anthropic's shape)."""
         try:
-            return parse(await read_body(request))
+            return await documents.parse(request, route, await read_body(request), parse)
         except HTTPException as error:
             return error_response(errors.for_status(error.status_code, str(error.detail)))
         except RequestInvalid as error:
@@ -68,7 +73,7 @@ def messages_router(
     )
     async def messages(request: Request) -> Response:
         """Anthropic's Messages API: the next assistant turn, streamed as SSE when `stream`."""
-        body = await parsed(request, protocol.parse_messages)
+        body = await parsed(request, MESSAGES, protocol.parse_messages)
         if isinstance(body, Response):
             return body
         ctx = context(request, MESSAGES)
@@ -82,7 +87,7 @@ def messages_router(
     )
     async def count_tokens(request: Request) -> Response:
         """The input tokens a Messages request would take, tools included."""
-        body = await parsed(request, protocol.parse_count_tokens)
+        body = await parsed(request, COUNT_TOKENS, protocol.parse_count_tokens)
         if isinstance(body, Response):
             return body
         ctx = context(request, COUNT_TOKENS)

@@ -14,17 +14,21 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError
 
+from gateway.documents import DocumentError
 from gateway.protocol import (
     A_STRING,
     TOOL_NAME_PATTERN,
     AlsoAccepts,
+    FileTexts,
     _Wire,
     describe,
     tool_choice_object,
@@ -43,13 +47,61 @@ class ContentPart(_Wire):
     logprobs: list[Any] | None = None
 
 
-def _parts(value: Any) -> Any:
+def _parts(value: Any, info: ValidationInfo) -> Any:
     if isinstance(value, str):
         return [{"type": "input_text", "text": value}]
+    if isinstance(value, list):
+        # An input_file part becomes the text of its file here, so that it is sanitised like
+        # any text from here on (see gateway.protocol's file parts).
+        return [
+            _file_as_text(part, index, info)
+            if isinstance(part, dict) and part.get("type") == "input_file"
+            else part
+            for index, part in enumerate(value)
+        ]
     return value
 
 
-Parts = Annotated[list[ContentPart], BeforeValidator(_parts), AlsoAccepts(A_STRING)]
+def _file_as_text(part: dict[str, Any], index: int, info: ValidationInfo) -> dict[str, Any]:
+    files: FileTexts | None = (info.context or {}).get("files")
+    if files is None:
+        raise PydanticCustomError(
+            "input_file", "input_file parts are not accepted here", {"field": f"{index}.type"}
+        )
+    try:
+        text = files.text_of({k: v for k, v in part.items() if k != "type"})
+    except DocumentError as error:
+        raise PydanticCustomError(
+            "input_file", "{reason}", {"reason": error.message, "field": str(index)}
+        ) from None
+    return {"type": "input_text", "text": text}
+
+
+_INPUT_FILE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "type": {"const": "input_file"},
+        "file_data": {"type": "string", "description": "The file, base64, best as a data URL."},
+        "file_id": {"type": "string", "description": "A file uploaded to /v1/files."},
+        "filename": {"type": "string"},
+    },
+    "required": ["type"],
+    "additionalProperties": False,
+    "oneOf": [{"required": ["file_data"]}, {"required": ["file_id"]}],
+}
+
+
+class _InputFile:
+    """The document states that a part may also be an input_file (read as text at parse)."""
+
+    def __get_pydantic_json_schema__(
+        self, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        schema = handler(core_schema)
+        return {**schema, "items": {"anyOf": [schema["items"], _INPUT_FILE_SCHEMA]}}
+
+
+Parts = Annotated[list[ContentPart], BeforeValidator(_parts), _InputFile(), AlsoAccepts(A_STRING)]
 
 # type: (required, allowed) fields beyond `type`.
 _ITEM_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
@@ -296,9 +348,10 @@ class ResponsesRequest(_Wire):
         return value
 
 
-def parse_responses(body: bytes) -> ResponsesRequest:
-    """Validate a Responses body straight from JSON bytes; raises RequestInvalid."""
+def parse_responses(body: bytes, files: FileTexts | None = None) -> ResponsesRequest:
+    """Validate a Responses body straight from JSON bytes, input_file parts read by `files`
+    (without it, they are refused); raises RequestInvalid. Reading files blocks: use a thread."""
     try:
-        return ResponsesRequest.model_validate_json(body)
+        return ResponsesRequest.model_validate_json(body, context={"files": files})
     except ValidationError as error:
         raise describe(error) from None

@@ -10,6 +10,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from gateway import errors
+from gateway.files import Documents
 from gateway.protocol import ErrorResponse, RequestInvalid
 from gateway.responses.protocol import ResponsesRequest, parse_responses
 from gateway.responses.serving import ResponsesRendering, chat_request
@@ -37,8 +38,10 @@ def responses_router(
     serving: Callable[[], OpenAIServing],
     read_body: Callable[[Request], Awaitable[bytes]],
     context: Callable[[Request, str], CallContext],
+    documents: Documents,
 ) -> APIRouter:
-    """The Responses route over the app's OpenAIServing (its Doorman stub and call machinery)."""
+    """The Responses route over the app's OpenAIServing (its Doorman stub and call machinery);
+    `documents` reads the input_file parts."""
     router = APIRouter()
 
     @router.post(
@@ -55,7 +58,9 @@ def responses_router(
     async def create_response(request: Request) -> Response:
         """OpenAI's Responses API, stateless: the whole conversation travels in `input`."""
         try:
-            body = parse_responses(await read_body(request))
+            body = await documents.parse(
+                request, RESPONSES, await read_body(request), parse_responses
+            )
         except HTTPException as error:
             return errors.for_status(error.status_code, str(error.detail)).response()
         except RequestInvalid as error:
