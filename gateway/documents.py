@@ -94,6 +94,14 @@ def _sniff(data: bytes) -> str | None:
             return DOCX
         if "xl/workbook.xml" in names:
             return XLSX
+        return None
+    # Untyped and unnamed, UTF-8 without NULs is text (as file(1) has it); binary is not.
+    if b"\0" not in data:
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        return TEXT
     return None
 
 

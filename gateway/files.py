@@ -354,6 +354,7 @@ _UPLOAD_DOC: dict[str, Any] = {
                     },
                     "required": ["file", "purpose"],
                     "additionalProperties": False,
+                    "examples": [{"file": "# Notes\n\nShip on Friday.", "purpose": "user_data"}],
                 }
             }
         },
@@ -406,9 +407,21 @@ def files_router(
     store = documents.store
     limits = documents.limits
 
+    # The stateful phase of a fuzzer (and a reader) learns from these links that the id an
+    # upload returns is what GET and DELETE /v1/files/{file_id} take.
+    by_id = {"file_id": "$response.body#/id"}
+    links = {
+        "RetrieveFile": {"operationId": "retrieve_file", "parameters": by_id},
+        "DeleteFile": {"operationId": "delete_file", "parameters": by_id},
+    }
+
     @router.post(
         FILES,
-        responses={200: {"model": FileObject}, **_errors(400, 401, 403, 413, 500, 503)},
+        operation_id="upload_file",
+        responses={
+            200: {"model": FileObject, "links": links},
+            **_errors(400, 401, 403, 413, 500, 503),
+        },
         openapi_extra=_UPLOAD_DOC,
     )
     async def upload(request: Request) -> Response:
@@ -454,7 +467,11 @@ def files_router(
         )
         return JSONResponse(stored.wire())
 
-    @router.get(FILES, responses={200: {"model": FileList}, **_errors(400, 401, 403, 500, 503)})
+    @router.get(
+        FILES,
+        operation_id="list_files",
+        responses={200: {"model": FileList}, **_errors(400, 401, 403, 500, 503)},
+    )
     async def list_files(
         request: Request,
         purpose: Annotated[Literal["user_data", "assistants"] | None, Query()] = None,
@@ -485,6 +502,7 @@ def files_router(
 
     @router.get(
         f"{FILES}/{{file_id}}",
+        operation_id="retrieve_file",
         responses={200: {"model": FileObject}, **_errors(401, 403, 404, 500, 503)},
     )
     async def get_file(request: Request, file_id: str) -> Response:
@@ -495,6 +513,7 @@ def files_router(
 
     @router.delete(
         f"{FILES}/{{file_id}}",
+        operation_id="delete_file",
         responses={200: {"model": FileDeleted}, **_errors(401, 403, 404, 500, 503)},
     )
     async def delete_file(request: Request, file_id: str) -> Response:

@@ -155,7 +155,9 @@ def test_the_type_comes_from_the_media_type_then_the_name_then_the_bytes() -> No
 def test_unsupported_types_are_refused_naming_them() -> None:
     assert "'image/png'" in refusal(b"\x89PNG", "image/png", "x.png")
     assert "'.doc'" in refusal(b"\xd0\xcf\x11\xe0", None, "old.doc")
-    assert "unknown type" in refusal(b"just bytes", None, None)
+    assert "unknown type" in refusal(b"\x00\x01\xff binary", None, None)
+    # Untyped, unnamed UTF-8 is text.
+    assert extract_text("just text, café".encode(), None, None, LIMITS) == "just text, café"
     # A zip that is neither a document nor a workbook.
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as z:
@@ -505,6 +507,10 @@ def test_an_anthropic_document_becomes_a_text_block(tmp_path: Path) -> None:
     assert texts[0] is not None
     assert texts[0].startswith("From finance.\n[file q3.pdf]\nQuarterly report")
     assert texts[1:] == ["[file]\nhi", "Sum up."]
+    document["citations"] = {"enabled": 0}
+    with pytest.raises(RequestInvalid, match="citations are not supported"):
+        parse_messages(json.dumps(body).encode(), files)
+    del document["citations"]
     document["source"] = {"type": "url", "url": "https://example.com/x.pdf"}
     with pytest.raises(RequestInvalid) as caught:
         parse_messages(json.dumps(body).encode(), files)

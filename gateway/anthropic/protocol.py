@@ -149,8 +149,13 @@ def _document_text(block: dict[str, Any], index: int, info: ValidationInfo) -> d
     for name in sorted(set(block) - _DOCUMENT_FIELDS):
         raise refuse(name, "Extra inputs are not permitted")
     citations = block.get("citations")
-    if citations is not None and citations != {"enabled": False}:
-        raise refuse("citations", "citations are not supported")
+    # Compared by identity: {"enabled": 0} == {"enabled": False} in Python, not in JSON.
+    if citations is not None and not (
+        isinstance(citations, dict)
+        and set(citations) == {"enabled"}
+        and citations["enabled"] is False
+    ):
+        raise refuse("citations", "citations are not supported; send enabled false or leave it out")
     title, context = block.get("title"), block.get("context")
     for name, text in (("title", title), ("context", context)):
         if text is not None and not isinstance(text, str):
@@ -161,11 +166,16 @@ def _document_text(block: dict[str, Any], index: int, info: ValidationInfo) -> d
         raise refuse("type", "document blocks are not accepted here")
     if not isinstance(source, dict):
         raise refuse("source", "a document needs a source object")
-    kind, data = source.get("type"), source.get("data")
+    kind, media_type, data = source.get("type"), source.get("media_type"), source.get("data")
+    for name, value in source.items():
+        if not isinstance(value, str):
+            raise refuse(f"source.{name}", "Input should be a valid string")
     file: dict[str, Any]
     if kind == "base64" and set(source) == {"type", "media_type", "data"}:
-        file = {"file_data": f"data:{source['media_type']};base64,{data}"}
+        file = {"file_data": f"data:{media_type};base64,{data}"}
     elif kind == "text" and set(source) == {"type", "media_type", "data"}:
+        if media_type != "text/plain":
+            raise refuse("source.media_type", "a text source's media_type is 'text/plain'")
         file = {"file_data": f"data:text/plain;base64,{_b64(data)}"}
     elif kind == "file" and set(source) == {"type", "file_id"}:
         file = {"file_id": source["file_id"]}
@@ -194,6 +204,7 @@ def _b64(data: object) -> str:
     return base64.b64encode(data.encode()).decode()
 
 
+_NULL = {"type": "null"}
 _DOCUMENT_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
@@ -203,8 +214,18 @@ _DOCUMENT_SCHEMA: dict[str, Any] = {
                 {
                     "type": "object",
                     "properties": {
-                        "type": {"enum": ["base64", "text"]},
+                        "type": {"const": "base64"},
                         "media_type": {"type": "string"},
+                        "data": {"type": "string"},
+                    },
+                    "required": ["type", "media_type", "data"],
+                    "additionalProperties": False,
+                },
+                {
+                    "type": "object",
+                    "properties": {
+                        "type": {"const": "text"},
+                        "media_type": {"const": "text/plain"},
                         "data": {"type": "string"},
                     },
                     "required": ["type", "media_type", "data"],
@@ -218,14 +239,32 @@ _DOCUMENT_SCHEMA: dict[str, Any] = {
                 },
             ]
         },
-        "title": {"type": "string"},
-        "context": {"type": "string"},
-        "cache_control": {"type": "object"},
+        "title": {"anyOf": [{"type": "string"}, _NULL]},
+        "context": {"anyOf": [{"type": "string"}, _NULL]},
+        "cache_control": {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "properties": {
+                        "type": {"const": "ephemeral"},
+                        "ttl": {"anyOf": [{"enum": ["5m", "1h"]}, _NULL]},
+                    },
+                    "required": ["type"],
+                    "additionalProperties": False,
+                },
+                _NULL,
+            ]
+        },
         "citations": {
-            "type": "object",
-            "properties": {"enabled": {"const": False}},
-            "required": ["enabled"],
-            "additionalProperties": False,
+            "anyOf": [
+                {
+                    "type": "object",
+                    "properties": {"enabled": {"const": False}},
+                    "required": ["enabled"],
+                    "additionalProperties": False,
+                },
+                _NULL,
+            ]
         },
     },
     "required": ["type", "source"],
