@@ -25,6 +25,7 @@ from gateway.anthropic.protocol import parse_messages
 from gateway.documents import (
     DOCX,
     PDF,
+    TEXT,
     XLSX,
     DocumentError,
     DocumentLimits,
@@ -333,6 +334,7 @@ KEY_A = "sk-docs-alice-5f1e"
 KEY_B = "sk-docs-bob-93c0"
 EMAIL = "jane.doe@example.com"
 SECRET_PHRASE = "Project Bluewhistle budget"
+MAX_FILE_BYTES = 64 << 10
 
 
 @pytest.fixture(scope="module")
@@ -349,6 +351,8 @@ def docs_mesh(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
             "privacy": PrivacyConfig(sanitize_tiers=["local"]),
         }
     )
+    # Below Envoy's body limit, so that the gateway's own answer to a big file is what shows.
+    settings.gateway.max_file_bytes = MAX_FILE_BYTES
     mesh = Mesh(settings, state / "slm.toml", state / "mesh.log")
     mesh.start()
     yield mesh
@@ -460,6 +464,13 @@ def test_files_refuse_a_missing_or_wrong_key_and_bad_uploads(docs_mesh: Mesh) ->
     assert "'image/png'" in unsupported.json()["error"]["message"]
     not_multipart = httpx.post(url, headers=key, json={"purpose": "user_data"})
     assert not_multipart.status_code == 400
+    big = {"file": ("big.md", b"x" * (MAX_FILE_BYTES + 1), "text/markdown")}
+    too_large = httpx.post(url, headers=key, files=big, data={"purpose": "user_data"})
+    assert (too_large.status_code, too_large.json()["error"]["code"]) == (413, "request_too_large")
+    part = {"type": "file", "file": {"file_data": data_url(b"x" * (MAX_FILE_BYTES + 1), TEXT)}}
+    with client_for(docs_mesh, KEY_A) as client, pytest.raises(openai.BadRequestError) as caught:
+        ask(client, part)
+    assert f"at most {MAX_FILE_BYTES}" in str(caught.value)
 
 
 # --- Responses input_file and Anthropic document blocks ------------------------------------------
