@@ -15,6 +15,10 @@ from slm.config import LOOPBACK, DiscoveryConfig, Section, TelemetryConfig
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
 
 
+# What a multipart upload adds to its file (boundaries, part headers, the purpose field).
+UPLOAD_OVERHEAD_BYTES = 64 << 10
+
+
 class GatewayConfig(Section):
     host: str = LOOPBACK
     port: int = Field(default=8000, ge=0, le=65535)
@@ -44,10 +48,10 @@ class GatewayConfig(Section):
     adapter_registry: str = f"{LOOPBACK}:50055"
     # Files uploaded through /v1/files, each under a generated name; nothing else is written here.
     files_dir: Path = Path("~/.cache/service-slm/files")
-    # Most bytes one file may have, uploaded or sent inline in a chat. An inline file travels
-    # base64 in the JSON body, 4/3 its size, so it also has to fit max_body_bytes (and Envoy's
-    # envoy.max_body_bytes, which bounds uploads too): for files of max_file_bytes, both need
-    # at least 4/3 * max_file_bytes plus the rest of the body (about 14 MiB for 10 MiB files).
+    # Most bytes one file may have, uploaded or sent inline in a chat. An upload to /v1/files
+    # may be this large (plus UPLOAD_OVERHEAD_BYTES of form), at Envoy too. An inline file
+    # travels base64 in the JSON body, 4/3 its size, so it also has to fit max_body_bytes and
+    # envoy.max_body_bytes (1 MiB: inline files up to about 750 KiB); upload larger ones.
     max_file_bytes: int = Field(default=10 << 20, ge=1)
     max_pdf_pages: int = Field(default=200, ge=1)
     # Cells read from one workbook, all sheets together (empty cells in a row's range count).

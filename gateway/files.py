@@ -36,7 +36,7 @@ from starlette.types import Message
 
 from gateway import errors
 from gateway.channels import current
-from gateway.config import GatewayConfig
+from gateway.config import UPLOAD_OVERHEAD_BYTES, GatewayConfig
 from gateway.documents import DocumentError, DocumentLimits, extract_text, media_type_of
 from gateway.protocol import ErrorResponse, FileTexts
 from gateway.serving import CallContext
@@ -51,8 +51,6 @@ FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
 PURPOSES = ("user_data", "assistants")
 # The owner of every file while the Doorman takes any caller (authentication off).
 ANONYMOUS = "anonymous"
-# Room for the multipart framing and the `purpose` field around an upload's file.
-_OVERHEAD = 64 << 10
 _MAX_FILENAME = 255
 _AUTH_CHECK_TIMEOUT_S = 10
 # A body that may hold a file part; one without these bytes has none (a JSON string can hide
@@ -427,7 +425,9 @@ def files_router(
     async def upload(request: Request) -> Response:
         """Upload a file (multipart: `file`, `purpose`) for chats to reference by its id."""
         owner = await documents.owner(request, FILES)
-        form = await _form(request, await read_body(request, limits.max_file_bytes + _OVERHEAD))
+        form = await _form(
+            request, await read_body(request, limits.max_file_bytes + UPLOAD_OVERHEAD_BYTES)
+        )
         for name in sorted(set(form.keys()) - {"file", "purpose"}):
             return errors.invalid_request(
                 f"Unrecognized request argument supplied: {name}", name

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import zipfile
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -566,3 +567,35 @@ async def test_responses_and_messages_read_files_through_the_mesh(docs_mesh: Mes
         assert dict(records.records[-1].entry.entity_counts)["EMAIL_ADDRESS"] >= 1
     assert EMAIL not in ledger
     assert EMAIL not in docs_mesh.log_path.read_text(errors="replace")
+
+
+# --- uploads larger than the JSON body limit, through Envoy --------------------------------------
+
+
+def docx_with_noise_image(text: str, side: int) -> bytes:
+    """A DOCX holding `text` and a side x side picture of random noise (which no compression
+    shrinks): a file of megabytes whose text is one line."""
+    from PIL import Image
+
+    picture = io.BytesIO()
+    Image.frombytes("RGB", (side, side), os.urandom(side * side * 3)).save(picture, "PNG")
+    picture.seek(0)
+    document = docx.Document()
+    document.add_paragraph(text)
+    document.add_picture(picture)
+    out = io.BytesIO()
+    document.save(out)
+    return out.getvalue()
+
+
+@pytest.mark.e2e
+def test_an_upload_larger_than_the_body_limit_passes_envoy(mesh: Mesh) -> None:
+    data = docx_with_noise_image("The report was written by the harbour office.", 900)
+    # Larger than any JSON request may be, within the file limit.
+    assert mesh.settings.envoy.max_body_bytes < len(data) < mesh.settings.gateway.max_file_bytes
+    with openai.OpenAI(base_url=f"{mesh.base_url}/v1", api_key="none", max_retries=0) as client:
+        uploaded = client.files.create(file=("report.docx", data, DOCX), purpose="user_data")
+        assert uploaded.bytes == len(data)
+        reply = ask(client, {"type": "file", "file": {"file_id": uploaded.id}})
+        assert reply.choices[0].message.content
+        assert client.files.delete(uploaded.id).deleted

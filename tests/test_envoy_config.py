@@ -10,7 +10,7 @@ import pytest
 import yaml  # type: ignore[import-untyped]
 from helpers import free_port
 
-from gateway.config import GatewayConfig
+from gateway.config import UPLOAD_OVERHEAD_BYTES, GatewayConfig
 from gateway.envoy import envoy_binary, render_envoy_config
 from gateway.envoy.config import EnvoyConfig
 from gateway.envoy.render import GRPC_PREFIXES, parse_address, parse_addresses
@@ -116,6 +116,14 @@ def test_addresses_and_limits_come_from_settings() -> None:
     buffer = hcm["http_filters"][0]
     assert buffer["name"] == "envoy.filters.http.buffer"
     assert buffer["typed_config"]["max_request_bytes"] == settings.envoy.max_body_bytes
+    # Uploads to /v1/files are bounded by the gateway's file limit instead.
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    (uploads,) = [r for r in routes if r["match"].get("path") == "/v1/files"]
+    override = uploads["typed_per_filter_config"]["envoy.filters.http.buffer"]["buffer"]
+    assert override["max_request_bytes"] == (
+        settings.gateway.max_file_bytes + UPLOAD_OVERHEAD_BYTES
+    )
+    assert routes.index(uploads) < [r["match"].get("prefix") for r in routes].index("/")
     assert hcm["http_filters"][-1]["name"] == "envoy.filters.http.router"
     assert hcm["access_log"][0]["name"] == "envoy.access_loggers.stdout"
     # Envoy's own 413 reads like the gateway's: OpenAI's error shape.

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import jinja2
 
-from gateway.config import GENERATION_PATHS, GatewayConfig
+from gateway.config import GENERATION_PATHS, UPLOAD_OVERHEAD_BYTES, GatewayConfig
 from gateway.envoy.config import EnvoyConfig
 
 TEMPLATE = "envoy.yaml.jinja"
@@ -110,6 +110,8 @@ def render_envoy_config(gateway: GatewayConfig, envoy: EnvoyConfig) -> str:
         listen=Listen(envoy.host, envoy.port),
         stream_idle_timeout_s=envoy.stream_idle_timeout_s,
         max_body_bytes=envoy.max_body_bytes,
+        # /v1/files uploads are bounded by the gateway's file limit instead.
+        max_upload_bytes=max(envoy.max_body_bytes, gateway.max_file_bytes + UPLOAD_OVERHEAD_BYTES),
         max_concurrent_requests=envoy.max_concurrent_requests,
         overload_message=(
             f"The mesh is serving its limit of {envoy.max_concurrent_requests} concurrent "
