@@ -67,6 +67,8 @@ bench: model
 	$(BIN)/python bench/structured.py
 	$(BIN)/python bench/mesh_cpu.py
 	$(BIN)/python bench/ledger_commit.py
+	$(BIN)/python bench/result_cache.py
+	$(BIN)/python bench/documents.py
 
 proto: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -Iproto \
