@@ -94,13 +94,20 @@ def mesh_settings(state_dir: Path) -> Settings:
     )
 
 
-def _await_banner(stdout: IO[bytes], seen: list[bool]) -> None:
-    """Read `slm up`'s stdout until its banner (printed only once every health check is
-    SERVING), noted in `seen`, or until the pipe closes."""
-    for line in stdout:
-        if b"service-slm is up" in line:
-            seen.append(True)
-            return
+def _follow(stdout: IO[bytes], banner: threading.Event, sink: IO[bytes]) -> None:
+    """Read `slm up`'s stdout: set `banner` at its banner (printed only once every health check
+    is SERVING), then copy what follows (Envoy's access log) to `sink`, so that the pipe never
+    fills and the log has it. Ends when the pipe closes, or the sink does."""
+    try:
+        for line in stdout:
+            if not banner.is_set():
+                if b"service-slm is up" in line:
+                    banner.set()
+                continue
+            sink.write(line)
+            sink.flush()
+    except (ValueError, OSError):
+        return  # the mesh was stopped, its pipe and log closed, while a process lived on
 
 
 def to_toml(settings: Settings) -> str:
@@ -158,6 +165,7 @@ class Mesh:
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self._reader: threading.Thread | None = None
 
     @property
     def base_url(self) -> str:
@@ -203,13 +211,12 @@ class Mesh:
         assert self.process.stdout is not None
         # Read the banner on a thread: a mesh that never gets healthy may print nothing at all,
         # and a read on the pipe would then wait past any deadline.
-        seen: list[bool] = []
-        reader = threading.Thread(
-            target=_await_banner, args=(self.process.stdout, seen), daemon=True
+        banner = threading.Event()
+        self._reader = threading.Thread(
+            target=_follow, args=(self.process.stdout, banner, self._log), daemon=True
         )
-        reader.start()
-        reader.join(timeout_s)
-        if seen:
+        self._reader.start()
+        if banner.wait(timeout_s):
             return
         exited = self.process.poll() is not None
         self.stop()
@@ -229,6 +236,10 @@ class Mesh:
         except subprocess.TimeoutExpired:
             self.process.kill()
             code = self.process.wait()
+        if self._reader is not None:
+            # The pipe closes once every process of the mesh has exited.
+            self._reader.join(timeout=10)
+            self._reader = None
         if self.process.stdout is not None:
             self.process.stdout.close()
         self.process = None
