@@ -12,9 +12,11 @@ It reports the counts, the refusals' latency (request sent -> status line read) 
 the admitted streams' TTFT p50/p99, and whether the mesh answers a request afterwards. The
 client is a minimal HTTP/1.1 one on asyncio streams (uvloop when installed), so that its own
 cost stays small beside 600 connections on a 2-core machine; its latencies still include its
-own event loop's turn over every connection.
+own event loop's turn over every connection. So it also reports Envoy's own view, from its
+access log: when Envoy wrote each 429, counted from the burst's first request as Envoy saw it,
+and how long each stayed in Envoy.
 
-    .venv/bin/python bench/overload.py --streams 600 --max-tokens 32
+    .venv/bin/python bench/overload.py --streams 600 --max-tokens 32 --rounds 6
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import contextlib
 import importlib.util
 import json
 import math
@@ -31,6 +34,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -282,10 +286,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         warm = await single(host, port, chat_body(4, 0), args.deadline_s)
         if warm.kind != "completed":
             raise RuntimeError(f"the mesh did not answer a warm-up request: {warm}")
+        windows: list[tuple[float, float]] = []
         for _ in range(args.rounds):
-            started = time.perf_counter()
+            started, wall_started = time.perf_counter(), time.time()
             outcomes = await burst(host, port, args.streams, args.max_tokens, args.deadline_s)
             result = summarise(outcomes, time.perf_counter() - started)
+            windows.append((wall_started, time.time()))
             after = await single(host, port, chat_body(4, 1), args.deadline_s)
             result["answers_afterwards"] = after.kind == "completed"
             rounds.append(result)
@@ -294,6 +300,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 result["outcomes"] = [asdict(o) for o in outcomes]
     finally:
         mesh.stop()
+    # Envoy's own view of its refusals, from its access log (now complete in the mesh's log).
+    access = envoy_access_log(mesh.log_path)
+    print("\nEnvoy's own timing of its 429s (access log), from the burst's first request:")
+    for result, window in zip(rounds, windows, strict=True):
+        result.update(envoy_refusals(access, *window))
+        print(
+            f"  refusals written p50 {result['envoy_refusal_sent_ms_p50']:.1f} ms "
+            f"p99 {result['envoy_refusal_sent_ms_p99']:.1f} ms; "
+            f"time inside Envoy p99 {result['envoy_refusal_duration_ms_p99']:.0f} ms "
+            f"({result['envoy_refusals']} logged)"
+        )
     return {
         "streams": args.streams,
         "max_tokens": args.max_tokens,
@@ -304,6 +321,48 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "inference_local_max_queue": settings.inference_local.max_queue,
         "rounds": rounds,
+    }
+
+
+def envoy_access_log(path: Path) -> list[dict[str, Any]]:
+    """The generation routes' entries of Envoy's access log (JSON lines in the mesh's log)."""
+    entries = []
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.startswith("{") or '"route"' not in line:
+            continue
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if str(entry.get("route", "")).startswith("generation"):
+                entries.append(entry)
+    return entries
+
+
+def envoy_refusals(access: list[dict[str, Any]], start: float, end: float) -> dict[str, Any]:
+    """Envoy's 429s of the burst sent between `start` and `end` (wall clock): when Envoy wrote
+    each, counted from the burst's first request as Envoy saw it, and how long each stayed in
+    Envoy. The client's own latencies add its event loop's turn over every connection."""
+
+    def at(entry: dict[str, Any]) -> float:
+        stamp = datetime.strptime(entry["ts"], "%Y-%m-%dT%H:%M:%S.%fZ")
+        return stamp.replace(tzinfo=UTC).timestamp()
+
+    burst = [e for e in access if start - 0.001 <= at(e) <= end]
+    if not burst:
+        return {
+            "envoy_refusals": 0,
+            "envoy_refusal_sent_ms_p50": math.nan,
+            "envoy_refusal_sent_ms_p99": math.nan,
+            "envoy_refusal_duration_ms_p99": math.nan,
+        }
+    first = min(at(e) for e in burst)
+    refused = [e for e in burst if e.get("status") == 429]
+    sent = [(at(e) - first) * 1000 + float(e.get("duration_ms") or 0) for e in refused]
+    inside = [float(e.get("duration_ms") or 0) for e in refused]
+    return {
+        "envoy_refusals": len(refused),
+        "envoy_refusal_sent_ms_p50": statistics.median(sent) if sent else math.nan,
+        "envoy_refusal_sent_ms_p99": percentile(sent, 99),
+        "envoy_refusal_duration_ms_p99": percentile(inside, 99),
     }
 
 
