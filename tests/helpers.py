@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -41,10 +42,40 @@ def default_model_file() -> Path:
     return ensure_model_file([SHARED_MODELS_DIR], entry.path, entry.package, entry.name)
 
 
+# Ports this process handed out, so two servers of one test never get the same one; drawn
+# from the system's randomness, which no test's seeding of `random` repeats in another process.
+_HANDED_OUT: set[int] = set()
+_RANDOM = random.SystemRandom()
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives outgoing connections (ip_local_port_range)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port that is free now, for a server a test starts later.
+
+    Below the kernel's ephemeral range: a port the kernel picks (bind to 0) is one it also gives
+    outgoing connections, so any client connection in the meantime could take it before the
+    server binds it (seen as a service failing with EADDRINUSE on its metrics port). Room is
+    left above for replicas (+100 per replica)."""
+    high = _ephemeral_low() - 1000
+    for _ in range(10_000):
+        port = _RANDOM.randrange(10_000, high)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 def mesh_settings(state_dir: Path) -> Settings:
