@@ -120,6 +120,20 @@ class AlsoAccepts:
         return {"anyOf": [self.shorthand, handler(core_schema)]}
 
 
+class AlsoAcceptsItems:
+    """Annotation for a list whose BeforeValidator also takes items of another form (a file
+    part, a document block, read as text at parse): the document states both item forms."""
+
+    def __init__(self, item: dict[str, Any]) -> None:
+        self.item = item
+
+    def __get_pydantic_json_schema__(
+        self, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        schema = handler(core_schema)
+        return {**schema, "items": {"anyOf": [schema["items"], self.item]}}
+
+
 A_STRING: dict[str, Any] = {"type": "string"}
 
 

@@ -10,19 +10,18 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    GetJsonSchemaHandler,
     ValidationError,
     ValidationInfo,
     model_validator,
 )
-from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import CoreSchema, PydanticCustomError
+from pydantic_core import PydanticCustomError
 
 from gateway.documents import DocumentError
 from gateway.protocol import (
     A_STRING,
     TOOL_NAME_PATTERN,
     AlsoAccepts,
+    AlsoAcceptsItems,
     FileTexts,
     RequestInvalid,
     error_param,
@@ -272,16 +271,6 @@ _DOCUMENT_SCHEMA: dict[str, Any] = {
 }
 
 
-class _Documents:
-    """The document states that a block may also be a document (read as text at parse)."""
-
-    def __get_pydantic_json_schema__(
-        self, core_schema: CoreSchema, handler: GetJsonSchemaHandler
-    ) -> JsonSchemaValue:
-        schema = handler(core_schema)
-        return {**schema, "items": {"anyOf": [schema["items"], _DOCUMENT_SCHEMA]}}
-
-
 # Blocks only their own role may carry.
 _ROLE_BLOCKS = {
     "user": frozenset({"text", "tool_result"}),
@@ -294,7 +283,7 @@ class MessageParam(_Wire):
     content: Annotated[
         list[ContentBlock],
         BeforeValidator(_documents_as_text),
-        _Documents(),
+        AlsoAcceptsItems(_DOCUMENT_SCHEMA),
         AlsoAccepts(A_STRING),
     ]
 

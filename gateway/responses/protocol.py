@@ -14,20 +14,19 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    GetJsonSchemaHandler,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
-from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import CoreSchema, PydanticCustomError
+from pydantic_core import PydanticCustomError
 
 from gateway.documents import DocumentError
 from gateway.protocol import (
     A_STRING,
     TOOL_NAME_PATTERN,
     AlsoAccepts,
+    AlsoAcceptsItems,
     FileTexts,
     _Wire,
     describe,
@@ -91,17 +90,12 @@ _INPUT_FILE_SCHEMA: dict[str, Any] = {
 }
 
 
-class _InputFile:
-    """The document states that a part may also be an input_file (read as text at parse)."""
-
-    def __get_pydantic_json_schema__(
-        self, core_schema: CoreSchema, handler: GetJsonSchemaHandler
-    ) -> JsonSchemaValue:
-        schema = handler(core_schema)
-        return {**schema, "items": {"anyOf": [schema["items"], _INPUT_FILE_SCHEMA]}}
-
-
-Parts = Annotated[list[ContentPart], BeforeValidator(_parts), _InputFile(), AlsoAccepts(A_STRING)]
+Parts = Annotated[
+    list[ContentPart],
+    BeforeValidator(_parts),
+    AlsoAcceptsItems(_INPUT_FILE_SCHEMA),
+    AlsoAccepts(A_STRING),
+]
 
 # type: (required, allowed) fields beyond `type`.
 _ITEM_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
