@@ -189,18 +189,14 @@ async def test_no_upstream_left_is_unavailable_with_retry_info(
     assert error.retry_after_s >= 1
 
 
-@pytest.fixture
-async def second_engine(
-    model_path: Path, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[GrpcService]:
-    """Another real inference-local, which the test may stop at once (no grace)."""
+def own_engine(settings: Settings, name: str) -> GrpcService:
+    """A real inference-local of the test's own, which it may stop at once (no grace)."""
     from inference_local.app import build_app
 
-    settings = mesh_settings(tmp_path_factory.mktemp("second"))
     registry = CollectorRegistry()
     endpoint = settings.inference_local.endpoint.model_copy(update={"port": 0, "metrics_port": 0})
-    service = GrpcService(
-        "inference-local-2",
+    return GrpcService(
+        name,
         build_app(settings.inference_local, runtime(settings, registry)),
         endpoint,
         settings.telemetry,
@@ -208,7 +204,15 @@ async def second_engine(
         serve_metrics=False,
         grace_s=0,
     )
-    async with service:
+
+
+@pytest.fixture
+async def second_engine(
+    model_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[GrpcService]:
+    """Another real inference-local, which the test may stop at once."""
+    settings = mesh_settings(tmp_path_factory.mktemp("second"))
+    async with own_engine(settings, "inference-local-2") as service:
         yield service
 
 
@@ -309,24 +313,12 @@ async def one_slot_engine(
     model_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[GrpcService]:
     """A real inference-local with one sequence slot, so one generation makes it busy."""
-    from inference_local.app import build_app
-
     settings = mesh_settings(tmp_path_factory.mktemp("one-slot"))
     local = settings.inference_local
     settings.inference_local = local.model_copy(
         update={"models": [local.models[0].model_copy(update={"parallel": 1})]}
     )
-    registry = CollectorRegistry()
-    endpoint = local.endpoint.model_copy(update={"port": 0, "metrics_port": 0})
-    async with GrpcService(
-        "inference-local-busy",
-        build_app(settings.inference_local, runtime(settings, registry)),
-        endpoint,
-        settings.telemetry,
-        registry,
-        serve_metrics=False,
-        grace_s=0,
-    ) as service:
+    async with own_engine(settings, "inference-local-busy") as service:
         yield service
 
 
