@@ -108,6 +108,10 @@ class RoutingTable:
         return sorted({*self._routes, *self._manifests})
 
 
+def _nothing() -> None:
+    pass
+
+
 @dataclass
 class Opened:
     """A generation that has produced its first event on `route`; the rest is read from `call`.
@@ -118,7 +122,7 @@ class Opened:
     route: Route
     call: Any  # grpc.aio.UnaryStreamCall; grpc ships no types
     first: inference_pb2.GenerateResponse
-    release: Callable[[], None] = lambda: None
+    release: Callable[[], None] = _nothing
 
 
 class UpstreamFailure(Exception):
@@ -235,26 +239,18 @@ class Router:
                 )
             return Opened(route=route, call=call, first=first)
 
-        held: list[Callable[[], None]] = []
+        held: _Held | None = None
 
         def hold(route: Route) -> Callable[[], None]:
+            nonlocal held
             if self._demand is None:
-                return lambda: None
-            gauge = self._demand(route.tier_name, route.model_for(model))
-            gauge.inc()
-            released = False
-
-            def release() -> None:
-                nonlocal released
-                if not released:
-                    released = True
-                    gauge.dec()
-
-            held[:] = [release]
-            return release
+                return _nothing
+            held = _Held(self._demand(route.tier_name, route.model_for(model)))
+            return held.release
 
         opened = await self._first(chain, attempt, attempts, hold)
-        opened.release = held[0] if held else opened.release
+        if held is not None:
+            opened.release = held.release  # the route that opened: held until the request ends
         return opened
 
     async def unary(
@@ -396,6 +392,19 @@ class Router:
         else:
             route.breaker.abandon()
         raise failure from None
+
+
+class _Held:
+    """One request's count in a route's demand gauge, given back once."""
+
+    def __init__(self, gauge: Any) -> None:
+        self._gauge: Any = gauge
+        gauge.inc()
+
+    def release(self) -> None:
+        if self._gauge is not None:
+            self._gauge.dec()
+            self._gauge = None
 
 
 def _absent(failure: UpstreamFailure) -> bool:
