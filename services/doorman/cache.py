@@ -199,7 +199,7 @@ class ResultCache:
 
     def __init__(self, store: ResultStore, max_entry_bytes: int) -> None:
         self.store = store
-        self._max_entry_bytes = max_entry_bytes
+        self.max_entry_bytes = max_entry_bytes
 
     async def get(
         self, keys: Sequence[str]
@@ -217,7 +217,7 @@ class ResultCache:
     async def put(self, key: str, events: Sequence[bytes]) -> bool:
         """Keep a complete answer's serialised events; False when it is too large to keep."""
         data = encode(events)
-        if len(data) > self._max_entry_bytes:
+        if len(data) > self.max_entry_bytes:
             return False
         await self.store.put(key, data)
         return True

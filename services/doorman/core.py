@@ -695,11 +695,18 @@ class Doorman:
         deltas = 0
         # The upstream's events as it sent them, before the output path rewrites them in place.
         kept: list[bytes] | None = [] if outcome.caching is not None else None
+        # What may still be kept: an answer that outgrows the cache's entry limit stops being
+        # copied at once, rather than held whole until its end only to be refused there.
+        room = self._policy.cache.max_entry_bytes if self._policy.cache is not None else 0
         response = opened.first
         try:
             while response is not grpc.aio.EOF:
                 if kept is not None:
-                    kept.append(response.SerializeToString())
+                    event = response.SerializeToString()
+                    room -= len(event)
+                    kept.append(event)
+                    if room < 0:
+                        kept = None
                 if response.HasField("end"):
                     if outbound is not None:
                         for tail in outbound.flush():
