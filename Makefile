@@ -69,6 +69,7 @@ bench: model
 	$(BIN)/python bench/ledger_commit.py
 	$(BIN)/python bench/result_cache.py
 	$(BIN)/python bench/documents.py
+	$(BIN)/python bench/coactivation.py
 
 proto: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -Iproto \

@@ -1,0 +1,439 @@
+"""What co-activation saves a manifest's specialist: its time to first token after the router hop,
+standby (cold: the request allocates its context), standby with co_activation naming the router
+(made READY while the router runs) and resident, on the default model.
+
+inference-local, the ledger and a Doorman run as gRPC servers in this process on `make run`'s
+defaults, one inference-local per variant with two models: the router (the bundled default
+model, as configured) and a specialist, a copy of the same GGUF under another file name so that
+it shares no weights with the router. For each variant:
+
+- direct: --trials times, the specialist is put back to MAPPED (UnloadModel on a standby model
+  drops its context, keeps its weights), then the router is asked for an intent as the Doorman
+  asks it (its prompt, one greedy token biased to the intents' first tokens), to completion,
+  then the specialist is asked the question; the specialist's TTFT is from its Generate call
+  to its first token, the alias's from the router's Generate call to that token.
+- doorman: --trials times, the specialist back to MAPPED, then a chat for the manifest's alias
+  through the Doorman, which routes it router -> specialist; its TTFT is from the Chat call to
+  the first text event.
+- probes: --probes times, the specialist back to MAPPED, the router hop alone, then ListModels:
+  the specialist's state right after the router (READY when the warming won the race).
+- the engine's model load / load wait histograms (slm_engine_model_*) of the specialist, so
+  the saving is explained by what the cold path pays.
+
+It prints a table and writes JSON to --out.
+
+    .venv/bin/python bench/coactivation.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from helpers import DEFAULT_MODEL, default_model_file, mesh_settings, runtime
+
+from doorman.config import ManifestConfig, RoutingConfig
+from doorman.routing import ROUTER_PROMPT
+from inference_local.config import ModelConfig
+from mesh.settings import Settings
+from slm.server import GrpcService
+from slm.v1 import (
+    doorman_pb2,
+    doorman_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    types_pb2,
+)
+
+RESULTS = Path(__file__).parent / "results"
+SPECIALIST = "specialist"
+ALIAS = "auto"
+INTENTS = {"math": SPECIALIST, "poetry": SPECIALIST}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    tier: str
+    co_activation: tuple[str, ...]
+    # Whether the specialist is put back to MAPPED before each trial (a resident one never is).
+    demote: bool
+
+
+VARIANTS = (
+    Variant("standby", "standby", (), True),
+    Variant("standby+co_activation", "standby", (DEFAULT_MODEL,), True),
+    Variant("resident", "resident", (), False),
+)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def summary_ms(values: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": round(statistics.median(values) * 1000, 1),
+        "p90_ms": round(percentile(values, 90) * 1000, 1),
+        "min_ms": round(min(values) * 1000, 1),
+        "max_ms": round(max(values) * 1000, 1),
+    }
+
+
+def question(trial: int) -> str:
+    # Another question each trial, so no trial's prompt is a prefix another one left behind.
+    return f"What is {12 + trial} times {7 + trial}?"
+
+
+def port0(endpoint: Any) -> Any:
+    return endpoint.model_copy(update={"port": 0, "metrics_port": 0})
+
+
+class Driver:
+    """Asks inference-local directly what the Doorman asks it for the alias."""
+
+    def __init__(self, channel: grpc.aio.Channel, max_tokens: int) -> None:
+        self.stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        self.max_tokens = max_tokens
+        self._bias: dict[int, float] | None = None
+
+    async def router_request(self, text: str) -> inference_pb2.GenerateRequest:
+        """The router hop as doorman.routing.IntentClassifier builds it."""
+        if self._bias is None:
+            firsts: dict[int, float] = {}
+            for intent in INTENTS:
+                tokens = await self.stub.Tokenize(
+                    inference_pb2.TokenizeRequest(
+                        model=DEFAULT_MODEL, text=intent, add_special=False
+                    )
+                )
+                firsts[tokens.tokens[0]] = 100.0
+            # Intents sharing a first token cannot be told apart by one: the Doorman then
+            # generates a few tokens unbiased.
+            self._bias = firsts if len(firsts) == len(INTENTS) else {}
+        sampling = types_pb2.SamplingParams(temperature=0.0, stop=["\n"])
+        sampling.max_tokens = 1 if self._bias else 8
+        sampling.logit_bias.update(self._bias)
+        prompt = ROUTER_PROMPT.format(intents=", ".join(INTENTS), text=text)
+        return inference_pb2.GenerateRequest(
+            model=DEFAULT_MODEL,
+            chat=types_pb2.ChatInput(
+                messages=[types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content=prompt)]
+            ),
+            sampling=sampling,
+        )
+
+    def specialist_request(self, text: str) -> inference_pb2.GenerateRequest:
+        return inference_pb2.GenerateRequest(
+            model=SPECIALIST,
+            chat=types_pb2.ChatInput(
+                messages=[types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content=text)]
+            ),
+            sampling=types_pb2.SamplingParams(max_tokens=self.max_tokens, temperature=0),
+        )
+
+    async def router_hop(self, text: str) -> float:
+        request = await self.router_request(text)
+        started = time.perf_counter()
+        async for _ in self.stub.Generate(request):
+            pass
+        return time.perf_counter() - started
+
+    async def trial(self, text: str) -> dict[str, float]:
+        """Router to completion, then the specialist: the hop's times in seconds."""
+        request = await self.router_request(text)
+        started = time.perf_counter()
+        async for _ in self.stub.Generate(request):
+            pass
+        routed = time.perf_counter()
+        first = None
+        async for response in self.stub.Generate(self.specialist_request(text)):
+            if first is None and response.HasField("delta"):
+                first = time.perf_counter()
+        ended = time.perf_counter()
+        assert first is not None, "the specialist sent no token"
+        return {
+            "router_s": routed - started,
+            "specialist_ttft_s": first - routed,
+            "alias_ttft_s": first - started,
+            "specialist_total_s": ended - routed,
+        }
+
+    async def state(self, name: str) -> str:
+        models = await self.stub.ListModels(inference_pb2.ListModelsRequest())
+        for model in models.models:
+            if model.name == name:
+                return str(types_pb2.ModelState.Name(model.state))
+        raise LookupError(f"{name} is not listed")
+
+    async def demote(self, name: str) -> None:
+        """Put a standby model back to MAPPED: its context dropped, its weights kept."""
+        await self.stub.UnloadModel(inference_pb2.UnloadModelRequest(name=name))
+        state = await self.state(name)
+        assert state == "MODEL_STATE_MAPPED", f"{name} is {state} after UnloadModel"
+
+
+async def doorman_trial(
+    stub: doorman_pb2_grpc.DoormanServiceStub, text: str, max_tokens: int
+) -> dict[str, Any]:
+    request = doorman_pb2.ChatRequest(
+        model=ALIAS,
+        messages=[types_pb2.ChatMessage(role=types_pb2.ROLE_USER, content=text)],
+        sampling=types_pb2.SamplingParams(max_tokens=max_tokens, temperature=0),
+    )
+    started = time.perf_counter()
+    first = None
+    end = None
+    async for response in stub.Chat(request):
+        if first is None and response.HasField("delta"):
+            first = time.perf_counter()
+        if response.HasField("end"):
+            end = response.end
+    ended = time.perf_counter()
+    assert first is not None, "the alias answered no token"
+    assert end is not None, "the alias's stream had no end"
+    hops = [hop.model for hop in end.hops]
+    assert hops == [DEFAULT_MODEL, SPECIALIST], f"routed through {hops}"
+    return {"e2e_ttft_s": first - started, "e2e_total_s": ended - started}
+
+
+def specialist_histograms(registry: CollectorRegistry) -> dict[str, dict[str, float]]:
+    """Every slm_engine_model_* histogram of the specialist: count, sum and mean seconds."""
+    found: dict[str, dict[str, float]] = {}
+    for family in registry.collect():
+        if family.type != "histogram" or not family.name.startswith("slm_engine_model_"):
+            continue
+        totals: dict[str, float] = {}
+        for sample in family.samples:
+            if sample.labels.get("model") != SPECIALIST:
+                continue
+            for suffix in ("_count", "_sum"):
+                if sample.name.endswith(suffix):
+                    totals[suffix[1:]] = sample.value
+        if totals.get("count"):
+            found[family.name] = {
+                "count": int(totals["count"]),
+                "sum_s": round(totals["sum"], 4),
+                "mean_ms": round(totals["sum"] / totals["count"] * 1000, 1),
+            }
+    return found
+
+
+@contextlib.asynccontextmanager
+async def variant_mesh(
+    settings: Settings, variant: Variant, specialist_file: Path, ledger: GrpcService
+) -> AsyncIterator[tuple[GrpcService, GrpcService]]:
+    """inference-local with the router and this variant's specialist, and a Doorman whose
+    manifest routes the alias through them."""
+    from doorman.app import build_app as doorman_app
+    from inference_local.app import build_app as inference_app
+
+    router = settings.inference_local.models[0]
+    assert router.name == DEFAULT_MODEL
+    specialist = ModelConfig(
+        name=SPECIALIST,
+        path=str(specialist_file),
+        chat_template=router.chat_template,
+        tier=variant.tier,
+        co_activation=list(variant.co_activation),
+    )
+    local = settings.inference_local.model_copy(
+        update={
+            "models": [router, specialist],
+            "extra_models_dirs": [specialist_file.parent],
+        }
+    )
+    registries = [CollectorRegistry() for _ in range(2)]
+    async with GrpcService(
+        "inference-local",
+        inference_app(local, runtime(settings, registries[0])),
+        port0(local.endpoint),
+        settings.telemetry,
+        registries[0],
+    ) as inference:
+        routing = RoutingConfig(
+            manifests=[
+                ManifestConfig(
+                    alias=ALIAS, router_model=DEFAULT_MODEL, intents=INTENTS, fallback=SPECIALIST
+                )
+            ]
+        )
+        doorman = settings.doorman.model_copy(
+            update={
+                "inference_local": f"127.0.0.1:{inference.port}",
+                "ledger": f"127.0.0.1:{ledger.port}",
+                "routing": routing,
+            }
+        )
+        async with GrpcService(
+            "doorman",
+            doorman_app(doorman, runtime(settings, registries[1])),
+            port0(doorman.endpoint),
+            settings.telemetry,
+            registries[1],
+        ) as service:
+            yield inference, service
+
+
+async def run_variant(
+    settings: Settings,
+    variant: Variant,
+    specialist_file: Path,
+    ledger: GrpcService,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    async with (
+        variant_mesh(settings, variant, specialist_file, ledger) as (inference, doorman),
+        grpc.aio.insecure_channel(f"127.0.0.1:{inference.port}") as local_channel,
+        grpc.aio.insecure_channel(f"127.0.0.1:{doorman.port}") as doorman_channel,
+    ):
+        driver = Driver(local_channel, args.max_tokens)
+        chat = doorman_pb2_grpc.DoormanServiceStub(doorman_channel)
+        started_state = await driver.state(SPECIALIST)
+        # One untimed pass each way: the router's pages and the Doorman's intent constraint
+        # (Tokenize, once per router) are then warm in every variant alike.
+        await driver.trial(question(-1))
+        await doorman_trial(chat, question(-1), args.max_tokens)
+        before = specialist_histograms(inference.registry)
+
+        direct = []
+        for trial in range(args.trials):
+            if variant.demote:
+                await driver.demote(SPECIALIST)
+            direct.append(await driver.trial(question(trial)))
+        through_doorman = []
+        for trial in range(args.trials):
+            if variant.demote:
+                await driver.demote(SPECIALIST)
+            through_doorman.append(await doorman_trial(chat, question(trial), args.max_tokens))
+        after_router = []
+        for trial in range(args.probes):
+            if variant.demote:
+                await driver.demote(SPECIALIST)
+            await driver.router_hop(question(trial))
+            after_router.append(await driver.state(SPECIALIST))
+        histograms = specialist_histograms(inference.registry)
+
+    def column(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
+        return summary_ms([row[key] for row in rows])
+
+    return {
+        "variant": variant.name,
+        "tier": variant.tier,
+        "co_activation": list(variant.co_activation),
+        "state_at_start": started_state,
+        "specialist_ttft": column(direct, "specialist_ttft_s"),
+        "router_hop": column(direct, "router_s"),
+        "alias_ttft_direct": column(direct, "alias_ttft_s"),
+        "doorman_e2e_ttft": column(through_doorman, "e2e_ttft_s"),
+        "doorman_e2e_total": column(through_doorman, "e2e_total_s"),
+        "state_after_router_hop": after_router,
+        # Over the whole run; "before" is what the untimed warm-up pass left.
+        "engine_histograms": histograms,
+        "engine_histograms_after_warmup": before,
+        "direct_trials": direct,
+        "doorman_trials": through_doorman,
+    }
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from ledger.app import build_app as ledger_app
+
+    state_dir = Path(tempfile.mkdtemp(prefix="slm-bench-coactivation-"))
+    try:
+        # Another file, so the specialist's weights are its own, not the router's.
+        specialist_dir = state_dir / "models"
+        specialist_dir.mkdir()
+        specialist_file = specialist_dir / "specialist-gemma-3-270m-q4_k_m.gguf"
+        shutil.copyfile(default_model_file(), specialist_file)
+        settings = mesh_settings(state_dir)
+        registry = CollectorRegistry()
+        variants = [v for v in VARIANTS if v.name in args.variants]
+        rows = []
+        async with GrpcService(
+            "ledger",
+            ledger_app(settings.ledger, runtime(settings, registry)),
+            port0(settings.ledger.endpoint),
+            settings.telemetry,
+            registry,
+        ) as ledger:
+            for variant in variants:
+                row = await run_variant(settings, variant, specialist_file, ledger, args)
+                rows.append(row)
+                print_row(row)
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    return {
+        "machine": platform.machine(),
+        "date": datetime.date.today().isoformat(),
+        "trials": args.trials,
+        "probes": args.probes,
+        "max_tokens": args.max_tokens,
+        "rows": rows,
+    }
+
+
+def print_row(row: dict[str, Any]) -> None:
+    ttft, e2e = row["specialist_ttft"], row["doorman_e2e_ttft"]
+    ready = sum(s == "MODEL_STATE_READY" for s in row["state_after_router_hop"])
+    loads = ", ".join(
+        f"{name.removeprefix('slm_engine_model_')} {h['count']}x {h['mean_ms']:.0f} ms"
+        for name, h in row["engine_histograms"].items()
+    )
+    print(
+        f"{row['variant']:22s} specialist TTFT p50 {ttft['p50_ms']:7.1f}"
+        f" p90 {ttft['p90_ms']:7.1f} ms"
+        f" | router hop p50 {row['router_hop']['p50_ms']:6.1f} ms"
+        f" | doorman alias TTFT p50 {e2e['p50_ms']:7.1f} p90 {e2e['p90_ms']:7.1f} ms"
+        f" | READY after router {ready}/{len(row['state_after_router_hop'])}"
+        f" | {loads or 'no loads'}"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--probes", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=8, help="the specialist's answer")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=[v.name for v in VARIANTS],
+        choices=[v.name for v in VARIANTS],
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS / f"coactivation_{datetime.date.today().isoformat()}.json",
+    )
+    args = parser.parse_args()
+    results = asyncio.run(run(args))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"\nJSON: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
