@@ -1,5 +1,6 @@
-// The admin page: models, adapters, ledger and live metrics, all through /admin/* with the key.
-// An endpoint this gateway does not have shows "not available" instead of breaking the page.
+// The admin page: models (tier, state, memory), adapters, the request log, the ledger and live
+// metrics, all through /admin/* with the key. An endpoint this gateway does not have shows
+// "not available" instead of breaking the page.
 "use strict";
 
 (() => {
@@ -47,7 +48,27 @@
     $(id).replaceChildren(items.length ? slm.el("table", {}, slm.el("thead", {}, head), slm.el("tbody", {}, ...body)) : "");
   }
 
+  // `load` now, then again `ms` after each run has finished, so a slow reply never stacks
+  // requests behind it.
+  function every(ms, load) {
+    const run = async () => {
+      try { await load(); } finally { setTimeout(run, ms); }
+    };
+    run();
+  }
+
+  const MiB = 1048576;
+  const mib = (bytes) => bytes ? `${(bytes / MiB).toFixed(0)} MiB` : "";
+
   // --- models --------------------------------------------------------------------------------
+  // The outcome of the last load or unload, kept beside the live summary until the next one.
+  let modelsNote = null;
+
+  function modelsState(summary, kind) {
+    if (!modelsNote) return state("models-state", summary, kind);
+    state("models-state", `${summary} · ${modelsNote.text}`, modelsNote.kind === "bad" ? "bad" : kind);
+  }
+
   async function loadModels() {
     const reply = await slm.request("GET", "/admin/models", {key: key()});
     if (reply.ok) {
@@ -55,10 +76,22 @@
       // Each inference-local replica answers for itself; one that did not is named here.
       const replicas = Array.isArray(reply.body.replicas) ? reply.body.replicas : [];
       const down = replicas.filter((r) => !r.ok).map((r) => r.address);
-      state("models-state", `${items.length} model(s) on ${replicas.length || 1} replica(s)` + (down.length ? `; not answering: ${down.join(", ")}` : ""), down.length ? "bad" : "good");
+      modelsState(`${items.length} model(s) on ${replicas.length || 1} replica(s)` + (down.length ? `; not answering: ${down.join(", ")}` : ""), down.length ? "bad" : "good");
       const loadedOn = (m) => Array.isArray(m.replicas) ? `${m.replicas.filter((r) => r.loaded).length}/${replicas.length}` : "";
-      const view = items.map((m) => ({name: m.id || m.name, loaded: m.loaded === undefined ? "" : (m.loaded ? "yes" : "no"), "loaded on": loadedOn(m), context: m.context_length, size: m.size_bytes ? `${(m.size_bytes / 1048576).toFixed(0)} MiB` : "", pinned: m.pinned ? "yes" : ""}));
-      table("models-table", view, {actions: (m) => m.loaded === "no" ? "" : slm.el("button", {type: "button", class: "danger", onclick: () => unload(m.name)}, "Unload")});
+      // tier: where the manifest keeps it; state: what of it is in memory (the most any
+      // replica holds); memory: what all replicas hold of it together.
+      const view = items.map((m) => ({
+        name: m.id || m.name,
+        tier: m.tier || "",
+        state: m.state || (m.loaded === undefined ? "" : (m.loaded ? "loaded" : "unloaded")),
+        memory: mib(m.memory_bytes),
+        "loaded on": loadedOn(m),
+        "warmed by": (m.co_activation || []).join(", "),
+        context: m.context_length,
+        size: mib(m.size_bytes),
+        pinned: m.pinned ? "yes" : "",
+      }));
+      table("models-table", view, {limit: 9, actions: (m) => m.state === "unloaded" ? "" : slm.el("button", {type: "button", class: "danger", onclick: () => unload(m.name)}, "Unload")});
       return;
     }
     const [text, kind] = explain(reply, "/admin/models");
@@ -70,8 +103,12 @@
 
   async function unload(name) {
     const reply = await slm.request("POST", "/admin/models/unload", {key: key(), body: {name}});
-    if (!reply.ok) return state("models-state", explain(reply, "/admin/models/unload")[0], explain(reply, "")[1]);
-    state("models-state", `Unloaded ${name}`, "good");
+    if (!reply.ok) {
+      const [text, kind] = explain(reply, "/admin/models/unload");
+      modelsNote = {text, kind};
+      return state("models-state", text, kind);
+    }
+    modelsNote = {text: `Unloaded ${name}`, kind: "good"};
     loadModels();
   }
 
@@ -80,10 +117,15 @@
     const form = new FormData(event.target);
     const body = {name: form.get("name")};
     if (form.get("path")) body.path = form.get("path");
-    state("models-state", `Loading ${body.name}…`);
+    modelsNote = {text: `Loading ${body.name}…`};
+    state("models-state", modelsNote.text);
     const reply = await slm.request("POST", "/admin/models/load", {key: key(), body});
-    if (!reply.ok) return state("models-state", ...explain(reply, "/admin/models/load"));
-    state("models-state", `Loaded ${body.name}`, "good");
+    if (!reply.ok) {
+      const [text, kind] = explain(reply, "/admin/models/load");
+      modelsNote = {text, kind};
+      return state("models-state", text, kind);
+    }
+    modelsNote = {text: `Loaded ${body.name}`, kind: "good"};
     loadModels();
   });
 
@@ -114,6 +156,48 @@
     event.target.reset();
     loadAdapters();
   });
+
+  // --- request log ---------------------------------------------------------------------------
+  const SHOWN_REQUESTS = 20;
+  const lower = (value, prefix) => {
+    const name = String(value || "").replace(prefix, "").toLowerCase();
+    return name === "unspecified" ? "" : name;
+  };
+
+  // How a request was served: "router (intent) → specialist" when a manifest routed it. The
+  // hops before the last are router hops; one that chose no intent fell back.
+  function route(entry) {
+    const hops = Array.isArray(entry.hops) ? entry.hops : [];
+    if (entry.cache_hit) return "result cache";
+    if (!hops.length) return "direct";
+    return hops.map((h, i) => i < hops.length - 1 ? `${h.model} (${h.intent || "fallback"})` : h.model).join(" → ");
+  }
+
+  // One request of the ledger as the log shows it: no prompt text (the ledger holds none).
+  function requestRow(record) {
+    const e = record.entry || {};
+    return {
+      time: e.time ? new Date(e.time).toLocaleTimeString() : "",
+      model: e.model,
+      route: route(e),
+      tier: lower(e.tier, "TIER_"),
+      "TTFT ms": e.ttft_ms === undefined ? "" : Math.round(e.ttft_ms),
+      finish: e.status_code ? `error (gRPC ${e.status_code})` : lower(e.finish_reason, "FINISH_REASON_"),
+      tokens: `${e.prompt_tokens ?? 0} → ${e.completion_tokens ?? 0}`,
+      tenant: e.tenant,
+    };
+  }
+
+  async function loadRequests() {
+    const reply = await slm.request("GET", `/admin/ledger/records?order=newest_first&page_size=${SHOWN_REQUESTS}`, {key: key()});
+    if (!reply.ok) {
+      table("requests-table", []);
+      return state("requests-state", ...explain(reply, "/admin/ledger/records"));
+    }
+    const shown = rows(reply.body, "records").slice(0, SHOWN_REQUESTS).map(requestRow);
+    state("requests-state", shown.length ? `${shown.length} newest request(s), newest first; updated ${new Date().toLocaleTimeString()}` : "No requests yet");
+    table("requests-table", shown, {limit: 10});
+  }
 
   // --- ledger --------------------------------------------------------------------------------
   const SHOWN_RECORDS = 20;
@@ -203,14 +287,18 @@
     state("metrics-state", `updated ${new Date().toLocaleTimeString()}`);
   }
 
-  function refresh() { loadModels(); loadAdapters(); loadLedger(); }
+  // The chain walk (verify) reads every record: only on load and when the key changes. Models,
+  // the request log and metrics are live.
+  function refresh() { loadModels(); loadAdapters(); loadLedger(); loadRequests(); }
 
   $("keyform").addEventListener("submit", (event) => {
     event.preventDefault();
     sessionStorage.setItem("slm.admin_key", key());
     refresh();
   });
-  refresh();
-  loadMetrics();
-  setInterval(loadMetrics, 2000);
+  loadAdapters();
+  loadLedger();
+  every(2000, loadModels);
+  every(2000, loadRequests);
+  every(2000, loadMetrics);
 })();
