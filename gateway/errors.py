@@ -29,6 +29,7 @@ HTTP_BY_GRPC: Mapping[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.UNAUTHENTICATED: (401, AUTHENTICATION),
     grpc.StatusCode.PERMISSION_DENIED: (403, PERMISSION),
     grpc.StatusCode.NOT_FOUND: (404, NOT_FOUND),
+    grpc.StatusCode.ABORTED: (409, INVALID_REQUEST),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, RATE_LIMIT),
     # The caller that cancelled is gone; anyone still reading did not cause it, so not a
     # client-error type.

@@ -30,6 +30,10 @@ TIERS: Mapping[str, types_pb2.Tier.ValueType] = {
 _RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 # Worth the next tier, but not another attempt here: its queue is full.
 _FALLBACK_CODES = _RETRY_CODES | {grpc.StatusCode.RESOURCE_EXHAUSTED}
+# An upstream that is up but will not serve this model now (its manifest keeps the model on a
+# remote tier, or it is switching manifests): the next tier at once, no retry there and no
+# failure for its breaker.
+_ELSEWHERE_REASONS = frozenset({"MODEL_REMOTE", "MANIFEST_SWITCHING"})
 
 Metadata = tuple[tuple[str, str], ...]
 UnaryRpc = Literal["Embed", "CountTokens", "Tokenize", "Detokenize", "ListModels"]
@@ -144,7 +148,8 @@ def classify(error: grpc.aio.AioRpcError) -> UpstreamFailure | SlmError:
     code = error.code()
     failure = from_rpc_error(error)
     if code in _FALLBACK_CODES:
-        return UpstreamFailure(code, failure, retry=code in _RETRY_CODES)
+        retry = code in _RETRY_CODES and failure.reason not in _ELSEWHERE_REASONS
+        return UpstreamFailure(code, failure, retry=retry)
     return failure
 
 
@@ -167,9 +172,10 @@ class Router:
 
     Before the first event (of a stream) or the response (of a unary call): UNAVAILABLE or a
     timeout is retried on the same upstream with jittered exponential backoff, then the next
-    tier is tried; RESOURCE_EXHAUSTED goes to the next tier at once; an upstream whose breaker
-    is open is skipped. A stream's first event is returned to the caller, and nothing is retried
-    after it: the client may already have text.
+    tier is tried; RESOURCE_EXHAUSTED, and UNAVAILABLE from an upstream that will not serve the
+    model now (MODEL_REMOTE, MANIFEST_SWITCHING), go to the next tier at once; an upstream whose
+    breaker is open is skipped. A stream's first event is returned to the caller, and nothing is
+    retried after it: the client may already have text.
     """
 
     def __init__(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from slm.config import LOOPBACK, Section, ServiceEndpoint
 
@@ -69,7 +70,18 @@ class ModelConfig(Section):
     n_threads: int | None = Field(default=None, ge=1)
     # Quantize once into inference_local.cache_dir before loading, e.g. "q4_0", "q8_0".
     quantization: str | None = None
-    # Load at start (else on the first request for it), and never unload to make room.
+    # Where the manifest keeps the model (README "Model manifest"): "resident" (loaded at start,
+    # pinned), "standby" (weights mapped in host memory at start, the context allocated by the
+    # first request or a co-activation and freed again when idle), "remote" (not served here:
+    # refused with UNAVAILABLE, reason MODEL_REMOTE, so the Doorman takes the next tier at once)
+    # or "on_demand" (loaded on the first request, unloaded when idle). Unset: preload and
+    # pinned below say, as before tiers.
+    tier: Literal["resident", "standby", "remote", "on_demand"] | None = None
+    # Router models whose requests make this standby or on-demand model ready at once, in the
+    # background, so the specialist hop after the router does not pay the load.
+    co_activation: list[str] = []
+    # Without a tier: load at start (else on the first request for it), and never unload to
+    # make room.
     preload: bool = True
     pinned: bool = False
     # Serve embeddings (mean pooled) instead of generation.
@@ -89,6 +101,28 @@ class ModelConfig(Section):
     # top-k, and at 16 and 64 streams on an H100 the host path was faster (bench/results/
     # gpu_engine_2026-12-06.md).
     backend_sampling: bool | None = None
+
+    @model_validator(mode="after")
+    def _tier_fields(self) -> ModelConfig:
+        if self.tier is not None and {"preload", "pinned"} & self.model_fields_set:
+            raise ValueError(
+                f"model {self.name!r}: tier replaces preload and pinned; set one or the other"
+            )
+        if self.co_activation and self.effective_tier in ("resident", "remote"):
+            raise ValueError(
+                f"model {self.name!r}: co_activation warms a standby or on-demand model; a "
+                f"{self.effective_tier} one is never warmed"
+            )
+        if self.name in self.co_activation:
+            raise ValueError(f"model {self.name!r}: co_activation names the model itself")
+        return self
+
+    @property
+    def effective_tier(self) -> Literal["resident", "standby", "remote", "on_demand"]:
+        """The tier, or for an entry without one what preload and pinned make of it."""
+        if self.tier is not None:
+            return self.tier
+        return "resident" if self.preload and self.pinned else "on_demand"
 
 
 class InferenceLocalConfig(Section):
@@ -145,6 +179,16 @@ class InferenceLocalConfig(Section):
     prefill_chunk: int = Field(default=256, ge=16)
     # Estimated weights + KV + compute of all loaded models must stay under this.
     memory_budget_mb: int = Field(default=8192, ge=64)
+    # Tier budgets, checked whenever a manifest is applied (at start, by the admin API, on
+    # SIGHUP): resident models' weights + KV + compute, and standby models' weights. Unset:
+    # memory_budget_mb. Both together must also fit memory_budget_mb.
+    resident_budget_mb: int | None = Field(default=None, ge=1)
+    standby_budget_mb: int | None = Field(default=None, ge=0)
+    # How long generations in flight may take to finish when a new manifest replaces the old
+    # one (then the old one stays, DEADLINE_EXCEEDED), and how long new generations wait for the
+    # switch (then UNAVAILABLE, reason MANIFEST_SWITCHING, so the Doorman takes the next tier).
+    manifest_drain_timeout_s: float = Field(default=120.0, gt=0)
+    manifest_wait_s: float = Field(default=30.0, gt=0)
     max_loaded_models: int = Field(default=4, ge=1)
     # Unpinned models idle this long are unloaded (least recently used first); 0 keeps them.
     keep_alive_s: float = Field(default=900.0, ge=0)
@@ -157,6 +201,11 @@ class InferenceLocalConfig(Section):
     # Tokens per hashed block: prefixes are cached at block boundaries.
     prefix_block_tokens: int = Field(default=64, ge=16)
 
+    @model_validator(mode="after")
+    def _manifest_names(self) -> InferenceLocalConfig:
+        check_manifest_names(self.models)
+        return self
+
     @field_validator("models_dir", "cache_dir")
     @classmethod
     def _expand(cls, value: Path) -> Path:
@@ -166,3 +215,21 @@ class InferenceLocalConfig(Section):
     @classmethod
     def _expand_all(cls, value: list[Path]) -> list[Path]:
         return [v.expanduser() for v in value]
+
+
+def check_manifest_names(models: list[ModelConfig]) -> None:
+    """Names are unique and every co_activation names another model of the manifest that runs
+    here (a router that is remote never fires on this replica)."""
+    seen: set[str] = set()
+    for entry in models:
+        if entry.name in seen:
+            raise ValueError(f"model {entry.name!r} appears twice in inference_local.models")
+        seen.add(entry.name)
+    local = {m.name for m in models if m.effective_tier != "remote"}
+    for entry in models:
+        unknown = [r for r in entry.co_activation if r not in local]
+        if unknown:
+            raise ValueError(
+                f"model {entry.name!r}: co_activation names {', '.join(map(repr, unknown))}, "
+                f"not a model served here (served: {', '.join(sorted(local)) or 'none'})"
+            )

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from inference_local import tools
 from inference_local.chat_template import ChatTemplate, Message
-from inference_local.config import InferenceLocalConfig, ModelConfig
+from inference_local.config import InferenceLocalConfig, ModelConfig, check_manifest_names
 from inference_local.constraints import Constraint, Grammars
 from inference_local.llama_api import (
     Batch,
@@ -29,8 +29,10 @@ from inference_local.llama_api import (
     LoraAdapter,
     Model,
     ModelMetadata,
+    gpu_offload_supported,
     quantize,
 )
+from inference_local.manifest import Budgets, Change, Share, check_budgets, diff
 from inference_local.models import ensure_model_file
 from inference_local.prefix_cache import PrefixCache
 from inference_local.sampling import Sampling, TokenLogprob
@@ -45,10 +47,13 @@ from inference_local.scheduler import Delta as SeqDelta
 from inference_local.scheduler import Finish as SeqFinish
 from inference_local.tools import ToolCallDelta, ToolCallParser, ToolSpec
 from slm.errors import (
+    Aborted,
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -63,6 +68,7 @@ __all__ = [
     "Event",
     "Finish",
     "LoadSpec",
+    "ManifestResult",
     "ModelInfo",
     "Request",
 ]
@@ -171,6 +177,21 @@ class ModelInfo:
     has_chat_template: bool = False
     pinned: bool = False
     embeddings: bool = False
+    # The manifest's tier (config.ModelConfig.tier), and what is in memory: "unloaded",
+    # "mapped" (weights only) or "ready" (weights and context).
+    tier: str = "on_demand"
+    state: str = "unloaded"
+    memory_bytes: int = 0
+    co_activation: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ManifestResult:
+    """What applying a manifest did (or, for a dry run, would do)."""
+
+    change: Change
+    models: list[ModelInfo]
+    drain_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -267,6 +288,19 @@ class EngineMetrics:
             ["model", "reason"],
             registry=registry,
         )
+        self.co_activations = Counter(
+            "slm_engine_co_activations",
+            "Specialists a router's request warmed (outcome: warmed, ready (nothing to do), "
+            "failed).",
+            ["router", "model", "outcome"],
+            registry=registry,
+        )
+        self.manifest_applies = Counter(
+            "slm_engine_manifest_applies",
+            "Model manifests applied, by outcome (applied, refused, drain_timeout, failed).",
+            ["outcome"],
+            registry=registry,
+        )
 
 
 class _ModelMetrics(SchedulerMetrics):
@@ -328,6 +362,18 @@ class _Weights:
 
 
 @dataclass(eq=False)
+class _Mapping:
+    """A standby model's hold on its weights: mapped in host memory, no context. `weights` is
+    None on a GPU build, where creating the model would upload it: there the file's pages are
+    kept in the host's page cache instead, and the first request loads from them."""
+
+    path: Path
+    weights: _Weights | None
+    # Weights bytes this hold added to memory (0 when the file was already loaded).
+    memory_bytes: int
+
+
+@dataclass(eq=False)
 class _Loaded:
     spec: LoadSpec
     weights: _Weights
@@ -336,6 +382,8 @@ class _Loaded:
     template: ChatTemplate | None
     memory_bytes: int
     context_length: int
+    # KV, logits and compute buffers: memory_bytes without the weights.
+    context_bytes: int
     adapters: dict[str, tuple[LoraAdapter, float]] = field(default_factory=dict)
     embed_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -354,18 +402,42 @@ class Engine:
         self.metrics = EngineMetrics(registry)
         self._adapters = adapters
         self._prefix_cache = prefix_cache
+        # The manifest in force: every configured model by name, and for each router the
+        # specialists its requests warm.
         self._configured = {m.name: m for m in config.models}
+        self._warms = _warms_of(config.models)
+        self._budgets = Budgets(
+            (config.resident_budget_mb or config.memory_budget_mb) * MB,
+            (
+                config.standby_budget_mb
+                if config.standby_budget_mb is not None
+                else config.memory_budget_mb
+            )
+            * MB,
+            config.memory_budget_mb * MB,
+        )
         self._loaded: dict[str, _Loaded] = {}
+        self._mapped: dict[str, _Mapping] = {}
         self._weights: dict[WeightsKey, _Weights] = {}
         self._lock = asyncio.Lock()
         self._reaper: asyncio.Task[None] | None = None
+        self._warming: dict[str, asyncio.Task[None]] = {}
+        # Replacing the manifest: set while one is applied; generations wait on it.
+        self._applying = asyncio.Lock()
+        self._switching: asyncio.Event | None = None
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        for entry in self.config.models:
-            if entry.preload:
-                await self.load(_spec_from_config(entry))
+        models = list(self.config.models)
+        # At start only the tiers that hold memory are measured against their budgets; an
+        # on-demand model's file is looked for when it is first asked for, as before tiers.
+        await self._shares(models, every_file=False)
+        async with self._lock:
+            await self._bring_up(models)
         if self.config.keep_alive_s > 0:
             self._reaper = asyncio.get_running_loop().create_task(self._reap())
 
@@ -374,9 +446,15 @@ class Engine:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
+        for task in list(self._warming.values()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         async with self._lock:
             for name in list(self._loaded):
                 await self._unload_locked(name, "shutdown")
+            for name in list(self._mapped):
+                self._unmap(name)
 
     async def _reap(self) -> None:
         period = max(1.0, min(30.0, self.config.keep_alive_s / 4))
@@ -405,20 +483,35 @@ class Engine:
     def models(self) -> list[ModelInfo]:
         infos = [self._info(loaded) for loaded in self._loaded.values()]
         for name, entry in self._configured.items():
-            if name not in self._loaded:
-                infos.append(
-                    ModelInfo(
-                        name,
-                        entry.context_length,
-                        False,
-                        pinned=entry.pinned,
-                        embeddings=entry.embeddings,
-                    )
+            if name in self._loaded:
+                continue
+            mapping = self._mapped.get(name)
+            weights = mapping.weights if mapping is not None else None
+            infos.append(
+                ModelInfo(
+                    name,
+                    entry.context_length,
+                    False,
+                    architecture=weights.meta.architecture if weights else "",
+                    size_bytes=weights.meta.size_bytes if weights else 0,
+                    pinned=_spec_from_config(entry).pinned,
+                    embeddings=entry.embeddings,
+                    tier=entry.effective_tier,
+                    state="mapped" if mapping is not None else "unloaded",
+                    memory_bytes=_file_size(mapping.path) if mapping is not None else 0,
+                    co_activation=tuple(entry.co_activation),
                 )
+            )
         return infos
 
     def _info(self, loaded: _Loaded) -> ModelInfo:
         meta = loaded.weights.meta
+        entry = self._configured.get(loaded.spec.name)
+        configured = entry is not None and _spec_from_config(entry) == loaded.spec
+        if entry is not None and configured:
+            tier = entry.effective_tier
+        else:
+            tier = "resident" if loaded.spec.pinned else "on_demand"
         return ModelInfo(
             name=loaded.spec.name,
             context_length=loaded.context_length,
@@ -428,6 +521,10 @@ class Engine:
             has_chat_template=loaded.template is not None,
             pinned=loaded.spec.pinned,
             embeddings=loaded.spec.embeddings,
+            tier=tier,
+            state="ready",
+            memory_bytes=meta.size_bytes + loaded.context_bytes,
+            co_activation=tuple(entry.co_activation) if entry is not None and configured else (),
         )
 
     def _model_dirs(self) -> list[Path]:
@@ -475,7 +572,10 @@ class Engine:
                     ),
                 )
                 self._weights[key] = weights
-            loaded = await asyncio.to_thread(self._open, spec, weights, n_slots, ctx_len, estimate)
+            context_bytes = self._estimate(meta, path, n_slots, ctx_len, False)
+            loaded = await asyncio.to_thread(
+                self._open, spec, weights, n_slots, ctx_len, estimate, context_bytes
+            )
         except BaseException:
             if weights is not None:
                 self._drop_weights(weights)
@@ -597,7 +697,7 @@ class Engine:
     async def _make_room(self, name: str, needed: int) -> None:
         budget = self.config.memory_budget_mb * MB
         while True:
-            used = sum(m.memory_bytes for m in self._loaded.values())
+            used = self._memory_used()
             count_ok = len(self._loaded) < self.config.max_loaded_models
             if count_ok and used + needed <= budget:
                 return
@@ -617,6 +717,11 @@ class Engine:
                 )
             await self._unload_locked(victim, "memory")
 
+    def _memory_used(self) -> int:
+        return sum(m.memory_bytes for m in self._loaded.values()) + sum(
+            m.memory_bytes for m in self._mapped.values()
+        )
+
     def _lru_victim(self) -> str | None:
         idle = [
             (loaded.scheduler.last_used if loaded.scheduler else 0.0, n)
@@ -626,7 +731,13 @@ class Engine:
         return min(idle)[1] if idle else None
 
     def _open(
-        self, spec: LoadSpec, weights: _Weights, n_slots: int, ctx_len: int, estimate: int
+        self,
+        spec: LoadSpec,
+        weights: _Weights,
+        n_slots: int,
+        ctx_len: int,
+        estimate: int,
+        context_bytes: int,
     ) -> _Loaded:
         threads, _why = self._threads(spec)
         context = Context(
@@ -648,7 +759,9 @@ class Engine:
             template = ChatTemplate(
                 source, model.token_text(model.bos), model.token_text(model.eos)
             )
-        return _Loaded(spec, weights, context, None, template, estimate, context.n_ctx_per_seq)
+        return _Loaded(
+            spec, weights, context, None, template, estimate, context.n_ctx_per_seq, context_bytes
+        )
 
     async def unload(self, name: str) -> None:
         async with self._lock:
@@ -669,7 +782,14 @@ class Engine:
         self.metrics.memory.labels(name).set(0)
         if reason in ("memory", "keep_alive"):
             self.metrics.evictions.labels(name, reason).inc()
-        log.info("model unloaded", extra={"model": name, "reason": reason})
+        mapping = self._mapped.get(name)
+        if mapping is not None:
+            # A standby model goes back to its mapped weights.
+            self.metrics.memory.labels(name).set(mapping.memory_bytes)
+        log.info(
+            "model unloaded",
+            extra={"model": name, "reason": reason, "state": "mapped" if mapping else "unloaded"},
+        )
 
     def _drop_weights(self, weights: _Weights) -> None:
         weights.refs -= 1
@@ -681,28 +801,311 @@ class Engine:
         loaded = self._loaded.get(name)
         if loaded is not None:
             return loaded
-        entry = self._configured.get(name)
-        if entry is None:
-            known = ", ".join(sorted({*self._loaded, *self._configured})) or "none"
-            raise NotFound(f"model {name!r} is not served here (available: {known})", field="model")
+        self._entry(name)
         started = time.perf_counter()
         async with self._lock:
+            # The manifest may have been replaced while this waited for the lock.
+            entry = self._entry(name)
             if name not in self._loaded:
                 await self._load_locked(_spec_from_config(entry))
         self.metrics.load_wait.labels(name).observe(time.perf_counter() - started)
         return self._loaded[name]
+
+    def _entry(self, name: str) -> ModelConfig:
+        """The manifest's entry for a model this replica serves; NotFound, or for a remote one
+        UNAVAILABLE (reason MODEL_REMOTE) so the Doorman takes the next tier at once."""
+        entry = self._configured.get(name)
+        if entry is None:
+            known = sorted({*self._loaded, *(n for n, e in self._configured.items() if _local(e))})
+            raise NotFound(
+                f"model {name!r} is not served here (available: {', '.join(known) or 'none'})",
+                field="model",
+            )
+        if not _local(entry):
+            raise Unavailable(
+                f"model {name!r} is served by a remote tier (manifest tier remote), not here",
+                reason="MODEL_REMOTE",
+            )
+        return entry
 
     @property
     def weights_loaded(self) -> int:
         """Distinct model files in memory (names sharing a file count once)."""
         return len(self._weights)
 
+    # --- the manifest ----------------------------------------------------------------------
+
+    async def apply_manifest(
+        self,
+        models: list[ModelConfig],
+        *,
+        resident_budget_mb: int | None = None,
+        standby_budget_mb: int | None = None,
+        dry_run: bool = False,
+        drain_timeout_s: float | None = None,
+    ) -> ManifestResult:
+        """Replace the manifest: validate it whole (names, files, tier budgets), then hold new
+        generations back while those in flight finish, change what differs, and let the held
+        ones run on the new manifest. On a drain timeout or a failed load the old one stays."""
+        if self._applying.locked():
+            raise Aborted("another model manifest is being applied", reason="MANIFEST_BUSY")
+        async with self._applying:
+            try:
+                result = await self._apply(
+                    models, resident_budget_mb, standby_budget_mb, dry_run, drain_timeout_s
+                )
+            except DeadlineExceeded:
+                self.metrics.manifest_applies.labels("drain_timeout").inc()
+                raise
+            except (InvalidArgument, FailedPrecondition):
+                self.metrics.manifest_applies.labels("refused").inc()
+                raise
+            except Exception:
+                self.metrics.manifest_applies.labels("failed").inc()
+                raise
+            if not dry_run:
+                self.metrics.manifest_applies.labels("applied").inc()
+            return result
+
+    async def _apply(
+        self,
+        models: list[ModelConfig],
+        resident_budget_mb: int | None,
+        standby_budget_mb: int | None,
+        dry_run: bool,
+        drain_timeout_s: float | None,
+    ) -> ManifestResult:
+        try:
+            check_manifest_names(models)
+        except ValueError as error:
+            raise InvalidArgument(str(error), field="models") from None
+        budgets = Budgets(
+            resident_budget_mb * MB if resident_budget_mb is not None else self._budgets.resident,
+            standby_budget_mb * MB if standby_budget_mb is not None else self._budgets.standby,
+            self._budgets.total,
+        )
+        await self._shares(models, every_file=True, budgets=budgets)
+        change = diff(self._configured, models)
+        if dry_run:
+            return ManifestResult(change, _planned(models, self.models()))
+        switched = asyncio.Event()
+        self._switching = switched
+        started = time.perf_counter()
+        try:
+            timeout = drain_timeout_s or self.config.manifest_drain_timeout_s
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"{self._inflight} generation(s) still running after {timeout:g} s; the "
+                    "manifest in force stays",
+                    reason="DRAIN_TIMEOUT",
+                ) from None
+            drained = time.perf_counter() - started
+            async with self._lock:
+                await self._switch(models, change)
+            self._budgets = budgets
+        finally:
+            self._switching = None
+            switched.set()
+        log.info(
+            "manifest applied",
+            extra={
+                "added": list(change.added),
+                "removed": list(change.removed),
+                "changed": list(change.changed),
+                "kept": len(change.kept),
+                "drain_s": round(drained, 3),
+                "switch_s": round(time.perf_counter() - started - drained, 3),
+            },
+        )
+        return ManifestResult(change, self.models(), drained)
+
+    async def _switch(self, models: list[ModelConfig], change: Change) -> None:
+        """Under the lock, nothing running: take down what goes or changes, bring up what comes
+        or changes; a failure puts the old manifest back."""
+        old = list(self._configured.values())
+        going = [*change.removed, *change.changed]
+        coming = [m for m in models if m.name in {*change.added, *change.changed}]
+        await self._take_down([*going, *change.added])
+        self._install(models)
+        try:
+            await self._bring_up(coming)
+        except BaseException:
+            log.exception("manifest switch failed; restoring the manifest in force")
+            await self._take_down([m.name for m in coming])
+            self._install(old)
+            await self._bring_up([m for m in old if m.name in going])
+            raise
+
+    def _install(self, models: list[ModelConfig]) -> None:
+        self._configured = {m.name: m for m in models}
+        self._warms = _warms_of(models)
+
+    async def _take_down(self, names: list[str]) -> None:
+        for name in names:
+            task = self._warming.pop(name, None)
+            if task is not None:
+                task.cancel()
+            if name in self._loaded:
+                await self._unload_locked(name, "manifest")
+            self._unmap(name)
+
+    async def _bring_up(self, models: list[ModelConfig]) -> None:
+        """Load the resident (and preloaded) models, map the standby ones."""
+        for entry in models:
+            tier = entry.effective_tier
+            if tier == "standby":
+                await self._map(entry)
+            elif tier == "resident" or (entry.tier is None and entry.preload):
+                await self._load_locked(_spec_from_config(entry))
+
+    async def _map(self, entry: ModelConfig) -> None:
+        """Hold a standby model's weights in host memory without a context."""
+        spec = _spec_from_config(entry)
+        path = await asyncio.to_thread(self._model_file, spec)
+        size = _file_size(path)
+        await asyncio.to_thread(_prefetch, path)
+        key = (path, _variant(spec))
+        weights = self._weights.get(key)
+        if weights is not None:
+            weights.refs += 1
+            self._mapped[entry.name] = _Mapping(path, weights, 0)
+        elif _uploads_to_gpu(spec):
+            self._mapped[entry.name] = _Mapping(path, None, size)
+        else:
+            await self._make_room(entry.name, size)
+            model = await asyncio.to_thread(
+                functools.partial(
+                    Model, path, repack=spec.repack_weights, gpu_layers=spec.gpu_layers
+                )
+            )
+            meta = await asyncio.to_thread(_read_metadata, path)
+            weights = _Weights(
+                model,
+                meta,
+                key,
+                refs=1,
+                grammars=Grammars(
+                    model, mask_threads=self.config.sample_threads or default_sample_threads()
+                ),
+            )
+            self._weights[key] = weights
+            self._mapped[entry.name] = _Mapping(path, weights, size)
+        self.metrics.memory.labels(entry.name).set(self._mapped[entry.name].memory_bytes)
+        log.info("model mapped", extra={"model": entry.name, "memory_mb": round(size / MB, 1)})
+
+    def _unmap(self, name: str) -> None:
+        mapping = self._mapped.pop(name, None)
+        if mapping is None:
+            return
+        if mapping.weights is not None:
+            self._drop_weights(mapping.weights)
+        if name not in self._loaded:
+            self.metrics.memory.labels(name).set(0)
+
+    async def _shares(
+        self, models: list[ModelConfig], *, every_file: bool, budgets: Budgets | None = None
+    ) -> list[Share]:
+        """Each resident and standby model's share of its tier, checked against the budgets;
+        with every_file, every model served here must have its file too."""
+        shares: list[Share] = []
+        counted: dict[str, set[WeightsKey]] = {"resident": set(), "standby": set()}
+        for entry in models:
+            tier = entry.effective_tier
+            if tier == "remote" or (tier == "on_demand" and not every_file):
+                continue
+            spec = _spec_from_config(entry)
+            try:
+                path = await asyncio.to_thread(self._model_file, spec)
+                meta = await asyncio.to_thread(_read_metadata, path)
+            except (InvalidArgument, FailedPrecondition) as error:
+                message = f"model {entry.name!r}: {error.message}"
+                raise type(error)(message, field="models") from None
+            except (OSError, ValueError) as error:
+                raise InvalidArgument(
+                    f"model {entry.name!r}: {entry.path} is not a usable GGUF: {error}",
+                    field="models",
+                ) from None
+            if tier not in counted:
+                continue
+            key = (path, _variant(spec))
+            # A file counts once in the resident tier; a standby model whose file a resident
+            # one holds adds nothing.
+            held = key in counted[tier] or (tier == "standby" and key in counted["resident"])
+            counted[tier].add(key)
+            weights = 0 if held else _file_size(path)
+            context = 0
+            if tier == "resident":
+                ctx_len = spec.context_length or 2048
+                n_slots, _ = self._slots(spec, meta, ctx_len)
+                context = self._estimate(meta, path, n_slots, ctx_len, False)
+            shares.append(Share(entry.name, tier, weights, context))
+        check_budgets(shares, budgets or self._budgets)
+        return shares
+
+    async def _admit(self) -> None:
+        """Wait, up to manifest_wait_s, while a new manifest is being applied."""
+        deadline = time.monotonic() + self.config.manifest_wait_s
+        while (switching := self._switching) is not None:
+            remaining = deadline - time.monotonic()
+            try:
+                await asyncio.wait_for(switching.wait(), max(0.0, remaining))
+            except TimeoutError:
+                raise Unavailable(
+                    "the model manifest is being replaced; try again shortly",
+                    reason="MANIFEST_SWITCHING",
+                    retry_after_s=1,
+                ) from None
+
+    def _co_activate(self, router: str) -> None:
+        """A request for `router` starts making ready, in the background, each specialist
+        whose co_activation names it."""
+        for name in self._warms.get(router, ()):
+            if name in self._loaded:
+                self.metrics.co_activations.labels(router, name, "ready").inc()
+            elif name not in self._warming:
+                task = asyncio.get_running_loop().create_task(self._warm(router, name))
+                self._warming[name] = task
+
+    async def _warm(self, router: str, name: str) -> None:
+        try:
+            await self._get(name)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            # The specialist's own request will meet the same error and report it.
+            self.metrics.co_activations.labels(router, name, "failed").inc()
+            log.warning(
+                "co-activation failed",
+                extra={"router": router, "model": name, "error": str(error)[:200]},
+            )
+        else:
+            self.metrics.co_activations.labels(router, name, "warmed").inc()
+            log.info("co-activated", extra={"router": router, "model": name})
+        finally:
+            if self._warming.get(name) is asyncio.current_task():
+                del self._warming[name]
+
     # --- generation ------------------------------------------------------------------------
 
     async def generate(self, request: Request) -> AsyncIterator[Event]:
         """Stream Delta events of every choice, then one End; leaving early cancels the
-        sequence at once."""
+        sequence at once. While a new manifest is being applied this first waits for it."""
+        await self._admit()
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            async for event in self._generate(request):
+                yield event
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+
+    async def _generate(self, request: Request) -> AsyncIterator[Event]:
         name, adapter_name = _split_adapter(request.model, request.adapter)
+        self._co_activate(name)
         loaded = await self._get(name)
         model = loaded.weights.model
         request.sampling.validate(model.n_vocab)
@@ -942,7 +1345,7 @@ def _spec_from_config(entry: ModelConfig) -> LoadSpec:
         context_length=entry.context_length,
         parallel=entry.parallel,
         quantization=entry.quantization,
-        pinned=entry.pinned,
+        pinned=entry.effective_tier == "resident" or entry.pinned,
         embeddings=entry.embeddings,
         chat_template=entry.chat_template,
         package=entry.package,
@@ -955,3 +1358,68 @@ def _spec_from_config(entry: ModelConfig) -> LoadSpec:
 
 def _variant(spec: LoadSpec) -> Variant:
     return (spec.quantization or "", spec.repack_weights, spec.gpu_layers)
+
+
+def _local(entry: ModelConfig) -> bool:
+    return entry.effective_tier != "remote"
+
+
+def _warms_of(models: list[ModelConfig]) -> dict[str, tuple[str, ...]]:
+    """For each router, the specialists whose co_activation names it."""
+    warms: dict[str, list[str]] = {}
+    for entry in models:
+        for router in entry.co_activation:
+            warms.setdefault(router, []).append(entry.name)
+    return {router: tuple(names) for router, names in warms.items()}
+
+
+def _planned(models: list[ModelConfig], current: list[ModelInfo]) -> list[ModelInfo]:
+    """What ListModels would show after a manifest, for a dry run: a kept model as it is, the
+    others in the state their tier brings them up in."""
+    now = {m.name: m for m in current}
+    planned = []
+    for entry in models:
+        info = now.get(entry.name)
+        tier = entry.effective_tier
+        if info is not None and info.tier == tier:
+            planned.append(info)
+            continue
+        state = {"resident": "ready", "standby": "mapped"}.get(tier, "unloaded")
+        if tier == "on_demand" and entry.tier is None and entry.preload:
+            state = "ready"
+        planned.append(
+            ModelInfo(
+                entry.name,
+                entry.context_length,
+                state == "ready",
+                pinned=tier == "resident",
+                embeddings=entry.embeddings,
+                tier=tier,
+                state=state,
+                co_activation=tuple(entry.co_activation),
+            )
+        )
+    return planned
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _prefetch(path: Path) -> None:
+    """Ask the kernel to read a model file into the page cache, so a standby model's first
+    request reads its weights from memory, not from disk."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
+
+def _uploads_to_gpu(spec: LoadSpec) -> bool:
+    """Whether creating the model would put weights on a GPU (a GPU build, layers offloaded)."""
+    return spec.gpu_layers != 0 and gpu_offload_supported()

@@ -51,6 +51,11 @@ def init_backend() -> None:
             _backend_ready = True
 
 
+def gpu_offload_supported() -> bool:
+    """Whether this llama.cpp build has a GPU backend that layers can be offloaded to."""
+    return bool(C.llama_supports_gpu_offload())
+
+
 @C.llama_log_callback  # type: ignore[untyped-decorator]
 def _SILENT_LOG(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     # llama.cpp logs every tensor at load; our own JSON logs say what matters.

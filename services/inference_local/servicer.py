@@ -5,9 +5,21 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
+from pydantic import ValidationError
+
 from inference_local.chat_template import Message
+from inference_local.config import ModelConfig
 from inference_local.constraints import from_proto as constraint_from_proto
-from inference_local.engine import Delta, End, Engine, Finish, LoadSpec, ModelInfo, Request
+from inference_local.engine import (
+    Delta,
+    End,
+    Engine,
+    Finish,
+    LoadSpec,
+    ManifestResult,
+    ModelInfo,
+    Request,
+)
 from inference_local.sampling import (
     DEFAULT_MIN_P,
     DEFAULT_TEMPERATURE,
@@ -28,6 +40,18 @@ FINISH_REASONS = {
     Finish.LENGTH: types_pb2.FINISH_REASON_LENGTH,
     Finish.CANCELLED: types_pb2.FINISH_REASON_CANCELLED,
     Finish.TOOL_CALLS: types_pb2.FINISH_REASON_TOOL_CALLS,
+}
+
+MODEL_TIERS = {
+    "resident": types_pb2.MODEL_TIER_RESIDENT,
+    "standby": types_pb2.MODEL_TIER_STANDBY,
+    "remote": types_pb2.MODEL_TIER_REMOTE,
+    "on_demand": types_pb2.MODEL_TIER_ON_DEMAND,
+}
+MODEL_STATES = {
+    "unloaded": types_pb2.MODEL_STATE_UNLOADED,
+    "mapped": types_pb2.MODEL_STATE_MAPPED,
+    "ready": types_pb2.MODEL_STATE_READY,
 }
 
 CHOICE_MODES = {
@@ -123,6 +147,60 @@ def model_to_proto(info: ModelInfo) -> types_pb2.ModelInfo:
         has_chat_template=info.has_chat_template,
         pinned=info.pinned,
         embeddings=info.embeddings,
+        tier=MODEL_TIERS[info.tier],
+        state=MODEL_STATES[info.state],
+        memory_bytes=info.memory_bytes,
+        co_activation=info.co_activation,
+    )
+
+
+def manifest_from_proto(models: Any) -> list[ModelConfig]:
+    """ManifestModel messages as config entries, validated as the config file's are; a bad
+    entry is INVALID_ARGUMENT naming it and its field."""
+    tiers = {v: k for k, v in MODEL_TIERS.items()}
+    entries = []
+    for i, m in enumerate(models):
+        # Zero and empty mean "the default", as in LoadModelRequest: left out, so an entry
+        # equals the config file's entry for the same model and is kept, not reloaded.
+        given = {
+            "package": m.package,
+            "context_length": m.context_length,
+            "parallel": m.parallel,
+            "n_threads": m.n_threads,
+            "quantization": m.quantization,
+            "embeddings": m.embeddings,
+            "repack_weights": m.repack_weights,
+            "co_activation": list(m.co_activation),
+        }
+        fields: dict[str, Any] = {
+            "name": m.name,
+            "path": m.path,
+            **{k: v for k, v in given.items() if v},
+        }
+        if m.tier != types_pb2.MODEL_TIER_UNSPECIFIED:
+            fields["tier"] = tiers[m.tier]
+        for optional in ("chat_template", "gpu_layers", "backend_sampling"):
+            if m.HasField(optional):
+                fields[optional] = getattr(m, optional)
+        try:
+            entries.append(ModelConfig(**fields))
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            field = f"models[{i}]" + (f".{where}" if where else "")
+            raise InvalidArgument(f"{field}: {first['msg']}", field=field) from None
+    return entries
+
+
+def manifest_result_to_proto(result: ManifestResult) -> inference_pb2.ApplyManifestResponse:
+    change = result.change
+    return inference_pb2.ApplyManifestResponse(
+        models=[model_to_proto(m) for m in result.models],
+        added=change.added,
+        removed=change.removed,
+        changed=change.changed,
+        kept=change.kept,
+        drain_seconds=result.drain_seconds,
     )
 
 
@@ -227,6 +305,26 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> inference_pb2.UnloadModelResponse:
         await self._engine.unload(request.name)
         return inference_pb2.UnloadModelResponse()
+
+    async def ApplyManifest(
+        self, request: inference_pb2.ApplyManifestRequest, context: Context
+    ) -> inference_pb2.ApplyManifestResponse:
+        if request.HasField("drain_timeout_s") and not request.drain_timeout_s > 0:
+            raise InvalidArgument("drain_timeout_s must be above 0", field="drain_timeout_s")
+        result = await self._engine.apply_manifest(
+            manifest_from_proto(request.models),
+            resident_budget_mb=(
+                request.resident_budget_mb if request.HasField("resident_budget_mb") else None
+            ),
+            standby_budget_mb=(
+                request.standby_budget_mb if request.HasField("standby_budget_mb") else None
+            ),
+            dry_run=request.dry_run,
+            drain_timeout_s=(
+                request.drain_timeout_s if request.HasField("drain_timeout_s") else None
+            ),
+        )
+        return manifest_result_to_proto(result)
 
     async def Tokenize(
         self, request: inference_pb2.TokenizeRequest, context: Context

@@ -17,7 +17,7 @@ from inference_remote.core import (
     ToolCall,
     ToolChoice,
 )
-from slm.errors import FailedPrecondition, InvalidArgument
+from slm.errors import FailedPrecondition, InvalidArgument, Unimplemented
 from slm.v1 import inference_pb2, inference_pb2_grpc, types_pb2
 from slm.wire import EndedChoice, chat_turns, stream_end
 
@@ -208,6 +208,7 @@ class RemoteInferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     context_length=m.context_length,
                     # "Loaded" here: at least one upstream serves it now.
                     loaded=any(u.healthy for u in m.pool.upstreams),
+                    tier=types_pb2.MODEL_TIER_REMOTE,
                 )
                 for m in self._core.models()
             ]
@@ -225,6 +226,13 @@ class RemoteInferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, request: inference_pb2.UnloadModelRequest, context: Context
     ) -> inference_pb2.UnloadModelResponse:
         raise FailedPrecondition("inference-remote does not load or unload upstream models")
+
+    async def ApplyManifest(
+        self, request: inference_pb2.ApplyManifestRequest, context: Context
+    ) -> inference_pb2.ApplyManifestResponse:
+        raise Unimplemented(
+            "inference-remote has no model manifest: its models are inference_remote.models"
+        )
 
     async def Tokenize(
         self, request: inference_pb2.TokenizeRequest, context: Context

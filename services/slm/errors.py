@@ -79,6 +79,13 @@ class FailedPrecondition(SlmError):
     reason = "FAILED_PRECONDITION"
 
 
+class Aborted(SlmError):
+    """Another operation on the same state is in progress; retry once it has finished."""
+
+    code = grpc.StatusCode.ABORTED
+    reason = "ABORTED"
+
+
 class Unavailable(SlmError):
     """A dependency is down or not ready; the call may succeed later."""
 
@@ -146,6 +153,7 @@ _BY_CODE: dict[grpc.StatusCode, type[SlmError]] = {
         PermissionDenied,
         ResourceExhausted,
         FailedPrecondition,
+        Aborted,
         Unavailable,
         DeadlineExceeded,
         Unimplemented,
@@ -197,6 +205,7 @@ def _status_from_trailers(error: grpc.RpcError) -> status_pb2.Status | None:
 
 __all__ = [
     "DOMAIN",
+    "Aborted",
     "DeadlineExceeded",
     "FailedPrecondition",
     "Internal",

@@ -251,6 +251,184 @@ class UnloadModelResponse(_message.Message):
 Global___UnloadModelResponse: _TypeAlias = UnloadModelResponse  # noqa: Y015
 
 @_typing.final
+class ManifestModel(_message.Message):
+    """One model of a manifest: inference_local.models[] of the configuration file."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    PACKAGE_FIELD_NUMBER: _builtins.int
+    CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
+    PARALLEL_FIELD_NUMBER: _builtins.int
+    CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
+    N_THREADS_FIELD_NUMBER: _builtins.int
+    QUANTIZATION_FIELD_NUMBER: _builtins.int
+    EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    REPACK_WEIGHTS_FIELD_NUMBER: _builtins.int
+    GPU_LAYERS_FIELD_NUMBER: _builtins.int
+    BACKEND_SAMPLING_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    CO_ACTIVATION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    path: _builtins.str
+    """GGUF path inside one of the configured model directories."""
+    package: _builtins.str
+    """PyPI package that assembles the file when it is missing ("" for none)."""
+    context_length: _builtins.int
+    """0 takes the default (2048)."""
+    parallel: _builtins.int
+    """0 takes inference_local.parallel."""
+    chat_template: _builtins.str
+    """Jinja chat template; the GGUF's own wins when it has one."""
+    n_threads: _builtins.int
+    """0 takes inference_local.n_threads."""
+    quantization: _builtins.str
+    """"" loads the file as it is."""
+    embeddings: _builtins.bool
+    repack_weights: _builtins.bool
+    gpu_layers: _builtins.int
+    backend_sampling: _builtins.bool
+    tier: _types_pb2.ModelTier.ValueType
+    """UNSPECIFIED: ON_DEMAND, loaded at start."""
+    @_builtins.property
+    def co_activation(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Router models whose requests make this (STANDBY or ON_DEMAND) model READY at once."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        path: _builtins.str = ...,
+        package: _builtins.str = ...,
+        context_length: _builtins.int = ...,
+        parallel: _builtins.int = ...,
+        chat_template: _builtins.str | None = ...,
+        n_threads: _builtins.int = ...,
+        quantization: _builtins.str = ...,
+        embeddings: _builtins.bool = ...,
+        repack_weights: _builtins.bool = ...,
+        gpu_layers: _builtins.int | None = ...,
+        backend_sampling: _builtins.bool | None = ...,
+        tier: _types_pb2.ModelTier.ValueType = ...,
+        co_activation: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_backend_sampling", b"_backend_sampling", "_chat_template", b"_chat_template", "_gpu_layers", b"_gpu_layers", "backend_sampling", b"backend_sampling", "chat_template", b"chat_template", "gpu_layers", b"gpu_layers"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_backend_sampling", b"_backend_sampling", "_chat_template", b"_chat_template", "_gpu_layers", b"_gpu_layers", "backend_sampling", b"backend_sampling", "chat_template", b"chat_template", "co_activation", b"co_activation", "context_length", b"context_length", "embeddings", b"embeddings", "gpu_layers", b"gpu_layers", "n_threads", b"n_threads", "name", b"name", "package", b"package", "parallel", b"parallel", "path", b"path", "quantization", b"quantization", "repack_weights", b"repack_weights", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__backend_sampling: _TypeAlias = _typing.Literal["backend_sampling"]  # noqa: Y015
+    _WhichOneofArgType__backend_sampling: _TypeAlias = _typing.Literal["_backend_sampling", b"_backend_sampling"]  # noqa: Y015
+    _WhichOneofReturnType__chat_template: _TypeAlias = _typing.Literal["chat_template"]  # noqa: Y015
+    _WhichOneofArgType__chat_template: _TypeAlias = _typing.Literal["_chat_template", b"_chat_template"]  # noqa: Y015
+    _WhichOneofReturnType__gpu_layers: _TypeAlias = _typing.Literal["gpu_layers"]  # noqa: Y015
+    _WhichOneofArgType__gpu_layers: _TypeAlias = _typing.Literal["_gpu_layers", b"_gpu_layers"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__backend_sampling) -> _WhichOneofReturnType__backend_sampling | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__chat_template) -> _WhichOneofReturnType__chat_template | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gpu_layers) -> _WhichOneofReturnType__gpu_layers | None: ...
+
+Global___ManifestModel: _TypeAlias = ManifestModel  # noqa: Y015
+
+@_typing.final
+class ApplyManifestRequest(_message.Message):
+    """Request of InferenceService.ApplyManifest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    RESIDENT_BUDGET_MB_FIELD_NUMBER: _builtins.int
+    STANDBY_BUDGET_MB_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    DRAIN_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    resident_budget_mb: _builtins.int
+    """Tier budgets in MiB; unset keeps the configured ones."""
+    standby_budget_mb: _builtins.int
+    dry_run: _builtins.bool
+    """Validate only: report what would change, change nothing."""
+    drain_timeout_s: _builtins.float
+    """How long generations in flight may take to finish; unset: the configured
+    inference_local.manifest_drain_timeout_s.
+    """
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ManifestModel]: ...
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[Global___ManifestModel] | None = ...,
+        resident_budget_mb: _builtins.int | None = ...,
+        standby_budget_mb: _builtins.int | None = ...,
+        dry_run: _builtins.bool = ...,
+        drain_timeout_s: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_drain_timeout_s", b"_drain_timeout_s", "_resident_budget_mb", b"_resident_budget_mb", "_standby_budget_mb", b"_standby_budget_mb", "drain_timeout_s", b"drain_timeout_s", "resident_budget_mb", b"resident_budget_mb", "standby_budget_mb", b"standby_budget_mb"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_drain_timeout_s", b"_drain_timeout_s", "_resident_budget_mb", b"_resident_budget_mb", "_standby_budget_mb", b"_standby_budget_mb", "drain_timeout_s", b"drain_timeout_s", "dry_run", b"dry_run", "models", b"models", "resident_budget_mb", b"resident_budget_mb", "standby_budget_mb", b"standby_budget_mb"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__drain_timeout_s: _TypeAlias = _typing.Literal["drain_timeout_s"]  # noqa: Y015
+    _WhichOneofArgType__drain_timeout_s: _TypeAlias = _typing.Literal["_drain_timeout_s", b"_drain_timeout_s"]  # noqa: Y015
+    _WhichOneofReturnType__resident_budget_mb: _TypeAlias = _typing.Literal["resident_budget_mb"]  # noqa: Y015
+    _WhichOneofArgType__resident_budget_mb: _TypeAlias = _typing.Literal["_resident_budget_mb", b"_resident_budget_mb"]  # noqa: Y015
+    _WhichOneofReturnType__standby_budget_mb: _TypeAlias = _typing.Literal["standby_budget_mb"]  # noqa: Y015
+    _WhichOneofArgType__standby_budget_mb: _TypeAlias = _typing.Literal["_standby_budget_mb", b"_standby_budget_mb"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__drain_timeout_s) -> _WhichOneofReturnType__drain_timeout_s | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__resident_budget_mb) -> _WhichOneofReturnType__resident_budget_mb | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__standby_budget_mb) -> _WhichOneofReturnType__standby_budget_mb | None: ...
+
+Global___ApplyManifestRequest: _TypeAlias = ApplyManifestRequest  # noqa: Y015
+
+@_typing.final
+class ApplyManifestResponse(_message.Message):
+    """Response of InferenceService.ApplyManifest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    ADDED_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    KEPT_FIELD_NUMBER: _builtins.int
+    DRAIN_SECONDS_FIELD_NUMBER: _builtins.int
+    drain_seconds: _builtins.float
+    """How long generations in flight took to finish before the change."""
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ModelInfo]:
+        """The models as they are now (as they would be, for a dry run)."""
+
+    @_builtins.property
+    def added(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names added, removed, changed (reloaded) and kept as they were."""
+
+    @_builtins.property
+    def removed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def changed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def kept(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[_types_pb2.ModelInfo] | None = ...,
+        added: _abc.Iterable[_builtins.str] | None = ...,
+        removed: _abc.Iterable[_builtins.str] | None = ...,
+        changed: _abc.Iterable[_builtins.str] | None = ...,
+        kept: _abc.Iterable[_builtins.str] | None = ...,
+        drain_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "changed", b"changed", "drain_seconds", b"drain_seconds", "kept", b"kept", "models", b"models", "removed", b"removed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyManifestResponse: _TypeAlias = ApplyManifestResponse  # noqa: Y015
+
+@_typing.final
 class TokenizeRequest(_message.Message):
     """Request of InferenceService.Tokenize."""
 

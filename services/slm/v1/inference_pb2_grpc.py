@@ -76,6 +76,11 @@ class InferenceServiceStub:
                 request_serializer=slm_dot_v1_dot_inference__pb2.CountTokensRequest.SerializeToString,
                 response_deserializer=slm_dot_v1_dot_inference__pb2.CountTokensResponse.FromString,
                 _registered_method=True)
+        self.ApplyManifest = channel.unary_unary(
+                '/slm.v1.InferenceService/ApplyManifest',
+                request_serializer=slm_dot_v1_dot_inference__pb2.ApplyManifestRequest.SerializeToString,
+                response_deserializer=slm_dot_v1_dot_inference__pb2.ApplyManifestResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -152,6 +157,22 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyManifest(self, request, context):
+        """ApplyManifest replaces the model manifest of this replica: every model it serves, with its
+        tier. The manifest is validated first (files, co_activation names, the memory budget of
+        each tier) and refused whole when it cannot hold, with the numbers. Then new generations
+        wait (up to the configured bound, then UNAVAILABLE with reason MANIFEST_SWITCHING) while
+        the ones in flight finish on the old manifest; then the change is made (models whose entry
+        is unchanged keep their state), and the waiting generations run on the new one. When the
+        in-flight ones outlast drain_timeout_s, or a load fails, the old manifest stays.
+        inference-remote answers UNIMPLEMENTED. Errors: INVALID_ARGUMENT (a bad entry, named),
+        FAILED_PRECONDITION (a tier budget would be exceeded: the message names each model's
+        share), DEADLINE_EXCEEDED (the drain timed out), ABORTED (another apply is in progress).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -194,6 +215,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.CountTokens,
                     request_deserializer=slm_dot_v1_dot_inference__pb2.CountTokensRequest.FromString,
                     response_serializer=slm_dot_v1_dot_inference__pb2.CountTokensResponse.SerializeToString,
+            ),
+            'ApplyManifest': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyManifest,
+                    request_deserializer=slm_dot_v1_dot_inference__pb2.ApplyManifestRequest.FromString,
+                    response_serializer=slm_dot_v1_dot_inference__pb2.ApplyManifestResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -414,6 +440,33 @@ class InferenceService:
             '/slm.v1.InferenceService/CountTokens',
             slm_dot_v1_dot_inference__pb2.CountTokensRequest.SerializeToString,
             slm_dot_v1_dot_inference__pb2.CountTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyManifest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slm.v1.InferenceService/ApplyManifest',
+            slm_dot_v1_dot_inference__pb2.ApplyManifestRequest.SerializeToString,
+            slm_dot_v1_dot_inference__pb2.ApplyManifestResponse.FromString,
             options,
             channel_credentials,
             insecure,

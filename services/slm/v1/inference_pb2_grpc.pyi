@@ -70,6 +70,18 @@ class InferenceServiceStub:
     with the model's template, tools included. Errors: NOT_FOUND, INVALID_ARGUMENT,
     UNIMPLEMENTED (inference-remote: upstreams have no counting endpoint).
     """
+    ApplyManifest: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ApplyManifestRequest, _inference_pb2.ApplyManifestResponse]
+    """ApplyManifest replaces the model manifest of this replica: every model it serves, with its
+    tier. The manifest is validated first (files, co_activation names, the memory budget of
+    each tier) and refused whole when it cannot hold, with the numbers. Then new generations
+    wait (up to the configured bound, then UNAVAILABLE with reason MANIFEST_SWITCHING) while
+    the ones in flight finish on the old manifest; then the change is made (models whose entry
+    is unchanged keep their state), and the waiting generations run on the new one. When the
+    in-flight ones outlast drain_timeout_s, or a load fails, the old manifest stays.
+    inference-remote answers UNIMPLEMENTED. Errors: INVALID_ARGUMENT (a bad entry, named),
+    FAILED_PRECONDITION (a tier budget would be exceeded: the message names each model's
+    share), DEADLINE_EXCEEDED (the drain timed out), ABORTED (another apply is in progress).
+    """
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
@@ -112,6 +124,18 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """CountTokens counts the prompt tokens of a generation without running it: the chat rendered
     with the model's template, tools included. Errors: NOT_FOUND, INVALID_ARGUMENT,
     UNIMPLEMENTED (inference-remote: upstreams have no counting endpoint).
+    """
+    ApplyManifest: _aio.UnaryUnaryMultiCallable[_inference_pb2.ApplyManifestRequest, _inference_pb2.ApplyManifestResponse]  # type: ignore[assignment]
+    """ApplyManifest replaces the model manifest of this replica: every model it serves, with its
+    tier. The manifest is validated first (files, co_activation names, the memory budget of
+    each tier) and refused whole when it cannot hold, with the numbers. Then new generations
+    wait (up to the configured bound, then UNAVAILABLE with reason MANIFEST_SWITCHING) while
+    the ones in flight finish on the old manifest; then the change is made (models whose entry
+    is unchanged keep their state), and the waiting generations run on the new one. When the
+    in-flight ones outlast drain_timeout_s, or a load fails, the old manifest stays.
+    inference-remote answers UNIMPLEMENTED. Errors: INVALID_ARGUMENT (a bad entry, named),
+    FAILED_PRECONDITION (a tier budget would be exceeded: the message names each model's
+    share), DEADLINE_EXCEEDED (the drain timed out), ABORTED (another apply is in progress).
     """
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -200,6 +224,24 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         """CountTokens counts the prompt tokens of a generation without running it: the chat rendered
         with the model's template, tools included. Errors: NOT_FOUND, INVALID_ARGUMENT,
         UNIMPLEMENTED (inference-remote: upstreams have no counting endpoint).
+        """
+
+    @_abc_1.abstractmethod
+    def ApplyManifest(
+        self,
+        request: _inference_pb2.ApplyManifestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.ApplyManifestResponse, _abc.Awaitable[_inference_pb2.ApplyManifestResponse]]:
+        """ApplyManifest replaces the model manifest of this replica: every model it serves, with its
+        tier. The manifest is validated first (files, co_activation names, the memory budget of
+        each tier) and refused whole when it cannot hold, with the numbers. Then new generations
+        wait (up to the configured bound, then UNAVAILABLE with reason MANIFEST_SWITCHING) while
+        the ones in flight finish on the old manifest; then the change is made (models whose entry
+        is unchanged keep their state), and the waiting generations run on the new one. When the
+        in-flight ones outlast drain_timeout_s, or a load fails, the old manifest stays.
+        inference-remote answers UNIMPLEMENTED. Errors: INVALID_ARGUMENT (a bad entry, named),
+        FAILED_PRECONDITION (a tier budget would be exceeded: the message names each model's
+        share), DEADLINE_EXCEEDED (the drain timed out), ABORTED (another apply is in progress).
         """
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -153,6 +153,70 @@ GRAMMAR_SYNTAX_LARK: GrammarSyntax.ValueType  # 2
 """Lark, as llguidance and vLLM accept it."""
 Global___GrammarSyntax: _TypeAlias = GrammarSyntax  # noqa: Y015
 
+class _ModelTier:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ModelTierEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelTier.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MODEL_TIER_UNSPECIFIED: _ModelTier.ValueType  # 0
+    MODEL_TIER_RESIDENT: _ModelTier.ValueType  # 1
+    """Loaded at start and pinned: never unloaded to make room or when idle."""
+    MODEL_TIER_STANDBY: _ModelTier.ValueType  # 2
+    """Weights mapped in host memory at start, no context; a request or a co-activation makes
+    it READY, and idleness or memory pressure takes it back to MAPPED.
+    """
+    MODEL_TIER_REMOTE: _ModelTier.ValueType  # 3
+    """Served by Tier B/C: this replica refuses it with UNAVAILABLE (reason MODEL_REMOTE), so the
+    Doorman goes on to the next tier at once.
+    """
+    MODEL_TIER_ON_DEMAND: _ModelTier.ValueType  # 4
+    """Loaded on the first request (or at start when preloaded), unloaded when idle."""
+
+class ModelTier(_ModelTier, metaclass=_ModelTierEnumTypeWrapper):
+    """Where a model manifest keeps a model on an inference-local replica."""
+
+MODEL_TIER_UNSPECIFIED: ModelTier.ValueType  # 0
+MODEL_TIER_RESIDENT: ModelTier.ValueType  # 1
+"""Loaded at start and pinned: never unloaded to make room or when idle."""
+MODEL_TIER_STANDBY: ModelTier.ValueType  # 2
+"""Weights mapped in host memory at start, no context; a request or a co-activation makes
+it READY, and idleness or memory pressure takes it back to MAPPED.
+"""
+MODEL_TIER_REMOTE: ModelTier.ValueType  # 3
+"""Served by Tier B/C: this replica refuses it with UNAVAILABLE (reason MODEL_REMOTE), so the
+Doorman goes on to the next tier at once.
+"""
+MODEL_TIER_ON_DEMAND: ModelTier.ValueType  # 4
+"""Loaded on the first request (or at start when preloaded), unloaded when idle."""
+Global___ModelTier: _TypeAlias = ModelTier  # noqa: Y015
+
+class _ModelState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ModelStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MODEL_STATE_UNSPECIFIED: _ModelState.ValueType  # 0
+    MODEL_STATE_UNLOADED: _ModelState.ValueType  # 1
+    """Nothing in memory."""
+    MODEL_STATE_MAPPED: _ModelState.ValueType  # 2
+    """Weights in host memory, no context: the next request allocates one."""
+    MODEL_STATE_READY: _ModelState.ValueType  # 3
+    """Weights and context: serving."""
+
+class ModelState(_ModelState, metaclass=_ModelStateEnumTypeWrapper):
+    """What of a model is in memory on an inference-local replica."""
+
+MODEL_STATE_UNSPECIFIED: ModelState.ValueType  # 0
+MODEL_STATE_UNLOADED: ModelState.ValueType  # 1
+"""Nothing in memory."""
+MODEL_STATE_MAPPED: ModelState.ValueType  # 2
+"""Weights in host memory, no context: the next request allocates one."""
+MODEL_STATE_READY: ModelState.ValueType  # 3
+"""Weights and context: serving."""
+Global___ModelState: _TypeAlias = ModelState  # noqa: Y015
+
 @_typing.final
 class ChatMessage(_message.Message):
     """One message of a chat conversation."""
@@ -937,6 +1001,10 @@ class ModelInfo(_message.Message):
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
     PINNED_FIELD_NUMBER: _builtins.int
     EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    CO_ACTIVATION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name clients use in requests."""
     owned_by: _builtins.str
@@ -953,6 +1021,16 @@ class ModelInfo(_message.Message):
     """Pinned models are never unloaded to make room."""
     embeddings: _builtins.bool
     """Whether the model serves embeddings."""
+    tier: Global___ModelTier.ValueType
+    """Where the model manifest keeps it (inference-local; always set there)."""
+    state: Global___ModelState.ValueType
+    """What of it is in memory now."""
+    memory_bytes: _builtins.int
+    """Estimated memory it holds now: weights, plus KV and compute buffers once READY."""
+    @_builtins.property
+    def co_activation(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Router models whose requests warm this model (manifest co_activation)."""
+
     def __init__(
         self,
         *,
@@ -965,10 +1043,14 @@ class ModelInfo(_message.Message):
         has_chat_template: _builtins.bool = ...,
         pinned: _builtins.bool = ...,
         embeddings: _builtins.bool = ...,
+        tier: Global___ModelTier.ValueType = ...,
+        state: Global___ModelState.ValueType = ...,
+        memory_bytes: _builtins.int = ...,
+        co_activation: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "context_length", b"context_length", "embeddings", b"embeddings", "has_chat_template", b"has_chat_template", "loaded", b"loaded", "name", b"name", "owned_by", b"owned_by", "pinned", b"pinned", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "co_activation", b"co_activation", "context_length", b"context_length", "embeddings", b"embeddings", "has_chat_template", b"has_chat_template", "loaded", b"loaded", "memory_bytes", b"memory_bytes", "name", b"name", "owned_by", b"owned_by", "pinned", b"pinned", "size_bytes", b"size_bytes", "state", b"state", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
