@@ -12,7 +12,7 @@ import pytest
 from helpers import DEFAULT_MODEL, Mesh, mesh_settings, metric_value, wait_for
 from playwright.sync_api import BrowserContext, Page, sync_playwright
 
-from doorman.config import PrivacyConfig
+from doorman.config import ManifestConfig, PrivacyConfig, RoutingConfig
 from slm.v1 import ledger_pb2, ledger_pb2_grpc
 
 pytestmark = pytest.mark.e2e
@@ -30,6 +30,8 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 LONG_ANSWER = 1500
+# The privacy mesh's alias that a router manifest serves: router (intent) -> specialist.
+ROUTED = "auto"
 
 
 @pytest.fixture(scope="module")
@@ -160,11 +162,21 @@ def test_stop_ends_generation_in_the_engine(probe: PageProbe, mesh: Mesh) -> Non
 
 @pytest.fixture(scope="module")
 def privacy_mesh(model_path: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    """A mesh whose Doorman masks personal data even for the local tier."""
+    """A mesh whose Doorman masks personal data even for the local tier, and serves ROUTED by
+    asking the default model for an intent, then the default model again as the specialist."""
     state = tmp_path_factory.mktemp("ui-privacy-mesh")
     settings = mesh_settings(state)
+    manifest = ManifestConfig(
+        alias=ROUTED,
+        router_model=DEFAULT_MODEL,
+        intents={"greeting": DEFAULT_MODEL, "question": DEFAULT_MODEL},
+        fallback=DEFAULT_MODEL,
+    )
     settings.doorman = settings.doorman.model_copy(
-        update={"privacy": PrivacyConfig(sanitize_tiers=["local"])}
+        update={
+            "privacy": PrivacyConfig(sanitize_tiers=["local"]),
+            "routing": RoutingConfig(manifests=[manifest]),
+        }
     )
     mesh = Mesh(settings, state / "slm.toml", state / "mesh.log")
     mesh.start()
@@ -224,15 +236,74 @@ def test_admin_page_lists_the_newest_records_newest_first(
     page.close()
 
 
+def test_admin_page_shows_tiers_and_the_routed_requests_live(
+    browser_context: BrowserContext, privacy_mesh: Mesh
+) -> None:
+    probe = PageProbe(browser_context.new_page(), privacy_mesh.base_url)
+    page = probe.page
+    page.set_default_timeout(120_000)
+    page.goto(f"{privacy_mesh.base_url}/admin")
+    models = page.locator("#models-table")
+    models.locator("tbody tr").first.wait_for()
+    headers = models.locator("thead th").all_inner_texts()
+    assert headers[:4] == ["name", "tier", "state", "memory"], headers
+    row = models.locator("tbody tr", has_text=DEFAULT_MODEL).first
+    cells = row.locator("td").all_inner_texts()
+    # Configured without a tier and preloaded: loaded, with its weights and context counted.
+    assert cells[1] in ("resident", "on_demand"), cells
+    assert cells[2] == "ready", cells
+    memory, unit = cells[3].split()
+    assert (int(memory) > 0, unit) == (True, "MiB"), cells
+
+    # The page is open already: the routed request shows up without a reload.
+    reply = httpx.post(
+        f"{privacy_mesh.base_url}/v1/chat/completions",
+        json={
+            "model": ROUTED,
+            "messages": [{"role": "user", "content": "Hello there!"}],
+            "max_tokens": 4,
+            "temperature": 0,
+        },
+        timeout=120,
+    )
+    assert reply.status_code == 200, reply.text
+    newest = page.locator("#requests-table tbody tr").first
+    page.wait_for_function(
+        "document.querySelector('#requests-table tbody tr td:nth-child(2)')?.textContent"
+        f" === '{ROUTED}'"
+    )
+    _, model, route, tier, ttft, finish = newest.locator("td").all_inner_texts()[:6]
+    page.screenshot(path=str(ARTIFACTS / "ui-admin-requests.png"), full_page=True)
+    assert model == ROUTED
+    router, specialist = route.split(" → ")
+    # The router's intent, or "fallback" when it named none.
+    assert router in {f"{DEFAULT_MODEL} ({i})" for i in ("greeting", "question", "fallback")}
+    assert specialist == DEFAULT_MODEL, route
+    assert tier == "local"
+    assert int(ttft) >= 0
+    assert finish in ("stop", "length")
+    # The log carries no prompt text.
+    assert "Hello there" not in page.locator("#requests-table").inner_text()
+    assert probe.errors == []
+    page.close()
+
+
 def test_admin_page_shows_every_section(probe: PageProbe, mesh: Mesh) -> None:
     page = probe.page
     page.goto(f"{mesh.base_url}/admin")
     page.locator(".metric").first.wait_for()
-    for state in ("#models-state", "#adapters-state", "#chain-state", "#ledger-state"):
+    sections = (
+        "#models-state",
+        "#adapters-state",
+        "#requests-state",
+        "#chain-state",
+        "#ledger-state",
+    )
+    for state in sections:
         page.wait_for_function(f"document.querySelector('{state}').textContent !== ''")
     page.screenshot(path=str(ARTIFACTS / "ui-admin.png"), full_page=True)
     # Each section either shows its data or says plainly that the endpoint is missing.
-    for state in ("#models-state", "#adapters-state", "#chain-state", "#ledger-state"):
+    for state in sections:
         text = page.locator(state).inner_text()
         assert "Failed" not in text, (state, text)
     assert DEFAULT_MODEL in page.locator("#models-table").inner_text()
