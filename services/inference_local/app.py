@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 from prometheus_client import CollectorRegistry
 
@@ -10,8 +12,11 @@ from inference_local.config import InferenceLocalConfig
 from inference_local.engine import Engine
 from inference_local.prefix_cache import KVCacheClient, PrefixCache, PrefixCacheMetrics
 from inference_local.servicer import InferenceServicer
+from slm.errors import SlmError
 from slm.runtime import Runtime
 from slm.v1 import inference_pb2, inference_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 
 class InferenceLocalApp:
@@ -38,6 +43,36 @@ class InferenceLocalApp:
 
     async def start(self) -> None:
         await self.engine.start()
+
+    async def reload(self, config: InferenceLocalConfig) -> None:
+        """On SIGHUP: apply the config file's model manifest (models and tier budgets) with a
+        drain, as the admin API does. Other settings take effect at the next start."""
+        try:
+            result = await self.engine.apply_manifest(
+                config.models,
+                resident_budget_mb=config.resident_budget_mb or config.memory_budget_mb,
+                standby_budget_mb=(
+                    config.standby_budget_mb
+                    if config.standby_budget_mb is not None
+                    else config.memory_budget_mb
+                ),
+            )
+        except SlmError as error:
+            log.error(
+                "SIGHUP: manifest refused; the one in force stays",
+                extra={"reason": error.reason, "error": error.message},
+            )
+            return
+        change = result.change
+        log.info(
+            "SIGHUP: manifest reloaded",
+            extra={
+                "added": list(change.added),
+                "removed": list(change.removed),
+                "changed": list(change.changed),
+                "kept": list(change.kept),
+            },
+        )
 
     async def stop(self) -> None:
         await self.engine.close()

@@ -104,9 +104,10 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _tier_fields(self) -> ModelConfig:
-        if self.tier is not None and {"preload", "pinned"} & self.model_fields_set:
+        # Their defaults pass, so a dump of the settings (every field) reads back.
+        if self.tier is not None and (self.pinned or not self.preload):
             raise ValueError(
-                f"model {self.name!r}: tier replaces preload and pinned; set one or the other"
+                f"model {self.name!r}: tier replaces preload and pinned; leave them out"
             )
         if self.co_activation and self.effective_tier in ("resident", "remote"):
             raise ValueError(

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import faulthandler
+import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -15,6 +17,8 @@ from mesh import client as cli_client
 from mesh.services import BY_NAME, SERVICES, Service, replica_index
 from mesh.settings import Settings, load_settings
 from slm.logs import configure_logging
+
+log = logging.getLogger(__name__)
 
 
 async def serve_grpc(service: Service, settings: Settings, replica: int = 0) -> None:
@@ -34,9 +38,37 @@ async def serve_grpc(service: Service, settings: Settings, replica: int = 0) -> 
             ) as server,
             registration(settings.discovery, service.name, endpoint.host, server.port),
         ):
-            await wait_for_signal()
+            await wait_for_signal(Reloader(service, app).hangup if service.reloads else None)
     finally:
         await runtime.close()
+
+
+class Reloader:
+    """On SIGHUP, reads the config file again and hands the service its section (one reload at
+    a time: a SIGHUP during one is logged and dropped; the next one reads the file anew)."""
+
+    def __init__(self, service: Service, app: Any) -> None:
+        self._service = service
+        self._app = app
+        self._task: asyncio.Task[None] | None = None
+
+    def hangup(self) -> None:
+        if self._task is not None and not self._task.done():
+            log.warning("SIGHUP: a reload is in progress; send it again once it has finished")
+            return
+        self._task = asyncio.get_running_loop().create_task(self._reload())
+
+    async def _reload(self) -> None:
+        try:
+            settings = load_settings()
+        except (OSError, ValueError) as error:
+            # pydantic's ValidationError is a ValueError: a broken file changes nothing.
+            log.error(
+                "SIGHUP: the config file cannot be read; nothing changed",
+                extra={"error": str(error)[:2000]},
+            )
+            return
+        await self._app.reload(self._service.config(settings))
 
 
 def write_envoy_config(settings: Settings, out: Path | None) -> int:

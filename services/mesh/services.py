@@ -29,6 +29,9 @@ class Service:
     factory: str = ""
     # Whether `slm up` runs it with these settings.
     enabled: Callable[[Settings], bool] = lambda _settings: True
+    # Whether its app takes its section anew on SIGHUP (`async reload(section)`); `slm up`
+    # passes a SIGHUP on to these.
+    reloads: bool = False
 
     def config(self, settings: Settings) -> Any:
         return getattr(settings, self.section)
@@ -58,7 +61,13 @@ SERVICES: tuple[Service, ...] = (
         enabled=lambda settings: bool(settings.inference_local.kv_cache),
     ),
     Service("adapter-registry", "grpc", "adapters", "adapters.app:build_app"),
-    Service("inference-local", "grpc", "inference_local", "inference_local.app:build_app"),
+    Service(
+        "inference-local",
+        "grpc",
+        "inference_local",
+        "inference_local.app:build_app",
+        reloads=True,
+    ),
     Service("inference-remote", "grpc", "inference_remote", "inference_remote.app:build_app"),
     Service("doorman", "grpc", "doorman", "doorman.app:build_app"),
     Service("gateway", "http", "gateway"),

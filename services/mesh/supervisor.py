@@ -18,7 +18,7 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mesh.services import REPLICA_ENV, SERVICES, Service
+from mesh.services import BY_NAME, REPLICA_ENV, SERVICES, Service
 from mesh.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,15 @@ class Supervisor:
                 await asyncio.sleep(0.2)
             log.info("ready", extra={"child": child.name})
 
+    def hangup(self) -> None:
+        """Pass a SIGHUP on to every child whose service reloads its config on one."""
+        for child in self.children:
+            process = child.process
+            if BY_NAME[child.name].reloads and process is not None and process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGHUP)
+                log.info("SIGHUP passed on", extra={"child": child.name, "replica": child.replica})
+
     async def stop(self) -> None:
         self._stopping = True
         for child in reversed(self.children):
@@ -184,7 +193,7 @@ async def run_up(settings: Settings, config_path: Path | None) -> int:
     from slm.server import wait_for_signal
 
     supervisor = Supervisor(settings, config_path)
-    stop = asyncio.create_task(wait_for_signal())
+    stop = asyncio.create_task(wait_for_signal(supervisor.hangup))
     start = asyncio.create_task(supervisor.start())
     done, _ = await asyncio.wait({stop, start}, return_when=asyncio.FIRST_COMPLETED)
     if start in done and start.exception() is None:

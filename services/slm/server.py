@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Protocol, Self
 
@@ -138,16 +138,20 @@ class GrpcService:
         log.info("stopped")
 
 
-async def wait_for_signal() -> None:
-    """Return when SIGTERM or SIGINT arrives."""
+async def wait_for_signal(on_hangup: Callable[[], None] | None = None) -> None:
+    """Return when SIGTERM or SIGINT arrives; call `on_hangup` on each SIGHUP meanwhile (with
+    none, SIGHUP is logged and ignored rather than ending the process)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(
+        signal.SIGHUP, on_hangup or (lambda: log.info("SIGHUP: nothing to reload here"))
+    )
     try:
         await stop.wait()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
 
