@@ -126,6 +126,7 @@ def test_value_files_cover_each_deployment_shape() -> None:
         "external-tier-values.yaml",
         "gpu-vllm-values.yaml",
         "signed-images-values.yaml",
+        "tiered-manifest-values.yaml",
     ]
 
 
@@ -620,6 +621,181 @@ def test_the_doorman_requires_a_tenant_off_loopback() -> None:
     chart = helm.Chart.load(CHART)
     with pytest.raises(helm.HelmError, match=r"auth\.keys or auth\.tenants is required"):
         chart.render({}, name=RELEASE, namespace=NAMESPACE)
+
+
+# --- model manifest ------------------------------------------------------------------------
+
+KEYS: Obj = {"auth": {"keys": ["sk-ci-default-key"]}}
+
+
+def render_with(values: Obj) -> list[Obj]:
+    chart = helm.Chart.load(CHART)
+    chart.validate_schema(values)
+    manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return [
+        doc
+        for path, text in manifests.items()
+        if not path.endswith("NOTES.txt")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
+
+
+def _local(values: Obj) -> Obj:
+    return {**KEYS, "inferenceLocal": values}
+
+
+def test_a_tiered_manifest_reaches_inference_local_and_the_doorman() -> None:
+    settings = Settings.model_validate(mesh_config(render("tiered-manifest-values.yaml")))
+    local = settings.inference_local
+    models = {m.name: m for m in local.models}
+    assert {n: m.tier for n, m in models.items()} == {
+        "router": "resident",
+        "coder": "standby",
+        "writer": "standby",
+    }
+    assert (local.memory_budget_mb, local.resident_budget_mb, local.standby_budget_mb) == (
+        7168,
+        2048,
+        4096,
+    )
+    # The Doorman's routing renders with manifests alone (no vLLM or external routes).
+    routing = settings.doorman.routing
+    assert routing.routes == []
+    (manifest,) = routing.manifests
+    assert (manifest.alias, manifest.router_model, manifest.fallback) == (
+        "assistant",
+        "router",
+        "writer",
+    )
+    assert manifest.intents == {"code": "coder", "writing": "writer"}
+    # Every model the alias may reach is one inference-local serves (no route: tier local),
+    # and every specialist behind the router is warmed by the router's requests.
+    for name in (manifest.router_model, manifest.fallback, *manifest.intents.values()):
+        assert models[name].effective_tier != "remote", name
+    for name in {manifest.fallback, *manifest.intents.values()}:
+        assert manifest.router_model in models[name].co_activation, name
+
+
+def test_budgets_are_the_meshs_defaults_unless_given() -> None:
+    rendered = mesh_config(render("default-values.yaml"))["inference_local"]
+    assert not {"memory_budget_mb", "resident_budget_mb", "standby_budget_mb"} & set(rendered)
+    # A standby budget of 0 (no standby models) is a budget, not "unset".
+    rendered = mesh_config(render_with(_local({"standbyBudgetMb": 0})))["inference_local"]
+    assert rendered["standby_budget_mb"] == 0
+    assert "resident_budget_mb" not in rendered
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"residentBudgetMb": 6144, "standbyBudgetMb": 3072},
+            r"residentBudgetMb \+ standbyBudgetMb \(9216 MiB\) exceed .*\(8Gi\)",
+        ),
+        (
+            {"memoryBudgetMb": 9000, "resources": {"limits": {"memory": "8192Mi"}}},
+            r"memoryBudgetMb \(9000 MiB\) exceeds .*\(8192Mi\)",
+        ),
+    ],
+)
+def test_budgets_over_the_cpu_pods_memory_limit_fail_the_render(values: Obj, message: str) -> None:
+    with pytest.raises(helm.HelmError, match=message):
+        render_with(_local(values))
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        # Exactly the limit fits.
+        {"residentBudgetMb": 6144, "standbyBudgetMb": 2048, "memoryBudgetMb": 8192},
+        # One budget alone leaves the other to memory_budget_mb: nothing to add up.
+        {"residentBudgetMb": 6144},
+        # On a GPU build the budgets count weights in GPU memory, which the limit does not cover.
+        {"variant": "cuda", "residentBudgetMb": 65536, "standbyBudgetMb": 16384},
+        # A limit in other units is not checked.
+        {
+            "residentBudgetMb": 6144,
+            "standbyBudgetMb": 3072,
+            "resources": {"limits": {"memory": "9G"}},
+        },
+    ],
+)
+def test_budgets_the_render_cannot_refuse_render(values: Obj) -> None:
+    rendered = mesh_config(render_with(_local(values)))["inference_local"]
+    assert rendered["resident_budget_mb"] == values["residentBudgetMb"]
+
+
+@pytest.mark.parametrize(
+    ("models", "message"),
+    [
+        (
+            [
+                {"name": "router", "path": "r.gguf", "tier": "remote"},
+                {"name": "coder", "path": "c.gguf", "tier": "standby", "co_activation": ["router"]},
+            ],
+            r'"coder" co_activation names "router", not a model served here \(served: coder\)',
+        ),
+        (
+            [{"name": "coder", "path": "c.gguf", "tier": "standby", "co_activation": ["nobody"]}],
+            r'"coder" co_activation names "nobody"',
+        ),
+    ],
+)
+def test_co_activation_of_a_model_not_served_here_fails_the_render(
+    models: list[Obj], message: str
+) -> None:
+    with pytest.raises(helm.HelmError, match=message):
+        render_with(_local({"models": models}))
+    # The mesh refuses the same config at start; the chart only says so earlier.
+    with pytest.raises(ValueError, match="not a model served here"):
+        Settings.model_validate({"inference_local": {"models": models}})
+
+
+def test_a_manifest_alias_given_twice_fails_the_render() -> None:
+    manifest = {"alias": "a", "router_model": "r", "intents": {"x": "s"}, "fallback": "s"}
+    values = {**KEYS, "doorman": {"routing": {"manifests": [manifest, manifest]}}}
+    with pytest.raises(helm.HelmError, match='alias "a" appears twice'):
+        render_with(values)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"inferenceLocal": {"models": [{"name": "m", "path": "p", "tier": "warm"}]}}, "tier"),
+        (
+            {"inferenceLocal": {"models": [{"name": "m", "path": "p", "co_activation": "r"}]}},
+            "co_activation",
+        ),
+        ({"inferenceLocal": {"residentBudgetMb": "2Gi"}}, "residentBudgetMb"),
+        ({"inferenceLocal": {"memoryBudgetMb": 32}}, "memoryBudgetMb"),
+        (
+            {"doorman": {"routing": {"manifests": [{"alias": "a", "router_model": "r"}]}}},
+            "intents",
+        ),
+        (
+            {
+                "doorman": {
+                    "routing": {
+                        "manifests": [
+                            {
+                                "alias": "a",
+                                "router_model": "r",
+                                "intents": {},
+                                "fallback": "s",
+                            }
+                        ]
+                    }
+                }
+            },
+            "intents",
+        ),
+    ],
+)
+def test_schema_refuses_bad_manifest_values(values: Obj, message: str) -> None:
+    chart = helm.Chart.load(CHART)
+    with pytest.raises(helm.HelmValuesError, match=message):
+        chart.validate_schema(values)
 
 
 # --- observability and helm test -----------------------------------------------------------
