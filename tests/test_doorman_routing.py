@@ -303,6 +303,15 @@ def test_external_upstreams_must_be_on_the_allowlist() -> None:
     assert RoutingConfig(routes=[route], external_allowlist=["remote.example"]).routes
 
 
+def test_a_model_or_alias_given_twice_is_refused() -> None:
+    route = RouteConfig(model="big", chain=[RouteStep(tier="local", upstream="a:1")])
+    with pytest.raises(ValueError, match="route for model 'big' is given twice"):
+        RoutingConfig(routes=[route, route])
+    manifest = ManifestConfig(alias="auto", router_model="r", intents={"x": "s"}, fallback="s")
+    with pytest.raises(ValueError, match="manifest alias 'auto' is given twice"):
+        RoutingConfig(manifests=[manifest, manifest])
+
+
 # Longer than any first token of the live upstream takes on a loaded 2-core machine: only an
 # upstream that cannot answer reaches it.
 FIRST_TOKEN_TIMEOUT_S = 10.0

@@ -65,6 +65,20 @@ class RoutingConfig(Section):
     breaker_reset_s: float = Field(default=10.0, gt=0)
 
     @model_validator(mode="after")
+    def _names_once(self) -> RoutingConfig:
+        """A model routed twice, or an alias given twice, would lose one entry in silence."""
+        for kind, names in (
+            ("route for model", [r.model for r in self.routes]),
+            ("manifest alias", [m.alias for m in self.manifests]),
+        ):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(
+                    f"doorman.routing: {kind} {', '.join(map(repr, twice))} is given twice"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _external_hosts_allowed(self) -> RoutingConfig:
         allowed = {host.lower() for host in self.external_allowlist}
         for route in self.routes:
