@@ -64,6 +64,7 @@ from slm.v1 import (
 )
 
 RESULTS = Path(__file__).parent / "results"
+MB = 1 << 20
 SPECIALIST = "specialist"
 ALIAS = "auto"
 INTENTS = {"math": SPECIALIST, "poetry": SPECIALIST}
@@ -178,12 +179,24 @@ class Driver:
             "specialist_total_s": ended - routed,
         }
 
-    async def state(self, name: str) -> str:
-        models = await self.stub.ListModels(inference_pb2.ListModelsRequest())
-        for model in models.models:
+    async def settle(self) -> None:
+        """One token from the specialist, which waits for any load of it in progress."""
+        request = self.specialist_request("Hello.")
+        request.sampling.max_tokens = 1
+        async for _ in self.stub.Generate(request):
+            pass
+
+    async def info(self, name: str) -> types_pb2.ModelInfo:
+        listed: inference_pb2.ListModelsResponse = await self.stub.ListModels(
+            inference_pb2.ListModelsRequest()
+        )
+        for model in listed.models:
             if model.name == name:
-                return str(types_pb2.ModelState.Name(model.state))
+                return model
         raise LookupError(f"{name} is not listed")
+
+    async def state(self, name: str) -> str:
+        return str(types_pb2.ModelState.Name((await self.info(name)).state))
 
     async def demote(self, name: str) -> None:
         """Put a standby model back to MAPPED: its context dropped, its weights kept."""
@@ -216,10 +229,19 @@ async def doorman_trial(
     return {"e2e_ttft_s": first - started, "e2e_total_s": ended - started}
 
 
-def specialist_histograms(registry: CollectorRegistry) -> dict[str, dict[str, float]]:
-    """Every slm_engine_model_* histogram of the specialist: count, sum and mean seconds."""
+def specialist_metrics(registry: CollectorRegistry) -> dict[str, dict[str, float]]:
+    """The specialist's slm_engine_model_* histograms (count, sum and mean seconds) and its
+    co-activations by outcome."""
     found: dict[str, dict[str, float]] = {}
     for family in registry.collect():
+        if family.type == "counter" and family.name == "slm_engine_co_activations":
+            outcomes = {
+                sample.labels["outcome"]: int(sample.value)
+                for sample in family.samples
+                if sample.labels.get("model") == SPECIALIST and sample.name.endswith("_total")
+            }
+            if outcomes:
+                found[family.name] = dict(outcomes)
         if family.type != "histogram" or not family.name.startswith("slm_engine_model_"):
             continue
         totals: dict[str, float] = {}
@@ -238,9 +260,36 @@ def specialist_histograms(registry: CollectorRegistry) -> dict[str, dict[str, fl
     return found
 
 
+def since(
+    after: dict[str, dict[str, float]], before: dict[str, dict[str, float]]
+) -> dict[str, dict[str, float]]:
+    """What `after` added to `before`, the means recomputed."""
+    added: dict[str, dict[str, float]] = {}
+    for name, values in after.items():
+        old = before.get(name, {})
+        if "count" in values and "sum_s" in values:
+            count = values["count"] - old.get("count", 0)
+            total = values["sum_s"] - old.get("sum_s", 0.0)
+            if count:
+                added[name] = {
+                    "count": count,
+                    "sum_s": round(total, 4),
+                    "mean_ms": round(total / count * 1000, 1),
+                }
+        else:
+            diff = {k: v - old.get(k, 0) for k, v in values.items() if v - old.get(k, 0)}
+            if diff:
+                added[name] = diff
+    return added
+
+
 @contextlib.asynccontextmanager
 async def variant_mesh(
-    settings: Settings, variant: Variant, specialist_file: Path, ledger: GrpcService
+    settings: Settings,
+    variant: Variant,
+    specialist_file: Path,
+    ledger: GrpcService,
+    parallel: int | None,
 ) -> AsyncIterator[tuple[GrpcService, GrpcService]]:
     """inference-local with the router and this variant's specialist, and a Doorman whose
     manifest routes the alias through them."""
@@ -255,6 +304,7 @@ async def variant_mesh(
         chat_template=router.chat_template,
         tier=variant.tier,
         co_activation=list(variant.co_activation),
+        parallel=parallel,
     )
     local = settings.inference_local.model_copy(
         update={
@@ -302,7 +352,10 @@ async def run_variant(
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     async with (
-        variant_mesh(settings, variant, specialist_file, ledger) as (inference, doorman),
+        variant_mesh(settings, variant, specialist_file, ledger, args.parallel) as (
+            inference,
+            doorman,
+        ),
         grpc.aio.insecure_channel(f"127.0.0.1:{inference.port}") as local_channel,
         grpc.aio.insecure_channel(f"127.0.0.1:{doorman.port}") as doorman_channel,
     ):
@@ -313,13 +366,17 @@ async def run_variant(
         # (Tokenize, once per router) are then warm in every variant alike.
         await driver.trial(question(-1))
         await doorman_trial(chat, question(-1), args.max_tokens)
-        before = specialist_histograms(inference.registry)
+        ready_mb = (await driver.info(SPECIALIST)).memory_bytes / MB
+        mapped_mb = None
+        before = specialist_metrics(inference.registry)
 
         direct = []
         for trial in range(args.trials):
             if variant.demote:
                 await driver.demote(SPECIALIST)
+                mapped_mb = (await driver.info(SPECIALIST)).memory_bytes / MB
             direct.append(await driver.trial(question(trial)))
+        direct_metrics = since(specialist_metrics(inference.registry), before)
         through_doorman = []
         for trial in range(args.trials):
             if variant.demote:
@@ -331,7 +388,9 @@ async def run_variant(
                 await driver.demote(SPECIALIST)
             await driver.router_hop(question(trial))
             after_router.append(await driver.state(SPECIALIST))
-        histograms = specialist_histograms(inference.registry)
+            # Wait the warming out: the next demote, or the engine's shutdown, must not meet a
+            # context still being allocated.
+            await driver.settle()
 
     def column(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
         return summary_ms([row[key] for row in rows])
@@ -347,9 +406,11 @@ async def run_variant(
         "doorman_e2e_ttft": column(through_doorman, "e2e_ttft_s"),
         "doorman_e2e_total": column(through_doorman, "e2e_total_s"),
         "state_after_router_hop": after_router,
-        # Over the whole run; "before" is what the untimed warm-up pass left.
-        "engine_histograms": histograms,
-        "engine_histograms_after_warmup": before,
+        # The engine's estimate: weights alone (MAPPED), and with KV and compute (READY).
+        "specialist_mapped_mb": None if mapped_mb is None else round(mapped_mb, 1),
+        "specialist_ready_mb": round(ready_mb, 1),
+        # The specialist's metrics over the direct trials alone.
+        "engine_metrics": direct_metrics,
         "direct_trials": direct,
         "doorman_trials": through_doorman,
     }
@@ -376,6 +437,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             settings.telemetry,
             registry,
         ) as ledger:
+            print(HEADER)
             for variant in variants:
                 row = await run_variant(settings, variant, specialist_file, ledger, args)
                 rows.append(row)
@@ -388,25 +450,39 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "trials": args.trials,
         "probes": args.probes,
         "max_tokens": args.max_tokens,
+        "specialist_parallel": args.parallel,
         "rows": rows,
     }
 
 
+HEADER = (
+    f"{'variant':22s} {'specialist TTFT':>17s} {'router hop':>10s} {'alias TTFT':>10s}"
+    f" {'Doorman alias TTFT':>18s} {'READY after':>11s}\n"
+    f"{'':22s} {'p50 / p90 ms':>17s} {'p50 ms':>10s} {'p50 ms':>10s}"
+    f" {'p50 / p90 ms':>18s} {'router hop':>11s}"
+)
+
+
 def print_row(row: dict[str, Any]) -> None:
     ttft, e2e = row["specialist_ttft"], row["doorman_e2e_ttft"]
-    ready = sum(s == "MODEL_STATE_READY" for s in row["state_after_router_hop"])
-    loads = ", ".join(
-        f"{name.removeprefix('slm_engine_model_')} {h['count']}x {h['mean_ms']:.0f} ms"
-        for name, h in row["engine_histograms"].items()
-    )
+    probes = row["state_after_router_hop"]
+    ready = f"{sum(s == 'MODEL_STATE_READY' for s in probes)}/{len(probes)}"
     print(
-        f"{row['variant']:22s} specialist TTFT p50 {ttft['p50_ms']:7.1f}"
-        f" p90 {ttft['p90_ms']:7.1f} ms"
-        f" | router hop p50 {row['router_hop']['p50_ms']:6.1f} ms"
-        f" | doorman alias TTFT p50 {e2e['p50_ms']:7.1f} p90 {e2e['p90_ms']:7.1f} ms"
-        f" | READY after router {ready}/{len(row['state_after_router_hop'])}"
-        f" | {loads or 'no loads'}"
+        f"{row['variant']:22s} {ttft['p50_ms']:7.0f} / {ttft['p90_ms']:7.0f}"
+        f" {row['router_hop']['p50_ms']:10.0f} {row['alias_ttft_direct']['p50_ms']:10.0f}"
+        f" {e2e['p50_ms']:8.0f} / {e2e['p90_ms']:7.0f}"
+        f" {ready:>11s}"
     )
+    metrics = ", ".join(
+        f"{name.removeprefix('slm_engine_model_')} {m['count']}x mean {m['mean_ms']:.0f} ms"
+        if "mean_ms" in m
+        else f"co_activations {m}"
+        for name, m in row["engine_metrics"].items()
+    )
+    memory = f"READY {row['specialist_ready_mb']:.0f} MiB"
+    if row["specialist_mapped_mb"] is not None:
+        memory += f", MAPPED {row['specialist_mapped_mb']:.0f} MiB"
+    print(f"{'':22s} direct trials: {metrics or 'no loads'}; specialist {memory}")
 
 
 def main() -> int:
@@ -416,6 +492,12 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--probes", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=8, help="the specialist's answer")
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=None,
+        help="the specialist's sequence slots (default: inference_local.parallel, as make run)",
+    )
     parser.add_argument(
         "--variants",
         nargs="+",
