@@ -138,7 +138,11 @@ def test_a_model_loaded_through_the_admin_api_is_on_both_replicas(mesh2: Mesh) -
     assert [r["address"] for r in listing["replicas"]] == addresses
     twin = {m["id"]: m for m in listing["data"]}[TWIN]
     assert twin["loaded"] is True
-    assert twin["replicas"] == [{"address": a, "loaded": True} for a in addresses]
+    assert [(r["address"], r["loaded"], r["state"]) for r in twin["replicas"]] == [
+        (a, True, "ready") for a in addresses
+    ]
+    # Each replica holds a copy: weights, KV and compute of its own.
+    assert all(r["memory_bytes"] > 200 << 20 for r in twin["replicas"])
 
     before = counts(mesh2, TWIN)
     for _ in range(6):
