@@ -151,6 +151,41 @@ def test_models_load_and_unload(mesh: Mesh) -> None:
 
 
 @pytest.mark.e2e
+def test_models_apply_sends_the_config_files_manifest(mesh: Mesh, tmp_path: Path) -> None:
+    """A dry run: the shared mesh keeps its manifest; the report says what would change."""
+    config = tmp_path / "slm.toml"
+    untiered = mesh.settings
+    config.write_text(to_toml(untiered))
+    refused = slm("models", "apply", "--dry-run", "--url", mesh.base_url, config=config)
+    assert refused.returncode == 1
+    assert f"{DEFAULT_MODEL!r} has no tier in the config file" in refused.stderr
+
+    local = untiered.inference_local
+    tiered = untiered.model_copy(
+        update={
+            "inference_local": local.model_copy(
+                update={
+                    "models": [
+                        local.models[0].model_copy(update={"tier": "resident"}),
+                        local.models[0].model_copy(
+                            update={"name": "standby-twin", "tier": "standby", "package": None}
+                        ),
+                    ]
+                }
+            )
+        }
+    )
+    config.write_text(to_toml(tiered))
+    result = slm("models", "apply", "--dry-run", "--url", mesh.base_url, config=config)
+    assert result.returncode == 0, result.stderr
+    address = mesh.settings.inference_local.endpoint.address
+    assert f"{address}: added standby-twin, changed {DEFAULT_MODEL}" in result.stdout
+    assert "standby-twin  standby   mapped" in result.stdout
+    listed = httpx.get(f"{mesh.base_url}/admin/models", timeout=30).json()
+    assert "standby-twin" not in {m["id"] for m in listed["data"]}
+
+
+@pytest.mark.e2e
 def test_adapters_list(mesh: Mesh) -> None:
     result = slm("adapters", "list", "--url", mesh.base_url)
     assert result.returncode == 0, result.stderr

@@ -195,6 +195,8 @@ async def test_dry_run_reports_and_changes_nothing(tiered: Engine) -> None:
     assert (result.change.added, result.change.removed) == (("other",), ("specialist", "big"))
     assert result.change.kept == ("router",)
     assert {m.name: m.state for m in result.models} == {"router": "ready", "other": "mapped"}
+    # Each with its share of its tier's budget: the standby one its weights.
+    assert [m.memory_bytes > 200 << 20 for m in result.models] == [True, True]
     assert state(tiered) == before
 
 

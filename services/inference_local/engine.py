@@ -887,10 +887,10 @@ class Engine:
             standby_budget_mb * MB if standby_budget_mb is not None else self._budgets.standby,
             self._budgets.total,
         )
-        await self._shares(models, every_file=True, budgets=budgets)
+        shares = await self._shares(models, every_file=True, budgets=budgets)
         change = diff(self._configured, models)
         if dry_run:
-            return ManifestResult(change, _planned(models, self.models()))
+            return ManifestResult(change, _planned(models, self.models(), shares))
         switched = asyncio.Event()
         self._switching = switched
         started = time.perf_counter()
@@ -1378,10 +1378,13 @@ def _warms_of(models: list[ModelConfig]) -> dict[str, tuple[str, ...]]:
     return {router: tuple(names) for router, names in warms.items()}
 
 
-def _planned(models: list[ModelConfig], current: list[ModelInfo]) -> list[ModelInfo]:
+def _planned(
+    models: list[ModelConfig], current: list[ModelInfo], shares: list[Share]
+) -> list[ModelInfo]:
     """What ListModels would show after a manifest, for a dry run: a kept model as it is, the
-    others in the state their tier brings them up in."""
+    others in the state their tier brings them up in, with their share of its budget."""
     now = {m.name: m for m in current}
+    memory = {s.name: s.total for s in shares}
     planned = []
     for entry in models:
         info = now.get(entry.name)
@@ -1401,6 +1404,7 @@ def _planned(models: list[ModelConfig], current: list[ModelInfo]) -> list[ModelI
                 embeddings=entry.embeddings,
                 tier=tier,
                 state=state,
+                memory_bytes=memory.get(entry.name, 0),
                 co_activation=tuple(entry.co_activation),
             )
         )

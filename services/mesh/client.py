@@ -17,7 +17,7 @@ from typing import IO, Any, TypeVar
 import httpx
 from tqdm import tqdm
 
-from inference_local.config import ModelConfig
+from inference_local.config import InferenceLocalConfig, ModelConfig
 from mesh.settings import Settings
 from slm import errors
 
@@ -26,7 +26,7 @@ T = TypeVar("T")
 ADMIN_KEY_ENV = "SLM_ADMIN_KEY"
 API_KEY_ENV = "SLM_API_KEY"
 CLIENT_COMMANDS = ("chat", "adapters")
-MODEL_ACTIONS = ("list", "load", "unload")
+MODEL_ACTIONS = ("list", "load", "unload", "apply")
 # How often a progress bar redraws while it waits on work it cannot measure.
 _TICK_S = 0.2
 
@@ -164,6 +164,9 @@ class MeshClient:
 
     def unload_model(self, name: str) -> Any:
         return self._call("POST", "/admin/models/unload", admin=True, body={"name": name})
+
+    def apply_manifest(self, body: Mapping[str, Any]) -> Any:
+        return self._call("PUT", "/admin/manifest", admin=True, body=body)
 
     # -- adapters -------------------------------------------------------------------------------
 
@@ -313,9 +316,15 @@ def _size(path: Path) -> int:
 
 
 def add_arguments(commands: Any, models: argparse.ArgumentParser) -> None:
-    """Add `slm chat`, `slm adapters ...` and the arguments of `slm models list|load|unload`."""
+    """Add `slm chat`, `slm adapters ...` and the arguments of `slm models
+    list|load|unload|apply`."""
     models.add_argument("name", nargs="?", help="model name (load, unload)")
     models.add_argument("--path", help="load: GGUF file, inside the models directory")
+    models.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="apply: report what the config file's manifest would change, change nothing",
+    )
     _connection_arguments(models)
 
     chat = commands.add_parser("chat", help="chat with a model, streaming (Ctrl-C stops)")
@@ -366,6 +375,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         with MeshClient(url, api_key=args.api_key, admin_key=args.admin_key) as client:
             if args.command == "chat":
                 return chat_loop(client, args, sys.stdin, sys.stdout, sys.stderr)
+            if args.command == "models" and args.action == "apply":
+                return apply_command(client, settings, args.dry_run, sys.stdout, sys.stderr)
             if args.command == "models":
                 return models_command(client, args, sys.stdout, sys.stderr)
             return adapters_command(client, args, sys.stdout)
@@ -404,6 +415,48 @@ def models_command(client: MeshClient, args: argparse.Namespace, out: IO[str], e
     else:
         reply = client.unload_model(args.name)
     print(f"{args.action}ed {args.name}" if reply is None else json.dumps(reply), file=out)
+    return 0
+
+
+def manifest_body(config: InferenceLocalConfig, dry_run: bool) -> dict[str, Any]:
+    """PUT /admin/manifest's body from the config file's inference_local section: its models
+    (each must name a tier: the manifest says where every model is kept) and tier budgets."""
+    untiered = [m.name for m in config.models if m.tier is None]
+    if untiered:
+        raise errors.InvalidArgument(
+            f"slm models apply: {', '.join(map(repr, untiered))} has no tier in the config "
+            "file (resident, standby, remote or on_demand)"
+        )
+    body: dict[str, Any] = {
+        "models": [
+            m.model_dump(mode="json", exclude_none=True, exclude={"preload", "pinned"})
+            for m in config.models
+        ],
+        "dry_run": dry_run,
+    }
+    if config.resident_budget_mb is not None:
+        body["resident_budget_mb"] = config.resident_budget_mb
+    if config.standby_budget_mb is not None:
+        body["standby_budget_mb"] = config.standby_budget_mb
+    return body
+
+
+def apply_command(
+    client: MeshClient, settings: Settings, dry_run: bool, out: IO[str], err: IO[str]
+) -> int:
+    """`slm models apply`: the config file's model manifest onto every inference-local replica
+    of the running mesh, with a drain (or, with --dry-run, what it would change)."""
+    body = manifest_body(settings.inference_local, dry_run)
+    verb = "checking" if dry_run else "applying"
+    reply = with_spinner(f"{verb} the manifest", lambda: client.apply_manifest(body), err)
+    for replica in reply.get("replicas", []):
+        changes = ", ".join(
+            f"{what} {' '.join(replica[what])}"
+            for what in ("added", "removed", "changed", "kept")
+            if replica.get(what)
+        )
+        print(f"{replica['address']}: {changes or 'nothing'}", file=out)
+    print_table(items(reply), out, prefer=("id", "tier", "state", "memory_bytes", "co_activation"))
     return 0
 
 
