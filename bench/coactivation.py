@@ -3,22 +3,24 @@ standby (cold: the request allocates its context), standby with co_activation na
 (made READY while the router runs) and resident, on the default model.
 
 inference-local, the ledger and a Doorman run as gRPC servers in this process on `make run`'s
-defaults, one inference-local per variant with two models: the router (the bundled default
-model, as configured) and a specialist, a copy of the same GGUF under another file name so that
-it shares no weights with the router. For each variant:
+defaults, one inference-local and one Doorman per variant, all up at once: each inference-local
+serves two models, the router (the bundled default model, as configured) and a specialist, a
+copy of the same GGUF under another file name so that it shares no weights with the router.
+The variants take turns trial by trial, so other load on the machine falls on each alike; after
+each trial a standby specialist is put back to MAPPED (UnloadModel on a standby model drops its
+context, keeps its weights). Phases:
 
-- direct: --trials times, the specialist is put back to MAPPED (UnloadModel on a standby model
-  drops its context, keeps its weights), then the router is asked for an intent as the Doorman
-  asks it (its prompt, one greedy token biased to the intents' first tokens), to completion,
-  then the specialist is asked the question; the specialist's TTFT is from its Generate call
-  to its first token, the alias's from the router's Generate call to that token.
-- doorman: --trials times, the specialist back to MAPPED, then a chat for the manifest's alias
-  through the Doorman, which routes it router -> specialist; its TTFT is from the Chat call to
-  the first text event.
-- probes: --probes times, the specialist back to MAPPED, the router hop alone, then ListModels:
-  the specialist's state right after the router (READY when the warming won the race).
-- the engine's model load / load wait histograms (slm_engine_model_*) of the specialist, so
-  the saving is explained by what the cold path pays.
+- direct (--trials): the router is asked for an intent as the Doorman asks it (its prompt, one
+  greedy token biased to the intents' first tokens), to completion, then the specialist is
+  asked the question; the specialist's TTFT is from its Generate call to its first token, the
+  alias's from the router's Generate call to that token.
+- doorman (--trials): a chat for the manifest's alias through the Doorman, which routes it
+  router -> specialist; its TTFT is from the Chat call to the first text event.
+- probes (--probes): the router hop alone, then ListModels: the specialist's state right after
+  the router (READY when the warming finished within the router hop).
+- the specialist's engine metrics over the direct trials (slm_engine_model_load_seconds: the
+  standby -> READY context allocation; load_wait; co_activations by outcome) and its memory
+  MAPPED and READY, so the saving is explained by what the cold path pays.
 
 It prints a table and writes JSON to --out.
 
@@ -39,7 +41,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -344,76 +346,100 @@ async def variant_mesh(
             yield inference, service
 
 
-async def run_variant(
-    settings: Settings,
-    variant: Variant,
-    specialist_file: Path,
-    ledger: GrpcService,
-    args: argparse.Namespace,
-) -> dict[str, Any]:
-    async with (
-        variant_mesh(settings, variant, specialist_file, ledger, args.parallel) as (
-            inference,
-            doorman,
-        ),
-        grpc.aio.insecure_channel(f"127.0.0.1:{inference.port}") as local_channel,
-        grpc.aio.insecure_channel(f"127.0.0.1:{doorman.port}") as doorman_channel,
-    ):
-        driver = Driver(local_channel, args.max_tokens)
-        chat = doorman_pb2_grpc.DoormanServiceStub(doorman_channel)
-        started_state = await driver.state(SPECIALIST)
+@dataclass
+class Subject:
+    """One variant's mesh in the run, and what was measured on it."""
+
+    variant: Variant
+    inference: GrpcService
+    driver: Driver
+    chat: doorman_pb2_grpc.DoormanServiceStub
+    state_at_start: str = ""
+    ready_mb: float = 0.0
+    mapped_mb: float | None = None
+    direct: list[dict[str, float]] = field(default_factory=list)
+    through_doorman: list[dict[str, Any]] = field(default_factory=list)
+    after_router: list[str] = field(default_factory=list)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    async def demote(self) -> None:
+        """Back to MAPPED after a trial, so a standby specialist holds no context while the
+        other variants run."""
+        if self.variant.demote:
+            await self.driver.demote(SPECIALIST)
+            self.mapped_mb = (await self.driver.info(SPECIALIST)).memory_bytes / MB
+
+    async def expect_start_state(self) -> None:
+        state = await self.driver.state(SPECIALIST)
+        wanted = "MODEL_STATE_MAPPED" if self.variant.demote else "MODEL_STATE_READY"
+        assert state == wanted, f"{self.variant.name}: the specialist is {state} before a trial"
+
+    def row(self) -> dict[str, Any]:
+        def column(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
+            return summary_ms([row[key] for row in rows])
+
+        return {
+            "variant": self.variant.name,
+            "tier": self.variant.tier,
+            "co_activation": list(self.variant.co_activation),
+            "state_at_start": self.state_at_start,
+            "specialist_ttft": column(self.direct, "specialist_ttft_s"),
+            "router_hop": column(self.direct, "router_s"),
+            "alias_ttft_direct": column(self.direct, "alias_ttft_s"),
+            "doorman_e2e_ttft": column(self.through_doorman, "e2e_ttft_s"),
+            "doorman_e2e_total": column(self.through_doorman, "e2e_total_s"),
+            "state_after_router_hop": self.after_router,
+            # The engine's estimate: weights alone (MAPPED), and with KV and compute (READY).
+            "specialist_mapped_mb": None if self.mapped_mb is None else round(self.mapped_mb, 1),
+            "specialist_ready_mb": round(self.ready_mb, 1),
+            # The specialist's metrics over the direct trials alone.
+            "engine_metrics": self.metrics,
+            "direct_trials": self.direct,
+            "doorman_trials": self.through_doorman,
+        }
+
+
+async def measure(subjects: list[Subject], args: argparse.Namespace) -> None:
+    """Every phase trial by trial, the variants taking turns (in a rotating order), so that
+    other load on the machine falls on all of them alike."""
+
+    def turns(trial: int) -> list[Subject]:
+        shift = trial % len(subjects)
+        return subjects[shift:] + subjects[:shift]
+
+    for subject in subjects:
+        driver = subject.driver
+        subject.state_at_start = await driver.state(SPECIALIST)
         # One untimed pass each way: the router's pages and the Doorman's intent constraint
         # (Tokenize, once per router) are then warm in every variant alike.
         await driver.trial(question(-1))
-        await doorman_trial(chat, question(-1), args.max_tokens)
-        ready_mb = (await driver.info(SPECIALIST)).memory_bytes / MB
-        mapped_mb = None
-        before = specialist_metrics(inference.registry)
-
-        direct = []
-        for trial in range(args.trials):
-            if variant.demote:
-                await driver.demote(SPECIALIST)
-                mapped_mb = (await driver.info(SPECIALIST)).memory_bytes / MB
-            direct.append(await driver.trial(question(trial)))
-        direct_metrics = since(specialist_metrics(inference.registry), before)
-        through_doorman = []
-        for trial in range(args.trials):
-            if variant.demote:
-                await driver.demote(SPECIALIST)
-            through_doorman.append(await doorman_trial(chat, question(trial), args.max_tokens))
-        after_router = []
-        for trial in range(args.probes):
-            if variant.demote:
-                await driver.demote(SPECIALIST)
-            await driver.router_hop(question(trial))
-            after_router.append(await driver.state(SPECIALIST))
-            # Wait the warming out: the next demote, or the engine's shutdown, must not meet a
+        await doorman_trial(subject.chat, question(-1), args.max_tokens)
+        subject.ready_mb = (await driver.info(SPECIALIST)).memory_bytes / MB
+        await subject.demote()
+    before = [specialist_metrics(s.inference.registry) for s in subjects]
+    for trial in range(args.trials):
+        for subject in turns(trial):
+            await subject.expect_start_state()
+            subject.direct.append(await subject.driver.trial(question(trial)))
+            await subject.demote()
+    for subject, old in zip(subjects, before, strict=True):
+        subject.metrics = since(specialist_metrics(subject.inference.registry), old)
+    for trial in range(args.trials):
+        for subject in turns(trial):
+            await subject.expect_start_state()
+            subject.through_doorman.append(
+                await doorman_trial(subject.chat, question(trial), args.max_tokens)
+            )
+            await subject.demote()
+    for trial in range(args.probes):
+        for subject in turns(trial):
+            await subject.expect_start_state()
+            await subject.driver.router_hop(question(trial))
+            subject.after_router.append(await subject.driver.state(SPECIALIST))
+            # Wait the warming out: the demote, or the engine's shutdown, must not meet a
             # context still being allocated.
-            await driver.settle()
-
-    def column(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
-        return summary_ms([row[key] for row in rows])
-
-    return {
-        "variant": variant.name,
-        "tier": variant.tier,
-        "co_activation": list(variant.co_activation),
-        "state_at_start": started_state,
-        "specialist_ttft": column(direct, "specialist_ttft_s"),
-        "router_hop": column(direct, "router_s"),
-        "alias_ttft_direct": column(direct, "alias_ttft_s"),
-        "doorman_e2e_ttft": column(through_doorman, "e2e_ttft_s"),
-        "doorman_e2e_total": column(through_doorman, "e2e_total_s"),
-        "state_after_router_hop": after_router,
-        # The engine's estimate: weights alone (MAPPED), and with KV and compute (READY).
-        "specialist_mapped_mb": None if mapped_mb is None else round(mapped_mb, 1),
-        "specialist_ready_mb": round(ready_mb, 1),
-        # The specialist's metrics over the direct trials alone.
-        "engine_metrics": direct_metrics,
-        "direct_trials": direct,
-        "doorman_trials": through_doorman,
-    }
+            await subject.driver.settle()
+            await subject.demote()
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -428,22 +454,42 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         shutil.copyfile(default_model_file(), specialist_file)
         settings = mesh_settings(state_dir)
         registry = CollectorRegistry()
-        variants = [v for v in VARIANTS if v.name in args.variants]
-        rows = []
-        async with GrpcService(
-            "ledger",
-            ledger_app(settings.ledger, runtime(settings, registry)),
-            port0(settings.ledger.endpoint),
-            settings.telemetry,
-            registry,
-        ) as ledger:
-            print(HEADER)
-            for variant in variants:
-                row = await run_variant(settings, variant, specialist_file, ledger, args)
-                rows.append(row)
-                print_row(row)
+        async with contextlib.AsyncExitStack() as stack:
+            ledger = await stack.enter_async_context(
+                GrpcService(
+                    "ledger",
+                    ledger_app(settings.ledger, runtime(settings, registry)),
+                    port0(settings.ledger.endpoint),
+                    settings.telemetry,
+                    registry,
+                )
+            )
+            subjects = []
+            for variant in (v for v in VARIANTS if v.name in args.variants):
+                inference, doorman = await stack.enter_async_context(
+                    variant_mesh(settings, variant, specialist_file, ledger, args.parallel)
+                )
+                local = await stack.enter_async_context(
+                    grpc.aio.insecure_channel(f"127.0.0.1:{inference.port}")
+                )
+                channel = await stack.enter_async_context(
+                    grpc.aio.insecure_channel(f"127.0.0.1:{doorman.port}")
+                )
+                subjects.append(
+                    Subject(
+                        variant,
+                        inference,
+                        Driver(local, args.max_tokens),
+                        doorman_pb2_grpc.DoormanServiceStub(channel),
+                    )
+                )
+            await measure(subjects, args)
+        rows = [subject.row() for subject in subjects]
     finally:
         shutil.rmtree(state_dir, ignore_errors=True)
+    print(HEADER)
+    for row in rows:
+        print_row(row)
     return {
         "machine": platform.machine(),
         "date": datetime.date.today().isoformat(),
