@@ -5,10 +5,13 @@ drives it over the admin API, tests/test_manifest_reload.py by SIGHUP)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import SHARED_MODELS_DIR, until
@@ -279,3 +282,64 @@ def test_tier_fields_are_checked_in_the_config() -> None:
         InferenceLocalConfig(
             models=[entry("a", "standby", co_activation=["b"]), entry("b", "remote")]
         )
+
+
+class HeldOpen:
+    """Holds the engine's context allocation (in its worker thread) until released, so a test
+    can cancel what waits for it while the thread is still working."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.finished = threading.Event()
+        real = engine._open
+
+        def held(*args: Any) -> Any:
+            self.entered.set()
+            self.release.wait(timeout=60)
+            try:
+                return real(*args)
+            finally:
+                self.finished.set()
+
+        engine._open = held  # type: ignore[method-assign,assignment]
+
+    async def wait_entered(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, 60)
+
+    async def assert_waited_for(self, task: asyncio.Task[Any]) -> None:
+        """`task` cannot end while the thread is held; then the thread is let go and it ends
+        once the thread has (a task that ended at once would free what the thread uses)."""
+        done, _ = await asyncio.wait({task}, timeout=1.0)
+        assert not done
+        self.release.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert self.finished.is_set()
+
+
+async def test_closing_while_a_specialist_warms_waits_for_its_thread(tiered: Engine) -> None:
+    """close() cancels the warming; the thread allocating the context cannot be stopped, so its
+    model must not be freed under it (this crashed the process before)."""
+    held = HeldOpen(tiered)
+    await generate(tiered, "router")
+    await held.wait_entered()
+    warming = tiered._warming["specialist"]
+    closing = asyncio.create_task(tiered.close())
+    await until(lambda: warming.cancelling() > 0)
+    await held.assert_waited_for(closing)
+    assert warming.cancelled()
+    assert tiered.weights_loaded == 0
+
+
+async def test_a_client_leaving_during_a_cold_load_leaves_nothing_half_made(
+    tiered: Engine,
+) -> None:
+    held = HeldOpen(tiered)
+    request = asyncio.create_task(generate(tiered, "specialist"))
+    await held.wait_entered()
+    request.cancel()
+    await held.assert_waited_for(request)
+    assert request.cancelled()
+    assert state(tiered)["specialist"] == ("standby", "mapped")
+    assert (await generate(tiered, "specialist"))[0]

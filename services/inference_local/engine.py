@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -74,6 +75,7 @@ __all__ = [
 ]
 
 MB = 1 << 20
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -547,23 +549,28 @@ class Engine:
                 )
             return self._info(existing)
         started = time.perf_counter()
-        path = await asyncio.to_thread(self._model_file, spec)
+        path = await _blocking(functools.partial(self._model_file, spec))
         key = (path, _variant(spec))
         weights = self._weights.get(key)
         if weights is not None:
             # Hold the shared weights, so making room cannot free them under us.
             weights.refs += 1
         try:
-            meta = weights.meta if weights else await asyncio.to_thread(_read_metadata, path)
+            meta = (
+                weights.meta
+                if weights
+                else await _blocking(functools.partial(_read_metadata, path))
+            )
             ctx_len = spec.context_length or 2048
             n_slots, slots_why = self._slots(spec, meta, ctx_len)
             estimate = self._estimate(meta, path, n_slots, ctx_len, weights is None)
             await self._make_room(spec.name, estimate)
             if weights is None:
-                model = await asyncio.to_thread(
+                model = await _blocking(
                     functools.partial(
                         Model, path, repack=spec.repack_weights, gpu_layers=spec.gpu_layers
-                    )
+                    ),
+                    Model.close,
                 )
                 weights = _Weights(
                     model,
@@ -576,8 +583,11 @@ class Engine:
                 )
                 self._weights[key] = weights
             context_bytes = self._estimate(meta, path, n_slots, ctx_len, False)
-            loaded = await asyncio.to_thread(
-                self._open, spec, weights, n_slots, ctx_len, estimate, context_bytes
+            loaded = await _blocking(
+                functools.partial(
+                    self._open, spec, weights, n_slots, ctx_len, estimate, context_bytes
+                ),
+                lambda made: made.context.close(),
             )
         except BaseException:
             if weights is not None:
@@ -774,13 +784,16 @@ class Engine:
 
     async def _unload_locked(self, name: str, reason: str) -> None:
         loaded = self._loaded.pop(name)
-        if loaded.scheduler is not None:
-            await asyncio.to_thread(loaded.scheduler.close)
-        # The context may still point at its adapters: free it first.
-        loaded.context.close()
-        for adapter, _ in loaded.adapters.values():
-            adapter.close()
-        self._drop_weights(loaded.weights)
+        try:
+            if loaded.scheduler is not None:
+                await _blocking(loaded.scheduler.close)
+        finally:
+            # Also when the unload is cancelled: the scheduler has stopped by then.
+            # The context may still point at its adapters: free it first.
+            loaded.context.close()
+            for adapter, _ in loaded.adapters.values():
+                adapter.close()
+            self._drop_weights(loaded.weights)
         self.metrics.loaded.labels(name).set(0)
         self.metrics.memory.labels(name).set(0)
         if reason in ("memory", "keep_alive"):
@@ -966,9 +979,9 @@ class Engine:
     async def _map(self, entry: ModelConfig) -> None:
         """Hold a standby model's weights in host memory without a context."""
         spec = _spec_from_config(entry)
-        path = await asyncio.to_thread(self._model_file, spec)
+        path = await _blocking(functools.partial(self._model_file, spec))
         size = _file_size(path)
-        await asyncio.to_thread(_prefetch, path)
+        await _blocking(functools.partial(_prefetch, path))
         key = (path, _variant(spec))
         weights = self._weights.get(key)
         if weights is not None:
@@ -978,12 +991,17 @@ class Engine:
             self._mapped[entry.name] = _Mapping(path, None, size)
         else:
             await self._make_room(entry.name, size)
-            model = await asyncio.to_thread(
+            model = await _blocking(
                 functools.partial(
                     Model, path, repack=spec.repack_weights, gpu_layers=spec.gpu_layers
-                )
+                ),
+                Model.close,
             )
-            meta = await asyncio.to_thread(_read_metadata, path)
+            try:
+                meta = await _blocking(functools.partial(_read_metadata, path))
+            except BaseException:
+                model.close()
+                raise
             weights = _Weights(
                 model,
                 meta,
@@ -1020,8 +1038,8 @@ class Engine:
                 continue
             spec = _spec_from_config(entry)
             try:
-                path = await asyncio.to_thread(self._model_file, spec)
-                meta = await asyncio.to_thread(_read_metadata, path)
+                path = await _blocking(functools.partial(self._model_file, spec))
+                meta = await _blocking(functools.partial(_read_metadata, path))
             except (InvalidArgument, FailedPrecondition) as error:
                 message = error.message
                 if not message.startswith(f"model {entry.name!r}"):
@@ -1246,7 +1264,10 @@ class Engine:
                     f"{loaded.spec.name!r}",
                     field="adapter",
                 )
-            lora = await asyncio.to_thread(LoraAdapter, loaded.weights.model, adapter.path)
+            lora = await _blocking(
+                functools.partial(LoraAdapter, loaded.weights.model, adapter.path),
+                LoraAdapter.close,
+            )
             cached = loaded.adapters[name] = (lora, adapter.scale)
         lora, default_scale = cached
         return ((lora, default_scale if scale is None else scale),)
@@ -1283,7 +1304,7 @@ class Engine:
                     field=f"inputs[{i}]",
                 )
         async with loaded.embed_lock:
-            vectors = await asyncio.to_thread(_embed_all, loaded.context, batches)
+            vectors = await _blocking(functools.partial(_embed_all, loaded.context, batches))
         return vectors, sum(len(t) for t in batches)
 
 
@@ -1363,6 +1384,26 @@ def _spec_from_config(entry: ModelConfig) -> LoadSpec:
 
 def _variant(spec: LoadSpec) -> Variant:
     return (spec.quantization or "", spec.repack_weights, spec.gpu_layers)
+
+
+async def _blocking(work: Callable[[], T], discard: Callable[[T], None] | None = None) -> T:
+    """Run llama.cpp work (a load, an allocation) in a thread. A thread cannot be stopped: when
+    the caller is cancelled this waits for it to finish, so nothing it uses is freed under it,
+    discards what it made, and then lets the cancellation go on."""
+    task = asyncio.ensure_future(asyncio.to_thread(work))
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True
+        except Exception:
+            break
+    if cancelled:
+        if discard is not None and task.exception() is None:
+            discard(task.result())
+        raise asyncio.CancelledError
+    return task.result()
 
 
 def _local(entry: ModelConfig) -> bool:
