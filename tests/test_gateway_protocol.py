@@ -353,7 +353,8 @@ def rpc_error(
         (grpc.StatusCode.UNKNOWN, 500, "server_error"),
         (grpc.StatusCode.UNIMPLEMENTED, 501, "server_error"),
         (grpc.StatusCode.DATA_LOSS, 500, "server_error"),
-        (grpc.StatusCode.ABORTED, 500, "server_error"),
+        # Another operation on the same state is under way: Conflict, as googleapis maps it.
+        (grpc.StatusCode.ABORTED, 409, "invalid_request_error"),
     ],
 )
 def test_grpc_code_table(code: grpc.StatusCode, status: int, kind: str) -> None:

@@ -181,6 +181,8 @@ async def test_budgets_refuse_a_manifest_with_the_numbers(models_dir: Path) -> N
 
 async def test_a_bad_manifest_is_refused_whole(tiered: Engine) -> None:
     before = state(tiered)
+    with pytest.raises(InvalidArgument, match="at least one model"):
+        await tiered.apply_manifest([])
     with pytest.raises(InvalidArgument, match="'x' appears twice"):
         await tiered.apply_manifest([entry("x"), entry("x")])
     with pytest.raises(InvalidArgument, match="co_activation names 'nobody'"):

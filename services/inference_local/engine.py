@@ -891,6 +891,11 @@ class Engine:
         dry_run: bool,
         drain_timeout_s: float | None,
     ) -> ManifestResult:
+        if not models:
+            raise InvalidArgument(
+                "a manifest names at least one model (to take one away, leave it out)",
+                field="models",
+            )
         try:
             check_manifest_names(models)
         except ValueError as error:

@@ -177,6 +177,10 @@ def manifest_from_proto(models: Any) -> list[ModelConfig]:
             "path": m.path,
             **{k: v for k, v in given.items() if v},
         }
+        if m.tier not in tiers and m.tier != types_pb2.MODEL_TIER_UNSPECIFIED:
+            raise InvalidArgument(
+                f"models[{i}].tier: unknown tier {m.tier}", field=f"models[{i}].tier"
+            )
         if m.tier != types_pb2.MODEL_TIER_UNSPECIFIED:
             fields["tier"] = tiers[m.tier]
         for optional in ("chat_template", "gpu_layers", "backend_sampling"):
@@ -309,8 +313,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def ApplyManifest(
         self, request: inference_pb2.ApplyManifestRequest, context: Context
     ) -> inference_pb2.ApplyManifestResponse:
-        if request.HasField("drain_timeout_s") and not request.drain_timeout_s > 0:
-            raise InvalidArgument("drain_timeout_s must be above 0", field="drain_timeout_s")
+        if request.HasField("drain_timeout_s") and not 0 < request.drain_timeout_s <= 86400:
+            raise InvalidArgument(
+                "drain_timeout_s must be above 0 and at most 86400", field="drain_timeout_s"
+            )
         result = await self._engine.apply_manifest(
             manifest_from_proto(request.models),
             resident_budget_mb=(
