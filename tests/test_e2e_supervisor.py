@@ -76,3 +76,21 @@ def test_children_die_with_a_killed_supervisor(model_path: Path, tmp_path: Path)
             os.close(fd)
         mesh.stop()
     assert child_pids(mesh.config_path, "doorman") == []
+
+
+def niceness(pid: int) -> int:
+    """A process's nice value, field 19 of /proc/<pid>/stat (counted after its "(comm)")."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[16])
+
+
+def test_inference_local_yields_the_cpu_to_the_latency_bound_processes(mesh: Mesh) -> None:
+    """`slm up` starts inference-local at its configured niceness (5 by default), the others at
+    the supervisor's own: a refusal or a relayed token does not wait behind llama.cpp."""
+    assert mesh.process is not None
+    own = niceness(mesh.process.pid)
+    [inference] = child_pids(mesh.config_path, "inference-local")
+    [doorman] = child_pids(mesh.config_path, "doorman")
+    assert mesh.settings.inference_local.nice == 5
+    assert niceness(inference) == min(19, own + 5)
+    assert niceness(doorman) == own

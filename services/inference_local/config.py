@@ -9,6 +9,9 @@ from pydantic import Field, field_validator, model_validator
 
 from slm.config import LOOPBACK, Section, ServiceEndpoint
 
+# inference-local's niceness under `slm up` (InferenceLocalConfig.nice).
+NICE_DEFAULT = 5
+
 # Gemma 3's turn format, with tools, tool calls and tool results in the format of
 # inference_local.chat_template (its docstring describes it). The default model's GGUF ships no
 # template, so the mesh supplies one.
@@ -162,6 +165,11 @@ class InferenceLocalConfig(Section):
     parallel: int | None = Field(default=None, ge=1, le=256)
     # llama.cpp threads per model; unset: every core this process may run on.
     n_threads: int | None = Field(default=None, ge=1)
+    # Niceness `slm up` starts this process with (0-19). Above 0, the latency-bound processes
+    # beside it on one machine (Envoy, the gateway, the Doorman: little CPU, but a refusal or
+    # a relayed token waits for it) run first whenever they are ready, while llama.cpp still
+    # takes every core the moment they are idle.
+    nice: int = Field(default=NICE_DEFAULT, ge=0, le=19)
     # llama.cpp's flash attention. Unset: on where the model runs on a GPU or on one thread,
     # off on a CPU with several, where llama.cpp's CPU kernel splits a sequence's attention
     # over threads by the batch's shape, so the same seed would give other text alone than

@@ -33,6 +33,10 @@ class Service:
     # passes a SIGHUP on to these.
     reloads: bool = False
 
+    def nice(self, settings: Settings) -> int:
+        """The niceness `slm up` starts its processes with (a section's `nice`, else 0)."""
+        return int(getattr(self.config(settings), "nice", 0))
+
     def config(self, settings: Settings) -> Any:
         return getattr(settings, self.section)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -94,13 +95,14 @@ class Supervisor:
         return [*command, "serve", name]
 
     async def _spawn(self, child: Child) -> None:
+        nice = BY_NAME[child.name].nice(self.settings)
         child.process = await asyncio.create_subprocess_exec(
             *self._command(child.name),
             stdin=asyncio.subprocess.DEVNULL,
             env={**os.environ, REPLICA_ENV: str(child.replica)},
             # Own process group: Ctrl-C reaches the supervisor only, which stops children in order.
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=functools.partial(_in_child, nice),
         )
         child.started_at = time.monotonic()
         log.info(
@@ -168,6 +170,13 @@ class Supervisor:
                     process.kill()
                 await process.wait()
             log.info("stopped", extra={"child": child.name, "code": process.returncode})
+
+
+def _in_child(nice: int) -> None:
+    """In the child, before exec: its niceness, and death with the supervisor."""
+    if nice:
+        os.nice(nice)
+    _die_with_parent()
 
 
 def _die_with_parent() -> None:
