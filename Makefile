@@ -70,6 +70,7 @@ bench: model
 	$(BIN)/python bench/result_cache.py
 	$(BIN)/python bench/documents.py
 	$(BIN)/python bench/coactivation.py
+	$(BIN)/python bench/overload.py --streams 600 --max-tokens 32 --rounds 3
 
 proto: setup
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -Iproto \
