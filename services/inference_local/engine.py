@@ -566,22 +566,7 @@ class Engine:
             estimate = self._estimate(meta, path, n_slots, ctx_len, weights is None)
             await self._make_room(spec.name, estimate)
             if weights is None:
-                model = await _blocking(
-                    functools.partial(
-                        Model, path, repack=spec.repack_weights, gpu_layers=spec.gpu_layers
-                    ),
-                    Model.close,
-                )
-                weights = _Weights(
-                    model,
-                    meta,
-                    key,
-                    refs=1,
-                    grammars=Grammars(
-                        model, mask_threads=self.config.sample_threads or default_sample_threads()
-                    ),
-                )
-                self._weights[key] = weights
+                weights = await self._new_weights(spec, path, meta)
             context_bytes = self._estimate(meta, path, n_slots, ctx_len, False)
             loaded = await _blocking(
                 functools.partial(
@@ -996,30 +981,30 @@ class Engine:
             self._mapped[entry.name] = _Mapping(path, None, size)
         else:
             await self._make_room(entry.name, size)
-            model = await _blocking(
-                functools.partial(
-                    Model, path, repack=spec.repack_weights, gpu_layers=spec.gpu_layers
-                ),
-                Model.close,
-            )
-            try:
-                meta = await _blocking(functools.partial(_read_metadata, path))
-            except BaseException:
-                model.close()
-                raise
-            weights = _Weights(
-                model,
-                meta,
-                key,
-                refs=1,
-                grammars=Grammars(
-                    model, mask_threads=self.config.sample_threads or default_sample_threads()
-                ),
-            )
-            self._weights[key] = weights
+            meta = await _blocking(functools.partial(_read_metadata, path))
+            weights = await self._new_weights(spec, path, meta)
             self._mapped[entry.name] = _Mapping(path, weights, size)
         self.metrics.memory.labels(entry.name).set(self._mapped[entry.name].memory_bytes)
         log.info("model mapped", extra={"model": entry.name, "memory_mb": round(size / MB, 1)})
+
+    async def _new_weights(self, spec: LoadSpec, path: Path, meta: ModelMetadata) -> _Weights:
+        """Load a model file's weights, held once (refs 1) and shared by every name of them."""
+        model = await _blocking(
+            functools.partial(Model, path, repack=spec.repack_weights, gpu_layers=spec.gpu_layers),
+            Model.close,
+        )
+        key = (path, _variant(spec))
+        weights = _Weights(
+            model,
+            meta,
+            key,
+            refs=1,
+            grammars=Grammars(
+                model, mask_threads=self.config.sample_threads or default_sample_threads()
+            ),
+        )
+        self._weights[key] = weights
+        return weights
 
     def _unmap(self, name: str) -> None:
         mapping = self._mapped.pop(name, None)
