@@ -89,8 +89,8 @@ class ManifestModelBody(BaseModel):
     name: ModelName
     # A GGUF inside one of inference-local's model directories.
     path: str = Field(min_length=1, max_length=MAX_TEXT)
-    # PyPI package that assembles the file when it is missing.
-    package: str | None = Field(default=None, max_length=MAX_TEXT)
+    # PyPI model package (its module, *_gguf) that assembles the file when it is missing.
+    package: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_]{1,100}_gguf$")
     # Unset or 0 take inference-local's defaults.
     context_length: int | None = Field(default=None, ge=0, le=_UINT32_MAX)
     parallel: int | None = Field(default=None, ge=0, le=256)
@@ -155,12 +155,12 @@ class ApplyManifestBody(BaseModel):
 
     models: list[ManifestModelBody] = Field(min_length=1, max_length=MAX_MANIFEST_MODELS)
     # Tier budgets in MiB; unset keeps each replica's configured ones.
-    resident_budget_mb: int | None = Field(default=None, ge=0, le=_UINT64_MAX)
+    resident_budget_mb: int | None = Field(default=None, ge=1, le=_UINT64_MAX)
     standby_budget_mb: int | None = Field(default=None, ge=0, le=_UINT64_MAX)
     # Validate and report what would change; change nothing.
     dry_run: bool = False
     # How long generations in flight may take to finish; unset: the configured bound.
-    drain_timeout_s: float | None = Field(default=None, ge=0, le=86400.0, allow_inf_nan=False)
+    drain_timeout_s: float | None = Field(default=None, gt=0, le=86400.0, allow_inf_nan=False)
 
     def message(self) -> inference_pb2.ApplyManifestRequest:
         return inference_pb2.ApplyManifestRequest(
