@@ -32,9 +32,11 @@ RUN apt-get update \
  && groupadd --system --gid 10001 slm \
  && useradd --system --uid 10001 --gid slm --home-dir /tmp --shell /usr/sbin/nologin slm
 COPY --from=build /opt/venv /opt/venv
+# Transparent huge pages for llama.cpp's KV cache and buffers (services/mesh/services.py).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 USER 10001:10001
 ENTRYPOINT ["slm"]
 CMD ["serve", "inference-local"]

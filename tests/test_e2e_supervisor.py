@@ -94,3 +94,18 @@ def test_inference_local_yields_the_cpu_to_the_latency_bound_processes(mesh: Mes
     assert mesh.settings.inference_local.nice == 5
     assert niceness(inference) == min(19, own + 5)
     assert niceness(doorman) == own
+
+
+def environment(pid: int) -> dict[str, str]:
+    pairs = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+    return dict(p.split("=", 1) for p in pairs if "=" in p)
+
+
+def test_inference_local_gets_huge_pages_for_its_buffers(mesh: Mesh) -> None:
+    """glibc's malloc asks for transparent huge pages in inference-local only (its KV cache);
+    a caller's own GLIBC_TUNABLES would win."""
+    assert "GLIBC_TUNABLES" not in os.environ
+    [inference] = child_pids(mesh.config_path, "inference-local")
+    [doorman] = child_pids(mesh.config_path, "doorman")
+    assert environment(inference)["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert "GLIBC_TUNABLES" not in environment(doorman)

@@ -14,6 +14,12 @@ from slm.config import ServiceEndpoint
 
 # Which replica of its service a process is (set by `slm up`; 0 when run alone).
 REPLICA_ENV = "SLM_REPLICA"
+# glibc's malloc asks for transparent huge pages for its large blocks: llama.cpp's KV cache and
+# compute buffers. Allocating a context of 32 slots x 2048 tokens (1.2 GB of KV) then takes
+# 180 ms instead of 450 ms on this 2-core machine (the kernel faults in 2 MiB pages, not 4 KiB),
+# which is what a standby model's first request or co-activation waits for; decode speed is
+# unchanged (bench/results/coactivation_2026-12-06.md). The images set it too.
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,8 @@ class Service:
     # Whether its app takes its section anew on SIGHUP (`async reload(section)`); `slm up`
     # passes a SIGHUP on to these.
     reloads: bool = False
+    # Environment `slm up` starts its processes with, unless the caller's own sets a name.
+    env: tuple[tuple[str, str], ...] = ()
 
     def nice(self, settings: Settings) -> int:
         """The niceness `slm up` starts its processes with (a section's `nice`, else 0)."""
@@ -71,6 +79,7 @@ SERVICES: tuple[Service, ...] = (
         "inference_local",
         "inference_local.app:build_app",
         reloads=True,
+        env=(("GLIBC_TUNABLES", HUGE_PAGES),),
     ),
     Service("inference-remote", "grpc", "inference_remote", "inference_remote.app:build_app"),
     Service("doorman", "grpc", "doorman", "doorman.app:build_app"),

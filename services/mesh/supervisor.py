@@ -95,11 +95,12 @@ class Supervisor:
         return [*command, "serve", name]
 
     async def _spawn(self, child: Child) -> None:
-        nice = BY_NAME[child.name].nice(self.settings)
+        service = BY_NAME[child.name]
+        nice = service.nice(self.settings)
         child.process = await asyncio.create_subprocess_exec(
             *self._command(child.name),
             stdin=asyncio.subprocess.DEVNULL,
-            env={**os.environ, REPLICA_ENV: str(child.replica)},
+            env={**dict(service.env), **os.environ, REPLICA_ENV: str(child.replica)},
             # Own process group: Ctrl-C reaches the supervisor only, which stops children in order.
             start_new_session=True,
             preexec_fn=functools.partial(_in_child, nice),
