@@ -69,7 +69,8 @@ bench: model
 	$(BIN)/python bench/ledger_commit.py
 	$(BIN)/python bench/result_cache.py
 	$(BIN)/python bench/documents.py
-	$(BIN)/python bench/coactivation.py
+	@# inference-local's environment under `slm up` (services/mesh/services.py): huge pages.
+	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(BIN)/python bench/coactivation.py
 	$(BIN)/python bench/overload.py --streams 600 --max-tokens 32 --rounds 3
 
 proto: setup
