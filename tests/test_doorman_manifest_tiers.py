@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
 from helpers import DEFAULT_MODEL, mesh_settings
 from test_doorman_routing import (
@@ -20,6 +21,7 @@ from test_doorman_routing import (
 
 from doorman.config import RouteConfig, RouteStep, RoutingConfig
 from inference_local.config import ModelConfig
+from slm.errors import from_rpc_error
 from slm.server import GrpcService
 from slm.v1 import types_pb2
 
@@ -86,3 +88,18 @@ async def test_a_remote_model_goes_to_the_next_tier_at_once(
         [f"fallback:TIER_LOCAL:{tier_a}:UNAVAILABLE", f"try:TIER_GPU:{tier_b}"]
     ] * 3
     assert all(e.status_code == 0 for e in entries)
+
+
+async def test_a_remote_model_with_no_route_elsewhere_is_not_found(
+    remote_here: GrpcService, ledger_server: GrpcService, tmp_path: Path
+) -> None:
+    """Only Tier A, which keeps "big" remote: not an outage to retry later (503) but a model
+    this mesh does not serve, named as such."""
+    settings = routed_settings(tmp_path, ledger_server, RoutingConfig(), address(remote_here))
+    async with doorman_for(settings) as (stub, _):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            [r async for r in stub.Chat(chat("big"))]
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    error = from_rpc_error(caught.value)
+    assert error.reason == "MODEL_NOT_SERVED"
+    assert "no other tier of its route serves it" in error.message

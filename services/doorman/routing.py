@@ -17,7 +17,7 @@ from tenacity import (
 )
 
 from doorman.breaker import CircuitBreaker
-from slm.errors import DeadlineExceeded, SlmError, Unavailable, from_rpc_error
+from slm.errors import DeadlineExceeded, NotFound, SlmError, Unavailable, from_rpc_error
 from slm.v1 import inference_pb2, inference_pb2_grpc, types_pb2
 
 TIERS: Mapping[str, types_pb2.Tier.ValueType] = {
@@ -288,6 +288,8 @@ class Router:
     ) -> ResultT:
         last: SlmError | None = None
         retry_after: float | None = None
+        # Upstreams that answered, and those of them that keep the model on a remote tier.
+        answered = remote = 0
         for index, route in enumerate(chain):
             if not route.breaker.allow():
                 attempts.decisions.append(f"breaker_open:{route.tier_name}:{route.address}")
@@ -305,11 +307,23 @@ class Router:
                 if not isinstance(error, UpstreamFailure):
                     raise
                 last = error.error
+                answered += 1
+                if last.reason == "MODEL_REMOTE":
+                    remote += 1
                 attempts.decisions.append(
                     f"fallback:{route.tier_name}:{route.address}:{error.code.name}"
                 )
         if last is not None and last.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             raise last
+        if last is not None and remote == answered == len(chain):
+            # Not a passing outage: every tier of the route keeps the model elsewhere, and no
+            # route sends it to a tier that serves it (a manifest and routing that disagree).
+            raise NotFound(
+                f"{last.message}, and no other tier of its route serves it "
+                "(doorman.routing has no route for it to Tier B or C)",
+                field="model",
+                reason="MODEL_NOT_SERVED",
+            )
         raise Unavailable(
             "no upstream could serve the request"
             + (f"; the last one said: {last.message}" if last is not None else ""),
