@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 from inference_local.adapters import RegistryAdapters
 from inference_local.config import InferenceLocalConfig
 from inference_local.engine import Engine
+from inference_local.manifest import MB, budgets_of
 from inference_local.prefix_cache import KVCacheClient, PrefixCache, PrefixCacheMetrics
 from inference_local.servicer import InferenceServicer
 from slm.errors import SlmError
@@ -47,15 +48,12 @@ class InferenceLocalApp:
     async def reload(self, config: InferenceLocalConfig) -> None:
         """On SIGHUP: apply the config file's model manifest (models and tier budgets) with a
         drain, as the admin API does. Other settings take effect at the next start."""
+        budgets = budgets_of(config)
         try:
             result = await self.engine.apply_manifest(
                 config.models,
-                resident_budget_mb=config.resident_budget_mb or config.memory_budget_mb,
-                standby_budget_mb=(
-                    config.standby_budget_mb
-                    if config.standby_budget_mb is not None
-                    else config.memory_budget_mb
-                ),
+                resident_budget_mb=budgets.resident // MB,
+                standby_budget_mb=budgets.standby // MB,
             )
         except SlmError as error:
             log.error(

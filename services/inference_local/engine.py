@@ -33,7 +33,7 @@ from inference_local.llama_api import (
     gpu_offload_supported,
     quantize,
 )
-from inference_local.manifest import Budgets, Change, Share, check_budgets, diff
+from inference_local.manifest import Budgets, Change, Share, budgets_of, check_budgets, diff
 from inference_local.models import ensure_model_file
 from inference_local.prefix_cache import PrefixCache
 from inference_local.sampling import Sampling, TokenLogprob
@@ -408,16 +408,7 @@ class Engine:
         # specialists its requests warm.
         self._configured = {m.name: m for m in config.models}
         self._warms = _warms_of(config.models)
-        self._budgets = Budgets(
-            (config.resident_budget_mb or config.memory_budget_mb) * MB,
-            (
-                config.standby_budget_mb
-                if config.standby_budget_mb is not None
-                else config.memory_budget_mb
-            )
-            * MB,
-            config.memory_budget_mb * MB,
-        )
+        self._budgets = budgets_of(config)
         self._loaded: dict[str, _Loaded] = {}
         self._mapped: dict[str, _Mapping] = {}
         self._weights: dict[WeightsKey, _Weights] = {}

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from inference_local.config import ModelConfig
+from inference_local.config import InferenceLocalConfig, ModelConfig
 from slm.errors import FailedPrecondition
 
 MB = 1 << 20
@@ -19,6 +19,17 @@ class Budgets:
     resident: int
     standby: int
     total: int
+
+
+def budgets_of(config: InferenceLocalConfig) -> Budgets:
+    """The section's tier budgets in bytes; an unset one is memory_budget_mb."""
+    total = config.memory_budget_mb * MB
+    standby = config.standby_budget_mb
+    return Budgets(
+        (config.resident_budget_mb or config.memory_budget_mb) * MB,
+        standby * MB if standby is not None else total,
+        total,
+    )
 
 
 @dataclass(frozen=True)
