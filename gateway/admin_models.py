@@ -98,6 +98,8 @@ class ManifestModelBody(BaseModel):
     n_threads: int | None = Field(default=None, ge=0, le=_UINT32_MAX)
     quantization: str | None = Field(default=None, max_length=64)
     embeddings: bool = False
+    # true: llama.cpp's repacked CPU weight layout; false: the replica's default (repacked,
+    # unless it is batch-invariant).
     repack_weights: bool = False
     # -1: every layer on the GPU, 0: none; unset: llama.cpp's default.
     gpu_layers: int | None = Field(default=None, ge=-1, le=_INT32_MAX)

@@ -16,11 +16,30 @@ from slm.errors import InvalidArgument, ResourceExhausted
 from slm.server import GrpcService
 
 PROMPT = "Once upon a time, in a small village by the sea,"
+DEFAULT_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
 
 
 @pytest.fixture
 def engine(inference_server: GrpcService) -> Engine:
     return inference_server.app.engine  # type: ignore[attr-defined,no-any-return]
+
+
+@pytest.fixture(scope="module")
+async def invariant_engine(model_path: object) -> AsyncIterator[Engine]:
+    """A batch-invariant replica on two threads: flash attention is off and the weights keep
+    the plain layout, so a sequence's text does not depend on the batch around it."""
+    config = InferenceLocalConfig(
+        models=[
+            ModelConfig(name=DEFAULT_MODEL, path=DEFAULT_MODEL_FILE, parallel=4, context_length=1024)
+        ],
+        batch_invariant=True,
+        n_threads=2,
+        keep_alive_s=0,
+    )
+    engine = Engine(config, CollectorRegistry())
+    await engine.start()
+    yield engine
+    await engine.close()
 
 
 async def collect(engine: Engine, request: Request) -> tuple[str, End, list[Delta]]:
@@ -47,7 +66,8 @@ def _hist(metric: object, label: str) -> tuple[float, float]:
     return samples["_sum"], samples["_count"]
 
 
-async def test_same_seed_same_text_alone_or_batched(engine: Engine) -> None:
+async def test_same_seed_same_text_alone_or_batched(invariant_engine: Engine) -> None:
+    engine = invariant_engine
     alone, _, _ = await collect(engine, sampled(11))
     steps_before = _hist(engine.metrics.batch_tokens, DEFAULT_MODEL)[1]
     tokens_before = _value(engine.metrics.tokens, DEFAULT_MODEL)
@@ -153,9 +173,6 @@ async def test_full_queue_is_refused_at_once(model_path: object) -> None:
         await engine.close()
 
 
-DEFAULT_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
-
-
 def _contract(topic: int, clauses: int = 30) -> str:
     text = " ".join(
         f"Clause {i}: the {topic}th tenant pays {i * 7 + topic} euros on day {i % 28 + 1}."
@@ -164,36 +181,30 @@ def _contract(topic: int, clauses: int = 30) -> str:
     return f"Read this contract.\n{text}\nQuestion: what is paid under clause 3? Answer:"
 
 
-async def test_long_prompts_same_text_alone_or_batched_while_slots_move(model_path: object) -> None:
+async def test_long_prompts_same_text_alone_or_batched_while_slots_move(
+    invariant_engine: Engine,
+) -> None:
     """Prompts longer than a prefill chunk, batched with a stream that ends early: the slot it
     frees makes the engine move a running sequence down, and every text still equals the text
     of the same request run alone."""
-    registry = CollectorRegistry()
-    config = InferenceLocalConfig(
-        models=[ModelConfig(name="four", path=DEFAULT_MODEL_FILE, parallel=4, context_length=1024)],
-        keep_alive_s=0,
+    engine = invariant_engine
+
+    def long(i: int) -> Request:
+        sampling = Sampling(max_tokens=16, temperature=0.8, seed=100 + i)
+        return Request(DEFAULT_MODEL, sampling, prompt=_contract(i))
+
+    # More than a chunk, so a prompt is read in several passes.
+    chunk = engine.config.prefill_chunk
+    assert len(await engine.tokenize(DEFAULT_MODEL, _contract(0), True)) > chunk + 64
+    alone = [(await collect(engine, long(i)))[0] for i in range(3)]
+    short = Request(DEFAULT_MODEL, Sampling(max_tokens=2, temperature=0.0), prompt="Hello")
+    moves_before = _value(engine.metrics.moves, DEFAULT_MODEL)
+    batched = await asyncio.gather(
+        collect(engine, short), *(collect(engine, long(i)) for i in range(3))
     )
-    engine = Engine(config, registry)
-    await engine.start()
-    try:
-
-        def long(i: int) -> Request:
-            sampling = Sampling(max_tokens=16, temperature=0.8, seed=100 + i)
-            return Request("four", sampling, prompt=_contract(i))
-
-        # More than a chunk, so a prompt is read in several passes.
-        assert len(await engine.tokenize("four", _contract(0), True)) > config.prefill_chunk + 64
-        alone = [(await collect(engine, long(i)))[0] for i in range(3)]
-        short = Request("four", Sampling(max_tokens=2, temperature=0.0), prompt="Hello")
-        moves_before = _value(engine.metrics.moves, "four")
-        batched = await asyncio.gather(
-            collect(engine, short), *(collect(engine, long(i)) for i in range(3))
-        )
-        assert [text for text, _, _ in batched[1:]] == alone
-        assert len(set(alone)) == 3
-        assert _value(engine.metrics.moves, "four") > moves_before
-    finally:
-        await engine.close()
+    assert [text for text, _, _ in batched[1:]] == alone
+    assert len(set(alone)) == 3
+    assert _value(engine.metrics.moves, DEFAULT_MODEL) > moves_before
 
 
 def _steps_over(engine: Engine, model: str, tokens: int) -> float:
@@ -243,5 +254,38 @@ async def test_a_burst_of_prompts_is_read_a_chunk_a_step_while_a_stream_runs(
         # The stream ran through the burst and is still running.
         assert isinstance(await anext(stream), Delta)
         await stream.aclose()  # type: ignore[attr-defined]
+    finally:
+        await engine.close()
+
+
+@pytest.mark.parametrize(
+    ("invariant", "repacked", "flash_attention"),
+    [(False, True, "llama.cpp's choice"), (True, False, "off")],
+)
+async def test_defaults_are_llama_servers_and_batch_invariance_is_asked_for(
+    model_path: object,
+    caplog: pytest.LogCaptureFixture,
+    invariant: bool,
+    repacked: bool,
+    flash_attention: str,
+) -> None:
+    """By default a model loads as llama-server loads it (repacked weights, flash attention as
+    llama.cpp chooses); batch_invariant gives both up on a CPU with several threads. The load
+    log says which."""
+    config = InferenceLocalConfig(
+        models=[ModelConfig(name="m", path=DEFAULT_MODEL_FILE, parallel=1, context_length=256)],
+        batch_invariant=invariant,
+        n_threads=2,
+    )
+    engine = Engine(config, CollectorRegistry())
+    with caplog.at_level("INFO", logger="inference_local.engine"):
+        await engine.start()
+    try:
+        [loaded] = [r for r in caplog.records if r.getMessage() == "model loaded"]
+        assert loaded.batch_invariant is invariant  # type: ignore[attr-defined]
+        assert loaded.repacked is repacked  # type: ignore[attr-defined]
+        assert loaded.flash_attention == flash_attention  # type: ignore[attr-defined]
+        text, end, _ = await collect(engine, Request("m", Sampling(max_tokens=4), prompt=PROMPT))
+        assert end.completion_tokens == 4 and text
     finally:
         await engine.close()

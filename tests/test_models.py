@@ -64,12 +64,15 @@ async def test_two_names_share_one_copy_of_the_weights(engine: Engine) -> None:
 
 
 async def test_repacked_weights_are_a_copy_of_their_own(engine: Engine) -> None:
-    """repack_weights loads llama.cpp's repacked CPU layout, which cannot be shared with the
-    plain one: the same file under that option is a second copy, and it serves."""
-    await engine.load(LoadSpec("plain", FILE, context_length=256))
-    await engine.load(LoadSpec("repacked", FILE, context_length=256, repack_weights=True))
+    """The repacked CPU layout (the default) cannot be shared with the plain one: the same file
+    asked for with repack_weights=false is a second copy, and it serves; a model without the
+    option shares the default's weights."""
+    await engine.load(LoadSpec("repacked", FILE, context_length=256))
+    await engine.load(LoadSpec("plain", FILE, context_length=256, repack_weights=False))
     assert engine.weights_loaded == 2
-    assert await generate_text(engine, "repacked")
+    assert await generate_text(engine, "plain")
+    await engine.load(LoadSpec("also-repacked", FILE, context_length=256, repack_weights=True))
+    assert engine.weights_loaded == 2
     with pytest.raises(FailedPrecondition, match="already loaded"):
         await engine.load(LoadSpec("plain", FILE, context_length=256, repack_weights=True))
 

@@ -90,10 +90,9 @@ class ModelConfig(Section):
     pinned: bool = False
     # Serve embeddings (mean pooled) instead of generation.
     embeddings: bool = False
-    # llama.cpp's repacked CPU weight layout, as llama-server uses it; the same seed may then
-    # give different text alone and batched (on a 2-core CPU: 4% faster at 8 streams, no
-    # faster at 16).
-    repack_weights: bool = False
+    # llama.cpp's repacked CPU weight layout, as llama-server uses it. Unset: on, unless
+    # inference_local.batch_invariant.
+    repack_weights: bool | None = None
     # Layers offloaded to the GPU (-1: all, 0: none) in a llama.cpp built with a GPU backend;
     # loading fails with FAILED_PRECONDITION when the build has none. Unset: llama.cpp's
     # default, every layer on the GPU when there is one. The memory budget counts the weights
@@ -170,10 +169,16 @@ class InferenceLocalConfig(Section):
     # a relayed token waits for it) run first whenever they are ready, while llama.cpp still
     # takes every core the moment they are idle.
     nice: int = Field(default=NICE_DEFAULT, ge=0, le=19)
-    # llama.cpp's flash attention. Unset: on where the model runs on a GPU or on one thread,
-    # off on a CPU with several, where llama.cpp's CPU kernel splits a sequence's attention
-    # over threads by the batch's shape, so the same seed would give other text alone than
-    # batched. On: faster on a CPU too (about 8% at 16 streams on 2 cores), giving that up.
+    # The same seed and parameters give the same text whether a sequence runs alone or
+    # batched with others (vLLM's batch-invariant mode). It costs throughput on a CPU with
+    # several threads: flash attention stays off there (llama.cpp's CPU kernel splits a
+    # sequence's attention over threads by the batch's shape) and the weights keep the plain
+    # layout (the repacked one gives a row other logits when it shares a GEMM group). Off, as
+    # in llama-server and vLLM: the same seed repeats its text when the batch around it is the
+    # same, e.g. one request at a time.
+    batch_invariant: bool = False
+    # llama.cpp's flash attention. Unset: llama.cpp's choice (on where the backend has it),
+    # except off on a CPU with several threads when batch_invariant.
     flash_attention: bool | None = None
     # Threads that sample a step's sequences in parallel, the decode thread included; unset:
     # one per core, at most 8. With a 262k vocabulary a token's sampling costs about 1 ms of

@@ -164,7 +164,7 @@ class LoadSpec:
     chat_template: str | None = None
     package: str | None = None
     n_threads: int | None = None
-    repack_weights: bool = False
+    repack_weights: bool | None = None
     gpu_layers: int | None = None
     backend_sampling: bool | None = None
 
@@ -533,7 +533,8 @@ class Engine:
     async def _load_locked(self, spec: LoadSpec) -> ModelInfo:
         existing = self._loaded.get(spec.name)
         if existing is not None:
-            if (existing.spec.path, _variant(existing.spec)) != (spec.path, _variant(spec)):
+            old, new = self._variant(existing.spec), self._variant(spec)
+            if (existing.spec.path, old) != (spec.path, new):
                 raise FailedPrecondition(
                     f"model name {spec.name!r} is already loaded from {existing.spec.path}",
                     field="name",
@@ -541,7 +542,7 @@ class Engine:
             return self._info(existing)
         started = time.perf_counter()
         path = await _blocking(functools.partial(self._model_file, spec))
-        key = (path, _variant(spec))
+        key = (path, self._variant(spec))
         weights = self._weights.get(key)
         if weights is not None:
             # Hold the shared weights, so making room cannot free them under us.
@@ -601,6 +602,11 @@ class Engine:
                 "slots_chosen": slots_why,
                 "threads": self._threads(spec)[0],
                 "threads_chosen": self._threads(spec)[1],
+                "batch_invariant": self.config.batch_invariant,
+                "repacked": self._repack(spec),
+                "flash_attention": {None: "llama.cpp's choice", True: "on", False: "off"}[
+                    loaded.context.params.flash_attention
+                ],
                 "load_s": round(elapsed, 3),
                 "memory_mb": round(estimate / MB, 1),
             },
@@ -658,13 +664,24 @@ class Engine:
         )
 
     def _flash_attention(self, model: Model, threads: int) -> bool | None:
-        """As configured; unset: llama.cpp's choice, except off on a CPU with several threads,
-        which keeps the same seed's text the same alone and batched."""
+        """As configured; unset: llama.cpp's choice (on where the backend has it, as in
+        llama-server), except off on a CPU with several threads in a batch-invariant replica."""
         if self.config.flash_attention is not None:
             return self.config.flash_attention
-        if model.output_on_gpu or threads == 1:
-            return None
-        return False
+        if self.config.batch_invariant and not model.output_on_gpu and threads > 1:
+            return False
+        return None
+
+    def _repack(self, spec: LoadSpec) -> bool:
+        """As the model entry says; unset: llama.cpp's repacked CPU layout (llama-server's
+        default) unless the replica is batch-invariant."""
+        if spec.repack_weights is not None:
+            return spec.repack_weights
+        return not self.config.batch_invariant
+
+    def _variant(self, spec: LoadSpec) -> Variant:
+        """What makes two loads of one file different weights."""
+        return (spec.quantization or "", self._repack(spec), spec.gpu_layers)
 
     def _threads(self, spec: LoadSpec) -> tuple[int, str]:
         """llama.cpp threads for a model, and why."""
@@ -963,7 +980,7 @@ class Engine:
         path = await _blocking(functools.partial(self._model_file, spec))
         size = _file_size(path)
         await _blocking(functools.partial(_prefetch, path))
-        key = (path, _variant(spec))
+        key = (path, self._variant(spec))
         weights = self._weights.get(key)
         if weights is not None:
             weights.refs += 1
@@ -981,10 +998,10 @@ class Engine:
     async def _new_weights(self, spec: LoadSpec, path: Path, meta: ModelMetadata) -> _Weights:
         """Load a model file's weights, held once (refs 1) and shared by every name of them."""
         model = await _blocking(
-            functools.partial(Model, path, repack=spec.repack_weights, gpu_layers=spec.gpu_layers),
+            functools.partial(Model, path, repack=self._repack(spec), gpu_layers=spec.gpu_layers),
             Model.close,
         )
-        key = (path, _variant(spec))
+        key = (path, self._variant(spec))
         weights = _Weights(
             model,
             meta,
@@ -1033,7 +1050,7 @@ class Engine:
                 ) from None
             if tier not in counted:
                 continue
-            key = (path, _variant(spec))
+            key = (path, self._variant(spec))
             # A file counts once in the resident tier; a standby model whose file a resident
             # one holds adds nothing.
             held = key in counted[tier] or (tier == "standby" and key in counted["resident"])
@@ -1361,10 +1378,6 @@ def _spec_from_config(entry: ModelConfig) -> LoadSpec:
         gpu_layers=entry.gpu_layers,
         backend_sampling=entry.backend_sampling,
     )
-
-
-def _variant(spec: LoadSpec) -> Variant:
-    return (spec.quantization or "", spec.repack_weights, spec.gpu_layers)
 
 
 async def _blocking(work: Callable[[], T], discard: Callable[[T], None] | None = None) -> T:

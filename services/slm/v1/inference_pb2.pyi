@@ -287,6 +287,9 @@ class ManifestModel(_message.Message):
     """"" loads the file as it is."""
     embeddings: _builtins.bool
     repack_weights: _builtins.bool
+    """true: llama.cpp's repacked CPU weight layout; false: the replica's default (repacked,
+    unless it is batch-invariant).
+    """
     gpu_layers: _builtins.int
     backend_sampling: _builtins.bool
     tier: _types_pb2.ModelTier.ValueType
