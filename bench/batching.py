@@ -4,8 +4,8 @@ Servers on the same model and machine, in one run, each as its users start it:
 - service-slm, the whole mesh through Envoy, on `make run`'s defaults (inference-local sizes
   its threads and sequence slots from the machine);
 - the direct engine: inference-local's Engine in this process with the same defaults and no
-  mesh, which shows what the mesh costs (with --servers engine-repacked also the same with
-  llama.cpp's repacked CPU weights, which llama-server uses and the engine leaves off);
+  mesh, which shows what the mesh costs (with --servers engine-invariant also the same with
+  `batch_invariant = true`, which shows what that guarantee costs);
 - llama.cpp's C++ `llama-server` as its documentation says for the load: every core
   (-t/-tb nproc) and a slot per stream (--parallel equal to the concurrency, -c that many times
   the context per slot), built from the sources vendored in the llama-cpp-python sdist
@@ -318,14 +318,14 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
             mesh.start()
             stack.callback(mesh.stop)
             urls["service-slm"] = mesh.base_url
-        for server, repack in (("engine", False), ("engine-repacked", True)):
+        for server, invariant in (("engine", False), ("engine-invariant", True)):
             if server not in args.servers:
                 continue
-            # Repacked: with llama.cpp's repacked CPU weights, as llama-server loads them.
-            models = [m.model_copy(update={"repack_weights": repack}) for m in slots_models]
-            config = settings.inference_local.model_copy(update={"models": models})
+            # Invariant: batch_invariant = true, what the same-text-alone-or-batched guarantee
+            # costs (plain weights, flash attention off on a CPU).
+            config = settings.inference_local.model_copy(update={"batch_invariant": invariant})
             engine = await stack.enter_async_context(direct_engine(config))
-            urls["engine (repacked)" if repack else "engine (direct)"] = engine
+            urls["engine (batch-invariant)" if invariant else "engine (direct)"] = engine
         if "llama_cpp.server" in args.servers:
             port = free_port()
             command = [sys.executable, "-m", "llama_cpp.server", "--model", str(model_file)]
@@ -395,7 +395,12 @@ def report(results: dict[str, Any]) -> None:
     servers = results["servers"]
     mesh = servers.get("service-slm", {})
     print("\nratios of service-slm to each peer (throughput: higher is better; TTFT: lower)")
-    for peer in ("engine (direct)", "engine (repacked)", "llama_cpp.server", "llama-server"):
+    for peer in (
+        "engine (direct)",
+        "engine (batch-invariant)",
+        "llama_cpp.server",
+        "llama-server",
+    ):
         for key, ours in mesh.items():
             theirs = servers.get(peer, {}).get(key)
             if theirs:
@@ -473,7 +478,7 @@ def main() -> int:
         "--servers",
         nargs="+",
         default=["mesh", "engine", "llama-server"],
-        choices=["mesh", "engine", "engine-repacked", "llama_cpp.server", "llama-server"],
+        choices=["mesh", "engine", "engine-invariant", "llama_cpp.server", "llama-server"],
     )
     args = parser.parse_args()
     # SIGTERM unwinds like Ctrl-C, so the servers this run started are stopped.

@@ -4,9 +4,11 @@ bench/batching.py measures whole runs, where prompt passes, sampling and the eve
 count. This one isolates the kernel work of a full decode step, so a gap there can be told
 apart from one in the scheduling:
 
-- engine: inference-local's llama.cpp context (plain weights, its default), n prompts read,
-  then --steps steps that each decode one token of all n sequences; the median step is kept;
-- engine-repacked: the same with llama.cpp's repacked CPU weights (`repack_weights`);
+- engine: inference-local's llama.cpp context on its defaults (repacked weights, flash
+  attention as llama.cpp chooses), n prompts read, then --steps steps that each decode one
+  token of all n sequences; the median step is kept;
+- engine-invariant: the same as `batch_invariant = true` loads it (plain weights, flash
+  attention off);
 - llama-server: --parallel n, the same n prompts (as token ids) sent at once, greedy, every
   stream --steps + 1 tokens; its own per-token generation time (`timings`), which includes
   its greedy sampling (a fraction of a millisecond per sequence).
@@ -47,14 +49,19 @@ from helpers import default_model_file
 CTX = 512
 
 
-def engine_step(model: Any, prompts: list[list[int]], steps: int) -> float:
+def engine_step(
+    model: Any, prompts: list[list[int]], steps: int, flash_attention: bool | None
+) -> float:
     """Median milliseconds of one decode of every sequence, in this process, on `model`'s
     weights (an inference_local Model)."""
     from inference_local.engine import default_threads
     from inference_local.llama_api import Batch, Context, ContextParams
 
     n = len(prompts)
-    context = Context(model, ContextParams(n_seq=n, n_ctx_per_seq=CTX, n_threads=default_threads()))
+    params = ContextParams(
+        n_seq=n, n_ctx_per_seq=CTX, n_threads=default_threads(), flash_attention=flash_attention
+    )
+    context = Context(model, params)
     batch = Batch(CTX)
     try:
         for seq, prompt in enumerate(prompts):
@@ -112,7 +119,8 @@ def main() -> int:
     state = Path(tempfile.mkdtemp(prefix="slm-bench-decode-"))
     model_file = default_model_file()
     # Both weight layouts are loaded once and serve every level and round.
-    weights = {"engine": Model(model_file), "engine-repacked": Model(model_file, repack=True)}
+    weights = {"engine": Model(model_file, repack=True), "engine-invariant": Model(model_file)}
+    flash = {"engine": None, "engine-invariant": False}
     binary = llama_server_binary()
     results: dict[str, Any] = {"threads": default_threads(), "steps": args.steps, "streams": {}}
     try:
@@ -124,7 +132,7 @@ def main() -> int:
             command = llama_server_command(binary, model_file, n, CTX, default_threads())
             with llama_server(command, state / f"ls-{n}.log") as url:
                 measure: dict[str, Callable[[], float]] = {
-                    name: functools.partial(engine_step, model, prompts, args.steps)
+                    name: functools.partial(engine_step, model, prompts, args.steps, flash[name])
                     for name, model in weights.items()
                 }
                 measure["llama-server"] = functools.partial(server_step, url, prompts, args.steps)

@@ -532,9 +532,18 @@ async def test_streamed_tool_call_assembles_with_the_stream_helper(
 
 
 async def test_json_schema_output_validates(openai_client: AsyncOpenAI) -> None:
+    # Bounded, so that a sampled answer must close well within max_tokens.
+    bounded = {
+        **SCHEMA,
+        "properties": {
+            "name": {"type": "string", "maxLength": 24},
+            "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        },
+        "additionalProperties": False,
+    }
     person: Any = {
         "type": "json_schema",
-        "json_schema": {"name": "person", "schema": SCHEMA, "strict": True},
+        "json_schema": {"name": "person", "schema": bounded, "strict": True},
     }
     completion = await openai_client.chat.completions.create(
         model=DEFAULT_MODEL,
@@ -546,7 +555,10 @@ async def test_json_schema_output_validates(openai_client: AsyncOpenAI) -> None:
     )
     (choice,) = completion.choices
     assert choice.finish_reason == "stop"
-    assert_person(json.loads(choice.message.content or ""))
+    value = json.loads(choice.message.content or "")
+    assert_person(value)
+    assert set(value) == {"name", "age"}
+    assert len(value["name"]) <= 24 and 0 <= value["age"] <= 150
 
 
 async def test_n_choices_stream_with_their_index(openai_client: AsyncOpenAI) -> None:
