@@ -30,7 +30,9 @@ async def invariant_engine(model_path: object) -> AsyncIterator[Engine]:
     the plain layout, so a sequence's text does not depend on the batch around it."""
     config = InferenceLocalConfig(
         models=[
-            ModelConfig(name=DEFAULT_MODEL, path=DEFAULT_MODEL_FILE, parallel=4, context_length=1024)
+            ModelConfig(
+                name=DEFAULT_MODEL, path=DEFAULT_MODEL_FILE, parallel=4, context_length=1024
+            )
         ],
         batch_invariant=True,
         n_threads=2,
@@ -286,6 +288,7 @@ async def test_defaults_are_llama_servers_and_batch_invariance_is_asked_for(
         assert loaded.repacked is repacked  # type: ignore[attr-defined]
         assert loaded.flash_attention == flash_attention  # type: ignore[attr-defined]
         text, end, _ = await collect(engine, Request("m", Sampling(max_tokens=4), prompt=PROMPT))
-        assert end.completion_tokens == 4 and text
+        assert end.completion_tokens == 4
+        assert text
     finally:
         await engine.close()
