@@ -60,6 +60,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -104,6 +105,30 @@ async def engine_at(
         yield engine
 
 
+@contextlib.contextmanager
+def mesh_at(model: Path, c: int, ctx: int, state: Path) -> Any:
+    """The whole mesh (`slm up`: Envoy, gateway, Doorman, inference-local, ledger) on its
+    defaults, with `model` as its model, `c` slots of `ctx` tokens and every layer on the GPU,
+    as engine_at loads the Engine; yields its base URL."""
+    from inference_local.config import (  # type: ignore[import-not-found, unused-ignore]
+        ModelConfig,
+    )
+
+    settings = batching.mesh_settings(state)
+    entry = settings.inference_local.models[0]
+    fields = {"path": model.name, "parallel": c, "context_length": ctx, "gpu_layers": -1}
+    models = [ModelConfig(**{**entry.model_dump(), **fields})]
+    settings.inference_local = settings.inference_local.model_copy(
+        update={"models": models, "models_dir": model.parent}
+    )
+    mesh = batching.Mesh(settings, state / "slm.toml", state / "mesh.log")
+    mesh.start()
+    try:
+        yield mesh.base_url
+    finally:
+        mesh.stop()
+
+
 def sampled_on_device(engine: Any) -> int:
     """Tokens the engine's schedulers sampled inside the decode graph."""
     return sum(
@@ -143,7 +168,7 @@ def gpu_memory() -> str:
     return "?"
 
 
-SERVERS = ("engine", "engine-device", "engine-host", "llama-server", "llama-server-bs")
+SERVERS = ("engine", "engine-device", "engine-host", "mesh", "llama-server", "llama-server-bs")
 PROMPT_TOKENS = 120  # about the length of batching.py's prompts
 
 
@@ -183,6 +208,9 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
                     cm = engine_at(model, c, args.ctx, backend)
                     targets[name] = await stack.enter_async_context(cm)
             print(f"c={c}: engines loaded, GPU memory used {gpu_memory()}", flush=True)
+            if "mesh" in args.servers:
+                state = Path(tempfile.mkdtemp(prefix=f"slm-gpu-mesh-{c}-"))
+                targets["mesh"] = stack.enter_context(mesh_at(model, c, args.ctx, state))
             for name, extra in (("llama-server", []), ("llama-server-bs", ["--backend-sampling"])):
                 if name not in args.servers:
                     continue
