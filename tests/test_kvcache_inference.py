@@ -48,10 +48,12 @@ class Replica:
 
 
 def config() -> InferenceLocalConfig:
+    # Batch-invariant: the texts compared here come from differently batched runs.
     return InferenceLocalConfig(
         models_dir=SHARED_MODELS_DIR,
         keep_alive_s=0,
         parallel=2,
+        batch_invariant=True,
         models=[
             ModelConfig(name=DEFAULT_MODEL, path="gemma-3-270m-q4_k_m.gguf", context_length=1024)
         ],
