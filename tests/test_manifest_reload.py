@@ -22,7 +22,9 @@ from slm.v1 import inference_pb2, inference_pb2_grpc, types_pb2
 FILE = "gemma-3-270m-q4_k_m.gguf"
 
 
-def settings_with(port: int, metrics_port: int, models: list[ModelConfig]) -> Settings:
+def settings_with(
+    port: int, metrics_port: int, models: list[ModelConfig], **fields: object
+) -> Settings:
     return Settings(
         inference_local=InferenceLocalConfig(
             endpoint=ServiceEndpoint(port=port, metrics_port=metrics_port),
@@ -30,6 +32,7 @@ def settings_with(port: int, metrics_port: int, models: list[ModelConfig]) -> Se
             models=models,
             parallel=2,
             adapter_registry="",
+            **fields,  # type: ignore[arg-type]
         )
     )
 
@@ -79,10 +82,18 @@ async def test_sighup_applies_the_manifest_of_the_config_file(
         settings.inference_local.endpoint.port,
         settings.inference_local.endpoint.metrics_port,
         [model("first", "resident"), model("second", "standby", co_activation=["first"])],
+        batch_invariant=True,
     )
     process.config_path.write_text(to_toml(new))
     process.process.send_signal(signal.SIGHUP)
     await until(lambda: "SIGHUP: manifest reloaded" in process.log.read_text())
+    # A setting outside the manifest is named, not taken in silence.
+    [warning] = [
+        line
+        for line in process.log.read_text().splitlines()
+        if "take effect at the next start" in line
+    ]
+    assert "batch_invariant" in warning
     assert await listing(address) == {
         "first": (types_pb2.MODEL_TIER_RESIDENT, types_pb2.MODEL_STATE_READY),
         "second": (types_pb2.MODEL_TIER_STANDBY, types_pb2.MODEL_STATE_MAPPED),

@@ -20,6 +20,10 @@ from slm.v1 import inference_pb2, inference_pb2_grpc
 log = logging.getLogger(__name__)
 
 
+# What a SIGHUP applies: the manifest.
+_RELOADED = {"models", "resident_budget_mb", "standby_budget_mb"}
+
+
 class InferenceLocalApp:
     service_names: tuple[str, ...] = (
         inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
@@ -47,7 +51,17 @@ class InferenceLocalApp:
 
     async def reload(self, config: InferenceLocalConfig) -> None:
         """On SIGHUP: apply the config file's model manifest (models and tier budgets) with a
-        drain, as the admin API does. Other settings take effect at the next start."""
+        drain, as the admin API does. Other settings take effect at the next start: a changed
+        one is named in a warning, not taken in silence."""
+        running = self.engine.config.model_dump(exclude=_RELOADED)
+        pending = sorted(
+            k for k, v in config.model_dump(exclude=_RELOADED).items() if running[k] != v
+        )
+        if pending:
+            log.warning(
+                "SIGHUP: these settings changed and take effect at the next start",
+                extra={"settings": pending},
+            )
         budgets = budgets_of(config)
         try:
             result = await self.engine.apply_manifest(
