@@ -32,7 +32,7 @@ def settings_with(
             models=models,
             parallel=2,
             adapter_registry="",
-            **fields,  # type: ignore[arg-type]
+            **fields,
         )
     )
 
