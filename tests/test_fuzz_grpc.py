@@ -184,32 +184,30 @@ CASES = [
 ]
 
 
-async def call(channel: grpc.aio.Channel, method: MethodDescriptor, request: Any) -> None:
+async def call(
+    channel: grpc.aio.Channel, sync_channel: grpc.Channel, method: MethodDescriptor, request: Any
+) -> None:
     path = f"/{method.containing_service.full_name}/{method.name}"
-    serialize = message_class(method.input_type).SerializeToString
-    parse = message_class(method.output_type).FromString
+    codecs = {
+        "request_serializer": message_class(method.input_type).SerializeToString,
+        "response_deserializer": message_class(method.output_type).FromString,
+    }
     if method.client_streaming:
-        kind = channel.stream_stream if method.server_streaming else channel.stream_unary
-    else:
-        kind = channel.unary_stream if method.server_streaming else channel.unary_unary
-    rpc = kind(path, request_serializer=serialize, response_deserializer=parse)
-    if method.client_streaming:
-        request = iter(request)
-    if method.server_streaming:
-        async for _ in rpc(request, timeout=CALL_TIMEOUT_S):
+        # On grpcio's sync API: its aio client reports INTERNAL "Internal error from Core"
+        # instead of the server's status when the server ends a client-streaming call (a
+        # refusal of the first message) while the client is still writing (grpc/grpc#36066).
+        if method.server_streaming:
+            for _ in sync_channel.stream_stream(path, **codecs)(
+                iter(request), timeout=CALL_TIMEOUT_S
+            ):
+                pass
+        else:
+            sync_channel.stream_unary(path, **codecs)(iter(request), timeout=CALL_TIMEOUT_S)
+    elif method.server_streaming:
+        async for _ in channel.unary_stream(path, **codecs)(request, timeout=CALL_TIMEOUT_S):
             pass
     else:
-        await rpc(request, timeout=CALL_TIMEOUT_S)
-
-
-def call_sync(channel: grpc.Channel, method: MethodDescriptor, requests: list[Any]) -> None:
-    """A client-streaming call on grpcio's sync API."""
-    rpc = channel.stream_unary(
-        f"/{method.containing_service.full_name}/{method.name}",
-        request_serializer=message_class(method.input_type).SerializeToString,
-        response_deserializer=message_class(method.output_type).FromString,
-    )
-    rpc(iter(requests), timeout=CALL_TIMEOUT_S)
+        await channel.unary_unary(path, **codecs)(request, timeout=CALL_TIMEOUT_S)
 
 
 @pytest.mark.parametrize(("service", "method"), CASES)
@@ -223,14 +221,7 @@ def test_every_method_answers_any_message_deliberately(
 
     async def once(channel: grpc.aio.Channel, request: Any) -> None:
         try:
-            if method.client_streaming:
-                # grpcio's aio client reports INTERNAL "Internal error from Core" instead of the
-                # server's status when the server ends a client-streaming call (a refusal of the
-                # first message) while the client is still writing (grpc/grpc#36066); the sync
-                # client reports the server's status, which is what is checked here.
-                call_sync(sync_channel, method, request)
-            else:
-                await call(channel, method, request)
+            await call(channel, sync_channel, method, request)
         except grpc.RpcError as error:
             code, details = error.code(), error.details()
             if code in SERVER_FAULTS:
