@@ -118,22 +118,25 @@ def main() -> int:
 
     state = Path(tempfile.mkdtemp(prefix="slm-bench-decode-"))
     model_file = default_model_file()
-    # Both weight layouts are loaded once and serve every level and round.
-    weights = {"engine": Model(model_file, repack=True), "engine-invariant": Model(model_file)}
-    flash = {"engine": None, "engine-invariant": False}
+    # Both weight layouts are loaded once and serve every level and round, each with the flash
+    # attention its load mode gives it.
+    variants = {
+        "engine": (Model(model_file, repack=True), None),
+        "engine-invariant": (Model(model_file), False),
+    }
     binary = llama_server_binary()
     results: dict[str, Any] = {"threads": default_threads(), "steps": args.steps, "streams": {}}
     try:
         for n in args.streams:
             prompts = [
-                weights["engine"].tokenize(stream_request(i, 0, n)["prompt"], add_special=True)
+                variants["engine"][0].tokenize(stream_request(i, 0, n)["prompt"], add_special=True)
                 for i in range(n)
             ]
             command = llama_server_command(binary, model_file, n, CTX, default_threads())
             with llama_server(command, state / f"ls-{n}.log") as url:
                 measure: dict[str, Callable[[], float]] = {
-                    name: functools.partial(engine_step, model, prompts, args.steps, flash[name])
-                    for name, model in weights.items()
+                    name: functools.partial(engine_step, model, prompts, args.steps, flash)
+                    for name, (model, flash) in variants.items()
                 }
                 measure["llama-server"] = functools.partial(server_step, url, prompts, args.steps)
                 runs: dict[str, list[float]] = {name: [] for name in measure}
@@ -151,7 +154,7 @@ def main() -> int:
             steps_text = "  ".join(f"{name} {ms:6.1f}" for name, ms in medians.items())
             print(f"n={n:<3} ms/step: {steps_text}   speed vs llama-server: {ratios}", flush=True)
     finally:
-        for model in weights.values():
+        for model, _ in variants.values():
             model.close()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "decode_step.json").write_text(json.dumps(results, indent=2))

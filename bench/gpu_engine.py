@@ -84,6 +84,17 @@ import llama_cpp
 batching: Any = importlib.import_module("batching")
 
 
+def on_gpu(entry: Any, model: Path, c: int, ctx: int, **fields: Any) -> Any:
+    """The default model entry made `model`, with `c` slots of `ctx` tokens and every layer on
+    the GPU (refused on a build without one), as the Engine and the mesh both load it."""
+    from inference_local.config import (  # type: ignore[import-not-found, unused-ignore]
+        ModelConfig,
+    )
+
+    fields |= {"path": model.name, "parallel": c, "context_length": ctx, "gpu_layers": -1}
+    return ModelConfig(**{**entry.model_dump(), **fields})
+
+
 @contextlib.asynccontextmanager
 async def engine_at(
     model: Path, c: int, ctx: int, backend_sampling: bool | None
@@ -92,19 +103,10 @@ async def engine_at(
     as asked (None: the Engine's default, on for a one-slot context on a GPU)."""
     from inference_local.config import (  # type: ignore[import-not-found, unused-ignore]
         InferenceLocalConfig,
-        ModelConfig,
     )
 
     base = InferenceLocalConfig(models_dir=model.parent)
-    entry = base.models[0]
-    fields = {
-        "path": model.name,
-        "parallel": c,
-        "context_length": ctx,
-        "gpu_layers": -1,  # every layer on the GPU, refused on a build without one
-        "backend_sampling": backend_sampling,
-    }
-    models = [ModelConfig(**{**entry.model_dump(), **fields})]
+    models = [on_gpu(base.models[0], model, c, ctx, backend_sampling=backend_sampling)]
     config = base.model_copy(update={"models": models})
     # The model loads (and its context is made) as the engine starts.
     async with batching.direct_engine(config) as engine:
@@ -116,14 +118,8 @@ def mesh_at(model: Path, c: int, ctx: int, state: Path) -> Any:
     """The whole mesh (`slm up`: Envoy, gateway, Doorman, inference-local, ledger) on its
     defaults, with `model` as its model, `c` slots of `ctx` tokens and every layer on the GPU,
     as engine_at loads the Engine; yields its base URL."""
-    from inference_local.config import (  # type: ignore[import-not-found, unused-ignore]
-        ModelConfig,
-    )
-
     settings = batching.mesh_settings(state)
-    entry = settings.inference_local.models[0]
-    fields = {"path": model.name, "parallel": c, "context_length": ctx, "gpu_layers": -1}
-    models = [ModelConfig(**{**entry.model_dump(), **fields})]
+    models = [on_gpu(settings.inference_local.models[0], model, c, ctx)]
     settings.inference_local = settings.inference_local.model_copy(
         update={"models": models, "models_dir": model.parent}
     )
