@@ -62,7 +62,10 @@ class InferenceLocalApp:
                 "SIGHUP: these settings changed and take effect at the next start",
                 extra={"settings": pending},
             )
-        budgets = budgets_of(config)
+        # An unset tier budget falls back to the memory budget in force, not to the file's: a
+        # changed memory_budget_mb is among the settings left for the next start.
+        running_total = self.engine.config.memory_budget_mb
+        budgets = budgets_of(config.model_copy(update={"memory_budget_mb": running_total}))
         try:
             result = await self.engine.apply_manifest(
                 config.models,
