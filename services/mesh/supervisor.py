@@ -177,7 +177,32 @@ def _in_child(nice: int) -> None:
     """In the child, before exec: its niceness, and death with the supervisor."""
     if nice:
         os.nice(nice)
+        _autogroup_nice(nice)
     _die_with_parent()
+
+
+def _autogroup_nice(nice: int) -> None:
+    """In the child, before exec: give its session's scheduling group the niceness too.
+
+    With Linux's autogroup scheduling (on by default in most distributions' kernels), each
+    session is a scheduling group of its own, and a thread's niceness weighs only against the
+    other threads of its group. Children run in sessions of their own, so without this their
+    niceness would weigh against nothing: inference-local's llama.cpp threads got as much of
+    the CPU as Envoy, the gateway and the Doorman whenever they were busy together. Where the
+    kernel has no autogroup, the file is absent and the process's niceness is enough.
+    """
+    for _ in range(AUTOGROUP_TRIES):
+        try:
+            Path("/proc/self/autogroup").write_text(str(nice))
+            return
+        except BlockingIOError:
+            # An unprivileged process may change a group's niceness once per 100 ms, machine-wide.
+            time.sleep(0.1)
+        except OSError:
+            return  # no autogroup scheduling here, or not allowed: the process's niceness stays
+
+
+AUTOGROUP_TRIES = 20
 
 
 def _die_with_parent() -> None:
