@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import random
 import signal
@@ -128,14 +129,19 @@ def mesh_settings(state_dir: Path) -> Settings:
 def _follow(stdout: IO[bytes], banner: threading.Event, sink: IO[bytes]) -> None:
     """Read `slm up`'s stdout: set `banner` at its banner (printed only once every health check
     is SERVING), then copy what follows (Envoy's access log) to `sink`, so that the pipe never
-    fills and the log has it. Ends when the pipe closes, or the sink does."""
+    fills and the log has it. Ends when the pipe closes, or the sink does.
+
+    The copy goes in chunks as they come, not line by line: a burst of requests writes a line
+    each, and a Python loop per line would take the GIL from the test's or benchmark's own
+    client in this process just when it times their answers."""
+    assert isinstance(stdout, io.BufferedReader)
     try:
         for line in stdout:
-            if not banner.is_set():
-                if b"service-slm is up" in line:
-                    banner.set()
-                continue
-            sink.write(line)
+            if b"service-slm is up" in line:
+                banner.set()
+                break
+        while chunk := stdout.read1(1 << 16):
+            sink.write(chunk)
             sink.flush()
     except (ValueError, OSError):
         return  # the mesh was stopped, its pipe and log closed, while a process lived on
