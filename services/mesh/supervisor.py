@@ -101,8 +101,12 @@ class Supervisor:
             *self._command(child.name),
             stdin=asyncio.subprocess.DEVNULL,
             env={**dict(service.env), **os.environ, REPLICA_ENV: str(child.replica)},
-            # Own process group: Ctrl-C reaches the supervisor only, which stops children in order.
-            start_new_session=True,
+            # Own process group: Ctrl-C reaches the supervisor only, which stops children in
+            # order. Not a session of its own: with Linux's autogroup scheduling each session
+            # is a scheduling group, and a niceness weighs only against its own group's
+            # threads; in the supervisor's session inference-local's niceness weighs against
+            # Envoy, the gateway and the Doorman, and the mesh as a whole against other groups.
+            process_group=0,
             preexec_fn=functools.partial(_in_child, nice),
         )
         child.started_at = time.monotonic()
@@ -177,38 +181,13 @@ def _in_child(nice: int) -> None:
     """In the child, before exec: its niceness, and death with the supervisor."""
     if nice:
         os.nice(nice)
-        _autogroup_nice(nice)
     _die_with_parent()
-
-
-def _autogroup_nice(nice: int) -> None:
-    """In the child, before exec: give its session's scheduling group the niceness too.
-
-    With Linux's autogroup scheduling (on by default in most distributions' kernels), each
-    session is a scheduling group of its own, and a thread's niceness weighs only against the
-    other threads of its group. Children run in sessions of their own, so without this their
-    niceness would weigh against nothing: inference-local's llama.cpp threads got as much of
-    the CPU as Envoy, the gateway and the Doorman whenever they were busy together. Where the
-    kernel has no autogroup, the file is absent and the process's niceness is enough.
-    """
-    for _ in range(AUTOGROUP_TRIES):
-        try:
-            Path("/proc/self/autogroup").write_text(str(nice))
-            return
-        except BlockingIOError:
-            # An unprivileged process may change a group's niceness once per 100 ms, machine-wide.
-            time.sleep(0.1)
-        except OSError:
-            return  # no autogroup scheduling here, or not allowed: the process's niceness stays
-
-
-AUTOGROUP_TRIES = 20
 
 
 def _die_with_parent() -> None:
     """In the child, before exec: get SIGTERM when the supervisor dies, however it dies.
 
-    Children run in their own sessions, so without this a SIGKILLed `slm up` would leave the
+    Children run in their own process groups, so without this a SIGKILLed `slm up` would leave the
     whole mesh running, holding its ports (Linux only; elsewhere children must be stopped by
     hand after a crash of the supervisor).
     """
