@@ -200,7 +200,8 @@ def summarise(samples: list[Sample], max_tokens: int) -> dict[str, float]:
     itl = [g * 1000 for s in ok for g in s.gaps]
     return {
         "failed_streams": len(samples) - len(ok),
-        "tokens_per_s": tokens / wall,
+        # A level whose one stream failed at once has no wall time: it made nothing.
+        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
         "tokens": tokens,
         "wall_s": wall,
         "ttft_p50_ms": statistics.median(ttft),
