@@ -164,12 +164,12 @@ class InferenceLocalConfig(Section):
     parallel: int | None = Field(default=None, ge=1, le=256)
     # llama.cpp threads per model; unset: every core this process may run on.
     n_threads: int | None = Field(default=None, ge=1)
-    # Niceness `slm up` starts this process (and its session's autogroup) with (0-19). Above
-    # 0, the latency-bound processes beside it on one machine (Envoy, the gateway, the
-    # Doorman: little CPU, but a refusal or a relayed token waits for it) run first whenever
-    # they are ready, while llama.cpp still takes every core the moment they are idle. 19:
-    # under a burst of 600 streams on 2 cores, Envoy's refusals left within p99 62 ms at 19,
-    # 70 ms at 10 and 92 ms at 5, at the same decode throughput (bench/overload.py).
+    # Niceness `slm up` starts this process with (0-19). Above 0, the latency-bound processes
+    # beside it on one machine (Envoy, the gateway, the Doorman: little CPU, but a refusal or
+    # a relayed token waits for it) run first whenever they are ready, while llama.cpp still
+    # takes every core the moment they are idle. 19: under a burst of 600 streams on 2 cores,
+    # the refusals reached the client within p99 62 ms at 19, 70 ms at 10 and 92 ms at 5, at
+    # the same decode throughput (bench/overload.py).
     nice: int = Field(default=NICE_DEFAULT, ge=0, le=19)
     # The same seed and parameters give the same text whether a sequence runs alone or
     # batched with others (vLLM's batch-invariant mode). It costs throughput on a CPU with
