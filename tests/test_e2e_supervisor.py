@@ -42,12 +42,14 @@ def own_mesh(model_path: Path, tmp_path: Path) -> Iterator[Mesh]:
 def test_crashed_child_is_restarted(own_mesh: Mesh) -> None:
     """A child that dies of a segfault (as a native library's crash would) leaves its Python
     stack in the log and is restarted."""
-    client = openai.OpenAI(base_url=f"{own_mesh.base_url}/v1", api_key="unused", max_retries=0)
     [doorman] = child_pids(own_mesh.config_path, "doorman")
     os.kill(doorman, signal.SIGSEGV)
-    # The client retries on 503 while the supervisor brings the Doorman back.
-    patient = client.with_options(max_retries=10)
-    reply = patient.completions.create(model=DEFAULT_MODEL, prompt="Hello", max_tokens=2)
+    # The client retries on 503 while the supervisor brings the Doorman back. Closed at the
+    # end: a socket left to the garbage collector fails the run with a ResourceWarning.
+    with openai.OpenAI(
+        base_url=f"{own_mesh.base_url}/v1", api_key="unused", max_retries=10
+    ) as client:
+        reply = client.completions.create(model=DEFAULT_MODEL, prompt="Hello", max_tokens=2)
     assert reply.choices[0].text is not None
     [restarted] = child_pids(own_mesh.config_path, "doorman")
     assert restarted != doorman
@@ -101,6 +103,23 @@ def test_inference_local_yields_the_cpu_to_the_latency_bound_processes(mesh: Mes
         group = Path(f"/proc/{mesh.process.pid}/autogroup").read_text().split()[0]
         assert Path(f"/proc/{inference}/autogroup").read_text().split()[0] == group
         assert Path(f"/proc/{doorman}/autogroup").read_text().split()[0] == group
+
+
+def ignores(pid: int, signum: int) -> bool:
+    """Whether the process ignores a signal (SigIgn of /proc/<pid>/status, a hex bit mask)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    raise AssertionError(f"no SigIgn in /proc/{pid}/status")
+
+
+def test_children_log_to_a_terminal_without_being_stopped(mesh: Mesh) -> None:
+    """Each child is a background process group of the supervisor's session: it ignores
+    SIGTTOU, so that a terminal set to `stty tostop` lets its logs through instead of stopping
+    it."""
+    for name in ("inference-local", "doorman", "gateway"):
+        [pid] = child_pids(mesh.config_path, name)
+        assert ignores(pid, signal.SIGTTOU), name
 
 
 def environment(pid: int) -> dict[str, str]:

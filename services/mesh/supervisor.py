@@ -178,9 +178,13 @@ class Supervisor:
 
 
 def _in_child(nice: int) -> None:
-    """In the child, before exec: its niceness, and death with the supervisor."""
+    """In the child, before exec: its niceness, death with the supervisor, and logs that
+    never stop it."""
     if nice:
         os.nice(nice)
+    # The child is a background process group of the supervisor's session: on a terminal set
+    # to `stty tostop`, its first log line would stop it with SIGTTOU; ignored, it writes.
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     _die_with_parent()
 
 
