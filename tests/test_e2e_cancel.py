@@ -23,22 +23,22 @@ def engine_counters(mesh: Mesh) -> tuple[float, float]:
 
 
 def test_closing_the_stream_stops_the_engine(mesh: Mesh) -> None:
-    client = openai.OpenAI(base_url=f"{mesh.base_url}/v1", api_key="unused", max_retries=0)
     tokens_before, cancelled_before = engine_counters(mesh)
-    stream = client.completions.create(
-        model=DEFAULT_MODEL,
-        prompt="Count from one to one thousand: one, two,",
-        max_tokens=MAX_TOKENS,
-        temperature=1.0,
-        seed=5,
-        stream=True,
-    )
-    received = 0
-    for chunk in stream:
-        received += bool(chunk.choices and chunk.choices[0].text)
-        if received == 3:
-            break
-    stream.close()
+    with openai.OpenAI(base_url=f"{mesh.base_url}/v1", api_key="unused", max_retries=0) as client:
+        stream = client.completions.create(
+            model=DEFAULT_MODEL,
+            prompt="Count from one to one thousand: one, two,",
+            max_tokens=MAX_TOKENS,
+            temperature=1.0,
+            seed=5,
+            stream=True,
+        )
+        received = 0
+        for chunk in stream:
+            received += bool(chunk.choices and chunk.choices[0].text)
+            if received == 3:
+                break
+        stream.close()
     # The engine batches sequences, so a later request proves nothing about this one: wait for
     # the engine's own count of cancelled sequences (it moves when the sequence leaves the
     # batch), then read how many tokens it had made by then.

@@ -13,31 +13,31 @@ FILE = "gemma-3-270m-q4_k_m.gguf"
 
 
 def test_load_embed_unload(mesh: Mesh) -> None:
-    client = openai.OpenAI(base_url=f"{mesh.base_url}/v1", api_key="unused", max_retries=0)
-    models = {m["id"]: m for m in httpx.get(f"{mesh.base_url}/v1/models").json()["data"]}
-    assert models[DEFAULT_MODEL]["loaded"] is True
+    with openai.OpenAI(base_url=f"{mesh.base_url}/v1", api_key="unused", max_retries=0) as client:
+        models = {m["id"]: m for m in httpx.get(f"{mesh.base_url}/v1/models").json()["data"]}
+        assert models[DEFAULT_MODEL]["loaded"] is True
 
-    admin = f"{mesh.base_url}/admin/models"
-    loaded = httpx.post(
-        f"{admin}/load",
-        json={"name": "gemma-embed", "path": FILE, "embeddings": True, "context_length": 256},
-        timeout=120,
-    )
-    assert loaded.status_code == 200, loaded.text
-    assert loaded.json()["embeddings"] is True
-    listed = {m["id"]: m for m in httpx.get(admin).json()["data"]}
-    assert listed["gemma-embed"]["architecture"] == "gemma3"
+        admin = f"{mesh.base_url}/admin/models"
+        loaded = httpx.post(
+            f"{admin}/load",
+            json={"name": "gemma-embed", "path": FILE, "embeddings": True, "context_length": 256},
+            timeout=120,
+        )
+        assert loaded.status_code == 200, loaded.text
+        assert loaded.json()["embeddings"] is True
+        listed = {m["id"]: m for m in httpx.get(admin).json()["data"]}
+        assert listed["gemma-embed"]["architecture"] == "gemma3"
 
-    reply = client.embeddings.create(model="gemma-embed", input=["a cat", "a dog"])
-    assert [len(d.embedding) for d in reply.data] == [640, 640]
-    assert reply.usage.prompt_tokens > 2
-    with pytest.raises(openai.BadRequestError, match="does not serve embeddings"):
-        client.embeddings.create(model=DEFAULT_MODEL, input="x")
+        reply = client.embeddings.create(model="gemma-embed", input=["a cat", "a dog"])
+        assert [len(d.embedding) for d in reply.data] == [640, 640]
+        assert reply.usage.prompt_tokens > 2
+        with pytest.raises(openai.BadRequestError, match="does not serve embeddings"):
+            client.embeddings.create(model=DEFAULT_MODEL, input="x")
 
-    refused = httpx.post(f"{admin}/load", json={"name": "evil", "path": "/etc/passwd"})
-    assert refused.status_code == 400
-    assert "outside the model directories" in refused.json()["error"]["message"]
+        refused = httpx.post(f"{admin}/load", json={"name": "evil", "path": "/etc/passwd"})
+        assert refused.status_code == 400
+        assert "outside the model directories" in refused.json()["error"]["message"]
 
-    assert httpx.post(f"{admin}/unload", json={"name": "gemma-embed"}).status_code == 200
-    assert "gemma-embed" not in {m["id"] for m in httpx.get(admin).json()["data"]}
-    assert httpx.post(f"{admin}/unload", json={"name": "gemma-embed"}).status_code == 404
+        assert httpx.post(f"{admin}/unload", json={"name": "gemma-embed"}).status_code == 200
+        assert "gemma-embed" not in {m["id"] for m in httpx.get(admin).json()["data"]}
+        assert httpx.post(f"{admin}/unload", json={"name": "gemma-embed"}).status_code == 404

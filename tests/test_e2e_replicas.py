@@ -79,22 +79,22 @@ def counts(mesh: Mesh, model: str) -> list[float]:
 
 
 def chat(mesh: Mesh, model: str) -> str:
-    client = openai.OpenAI(base_url=f"{mesh.base_url}/v1", api_key="unused", max_retries=0)
-    reply = client.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": "Say hello."}],
-        max_tokens=2,
-        temperature=0,
-    )
-    assert reply.choices[0].finish_reason in ("stop", "length")
-    return reply.id
+    with openai.OpenAI(base_url=f"{mesh.base_url}/v1", api_key="unused", max_retries=0) as client:
+        reply = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "Say hello."}],
+            max_tokens=2,
+            temperature=0,
+        )
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        return reply.id
 
 
 def complete(mesh: Mesh, model: str) -> None:
     """A raw-prompt completion: a model loaded by path has no chat template of its own."""
-    client = openai.OpenAI(base_url=f"{mesh.base_url}/v1", api_key="unused", max_retries=0)
-    reply = client.completions.create(model=model, prompt="The sky is", max_tokens=2)
-    assert reply.choices[0].finish_reason in ("stop", "length")
+    with openai.OpenAI(base_url=f"{mesh.base_url}/v1", api_key="unused", max_retries=0) as client:
+        reply = client.completions.create(model=model, prompt="The sky is", max_tokens=2)
+        assert reply.choices[0].finish_reason in ("stop", "length")
 
 
 def serving(address: str) -> bool:
