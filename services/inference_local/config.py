@@ -168,8 +168,8 @@ class InferenceLocalConfig(Section):
     # beside it on one machine (Envoy, the gateway, the Doorman: little CPU, but a refusal or
     # a relayed token waits for it) run first whenever they are ready, while llama.cpp still
     # takes every core the moment they are idle. 19: under a burst of 600 streams on 2 cores,
-    # the refusals reached the client within p99 62 ms at 19, 70 ms at 10 and 92 ms at 5, at
-    # the same decode throughput (bench/overload.py).
+    # the refusals reached the client within p99 68 ms in 24 of 24 rounds; at 5, one round in
+    # 24 took 121 ms; decode throughput alike (bench/overload.py, bench/batching.py).
     nice: int = Field(default=NICE_DEFAULT, ge=0, le=19)
     # The same seed and parameters give the same text whether a sequence runs alone or
     # batched with others (vLLM's batch-invariant mode). It costs throughput on a CPU with
