@@ -86,6 +86,12 @@ def niceness(pid: int) -> int:
     return int(stat.rsplit(")", 1)[1].split()[16])
 
 
+def session(pid: int) -> int:
+    """A process's session id, field 6 of /proc/<pid>/stat (counted after its "(comm)")."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[3])
+
+
 def test_inference_local_yields_the_cpu_to_the_latency_bound_processes(mesh: Mesh) -> None:
     """`slm up` starts inference-local at its configured niceness (19 by default), the others at
     the supervisor's own: a refusal or a relayed token does not wait behind llama.cpp. Where the
@@ -99,10 +105,19 @@ def test_inference_local_yields_the_cpu_to_the_latency_bound_processes(mesh: Mes
     assert mesh.settings.inference_local.nice == 19
     assert niceness(inference) == 19
     assert niceness(doorman) == own
+    assert session(inference) == session(doorman) == session(mesh.process.pid)
     if Path("/proc/self/autogroup").exists():
-        group = Path(f"/proc/{mesh.process.pid}/autogroup").read_text().split()[0]
-        assert Path(f"/proc/{inference}/autogroup").read_text().split()[0] == group
-        assert Path(f"/proc/{doorman}/autogroup").read_text().split()[0] == group
+        # Empty where the process is scheduled by its cgroup rather than an autogroup (autogroup
+        # off, or a container's cgroup): then all three read empty, which is the same group.
+        group = autogroup(mesh.process.pid)
+        assert autogroup(inference) == group
+        assert autogroup(doorman) == group
+
+
+def autogroup(pid: int) -> str:
+    """The scheduling autogroup a process is in ("/autogroup-N"), or "" where it is in none."""
+    text = Path(f"/proc/{pid}/autogroup").read_text().split()
+    return text[0] if text else ""
 
 
 def ignores(pid: int, signum: int) -> bool:
