@@ -7,9 +7,12 @@ mesh at each hop: inference-local's gRPC Generate (inference_grpc), the Doorman'
 (doorman_grpc), the gateway's HTTP port (gateway_http), and Envoy, over HTTP (mesh_http) and
 gRPC (mesh_grpc). Every path does identical work per request: the same prompt tokens, a full
 prefill and greedy decoding, so each path minus the one below it is one hop. Runs are
-interleaved so that machine noise hits every path alike.
+interleaved, and each hop's cost is the median of its per-iteration differences, so that
+machine noise hits every path alike and cancels. A short prompt (--prompt) keeps the engine's
+own time, and with it the noise the differences must see through, small.
 
     make bench            # or: .venv/bin/python bench/mesh_overhead.py --iterations 50
+    .venv/bin/python bench/mesh_overhead.py --iterations 200 --max-tokens 1 --prompt "Hi"
 """
 
 from __future__ import annotations
@@ -69,9 +72,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def direct(llama: Any, max_tokens: int) -> Sample:
+def direct(llama: Any, prompt: str, max_tokens: int) -> Sample:
     """The engine's own call, in-process, as inference-local makes it."""
-    tokens = llama.tokenize(PROMPT.encode(), add_bos=True, special=True)
+    tokens = llama.tokenize(prompt.encode(), add_bos=True, special=True)
     start = time.perf_counter()
     llama.reset()
     ttft = 0.0
@@ -92,11 +95,11 @@ def direct(llama: Any, max_tokens: int) -> Sample:
     return Sample(ttft or time.perf_counter() - start, time.perf_counter() - start, count)
 
 
-def through_http(client: httpx.Client, url: str, max_tokens: int) -> Sample:
+def through_http(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> Sample:
     """OpenAI /v1/completions, streamed, through Envoy."""
     body = {
         "model": DEFAULT_MODEL,
-        "prompt": PROMPT,
+        "prompt": prompt,
         "max_tokens": max_tokens,
         "temperature": 0.0,
         "top_p": 1.0,
@@ -136,23 +139,23 @@ def sampling(max_tokens: int) -> types_pb2.SamplingParams:
     return types_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=1)
 
 
-async def through_grpc(stub: Any, max_tokens: int) -> Sample:
+async def through_grpc(stub: Any, prompt: str, max_tokens: int) -> Sample:
     """DoormanService.Complete (through Envoy, or on the Doorman's own port)."""
     request = doorman_pb2.CompleteRequest(
-        model=DEFAULT_MODEL, prompt=PROMPT, sampling=sampling(max_tokens)
+        model=DEFAULT_MODEL, prompt=prompt, sampling=sampling(max_tokens)
     )
     return await timed_stream(stub.Complete(request))
 
 
-async def through_inference(stub: Any, max_tokens: int) -> Sample:
+async def through_inference(stub: Any, prompt: str, max_tokens: int) -> Sample:
     """InferenceService.Generate on inference-local's own port: the engine behind one gRPC hop."""
     request = inference_pb2.GenerateRequest(
-        model=DEFAULT_MODEL, prompt=PROMPT, sampling=sampling(max_tokens)
+        model=DEFAULT_MODEL, prompt=prompt, sampling=sampling(max_tokens)
     )
     return await timed_stream(stub.Generate(request))
 
 
-async def in_process_engine(engine: Any, max_tokens: int) -> Sample:
+async def in_process_engine(engine: Any, prompt: str, max_tokens: int) -> Sample:
     """inference-local's own engine (continuous batching scheduler) called in-process: the
     baseline that isolates what the mesh's hops add."""
     from inference_local.engine import Delta, Request
@@ -161,7 +164,7 @@ async def in_process_engine(engine: Any, max_tokens: int) -> Sample:
     request = Request(
         DEFAULT_MODEL,
         Sampling(max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=1),
-        prompt=PROMPT,
+        prompt=prompt,
     )
     start = time.perf_counter()
     ttft = 0.0
@@ -186,11 +189,27 @@ def summary(samples: list[Sample]) -> dict[str, float]:
     }
 
 
+def paired(upper: list[Sample], lower: list[Sample]) -> dict[str, float]:
+    """What `upper` adds over `lower`, iteration by iteration: both ran back to back in each
+    iteration, so a slow moment of the shared machine lands in both and cancels out."""
+    total = [(u.total_s - lo.total_s) * 1000 for u, lo in zip(upper, lower, strict=True)]
+    ttft = [(u.ttft_s - lo.ttft_s) * 1000 for u, lo in zip(upper, lower, strict=True)]
+    return {
+        "p50_ms": statistics.median(total),
+        "p99_ms": percentile(total, 99),
+        "ttft_p50_ms": statistics.median(ttft),
+    }
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--iterations", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--prompt", default=PROMPT, help="the prompt every path completes")
+    parser.add_argument("--max-tokens", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--out", type=Path, default=RESULTS / "mesh_overhead.json")
     args = parser.parse_args()
+    prompt: str = args.prompt
 
     from llama_cpp import Llama
 
@@ -220,8 +239,9 @@ async def main() -> int:
     mesh.start()
     results: dict[str, Any] = {
         "iterations": args.iterations,
-        "prompt": PROMPT,
+        "prompt": prompt,
         "cpu_count": os.cpu_count(),
+        "hops": {},
     }
     try:
         gateway_url = f"http://127.0.0.1:{settings.gateway.port}"
@@ -234,75 +254,59 @@ async def main() -> int:
             doorman = doorman_pb2_grpc.DoormanServiceStub(doorman_channel)
             inference = inference_pb2_grpc.InferenceServiceStub(local)
             with httpx.Client(timeout=120) as client:
-                for max_tokens in (1, 64):
+                for max_tokens in args.max_tokens:
                     runs: dict[str, list[Sample]] = {name: [] for name in PATHS}
                     for i in range(args.warmup + args.iterations):
                         samples = {
-                            "llama_cpp": direct(llama, max_tokens),
-                            "engine": await in_process_engine(engine, max_tokens),
-                            "inference_grpc": await through_inference(inference, max_tokens),
-                            "doorman_grpc": await through_grpc(doorman, max_tokens),
-                            "gateway_http": through_http(client, gateway_url, max_tokens),
-                            "mesh_http": through_http(client, mesh.base_url, max_tokens),
-                            "mesh_grpc": await through_grpc(stub, max_tokens),
+                            "llama_cpp": direct(llama, prompt, max_tokens),
+                            "engine": await in_process_engine(engine, prompt, max_tokens),
+                            "inference_grpc": await through_inference(
+                                inference, prompt, max_tokens
+                            ),
+                            "doorman_grpc": await through_grpc(doorman, prompt, max_tokens),
+                            "gateway_http": through_http(client, gateway_url, prompt, max_tokens),
+                            "mesh_http": through_http(client, mesh.base_url, prompt, max_tokens),
+                            "mesh_grpc": await through_grpc(stub, prompt, max_tokens),
                         }
                         if i >= args.warmup:
                             for name, sample in samples.items():
                                 runs[name].append(sample)
-                    results[f"max_tokens_{max_tokens}"] = {n: summary(s) for n, s in runs.items()}
+                    case = f"max_tokens_{max_tokens}"
+                    results[case] = {n: summary(s) for n, s in runs.items()}
+                    results["hops"][case] = {
+                        hop: paired(runs[upper], runs[lower])
+                        for hop, (upper, lower) in HOPS.items()
+                    } | {
+                        f"{path} over engine": paired(runs[path], runs["engine"])
+                        for path in ("mesh_http", "mesh_grpc")
+                    }
     finally:
         mesh.stop()
         llama.close()
         await engine.close()
 
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "mesh_overhead.json"
-    out.write_text(json.dumps(results, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
     print(f"\nmesh overhead vs in-process engines ({args.iterations} interleaved runs each)")
-    header = (
-        f"{'case':<22}{'path':<12}{'TTFT p50':>10}{'TTFT p99':>10}{'total p50':>11}"
+    print(
+        f"{'case':<22}{'path':<16}{'TTFT p50':>10}{'TTFT p99':>10}{'total p50':>11}"
         f"{'total p99':>11}{'tokens':>8}"
     )
-    print(header)
-    results["hops"] = {
-        f"max_tokens_{n}": {
-            hop: {
-                "p50_ms": results[f"max_tokens_{n}"][u]["total_p50_ms"]
-                - results[f"max_tokens_{n}"][lo]["total_p50_ms"],
-                "p99_ms": results[f"max_tokens_{n}"][u]["total_p99_ms"]
-                - results[f"max_tokens_{n}"][lo]["total_p99_ms"],
-            }
-            for hop, (u, lo) in HOPS.items()
-        }
-        for n in (1, 64)
-    }
-    out.write_text(json.dumps(results, indent=2))
-    for max_tokens in (1, 64):
-        case = results[f"max_tokens_{max_tokens}"]
-        for path, s in case.items():
+    for max_tokens in args.max_tokens:
+        case = f"max_tokens_{max_tokens}"
+        for path, s in results[case].items():
             print(
-                f"{'max_tokens=' + str(max_tokens):<22}{path:<12}{s['ttft_p50_ms']:>9.2f}m"
+                f"{'max_tokens=' + str(max_tokens):<22}{path:<16}{s['ttft_p50_ms']:>9.2f}m"
                 f"{s['ttft_p99_ms']:>9.2f}m{s['total_p50_ms']:>10.2f}m{s['total_p99_ms']:>10.2f}m"
                 f"{s['tokens']:>8.0f}"
             )
-        for hop, (upper, lower) in HOPS.items():
-            u, lo = case[upper], case[lower]
+        print("  added, paired by iteration (median and p99 of the differences):")
+        for hop, d in results["hops"][case].items():
             print(
-                f"  hop {hop:<34} p50 {u['total_p50_ms'] - lo['total_p50_ms']:+.2f} ms  "
-                f"p99 {u['total_p99_ms'] - lo['total_p99_ms']:+.2f} ms"
+                f"    {hop:<34} p50 {d['p50_ms']:+.2f} ms  p99 {d['p99_ms']:+.2f} ms  "
+                f"TTFT p50 {d['ttft_p50_ms']:+.2f} ms"
             )
-        base = case["engine"]
-        for path in ("mesh_http", "mesh_grpc"):
-            m = case[path]
-            print(
-                f"  {path} vs engine in-process: added p50 "
-                f"{m['total_p50_ms'] - base['total_p50_ms']:+.2f} ms "
-                f"(ratio {m['total_p50_ms'] / base['total_p50_ms']:.3f}), "
-                f"p99 {m['total_p99_ms'] - base['total_p99_ms']:+.2f} ms "
-                f"(ratio {m['total_p99_ms'] / base['total_p99_ms']:.3f}); "
-                f"TTFT p50 added {m['ttft_p50_ms'] - base['ttft_p50_ms']:+.2f} ms"
-            )
-    print(f"\nJSON: {out}")
+    print(f"\nJSON: {args.out}")
     return 0
 
 
