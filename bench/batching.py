@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import itertools
 import json
 import os
@@ -38,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,35 +170,41 @@ async def engine_stream(engine: Any, model: str, index: int, max_tokens: int, ru
     return timeline.sample()
 
 
-async def level(
-    target: str | Any, model: str, concurrency: int, max_tokens: int
-) -> dict[str, float]:
+async def level(target: str | Any, model: str, concurrency: int, max_tokens: int) -> dict[str, Any]:
     """One level against a URL (OpenAI HTTP) or an Engine object (the direct engine)."""
     run = next(RUNS)
-    async with contextlib.AsyncExitStack() as stack:
-        stream: Callable[[int, int], Awaitable[Sample]]
-        if isinstance(target, str):
-            limits = httpx.Limits(
-                max_connections=concurrency + 4, max_keepalive_connections=concurrency
+    if isinstance(target, str):
+        limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
+        # A client of its own warms the model; then each stream opens its connection, alike on
+        # every server. Reusing the warm-up's keep-alive connection raced with llama-server
+        # closing it: the stream failed ("Server disconnected without sending a response")
+        # before the server had read it.
+        async with httpx.AsyncClient(timeout=600, limits=limits) as warm:
+            await one_stream(warm, target, model, 999, 4, run)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+            samples = await asyncio.gather(
+                *(one_stream(client, target, model, i, max_tokens, run) for i in range(concurrency))
             )
-            client = await stack.enter_async_context(httpx.AsyncClient(timeout=600, limits=limits))
-            stream = functools.partial(one_stream, client, target, model, run=run)
-        else:
-            stream = functools.partial(engine_stream, target, model, run=run)
-        await stream(999, 4)  # warm the connection and the model
-        samples = await asyncio.gather(*(stream(i, max_tokens) for i in range(concurrency)))
+    else:
+        await engine_stream(target, model, 999, 4, run)  # warm the model
+        samples = await asyncio.gather(
+            *(engine_stream(target, model, i, max_tokens, run) for i in range(concurrency))
+        )
     return summarise(samples, max_tokens)
 
 
-def summarise(samples: list[Sample], max_tokens: int) -> dict[str, float]:
+def summarise(samples: list[Sample], max_tokens: int) -> dict[str, Any]:
     wall = max(s.end for s in samples) - min(s.start for s in samples)
     # Throughput counts only streams that completed: a dropped stream served nobody.
     ok = [s for s in samples if not s.error and s.tokens == max_tokens]
     tokens = sum(s.tokens for s in ok)
     ttft = [(s.first - s.start) * 1000 for s in ok] or [float("nan")]
     itl = [g * 1000 for s in ok for g in s.gaps]
+    failed = [s for s in samples if s.error or s.tokens != max_tokens]
     return {
-        "failed_streams": len(samples) - len(ok),
+        "failed_streams": len(failed),
+        # Why they failed: an httpx error's name, or the tokens a stream stopped short at.
+        "failures": sorted({s.error or f"{s.tokens} of {max_tokens} tokens" for s in failed}),
         # A level whose one stream failed at once has no wall time: it made nothing.
         "tokens_per_s": tokens / wall if wall > 0 else 0.0,
         "tokens": tokens,
@@ -216,7 +221,7 @@ async def interleaved(
 ) -> dict[str, dict[str, Any]]:
     """One level on every target, `repeat` rounds; prints and returns each target's median run
     (by throughput) with the throughput of all its runs."""
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
     names = list(targets)
     for round_ in range(repeat):
         # Every other round runs the servers in reverse order, so a machine that speeds up or
@@ -229,7 +234,9 @@ async def interleaved(
         r: dict[str, Any] = dict(ordered[len(ordered) // 2])
         r["runs_tokens_per_s"] = [run["tokens_per_s"] for run in runs[name]]
         medians[name] = r
-        failed = f"  {r['failed_streams']:.0f} failed" if r["failed_streams"] else ""
+        failed = ""
+        if r["failed_streams"]:
+            failed = f"  {r['failed_streams']:.0f} failed ({', '.join(r['failures'])})"
         print(
             f"{name:<16} c={concurrency:<3} out={max_tokens:<4} {r['tokens_per_s']:8.1f} tok/s "
             f"TTFT p50 {r['ttft_p50_ms']:8.1f} ms  ITL p50 {r['itl_p50_ms']:6.1f} ms "
@@ -404,13 +411,13 @@ def report(results: dict[str, Any]) -> None:
     ):
         for key, ours in mesh.items():
             theirs = servers.get(peer, {}).get(key)
-            if theirs:
+            if theirs and theirs["tokens_per_s"] > 0:
                 speed = ours["tokens_per_s"] / theirs["tokens_per_s"]
                 ttft = ours["ttft_p50_ms"] / theirs["ttft_p50_ms"]
                 # Each round runs both servers within minutes of each other, so the ratio
                 # within a round is free of the machine's drift between rounds.
                 pairs = zip(ours["runs_tokens_per_s"], theirs["runs_tokens_per_s"], strict=True)
-                rounds = [a / b for a, b in pairs]
+                rounds = [a / b for a, b in pairs if b > 0]  # not the rounds the peer failed
                 spread = ""
                 if len(rounds) > 1:
                     spread = f"  (rounds x{min(rounds):.2f} to x{max(rounds):.2f})"
