@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -37,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,34 +174,35 @@ async def engine_stream(engine: Any, model: str, index: int, max_tokens: int, ru
 async def level(target: str | Any, model: str, concurrency: int, max_tokens: int) -> dict[str, Any]:
     """One level against a URL (OpenAI HTTP) or an Engine object (the direct engine)."""
     run = next(RUNS)
-    if isinstance(target, str):
-        limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
-        # A client of its own warms the model; then each stream opens its connection, alike on
-        # every server. Reusing the warm-up's keep-alive connection raced with llama-server
-        # closing it: the stream failed ("Server disconnected without sending a response")
-        # before the server had read it.
-        async with httpx.AsyncClient(timeout=600, limits=limits) as warm:
-            await one_stream(warm, target, model, 999, 4, run)
-        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-            samples = await asyncio.gather(
-                *(one_stream(client, target, model, i, max_tokens, run) for i in range(concurrency))
-            )
-    else:
-        await engine_stream(target, model, 999, 4, run)  # warm the model
-        samples = await asyncio.gather(
-            *(engine_stream(target, model, i, max_tokens, run) for i in range(concurrency))
-        )
+    async with contextlib.AsyncExitStack() as stack:
+        stream: Callable[[int, int], Awaitable[Sample]]
+        if isinstance(target, str):
+            limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
+            # A client of its own warms the model; then each stream opens its connection, alike
+            # on every server. Reusing the warm-up's keep-alive connection raced with
+            # llama-server closing it: the stream failed ("Server disconnected without sending
+            # a response") before the server had read it.
+            async with httpx.AsyncClient(timeout=600, limits=limits) as warm:
+                await one_stream(warm, target, model, 999, 4, run)
+            client = await stack.enter_async_context(httpx.AsyncClient(timeout=600, limits=limits))
+            stream = functools.partial(one_stream, client, target, model, run=run)
+        else:
+            stream = functools.partial(engine_stream, target, model, run=run)
+            await stream(999, 4)  # warm the model
+        samples = await asyncio.gather(*(stream(i, max_tokens) for i in range(concurrency)))
     return summarise(samples, max_tokens)
 
 
 def summarise(samples: list[Sample], max_tokens: int) -> dict[str, Any]:
     wall = max(s.end for s in samples) - min(s.start for s in samples)
     # Throughput counts only streams that completed: a dropped stream served nobody.
-    ok = [s for s in samples if not s.error and s.tokens == max_tokens]
+    ok: list[Sample] = []
+    failed: list[Sample] = []
+    for sample in samples:
+        (failed if sample.error or sample.tokens != max_tokens else ok).append(sample)
     tokens = sum(s.tokens for s in ok)
     ttft = [(s.first - s.start) * 1000 for s in ok] or [float("nan")]
     itl = [g * 1000 for s in ok for g in s.gaps]
-    failed = [s for s in samples if s.error or s.tokens != max_tokens]
     return {
         "failed_streams": len(failed),
         # Why they failed: an httpx error's name, or the tokens a stream stopped short at.
