@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+import openai
 from prometheus_client import CollectorRegistry
 
 from adapters.config import AdapterRegistryConfig
@@ -211,6 +212,13 @@ class Mesh:
     @property
     def grpc_target(self) -> str:
         return f"127.0.0.1:{self.settings.envoy.port}"
+
+    def openai_client(self, api_key: str = "unused", max_retries: int = 0) -> openai.OpenAI:
+        """The official OpenAI client on this mesh's /v1; use it in a `with` block, so that its
+        connections close (a socket left to the garbage collector fails the run)."""
+        return openai.OpenAI(
+            base_url=f"{self.base_url}/v1", api_key=api_key, max_retries=max_retries
+        )
 
     @property
     def inference_metrics_url(self) -> str:

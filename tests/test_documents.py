@@ -361,7 +361,7 @@ def docs_mesh(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 
 def client_for(mesh: Mesh, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{mesh.base_url}/v1", api_key=key, max_retries=0)
+    return mesh.openai_client(key)
 
 
 def ask(client: openai.OpenAI, part: dict[str, Any]) -> Any:
@@ -593,7 +593,7 @@ def test_an_upload_larger_than_the_body_limit_passes_envoy(mesh: Mesh) -> None:
     data = docx_with_noise_image("The report was written by the harbour office.", 900)
     # Larger than any JSON request may be, within the file limit.
     assert mesh.settings.envoy.max_body_bytes < len(data) < mesh.settings.gateway.max_file_bytes
-    with openai.OpenAI(base_url=f"{mesh.base_url}/v1", api_key="none", max_retries=0) as client:
+    with mesh.openai_client("none") as client:
         uploaded = client.files.create(file=("report.docx", data, DOCX), purpose="user_data")
         assert uploaded.bytes == len(data)
         reply = ask(client, {"type": "file", "file": {"file_id": uploaded.id}})

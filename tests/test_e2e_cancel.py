@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import httpx
-import openai
 import pytest
 from helpers import DEFAULT_MODEL, Mesh, metric_value, wait_for
 
@@ -24,7 +23,7 @@ def engine_counters(mesh: Mesh) -> tuple[float, float]:
 
 def test_closing_the_stream_stops_the_engine(mesh: Mesh) -> None:
     tokens_before, cancelled_before = engine_counters(mesh)
-    with openai.OpenAI(base_url=f"{mesh.base_url}/v1", api_key="unused", max_retries=0) as client:
+    with mesh.openai_client() as client:
         stream = client.completions.create(
             model=DEFAULT_MODEL,
             prompt="Count from one to one thousand: one, two,",

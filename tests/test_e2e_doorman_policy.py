@@ -55,7 +55,7 @@ CLIENTS: list[openai.OpenAI] = []
 
 def client(mesh: Mesh, key: str) -> openai.OpenAI:
     """A client the module fixture closes. No client-side retries: a test must see the first 429."""
-    CLIENTS.append(openai.OpenAI(base_url=f"{mesh.base_url}/v1", api_key=key, max_retries=0))
+    CLIENTS.append(mesh.openai_client(key))
     return CLIENTS[-1]
 
 

@@ -13,7 +13,7 @@ FILE = "gemma-3-270m-q4_k_m.gguf"
 
 
 def test_load_embed_unload(mesh: Mesh) -> None:
-    with openai.OpenAI(base_url=f"{mesh.base_url}/v1", api_key="unused", max_retries=0) as client:
+    with mesh.openai_client() as client:
         models = {m["id"]: m for m in httpx.get(f"{mesh.base_url}/v1/models").json()["data"]}
         assert models[DEFAULT_MODEL]["loaded"] is True
 

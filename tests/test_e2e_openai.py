@@ -18,7 +18,7 @@ MESSAGES: list[ChatCompletionMessageParam] = [
 
 @pytest.fixture(scope="module")
 def client(mesh: Mesh) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{mesh.base_url}/v1", api_key="unused", max_retries=0)
+    return mesh.openai_client()
 
 
 @pytest.fixture

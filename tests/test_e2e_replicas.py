@@ -11,7 +11,6 @@ from pathlib import Path
 
 import grpc
 import httpx
-import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import DEFAULT_MODEL, Mesh, free_port, mesh_settings, metric_value, wait_for
@@ -79,7 +78,7 @@ def counts(mesh: Mesh, model: str) -> list[float]:
 
 
 def chat(mesh: Mesh, model: str) -> str:
-    with openai.OpenAI(base_url=f"{mesh.base_url}/v1", api_key="unused", max_retries=0) as client:
+    with mesh.openai_client() as client:
         reply = client.chat.completions.create(
             model=model,
             messages=[{"role": "user", "content": "Say hello."}],
@@ -92,7 +91,7 @@ def chat(mesh: Mesh, model: str) -> str:
 
 def complete(mesh: Mesh, model: str) -> None:
     """A raw-prompt completion: a model loaded by path has no chat template of its own."""
-    with openai.OpenAI(base_url=f"{mesh.base_url}/v1", api_key="unused", max_retries=0) as client:
+    with mesh.openai_client() as client:
         reply = client.completions.create(model=model, prompt="The sky is", max_tokens=2)
         assert reply.choices[0].finish_reason in ("stop", "length")
 

@@ -45,7 +45,7 @@ GREEDY: Any = {"temperature": 0}
 
 @pytest.fixture(scope="module")
 def client(mesh: Mesh) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{mesh.base_url}/v1", api_key="unused", max_retries=0) as c:
+    with mesh.openai_client() as c:
         yield c
 
 

@@ -8,7 +8,6 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
-import openai
 import pytest
 from helpers import DEFAULT_MODEL, Mesh, mesh_settings
 
@@ -46,9 +45,7 @@ def test_crashed_child_is_restarted(own_mesh: Mesh) -> None:
     os.kill(doorman, signal.SIGSEGV)
     # The client retries on 503 while the supervisor brings the Doorman back. Closed at the
     # end: a socket left to the garbage collector fails the run with a ResourceWarning.
-    with openai.OpenAI(
-        base_url=f"{own_mesh.base_url}/v1", api_key="unused", max_retries=10
-    ) as client:
+    with own_mesh.openai_client(max_retries=10) as client:
         reply = client.completions.create(model=DEFAULT_MODEL, prompt="Hello", max_tokens=2)
     assert reply.choices[0].text is not None
     [restarted] = child_pids(own_mesh.config_path, "doorman")
@@ -80,16 +77,19 @@ def test_children_die_with_a_killed_supervisor(model_path: Path, tmp_path: Path)
     assert child_pids(mesh.config_path, "doorman") == []
 
 
-def niceness(pid: int) -> int:
-    """A process's nice value, field 19 of /proc/<pid>/stat (counted after its "(comm)")."""
+def stat_field(pid: int, field: int) -> int:
+    """Field `field` (numbered from 1, as proc(5) does) of /proc/<pid>/stat, counted after its
+    "(comm)", which may hold spaces."""
     stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat.rsplit(")", 1)[1].split()[16])
+    return int(stat.rsplit(")", 1)[1].split()[field - 3])
+
+
+def niceness(pid: int) -> int:
+    return stat_field(pid, 19)
 
 
 def session(pid: int) -> int:
-    """A process's session id, field 6 of /proc/<pid>/stat (counted after its "(comm)")."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat.rsplit(")", 1)[1].split()[3])
+    return stat_field(pid, 6)
 
 
 def test_inference_local_yields_the_cpu_to_the_latency_bound_processes(mesh: Mesh) -> None:

@@ -129,7 +129,7 @@ async def engine_arguments(mesh: Mesh) -> tuple[str, int]:
 async def test_email_in_a_tool_result_comes_back_restored_in_the_next_call(
     privacy_mesh: Mesh,
 ) -> None:
-    client = openai.OpenAI(base_url=f"{privacy_mesh.base_url}/v1", api_key=KEY, max_retries=0)
+    client = privacy_mesh.openai_client(KEY)
     with client:
         await check_round_trip(privacy_mesh, client)
 
