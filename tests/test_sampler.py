@@ -139,23 +139,81 @@ def test_shortlist_picks_what_the_full_vocabulary_picks(
         _assert_same_tokens(decoded, [(config, seq) for seq in range(len(PROMPTS))], together=False)
 
 
-def test_shortlist_is_small_and_holds_every_biased_token(decoded: Decoded) -> None:
+@pytest.mark.parametrize(
+    ("shortlists", "most"),
+    [(Sampler._shortlists, 100), (Sampler._wide_shortlists, 262_144 // 20)],
+    ids=["tight", "wide"],
+)
+def test_shortlist_is_small_and_holds_every_biased_token(
+    decoded: Decoded, shortlists: Any, most: int
+) -> None:
+    """The tight shortlist holds the 40 best, a few ties and the moved tokens; the wide one
+    (masked rows) some thousands."""
     model, context, _, rows = decoded
     banned = {0: -100.0, 7: 5.0}
     sampler = Sampler(model, replace(BASE, logit_bias=banned))
     try:
         logits = context.logits(rows[0])
-        shortlists = Sampler._shortlists([sampler], logits[None, :])
-        assert shortlists is not None
-        shortlist, ends = shortlists
+        found = shortlists([sampler], logits[None, :])
+        assert found is not None
+        shortlist, ends = found
         assert ends == [shortlist.size]
         ids = shortlist["id"]
-        assert 40 < ids.size < model.n_vocab // 20
+        assert 40 < ids.size < most
         assert list(ids) == sorted(ids)
         assert set(banned) <= set(ids.tolist())
         best = np.argsort(logits)[-40:]
         assert set(best.tolist()) <= set(ids.tolist())
         assert np.array_equal(shortlist["logit"], logits[ids])
+    finally:
+        sampler.close()
+
+
+def test_tight_shortlist_holds_the_k_best_among_ties_and_moved_tokens(decoded: Decoded) -> None:
+    """Rows of coarse logits (many ties) and moved tokens placed in the groups of the best
+    ones: every row's shortlist, in token order, holds each unmoved token at or above its k-th
+    best unmoved logit and every moved token, with their own logits."""
+    model = decoded[0]
+    rng = np.random.default_rng(7)
+    rows = (rng.integers(-40, 40, (4, model.n_vocab)) / 4).astype(np.float32)
+    width = model.n_vocab // Sampler.SLICES
+    samplers = []
+    try:
+        for keep in (1, 40):
+            for r in range(rows.shape[0]):
+                best = int(np.argmax(rows[r]))
+                bias = {best: -50.0, (best + width) % model.n_vocab: 1.0, r: 3.0}
+                samplers.append(Sampler(model, replace(BASE, top_k=keep, logit_bias=bias)))
+            block = samplers[-rows.shape[0] :]
+            found = Sampler._shortlists(block, rows)
+            assert found is not None
+            shortlist, ends = found
+            for r, (sampler, start, end) in enumerate(
+                zip(block, [0, *ends[:-1]], ends, strict=True)
+            ):
+                ids = shortlist["id"][start:end]
+                moved = set(sampler._moved_tokens().tolist())
+                unmoved = np.setdiff1d(np.arange(model.n_vocab), list(moved))
+                kth = np.sort(rows[r, unmoved])[-keep]
+                must = set(unmoved[rows[r, unmoved] >= kth].tolist()) | moved
+                assert must <= set(ids.tolist()), (keep, r)
+                # A group whose best is the k-th group maximum may hold tokens just above it.
+                assert len(ids) < len(must) + keep * Sampler.SLICES
+                assert list(ids) == sorted(ids)
+                assert np.array_equal(shortlist["logit"][start:end], rows[r, ids])
+    finally:
+        for sampler in samplers:
+            sampler.close()
+
+
+def test_a_row_holding_nan_takes_llama_cpp_path(decoded: Decoded) -> None:
+    model = decoded[0]
+    rows = np.zeros((2, model.n_vocab), np.float32)
+    rows[1, 12345] = np.nan
+    sampler = Sampler(model, BASE)
+    try:
+        assert Sampler._shortlists([sampler, sampler], rows) is None
+        assert Sampler._shortlists([sampler], rows[:1]) is not None
     finally:
         sampler.close()
 

@@ -508,17 +508,22 @@ class Sampler:
     over it cost most of a token's sampling, and they stream through memory, so threads barely
     help. When the chain starts by keeping the k best tokens (top_k, or greedy: k = 1), this
     hands llama.cpp only a shortlist that surely holds them (`_shortlists`): the same chain then
-    picks the same token from a few thousand candidates. Chains that need the whole
-    distribution (no top_k) take llama.cpp's own path.
+    picks the same token from a few dozen candidates. Chains that need the whole distribution
+    (no top_k) take llama.cpp's own path.
 
     Attached to a slot of a context with backend sampling (`Context.attach`), the chain runs
     inside the decode graph instead, and only its token comes back.
     """
 
     PENALTY_WINDOW = 64
-    # The shortlist's threshold comes from every n-th logit, n chosen so that this many of them
-    # are read per kept token; about n_vocab / SAMPLE_PER_KEPT tokens pass it.
+    # The wide shortlist's threshold comes from every n-th logit, n chosen so that this many of
+    # them are read per kept token; about n_vocab / SAMPLE_PER_KEPT tokens pass it. A chain
+    # that keeps more than n_vocab / (2 * SAMPLE_PER_KEPT) tokens takes llama.cpp's path.
     SAMPLE_PER_KEPT = 100
+    # The tight shortlist splits a row into this many interleaved slices (token t in slice
+    # t // (n_vocab / SLICES)): one elementwise maximum over them gives the best logit of each
+    # of n_vocab / SLICES groups of tokens at memory speed.
+    SLICES = 64
     # Rows a shortlist pass covers: their logits (1 MiB a row for Gemma 3) stay in cache.
     BLOCK_ROWS = 8
 
@@ -562,9 +567,8 @@ class Sampler:
                 add(C.llama_sampler_init_min_p(config.min_p, 1))
             add(C.llama_sampler_init_temp(config.temperature))
             add(C.llama_sampler_init_dist(config.seed & 0xFFFFFFFF))
-        self._stride = model.n_vocab // (self.SAMPLE_PER_KEPT * max(self._keep, 1))
-        if self._stride < 2:  # a shortlist would be most of the vocabulary
-            self._keep = 0
+        if self._keep * 2 * self.SAMPLE_PER_KEPT > model.n_vocab:
+            self._keep = 0  # a wide shortlist would be most of the vocabulary
         # The slot whose decode graph runs this chain (`Context.attach`); None: the host.
         self.slot: int | None = None
         # Set up for a decode graph by llama_set_sampler: the host skips those samplers then.
@@ -692,12 +696,12 @@ class Sampler:
         best (one shortlist pass each; a decode step's rows are consecutive), masked rows and
         free ones in separate blocks, and every row on llama.cpp's full-vocabulary path (or
         among all its allowed tokens) alone."""
-        blocks: dict[tuple[int, int, bool], list[int]] = {}
+        blocks: dict[tuple[int, bool], list[int]] = {}
         alone: list[list[int]] = []
         for i, (sampler, _) in enumerate(work):
             masked = masks is not None and masks[i] is not None
             if sampler.shortlisted:
-                blocks.setdefault((sampler._keep, sampler._stride, masked), []).append(i)
+                blocks.setdefault((sampler._keep, masked), []).append(i)
             else:
                 alone.append([i])
         size = Sampler.BLOCK_ROWS
@@ -734,7 +738,11 @@ class Sampler:
         or with `masks` from the allowed tokens of it (`_keep_allowed`); rows whose sampled
         logits are not all finite take llama.cpp's path (among all allowed tokens if masked)."""
         rows = context.logit_rows([index for _, index in work])
-        shortlists = Sampler._shortlists([sampler for sampler, _ in work], rows)
+        samplers = [sampler for sampler, _ in work]
+        if masks is None and rows.shape[1] % Sampler.SLICES == 0:
+            shortlists = Sampler._shortlists(samplers, rows)
+        else:
+            shortlists = Sampler._wide_shortlists(samplers, rows)
         if shortlists is None:
             return [
                 sampler._sample_full(context, index)
@@ -793,19 +801,73 @@ class Sampler:
         samplers: Sequence[Sampler], rows: npt.NDArray[np.float32]
     ) -> tuple[npt.NDArray[np.void], list[int]] | None:
         """Candidates for each row, in token order, that surely include the row's `_keep` best
-        after its chain's biases and penalties; the rows' candidates lie one after another, row
-        i's ending at ends[i]. None when a row's threshold is not finite (-inf or NaN logits).
+        after its chain's biases and penalties: a few more than k (k plus ties plus the moved
+        tokens); the rows' candidates lie one after another, row i's ending at ends[i]. None
+        when a row holds NaN or its threshold is not finite. n_vocab must be a multiple of
+        SLICES.
 
-        Every `_stride`-th logit is read, leaving out the tokens the chain moves; its k-th best,
+        A row's tokens fall into n_vocab / SLICES groups, group j holding tokens j, j + width,
+        j + 2 * width, ... One elementwise maximum of the row's SLICES slices gives each group's
+        best logit, reading the row once with no per-token output (a threshold pass with a
+        nonzero over the whole row cost 2 to 4 times more). Leaving out the groups that hold a
+        token the chain moves, the k-th best group maximum, t, has k unmoved tokens at or above
+        it (each group's best), so a token below t and not moved can never be among the k best.
+        Only the groups whose maximum reaches t, and those holding moved tokens, are read
+        again: a row's candidates are their tokens at or above t, plus the moved ones. All
+        samplers share one `_keep`.
+        """
+        keep = samplers[0]._keep
+        n_rows, n_vocab = rows.shape
+        width = n_vocab // Sampler.SLICES
+        grouped = rows.reshape(n_rows, Sampler.SLICES, width)  # [row, slice, group]
+        best = grouped.max(axis=1)
+        moved_rows, moved_ids = Sampler._moved_by_row(samplers)
+        ranked = best
+        if moved_ids.size:
+            ranked = best.copy()
+            ranked[moved_rows, moved_ids % width] = -np.inf
+        kth = width - keep
+        thresholds = np.partition(ranked, kth, axis=1)[:, kth]
+        if not np.isfinite(thresholds).all() or np.isnan(best).any():
+            return None
+        reread = best >= thresholds[:, None]
+        if moved_ids.size:
+            reread[moved_rows, moved_ids % width] = True
+        owners, groups = np.nonzero(reread)  # row by row
+        tokens = grouped[owners, :, groups]  # [reread group, slice]
+        passed = tokens >= thresholds[owners, None]
+        if moved_ids.size:
+            at = np.cumsum(reread.reshape(-1)) - 1  # each reread group's row in `tokens`
+            passed[at[moved_rows * width + moved_ids % width], moved_ids // width] = True
+        picked, slices = np.nonzero(passed)
+        ids = slices * width + groups[picked]
+        owner = owners[picked]
+        order = np.lexsort((ids, owner))  # token order within each row
+        candidates = np.empty(order.size, _TOKEN_DATA)
+        candidates["id"] = ids[order]
+        candidates["logit"] = tokens[picked, slices][order]
+        candidates["p"] = 0.0
+        ends = np.cumsum(np.bincount(owner, minlength=n_rows)).tolist()
+        return candidates, ends
+
+    @staticmethod
+    def _wide_shortlists(
+        samplers: Sequence[Sampler], rows: npt.NDArray[np.float32]
+    ) -> tuple[npt.NDArray[np.void], list[int]] | None:
+        """`_shortlists`' contract with about n_vocab / SAMPLE_PER_KEPT candidates a kept token:
+        what masked rows need (most of a tight shortlist may be disallowed, while the allowed
+        part of a wide one usually still holds k: `_enough_allowed`), and what a vocabulary
+        that SLICES does not divide gets.
+
+        Every stride-th logit is read, leaving out the tokens the chain moves; its k-th best,
         t, has at least k unmoved tokens at or above it, so a token below t and not moved can
         never be among the k best. A row's candidates are every token at or above t, plus the
-        moved ones. All samplers share one `_keep` and `_stride`.
+        moved ones.
         """
-        keep, stride = samplers[0]._keep, samplers[0]._stride
+        keep = samplers[0]._keep
         n_rows, n_vocab = rows.shape
-        moved = [s._moved_tokens() for s in samplers]
-        moved_rows = np.repeat(np.arange(n_rows), [m.size for m in moved])
-        moved_ids = np.concatenate(moved)
+        stride = n_vocab // (Sampler.SAMPLE_PER_KEPT * keep)
+        moved_rows, moved_ids = Sampler._moved_by_row(samplers)
         sample = rows[:, ::stride]
         if moved_ids.size:
             sample = sample.copy()
@@ -824,6 +886,15 @@ class Sampler:
         candidates["p"] = 0.0
         ends = np.searchsorted(flat, np.arange(1, n_rows + 1) * n_vocab).tolist()
         return candidates, ends
+
+    @staticmethod
+    def _moved_by_row(
+        samplers: Sequence[Sampler],
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """The tokens each row's chain moves, as (row, token) pairs in two arrays."""
+        moved = [s._moved_tokens() for s in samplers]
+        rows = np.repeat(np.arange(len(moved)), [m.size for m in moved])
+        return rows, np.concatenate(moved)
 
     def _sample_allowed(self, row: npt.NDArray[np.float32], mask: npt.NDArray[np.int32]) -> int:
         """Pick among every token `mask` allows (found from its non-zero words); -1 when it
