@@ -837,8 +837,9 @@ class Sampler:
         tokens = grouped[owners, :, groups]  # [reread group, slice]
         passed = tokens >= thresholds[owners, None]
         if moved_ids.size:
-            at = np.cumsum(reread.reshape(-1)) - 1  # each reread group's row in `tokens`
-            passed[at[moved_rows * width + moved_ids % width], moved_ids // width] = True
+            # Each moved token's group among the reread ones, whose keys ascend.
+            at = np.searchsorted(owners * width + groups, moved_rows * width + moved_ids % width)
+            passed[at, moved_ids // width] = True
         picked, slices = np.nonzero(passed)
         ids = slices * width + groups[picked]
         owner = owners[picked]
