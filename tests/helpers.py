@@ -14,9 +14,8 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
-import openai
 from prometheus_client import CollectorRegistry
 
 from adapters.config import AdapterRegistryConfig
@@ -30,6 +29,9 @@ from mesh.services import REPLICA_ENV
 from mesh.settings import Settings
 from slm.config import ServiceEndpoint
 from slm.runtime import Runtime
+
+if TYPE_CHECKING:
+    import openai
 
 DEFAULT_MODEL = "gemma-3-270m"
 SHARED_MODELS_DIR = Path("~/.cache/service-slm/models").expanduser()
@@ -216,6 +218,8 @@ class Mesh:
     def openai_client(self, api_key: str = "unused", max_retries: int = 0) -> openai.OpenAI:
         """The official OpenAI client on this mesh's /v1; use it in a `with` block, so that its
         connections close (a socket left to the garbage collector fails the run)."""
+        import openai  # the benches import this module where only httpx is installed
+
         return openai.OpenAI(
             base_url=f"{self.base_url}/v1", api_key=api_key, max_retries=max_retries
         )
