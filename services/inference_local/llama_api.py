@@ -833,14 +833,16 @@ class Sampler:
         reread = best >= thresholds[:, None]
         if moved_ids.size:
             reread[moved_rows, moved_ids % width] = True
-        owners, groups = np.nonzero(reread)  # row by row
+        # Flat indices, row by row (a 2-D nonzero took 10 times as long, mostly holding the GIL).
+        keys = np.flatnonzero(reread)
+        owners, groups = np.divmod(keys, width)
         tokens = grouped[owners, :, groups]  # [reread group, slice]
         passed = tokens >= thresholds[owners, None]
         if moved_ids.size:
             # Each moved token's group among the reread ones, whose keys ascend.
-            at = np.searchsorted(owners * width + groups, moved_rows * width + moved_ids % width)
+            at = np.searchsorted(keys, moved_rows * width + moved_ids % width)
             passed[at, moved_ids // width] = True
-        picked, slices = np.nonzero(passed)
+        picked, slices = np.divmod(np.flatnonzero(passed), Sampler.SLICES)
         ids = slices * width + groups[picked]
         owner = owners[picked]
         order = np.lexsort((ids, owner))  # token order within each row
