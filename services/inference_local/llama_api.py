@@ -500,6 +500,17 @@ assert _TOKEN_DATA.itemsize == ctypes.sizeof(C.llama_token_data)
 _TOKEN_DATA_P = ctypes.POINTER(C.llama_token_data)
 
 
+def _token_data(
+    ids: npt.NDArray[np.integer], logits: npt.NDArray[np.float32]
+) -> npt.NDArray[np.void]:
+    """A llama_token_data array of these candidates, p unset."""
+    candidates = np.empty(ids.size, _TOKEN_DATA)
+    candidates["id"] = ids
+    candidates["logit"] = logits
+    candidates["p"] = 0.0
+    return candidates
+
+
 class Sampler:
     """One sequence's llama.cpp sampler chain; its RNG state is the sequence's own.
 
@@ -846,10 +857,7 @@ class Sampler:
         ids = slices * width + groups[picked]
         owner = owners[picked]
         order = np.lexsort((ids, owner))  # token order within each row
-        candidates = np.empty(order.size, _TOKEN_DATA)
-        candidates["id"] = ids[order]
-        candidates["logit"] = tokens[picked, slices][order]
-        candidates["p"] = 0.0
+        candidates = _token_data(ids[order], tokens[picked, slices][order])
         ends = np.cumsum(np.bincount(owner, minlength=n_rows)).tolist()
         return candidates, ends
 
@@ -883,10 +891,7 @@ class Sampler:
         mask = rows >= thresholds[:, None]
         mask[moved_rows, moved_ids] = True
         flat = np.flatnonzero(mask)
-        candidates = np.empty(flat.size, _TOKEN_DATA)
-        candidates["id"] = flat % n_vocab
-        candidates["logit"] = rows.reshape(-1)[flat]
-        candidates["p"] = 0.0
+        candidates = _token_data(flat % n_vocab, rows.reshape(-1)[flat])
         ends = np.searchsorted(flat, np.arange(1, n_rows + 1) * n_vocab).tolist()
         return candidates, ends
 
@@ -909,11 +914,7 @@ class Sampler:
         ids = ids[ids < row.shape[0]]
         if not ids.size:
             return -1
-        candidates = np.empty(ids.size, _TOKEN_DATA)
-        candidates["id"] = ids
-        candidates["logit"] = row[ids]
-        candidates["p"] = 0.0
-        return self._pick_from(candidates)
+        return self._pick_from(_token_data(ids, row[ids]))
 
     def _pick_from(self, candidates: npt.NDArray[np.void]) -> int:
         """`_pick` over a candidate array that this call keeps alive (and contiguous)."""
