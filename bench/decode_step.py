@@ -50,10 +50,15 @@ CTX = 512
 
 
 def engine_step(
-    model: Any, prompts: list[list[int]], steps: int, flash_attention: bool | None
+    model: Any,
+    prompts: list[list[int]],
+    steps: int,
+    flash_attention: bool | None,
+    sample: Callable[[Any, list[int]], list[int]] | None = None,
 ) -> float:
     """Median milliseconds of one decode of every sequence, in this process, on `model`'s
-    weights (an inference_local Model)."""
+    weights (an inference_local Model), its logits on the host; with `sample` (the context
+    and each sequence's output row, giving its next token), sampling them too."""
     from inference_local.engine import default_threads
     from inference_local.llama_api import Batch, Context, ContextParams
 
@@ -68,13 +73,20 @@ def engine_step(
             batch.clear()
             batch.add_many(prompt, 0, seq, True)
             context.decode(batch)
+        tokens = [1000] * n
         times = []
         for step in range(steps):
             batch.clear()
-            for seq, prompt in enumerate(prompts):
-                batch.add(1000 + step, len(prompt) + step, seq, True)
+            rows = [
+                batch.add(tokens[seq] if sample else 1000 + step, len(prompt) + step, seq, True)
+                for seq, prompt in enumerate(prompts)
+            ]
             started = time.perf_counter()
             context.decode(batch)
+            if sample is None:
+                context.settle_outputs()  # on a GPU the decode returns before its logits do
+            else:
+                tokens = sample(context, rows)
             times.append(time.perf_counter() - started)
         return statistics.median(times) * 1000
     finally:
