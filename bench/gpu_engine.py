@@ -100,16 +100,18 @@ def on_gpu(entry: Any, model: Path, c: int, ctx: int, **fields: Any) -> Any:
 
 @contextlib.asynccontextmanager
 async def engine_at(
-    model: Path, c: int, ctx: int, backend_sampling: bool | None
+    model: Path, c: int, ctx: int, backend_sampling: bool | None, contexts: int | None = None
 ) -> AsyncIterator[Any]:
     """batching.direct_engine on `model` with `c` slots of `ctx` tokens, and backend sampling
-    as asked (None: the Engine's default, on for a one-slot context on a GPU)."""
+    as asked (None: the Engine's default, on for a one-slot context on a GPU), over `contexts`
+    llama.cpp contexts (None: the Engine's default)."""
     from inference_local.config import (  # type: ignore[import-not-found, unused-ignore]
         InferenceLocalConfig,
     )
 
     base = InferenceLocalConfig(models_dir=model.parent)
-    models = [on_gpu(base.models[0], model, c, ctx, backend_sampling=backend_sampling)]
+    fields = {"backend_sampling": backend_sampling, "decode_contexts": contexts}
+    models = [on_gpu(base.models[0], model, c, ctx, **fields)]
     config = base.model_copy(update={"models": models})
     # The model loads (and its context is made) as the engine starts.
     async with batching.direct_engine(config) as engine:
@@ -117,12 +119,12 @@ async def engine_at(
 
 
 @contextlib.contextmanager
-def mesh_at(model: Path, c: int, ctx: int, state: Path) -> Any:
+def mesh_at(model: Path, c: int, ctx: int, state: Path, contexts: int | None = None) -> Any:
     """The whole mesh (`slm up`: Envoy, gateway, Doorman, inference-local, ledger) on its
     defaults, with `model` as its model, `c` slots of `ctx` tokens and every layer on the GPU,
     as engine_at loads the Engine; yields its base URL."""
     settings = batching.mesh_settings(state)
-    models = [on_gpu(settings.inference_local.models[0], model, c, ctx)]
+    models = [on_gpu(settings.inference_local.models[0], model, c, ctx, decode_contexts=contexts)]
     settings.inference_local = settings.inference_local.model_copy(
         update={"models": models, "models_dir": model.parent}
     )
@@ -193,6 +195,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "ctx_per_seq": args.ctx,
         "repeat": args.repeat,
         "threads": threads,
+        "decode_contexts": args.decode_contexts,
         "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
         "servers": {},
         "tokens_sampled_on_device": {},
@@ -210,12 +213,13 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
             engines = (("engine", None), ("engine-device", True), ("engine-host", False))
             for name, backend in engines:
                 if name in args.servers:
-                    cm = engine_at(model, c, args.ctx, backend)
+                    cm = engine_at(model, c, args.ctx, backend, args.decode_contexts)
                     targets[name] = await stack.enter_async_context(cm)
             print(f"c={c}: engines loaded, GPU memory used {gpu_memory()}", flush=True)
             if "mesh" in args.servers:
                 state = Path(tempfile.mkdtemp(prefix=f"slm-gpu-mesh-{c}-"))
-                targets["mesh"] = stack.enter_context(mesh_at(model, c, args.ctx, state))
+                mesh = mesh_at(model, c, args.ctx, state, args.decode_contexts)
+                targets["mesh"] = stack.enter_context(mesh)
             for name, extra in (("llama-server", []), ("llama-server-bs", ["--backend-sampling"])):
                 if name not in args.servers:
                     continue
@@ -306,6 +310,9 @@ def main() -> int:
     parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
     parser.add_argument("--out", default="gpu_engine.json")
     parser.add_argument("--log", default="/tmp/llama-server.log")
+    parser.add_argument(
+        "--decode-contexts", type=int, default=None, help="models[].decode_contexts of ours"
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results = asyncio.run(run_all(args))

@@ -104,6 +104,8 @@ class ManifestModelBody(BaseModel):
     # -1: every layer on the GPU, 0: none; unset: llama.cpp's default.
     gpu_layers: int | None = Field(default=None, ge=-1, le=_INT32_MAX)
     backend_sampling: bool | None = None
+    # llama.cpp contexts sharing the slots, each with its own decode thread; unset or 0: 1.
+    decode_contexts: int | None = Field(default=None, ge=0, le=16)
     tier: Literal["resident", "standby", "remote", "on_demand"]
     # Router models whose requests make this (standby or on_demand) model ready at once.
     co_activation: list[ModelName] = Field(default=[], max_length=MAX_MANIFEST_MODELS)
@@ -122,6 +124,7 @@ class ManifestModelBody(BaseModel):
             repack_weights=self.repack_weights,
             gpu_layers=self.gpu_layers,
             backend_sampling=self.backend_sampling,
+            decode_contexts=self.decode_contexts or 0,
             tier=TIERS[self.tier],
             co_activation=self.co_activation,
         )

@@ -183,6 +183,7 @@ async def test_applied_everywhere_or_the_replica_that_failed_is_named(
         ({"tier": None}, "models.0.tier"),
         ({"co_activation": [""]}, "models.0.co_activation.0"),
         ({"gpu_layers": -2}, "models.0.gpu_layers"),
+        ({"decode_contexts": 17}, "models.0.decode_contexts"),
     ],
 )
 async def test_a_field_the_manifest_does_not_take_is_refused(

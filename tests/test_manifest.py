@@ -345,3 +345,19 @@ async def test_a_client_leaving_during_a_cold_load_leaves_nothing_half_made(
     assert request.cancelled()
     assert state(tiered)["specialist"] == ("standby", "mapped")
     assert (await generate(tiered, "specialist"))[0]
+
+
+def test_a_manifest_entry_carries_its_decode_contexts() -> None:
+    """ApplyManifest's decode_contexts becomes the entry's (0: the default), and one out of
+    range is INVALID_ARGUMENT naming it."""
+    from inference_local.servicer import manifest_from_proto
+    from slm.v1 import inference_pb2
+
+    def entry(**fields: Any) -> Any:
+        return inference_pb2.ManifestModel(name="m", path="m.gguf", **fields)
+
+    given, default = manifest_from_proto([entry(decode_contexts=2), entry()])
+    assert (given.decode_contexts, default.decode_contexts) == (2, None)
+    with pytest.raises(InvalidArgument, match="decode_contexts") as refused:
+        manifest_from_proto([entry(decode_contexts=17)])
+    assert refused.value.field == "models[0].decode_contexts"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from helpers import SHARED_MODELS_DIR
 from prometheus_client import CollectorRegistry
 
 from inference_local.config import InferenceLocalConfig, ModelConfig
-from inference_local.engine import Delta, Engine, LoadSpec, Request
+from inference_local.engine import Delta, End, Engine, LoadSpec, Request
 from inference_local.sampling import Sampling
 from slm.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
@@ -50,7 +51,7 @@ async def test_two_names_share_one_copy_of_the_weights(engine: Engine) -> None:
     schedulers = [engine._loaded[name].scheduler for name in ("a", "b")]
     assert schedulers[0] is not None
     assert schedulers[1] is not None
-    assert schedulers[0]._grammars is schedulers[1]._grammars
+    assert schedulers[0].members[0]._grammars is schedulers[1].members[0]._grammars
     assert await generate_text(engine, "a") == await generate_text(engine, "b")
     await engine.unload("a")
     assert await generate_text(engine, "b")
@@ -61,6 +62,52 @@ async def test_two_names_share_one_copy_of_the_weights(engine: Engine) -> None:
     assert (info.architecture, info.context_length) == ("gemma3", 256)
     assert not info.has_chat_template
     assert info.size_bytes > 100 << 20
+
+
+async def test_decode_contexts_split_the_slots_and_each_serves_its_share(engine: Engine) -> None:
+    """decode_contexts=2 gives a model two llama.cpp contexts over the one copy of its
+    weights, each with half the slots and a decode thread of its own; two requests at once go
+    one to each, and each is the text the same prompt gets alone in a one-context model."""
+    await engine.load(LoadSpec("one", FILE, context_length=256, parallel=1))
+    await engine.load(LoadSpec("split", FILE, context_length=256, parallel=2, decode_contexts=2))
+    assert engine.weights_loaded == 1
+    split = engine._loaded["split"]
+    group = split.scheduler
+    assert group is not None
+    assert [m.config.n_slots for m in group.members] == [1, 1]
+    assert len({id(c) for c in split.contexts}) == 2
+    prompts = ["The capital of France is", "Once upon a time, a small robot"]
+
+    async def text(name: str, prompt: str) -> str:
+        request = Request(name, Sampling(max_tokens=6, temperature=0), prompt=prompt)
+        return "".join([e.text async for e in engine.generate(request) if isinstance(e, Delta)])
+
+    alone = [await text("one", p) for p in prompts]
+    assert await asyncio.gather(*(text("split", p) for p in prompts)) == alone
+    lengths = [len(split.weights.model.tokenize(p, add_special=True)) for p in prompts]
+    assert [m.prompt_tokens_decoded for m in group.members] == lengths
+    await engine.unload("split")
+    assert await text("one", prompts[0]) == alone[0]
+
+
+async def test_a_request_needing_more_slots_than_one_decode_context_is_refused(
+    engine: Engine,
+) -> None:
+    """A request's choices share one context: n above a context's slots is refused with the
+    reason, n within them is served; contexts never outnumber the slots."""
+    await engine.load(LoadSpec("split", FILE, context_length=256, parallel=4, decode_contexts=2))
+    prompt = "Hello"
+    three = Request("split", Sampling(max_tokens=2), prompt=prompt, n=3)
+    with pytest.raises(InvalidArgument, match="over 2 decode contexts") as refused:
+        [e async for e in engine.generate(three)]
+    assert refused.value.field == "sampling.n"
+    request = Request("split", Sampling(max_tokens=2, temperature=0), prompt=prompt, n=2)
+    ends = [e for e in [e async for e in engine.generate(request)] if isinstance(e, End)]
+    assert [c.index for c in ends[0].choices] == [0, 1]
+    await engine.load(LoadSpec("small", FILE, context_length=256, parallel=2, decode_contexts=8))
+    small = engine._loaded["small"].scheduler
+    assert small is not None
+    assert [m.config.n_slots for m in small.members] == [1, 1]
 
 
 async def test_repacked_weights_are_a_copy_of_their_own(engine: Engine) -> None:

@@ -104,6 +104,11 @@ class ModelConfig(Section):
     # top-k, and at 16 and 64 streams on an H100 the host path was faster (bench/results/
     # gpu_engine_2026-12-06.md).
     backend_sampling: bool | None = None
+    # llama.cpp contexts serving this model, each with its own decode thread and an equal share
+    # of the slots (a request's choices stay in one). On a GPU, while one context's step runs
+    # on the device another's thread samples its rows on the host, so neither waits for the
+    # other. Unset: 1.
+    decode_contexts: int | None = Field(default=None, ge=1, le=16)
 
     @model_validator(mode="after")
     def _tier_fields(self) -> ModelConfig:

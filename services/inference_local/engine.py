@@ -41,6 +41,7 @@ from inference_local.scheduler import (
     AdapterSet,
     Scheduler,
     SchedulerConfig,
+    SchedulerGroup,
     SchedulerMetrics,
     SeqRequest,
 )
@@ -167,6 +168,7 @@ class LoadSpec:
     repack_weights: bool | None = None
     gpu_layers: int | None = None
     backend_sampling: bool | None = None
+    decode_contexts: int | None = None
 
 
 @dataclass(frozen=True)
@@ -305,8 +307,24 @@ class EngineMetrics:
         )
 
 
+class _ContextLoads:
+    """Running and waiting sequences and KV use of each of a model's contexts, which its
+    gauges sum (KV: averaged over the contexts, which are alike)."""
+
+    def __init__(self, contexts: int) -> None:
+        self.running = [0] * contexts
+        self.waiting = [0] * contexts
+        self.kv_used = [0.0] * contexts
+
+
 class _ModelMetrics(SchedulerMetrics):
-    def __init__(self, metrics: EngineMetrics, name: str) -> None:
+    """Metrics of one context's scheduler (`member` of `loads`), labelled by the model."""
+
+    def __init__(
+        self, metrics: EngineMetrics, name: str, loads: _ContextLoads, member: int
+    ) -> None:
+        self._loads = loads
+        self._member = member
         m = metrics
         self._tokens = m.tokens.labels(name)
         self._prompt = m.prompt_tokens.labels(name)
@@ -322,14 +340,17 @@ class _ModelMetrics(SchedulerMetrics):
 
     def step(self, batch_tokens: int, running: int, waiting: int, kv_used: float) -> None:
         self._batch.observe(batch_tokens)
-        self._running.set(running)
-        self._waiting.set(waiting)
-        self._kv.set(kv_used)
+        self._load(running, waiting, kv_used)
 
     def idle(self, waiting: int) -> None:
-        self._running.set(0)
-        self._waiting.set(waiting)
-        self._kv.set(0.0)
+        self._load(0, waiting, 0.0)
+
+    def _load(self, running: int, waiting: int, kv_used: float) -> None:
+        loads, i = self._loads, self._member
+        loads.running[i], loads.waiting[i], loads.kv_used[i] = running, waiting, kv_used
+        self._running.set(sum(loads.running))
+        self._waiting.set(sum(loads.waiting))
+        self._kv.set(sum(loads.kv_used) / len(loads.kv_used))
 
     def token(self, n: int) -> None:
         self._tokens.inc(n)
@@ -379,8 +400,9 @@ class _Mapping:
 class _Loaded:
     spec: LoadSpec
     weights: _Weights
-    context: Context
-    scheduler: Scheduler | None
+    # One context, or for `decode_contexts` several that share the slots (see SchedulerGroup).
+    contexts: list[Context]
+    scheduler: SchedulerGroup | None
     template: ChatTemplate | None
     memory_bytes: int
     context_length: int
@@ -388,6 +410,14 @@ class _Loaded:
     context_bytes: int
     adapters: dict[str, tuple[LoraAdapter, float]] = field(default_factory=dict)
     embed_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def context(self) -> Context:
+        return self.contexts[0]
+
+    def close_contexts(self) -> None:
+        for context in self.contexts:
+            context.close()
 
 
 class Engine:
@@ -555,39 +585,24 @@ class Engine:
             )
             ctx_len = spec.context_length or 2048
             n_slots, slots_why = self._slots(spec, meta, ctx_len)
-            estimate = self._estimate(meta, path, n_slots, ctx_len, weights is None)
+            shares = _slot_shares(spec, n_slots)
+            estimate = self._estimate(meta, path, shares, ctx_len, weights is None)
             await self._make_room(spec.name, estimate)
             if weights is None:
                 weights = await self._new_weights(spec, path, meta)
-            context_bytes = self._estimate(meta, path, n_slots, ctx_len, False)
+            context_bytes = self._estimate(meta, path, shares, ctx_len, False)
             loaded = await _blocking(
                 functools.partial(
-                    self._open, spec, weights, n_slots, ctx_len, estimate, context_bytes
+                    self._open, spec, weights, shares, ctx_len, estimate, context_bytes
                 ),
-                lambda made: made.context.close(),
+                lambda made: made.close_contexts(),
             )
         except BaseException:
             if weights is not None:
                 self._drop_weights(weights)
             raise
         if not spec.embeddings:
-            loaded.scheduler = Scheduler(
-                SchedulerConfig(
-                    spec.name,
-                    n_slots,
-                    self.config.max_queue,
-                    self.config.prefill_chunk,
-                    max(self.config.n_batch, n_slots),
-                    self.config.sample_threads or default_sample_threads(),
-                    stall_timeout_s=self.config.stall_timeout_s,
-                    max_undelivered_steps=self.config.max_undelivered_steps,
-                ),
-                weights.model,
-                loaded.context,
-                _ModelMetrics(self.metrics, spec.name),
-                asyncio.get_running_loop(),
-                weights.grammars,
-            )
+            loaded.scheduler = self._schedulers(loaded)
         self._loaded[spec.name] = loaded
         elapsed = time.perf_counter() - started
         self.metrics.load_seconds.labels(spec.name).observe(elapsed)
@@ -600,6 +615,7 @@ class Engine:
                 "path": str(path),
                 "slots": n_slots,
                 "slots_chosen": slots_why,
+                "decode_contexts": len(shares),
                 "threads": self._threads(spec)[0],
                 "threads_chosen": self._threads(spec)[1],
                 "batch_invariant": self.config.batch_invariant,
@@ -612,6 +628,43 @@ class Engine:
             },
         )
         return self._info(loaded)
+
+    def _schedulers(self, loaded: _Loaded) -> SchedulerGroup:
+        """A scheduler (and its decode thread) for each of a model's contexts."""
+        name = loaded.spec.name
+        loads = _ContextLoads(len(loaded.contexts))
+        members: list[Scheduler] = []
+        try:
+            for i, context in enumerate(loaded.contexts):
+                slots = context.params.n_seq
+                config = SchedulerConfig(
+                    name,
+                    slots,
+                    self.config.max_queue,
+                    self.config.prefill_chunk,
+                    max(self.config.n_batch, slots),
+                    self.config.sample_threads or default_sample_threads(),
+                    stall_timeout_s=self.config.stall_timeout_s,
+                    max_undelivered_steps=self.config.max_undelivered_steps,
+                )
+                metrics = _ModelMetrics(self.metrics, name, loads, i)
+                members.append(
+                    Scheduler(
+                        config,
+                        loaded.weights.model,
+                        context,
+                        metrics,
+                        asyncio.get_running_loop(),
+                        loaded.weights.grammars,
+                    )
+                )
+        except BaseException:
+            for member in members:
+                member.close()
+            loaded.close_contexts()
+            self._drop_weights(loaded.weights)
+            raise
+        return SchedulerGroup(members)
 
     def _model_file(self, spec: LoadSpec) -> Path:
         source = ensure_model_file(self._model_dirs(), spec.path, spec.package, spec.name)
@@ -692,13 +745,16 @@ class Engine:
         return default_threads(), "auto: every core this process may run on"
 
     def _estimate(
-        self, meta: ModelMetadata, path: Path, n_slots: int, ctx_len: int, new_weights: bool
+        self, meta: ModelMetadata, path: Path, shares: list[int], ctx_len: int, new_weights: bool
     ) -> int:
-        """Weights (once per file) + f16 KV for every slot + logits and activations."""
+        """Weights (once per file) + f16 KV for every slot + logits and activations (of each
+        context)."""
+        n_slots = sum(shares)
         weights = path.stat().st_size if new_weights else 0
         kv = _kv_bytes(meta, ctx_len) * n_slots
-        compute = 4 * meta.n_vocab * max(n_slots, 1) + 4 * 16 * self.config.n_batch * meta.n_embd
-        return weights + kv + compute + 32 * MB
+        activations = 4 * 16 * self.config.n_batch * meta.n_embd * len(shares)
+        compute = 4 * meta.n_vocab * max(n_slots, 1) + activations
+        return weights + kv + compute + 32 * MB * len(shares)
 
     async def _make_room(self, name: str, needed: int) -> None:
         budget = self.config.memory_budget_mb * MB
@@ -740,24 +796,30 @@ class Engine:
         self,
         spec: LoadSpec,
         weights: _Weights,
-        n_slots: int,
+        shares: list[int],
         ctx_len: int,
         estimate: int,
         context_bytes: int,
     ) -> _Loaded:
+        """The model's contexts, one for each share of its slots."""
         threads, _why = self._threads(spec)
-        context = Context(
-            weights.model,
-            ContextParams(
-                n_seq=1 if spec.embeddings else n_slots,
-                n_ctx_per_seq=ctx_len,
-                n_batch=max(self.config.n_batch, n_slots, ctx_len if spec.embeddings else 0),
-                n_threads=threads,
-                embeddings=spec.embeddings,
-                flash_attention=self._flash_attention(weights.model, threads),
-                backend_sampling=spec.backend_sampling,
-            ),
-        )
+        contexts: list[Context] = []
+        try:
+            for slots in shares:
+                params = ContextParams(
+                    n_seq=1 if spec.embeddings else slots,
+                    n_ctx_per_seq=ctx_len,
+                    n_batch=max(self.config.n_batch, slots, ctx_len if spec.embeddings else 0),
+                    n_threads=threads,
+                    embeddings=spec.embeddings,
+                    flash_attention=self._flash_attention(weights.model, threads),
+                    backend_sampling=spec.backend_sampling,
+                )
+                contexts.append(Context(weights.model, params))
+        except BaseException:
+            for context in contexts:
+                context.close()
+            raise
         source = weights.meta.chat_template or spec.chat_template
         template = None
         if source:
@@ -766,7 +828,14 @@ class Engine:
                 source, model.token_text(model.bos), model.token_text(model.eos)
             )
         return _Loaded(
-            spec, weights, context, None, template, estimate, context.n_ctx_per_seq, context_bytes
+            spec,
+            weights,
+            contexts,
+            None,
+            template,
+            estimate,
+            contexts[0].n_ctx_per_seq,
+            context_bytes,
         )
 
     async def unload(self, name: str) -> None:
@@ -783,7 +852,7 @@ class Engine:
         finally:
             # Also when the unload is cancelled: the scheduler has stopped by then.
             # The context may still point at its adapters: free it first.
-            loaded.context.close()
+            loaded.close_contexts()
             for adapter, _ in loaded.adapters.values():
                 adapter.close()
             self._drop_weights(loaded.weights)
@@ -1060,7 +1129,7 @@ class Engine:
             if tier == "resident":
                 ctx_len = spec.context_length or 2048
                 n_slots, _ = self._slots(spec, meta, ctx_len)
-                context = self._estimate(meta, path, n_slots, ctx_len, False)
+                context = self._estimate(meta, path, _slot_shares(spec, n_slots), ctx_len, False)
             shares.append(Share(entry.name, tier, weights, context))
         check_budgets(shares, budgets or self._budgets)
         return shares
@@ -1377,7 +1446,15 @@ def _spec_from_config(entry: ModelConfig) -> LoadSpec:
         repack_weights=entry.repack_weights,
         gpu_layers=entry.gpu_layers,
         backend_sampling=entry.backend_sampling,
+        decode_contexts=entry.decode_contexts,
     )
+
+
+def _slot_shares(spec: LoadSpec, n_slots: int) -> list[int]:
+    """The slots of each of a model's contexts: `decode_contexts` near-equal shares (at most
+    one context a slot; an embedding model has one)."""
+    k = 1 if spec.embeddings else min(spec.decode_contexts or 1, n_slots)
+    return [n_slots // k + (i < n_slots % k) for i in range(k)]
 
 
 async def _blocking(work: Callable[[], T], discard: Callable[[T], None] | None = None) -> T:

@@ -865,3 +865,71 @@ class Scheduler:
                 for t, lp in best
             ),
         )
+
+
+class SchedulerGroup:
+    """One model's schedulers, each over a llama.cpp context of its own with a share of the
+    slots and a decode thread: on a GPU, while one context's step runs on the device, another's
+    thread samples its rows on the host. A request goes whole (all its choices) to the member
+    with the fewest slots asked of it by requests not yet ended, among those with slots
+    enough for its `n`; counted on the event loop as it is routed, so a burst of requests
+    spreads evenly before any of them is queued."""
+
+    def __init__(self, members: list[Scheduler]) -> None:
+        if not members:
+            raise ValueError("a scheduler group needs at least one scheduler")
+        self.members = members
+        self._asked = [0] * len(members)
+
+    @property
+    def config(self) -> SchedulerConfig:
+        return self.members[0].config
+
+    @property
+    def n_slots(self) -> int:
+        return sum(member.config.n_slots for member in self.members)
+
+    @property
+    def busy(self) -> int:
+        return sum(member.busy for member in self.members)
+
+    @property
+    def last_used(self) -> float:
+        return max(member.last_used for member in self.members)
+
+    @property
+    def prompt_tokens_decoded(self) -> int:
+        return sum(member.prompt_tokens_decoded for member in self.members)
+
+    @property
+    def tokens_sampled_on_device(self) -> int:
+        return sum(member.tokens_sampled_on_device for member in self.members)
+
+    def generate(self, request: SeqRequest) -> AsyncIterator[Event]:
+        """The member's `Scheduler.generate` (straight through with one member)."""
+        if len(self.members) == 1:
+            return self.members[0].generate(request)
+        return self._routed(request)
+
+    async def _routed(self, request: SeqRequest) -> AsyncIterator[Event]:
+        fits = [i for i, m in enumerate(self.members) if m.config.n_slots >= request.n]
+        if not fits and 1 <= request.n <= self.config.max_n:
+            config = self.config
+            raise InvalidArgument(
+                f"n must be at most {config.n_slots}: model {config.name!r} splits its "
+                f"{self.n_slots} sequence slots over {len(self.members)} decode contexts, "
+                "and a request's choices share one",
+                field="sampling.n",
+            )
+        # A bad n otherwise: the first member refuses it (Scheduler.generate).
+        i = min(fits, key=self._asked.__getitem__) if fits else 0
+        self._asked[i] += request.n
+        try:
+            async for event in self.members[i].generate(request):
+                yield event
+        finally:
+            self._asked[i] -= request.n
+
+    def close(self) -> None:
+        for member in self.members:
+            member.close()

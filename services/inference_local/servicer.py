@@ -170,6 +170,7 @@ def manifest_from_proto(models: Any) -> list[ModelConfig]:
             "quantization": m.quantization,
             "embeddings": m.embeddings,
             "repack_weights": m.repack_weights,
+            "decode_contexts": m.decode_contexts,
             "co_activation": list(m.co_activation),
         }
         fields: dict[str, Any] = {

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from slm.v1 import types_pb2 as slm_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16slm/v1/inference.proto\x12\x06slm.v1\x1a\x12slm/v1/types.proto\"\xe8\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12!\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x11.slm.v1.ChatInputH\x00\x12(\n\x08sampling\x18\x04 \x01(\x0b\x32\x16.slm.v1.SamplingParams\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\x12\x1a\n\radapter_scale\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x1f\n\x05tools\x18\x07 \x01(\x0b\x32\x10.slm.v1.ToolSpecB\x07\n\x05inputB\x10\n\x0e_adapter_scale\"a\n\x10GenerateResponse\x12\"\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x11.slm.v1.TextDeltaH\x00\x12 \n\x03\x65nd\x18\x02 \x01(\x0b\x32\x11.slm.v1.StreamEndH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.slm.v1.ModelInfo\"\x92\x01\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x10\n\x08parallel\x18\x04 \x01(\r\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12\x0e\n\x06pinned\x18\x06 \x01(\x08\x12\x12\n\nembeddings\x18\x07 \x01(\x08\"5\n\x11LoadModelResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.slm.v1.ModelInfo\"\"\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13UnloadModelResponse\"\xfd\x02\n\rManifestModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07package\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x10\n\x08parallel\x18\x05 \x01(\r\x12\x1a\n\rchat_template\x18\x06 \x01(\tH\x00\x88\x01\x01\x12\x11\n\tn_threads\x18\x07 \x01(\r\x12\x14\n\x0cquantization\x18\x08 \x01(\t\x12\x12\n\nembeddings\x18\t \x01(\x08\x12\x16\n\x0erepack_weights\x18\n \x01(\x08\x12\x17\n\ngpu_layers\x18\x0b \x01(\x05H\x01\x88\x01\x01\x12\x1d\n\x10\x62\x61\x63kend_sampling\x18\x0c \x01(\x08H\x02\x88\x01\x01\x12\x1f\n\x04tier\x18\r \x01(\x0e\x32\x11.slm.v1.ModelTier\x12\x15\n\rco_activation\x18\x0e \x03(\tB\x10\n\x0e_chat_templateB\r\n\x0b_gpu_layersB\x13\n\x11_backend_sampling\"\xee\x01\n\x14\x41pplyManifestRequest\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.slm.v1.ManifestModel\x12\x1f\n\x12resident_budget_mb\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x1e\n\x11standby_budget_mb\x18\x03 \x01(\x04H\x01\x88\x01\x01\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\x12\x1c\n\x0f\x64rain_timeout_s\x18\x05 \x01(\x01H\x02\x88\x01\x01\x42\x15\n\x13_resident_budget_mbB\x14\n\x12_standby_budget_mbB\x12\n\x10_drain_timeout_s\"\x90\x01\n\x15\x41pplyManifestResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.slm.v1.ModelInfo\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x03(\t\x12\x0f\n\x07removed\x18\x03 \x03(\t\x12\x0f\n\x07\x63hanged\x18\x04 \x03(\t\x12\x0c\n\x04kept\x18\x05 \x03(\t\x12\x15\n\rdrain_seconds\x18\x06 \x01(\x01\"C\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0b\x61\x64\x64_special\x18\x03 \x01(\x08\"\"\n\x10TokenizeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\"2\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"-\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"M\n\rEmbedResponse\x12%\n\nembeddings\x18\x01 \x03(\x0b\x32\x11.slm.v1.Embedding\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\"\x82\x01\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12!\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x11.slm.v1.ChatInputH\x00\x12\x1f\n\x05tools\x18\x04 \x01(\x0b\x32\x10.slm.v1.ToolSpecB\x07\n\x05input\",\n\x13\x43ountTokensResponse\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r2\xf2\x04\n\x10InferenceService\x12?\n\x08Generate\x12\x17.slm.v1.GenerateRequest\x1a\x18.slm.v1.GenerateResponse0\x01\x12\x43\n\nListModels\x12\x19.slm.v1.ListModelsRequest\x1a\x1a.slm.v1.ListModelsResponse\x12@\n\tLoadModel\x12\x18.slm.v1.LoadModelRequest\x1a\x19.slm.v1.LoadModelResponse\x12\x46\n\x0bUnloadModel\x12\x1a.slm.v1.UnloadModelRequest\x1a\x1b.slm.v1.UnloadModelResponse\x12=\n\x08Tokenize\x12\x17.slm.v1.TokenizeRequest\x1a\x18.slm.v1.TokenizeResponse\x12\x43\n\nDetokenize\x12\x19.slm.v1.DetokenizeRequest\x1a\x1a.slm.v1.DetokenizeResponse\x12\x34\n\x05\x45mbed\x12\x14.slm.v1.EmbedRequest\x1a\x15.slm.v1.EmbedResponse\x12\x46\n\x0b\x43ountTokens\x12\x1a.slm.v1.CountTokensRequest\x1a\x1b.slm.v1.CountTokensResponse\x12L\n\rApplyManifest\x12\x1c.slm.v1.ApplyManifestRequest\x1a\x1d.slm.v1.ApplyManifestResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16slm/v1/inference.proto\x12\x06slm.v1\x1a\x12slm/v1/types.proto\"\xe8\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12!\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x11.slm.v1.ChatInputH\x00\x12(\n\x08sampling\x18\x04 \x01(\x0b\x32\x16.slm.v1.SamplingParams\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\x12\x1a\n\radapter_scale\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x1f\n\x05tools\x18\x07 \x01(\x0b\x32\x10.slm.v1.ToolSpecB\x07\n\x05inputB\x10\n\x0e_adapter_scale\"a\n\x10GenerateResponse\x12\"\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x11.slm.v1.TextDeltaH\x00\x12 \n\x03\x65nd\x18\x02 \x01(\x0b\x32\x11.slm.v1.StreamEndH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.slm.v1.ModelInfo\"\x92\x01\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x10\n\x08parallel\x18\x04 \x01(\r\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12\x0e\n\x06pinned\x18\x06 \x01(\x08\x12\x12\n\nembeddings\x18\x07 \x01(\x08\"5\n\x11LoadModelResponse\x12 \n\x05model\x18\x01 \x01(\x0b\x32\x11.slm.v1.ModelInfo\"\"\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13UnloadModelResponse\"\x96\x03\n\rManifestModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07package\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x10\n\x08parallel\x18\x05 \x01(\r\x12\x1a\n\rchat_template\x18\x06 \x01(\tH\x00\x88\x01\x01\x12\x11\n\tn_threads\x18\x07 \x01(\r\x12\x14\n\x0cquantization\x18\x08 \x01(\t\x12\x12\n\nembeddings\x18\t \x01(\x08\x12\x16\n\x0erepack_weights\x18\n \x01(\x08\x12\x17\n\ngpu_layers\x18\x0b \x01(\x05H\x01\x88\x01\x01\x12\x1d\n\x10\x62\x61\x63kend_sampling\x18\x0c \x01(\x08H\x02\x88\x01\x01\x12\x1f\n\x04tier\x18\r \x01(\x0e\x32\x11.slm.v1.ModelTier\x12\x15\n\rco_activation\x18\x0e \x03(\t\x12\x17\n\x0f\x64\x65\x63ode_contexts\x18\x0f \x01(\rB\x10\n\x0e_chat_templateB\r\n\x0b_gpu_layersB\x13\n\x11_backend_sampling\"\xee\x01\n\x14\x41pplyManifestRequest\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.slm.v1.ManifestModel\x12\x1f\n\x12resident_budget_mb\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x1e\n\x11standby_budget_mb\x18\x03 \x01(\x04H\x01\x88\x01\x01\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\x12\x1c\n\x0f\x64rain_timeout_s\x18\x05 \x01(\x01H\x02\x88\x01\x01\x42\x15\n\x13_resident_budget_mbB\x14\n\x12_standby_budget_mbB\x12\n\x10_drain_timeout_s\"\x90\x01\n\x15\x41pplyManifestResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.slm.v1.ModelInfo\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x03(\t\x12\x0f\n\x07removed\x18\x03 \x03(\t\x12\x0f\n\x07\x63hanged\x18\x04 \x03(\t\x12\x0c\n\x04kept\x18\x05 \x03(\t\x12\x15\n\rdrain_seconds\x18\x06 \x01(\x01\"C\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0b\x61\x64\x64_special\x18\x03 \x01(\x08\"\"\n\x10TokenizeResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\"2\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"-\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"M\n\rEmbedResponse\x12%\n\nembeddings\x18\x01 \x03(\x0b\x32\x11.slm.v1.Embedding\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\"\x82\x01\n\x12\x43ountTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12!\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x11.slm.v1.ChatInputH\x00\x12\x1f\n\x05tools\x18\x04 \x01(\x0b\x32\x10.slm.v1.ToolSpecB\x07\n\x05input\",\n\x13\x43ountTokensResponse\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r2\xf2\x04\n\x10InferenceService\x12?\n\x08Generate\x12\x17.slm.v1.GenerateRequest\x1a\x18.slm.v1.GenerateResponse0\x01\x12\x43\n\nListModels\x12\x19.slm.v1.ListModelsRequest\x1a\x1a.slm.v1.ListModelsResponse\x12@\n\tLoadModel\x12\x18.slm.v1.LoadModelRequest\x1a\x19.slm.v1.LoadModelResponse\x12\x46\n\x0bUnloadModel\x12\x1a.slm.v1.UnloadModelRequest\x1a\x1b.slm.v1.UnloadModelResponse\x12=\n\x08Tokenize\x12\x17.slm.v1.TokenizeRequest\x1a\x18.slm.v1.TokenizeResponse\x12\x43\n\nDetokenize\x12\x19.slm.v1.DetokenizeRequest\x1a\x1a.slm.v1.DetokenizeResponse\x12\x34\n\x05\x45mbed\x12\x14.slm.v1.EmbedRequest\x1a\x15.slm.v1.EmbedResponse\x12\x46\n\x0b\x43ountTokens\x12\x1a.slm.v1.CountTokensRequest\x1a\x1b.slm.v1.CountTokensResponse\x12L\n\rApplyManifest\x12\x1c.slm.v1.ApplyManifestRequest\x1a\x1d.slm.v1.ApplyManifestResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,29 +49,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UNLOADMODELRESPONSE']._serialized_start=706
   _globals['_UNLOADMODELRESPONSE']._serialized_end=727
   _globals['_MANIFESTMODEL']._serialized_start=730
-  _globals['_MANIFESTMODEL']._serialized_end=1111
-  _globals['_APPLYMANIFESTREQUEST']._serialized_start=1114
-  _globals['_APPLYMANIFESTREQUEST']._serialized_end=1352
-  _globals['_APPLYMANIFESTRESPONSE']._serialized_start=1355
-  _globals['_APPLYMANIFESTRESPONSE']._serialized_end=1499
-  _globals['_TOKENIZEREQUEST']._serialized_start=1501
-  _globals['_TOKENIZEREQUEST']._serialized_end=1568
-  _globals['_TOKENIZERESPONSE']._serialized_start=1570
-  _globals['_TOKENIZERESPONSE']._serialized_end=1604
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1606
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1656
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1658
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1692
-  _globals['_EMBEDREQUEST']._serialized_start=1694
-  _globals['_EMBEDREQUEST']._serialized_end=1739
-  _globals['_EMBEDDING']._serialized_start=1741
-  _globals['_EMBEDDING']._serialized_end=1768
-  _globals['_EMBEDRESPONSE']._serialized_start=1770
-  _globals['_EMBEDRESPONSE']._serialized_end=1847
-  _globals['_COUNTTOKENSREQUEST']._serialized_start=1850
-  _globals['_COUNTTOKENSREQUEST']._serialized_end=1980
-  _globals['_COUNTTOKENSRESPONSE']._serialized_start=1982
-  _globals['_COUNTTOKENSRESPONSE']._serialized_end=2026
-  _globals['_INFERENCESERVICE']._serialized_start=2029
-  _globals['_INFERENCESERVICE']._serialized_end=2655
+  _globals['_MANIFESTMODEL']._serialized_end=1136
+  _globals['_APPLYMANIFESTREQUEST']._serialized_start=1139
+  _globals['_APPLYMANIFESTREQUEST']._serialized_end=1377
+  _globals['_APPLYMANIFESTRESPONSE']._serialized_start=1380
+  _globals['_APPLYMANIFESTRESPONSE']._serialized_end=1524
+  _globals['_TOKENIZEREQUEST']._serialized_start=1526
+  _globals['_TOKENIZEREQUEST']._serialized_end=1593
+  _globals['_TOKENIZERESPONSE']._serialized_start=1595
+  _globals['_TOKENIZERESPONSE']._serialized_end=1629
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1631
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1681
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1683
+  _globals['_DETOKENIZERESPONSE']._serialized_end=1717
+  _globals['_EMBEDREQUEST']._serialized_start=1719
+  _globals['_EMBEDREQUEST']._serialized_end=1764
+  _globals['_EMBEDDING']._serialized_start=1766
+  _globals['_EMBEDDING']._serialized_end=1793
+  _globals['_EMBEDRESPONSE']._serialized_start=1795
+  _globals['_EMBEDRESPONSE']._serialized_end=1872
+  _globals['_COUNTTOKENSREQUEST']._serialized_start=1875
+  _globals['_COUNTTOKENSREQUEST']._serialized_end=2005
+  _globals['_COUNTTOKENSRESPONSE']._serialized_start=2007
+  _globals['_COUNTTOKENSRESPONSE']._serialized_end=2051
+  _globals['_INFERENCESERVICE']._serialized_start=2054
+  _globals['_INFERENCESERVICE']._serialized_end=2680
 # @@protoc_insertion_point(module_scope)

@@ -270,6 +270,7 @@ class ManifestModel(_message.Message):
     BACKEND_SAMPLING_FIELD_NUMBER: _builtins.int
     TIER_FIELD_NUMBER: _builtins.int
     CO_ACTIVATION_FIELD_NUMBER: _builtins.int
+    DECODE_CONTEXTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     path: _builtins.str
     """GGUF path inside one of the configured model directories."""
@@ -294,6 +295,8 @@ class ManifestModel(_message.Message):
     backend_sampling: _builtins.bool
     tier: _types_pb2.ModelTier.ValueType
     """UNSPECIFIED: ON_DEMAND, loaded at start."""
+    decode_contexts: _builtins.int
+    """llama.cpp contexts sharing the model's slots, each with its own decode thread; 0 takes 1."""
     @_builtins.property
     def co_activation(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Router models whose requests make this (STANDBY or ON_DEMAND) model READY at once."""
@@ -315,10 +318,11 @@ class ManifestModel(_message.Message):
         backend_sampling: _builtins.bool | None = ...,
         tier: _types_pb2.ModelTier.ValueType = ...,
         co_activation: _abc.Iterable[_builtins.str] | None = ...,
+        decode_contexts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_backend_sampling", b"_backend_sampling", "_chat_template", b"_chat_template", "_gpu_layers", b"_gpu_layers", "backend_sampling", b"backend_sampling", "chat_template", b"chat_template", "gpu_layers", b"gpu_layers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_backend_sampling", b"_backend_sampling", "_chat_template", b"_chat_template", "_gpu_layers", b"_gpu_layers", "backend_sampling", b"backend_sampling", "chat_template", b"chat_template", "co_activation", b"co_activation", "context_length", b"context_length", "embeddings", b"embeddings", "gpu_layers", b"gpu_layers", "n_threads", b"n_threads", "name", b"name", "package", b"package", "parallel", b"parallel", "path", b"path", "quantization", b"quantization", "repack_weights", b"repack_weights", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_backend_sampling", b"_backend_sampling", "_chat_template", b"_chat_template", "_gpu_layers", b"_gpu_layers", "backend_sampling", b"backend_sampling", "chat_template", b"chat_template", "co_activation", b"co_activation", "context_length", b"context_length", "decode_contexts", b"decode_contexts", "embeddings", b"embeddings", "gpu_layers", b"gpu_layers", "n_threads", b"n_threads", "name", b"name", "package", b"package", "parallel", b"parallel", "path", b"path", "quantization", b"quantization", "repack_weights", b"repack_weights", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__backend_sampling: _TypeAlias = _typing.Literal["backend_sampling"]  # noqa: Y015
     _WhichOneofArgType__backend_sampling: _TypeAlias = _typing.Literal["_backend_sampling", b"_backend_sampling"]  # noqa: Y015
