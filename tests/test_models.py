@@ -217,3 +217,25 @@ async def test_embeddings_only_from_embedding_models(engine: Engine) -> None:
     await engine.load(LoadSpec("gen", FILE, context_length=256))
     with pytest.raises(FailedPrecondition, match="does not serve embeddings"):
         await engine.embed("gen", ["x"])
+
+
+def test_a_models_gauges_sum_its_decode_contexts() -> None:
+    """Each context's scheduler reports its own running, waiting and KV use; the model's
+    gauges show the sums (KV: the mean over its alike contexts), not whichever stepped last."""
+    from inference_local.engine import EngineMetrics, _ContextLoads, _ModelMetrics
+
+    registry = CollectorRegistry()
+    metrics = EngineMetrics(registry)
+    loads = _ContextLoads(2)
+    first, second = (_ModelMetrics(metrics, "m", loads, i) for i in range(2))
+
+    def gauges() -> tuple[float | None, ...]:
+        names = ("slm_engine_running_sequences", "slm_engine_waiting_requests")
+        values = [registry.get_sample_value(n, {"model": "m"}) for n in names]
+        return (*values, registry.get_sample_value("slm_engine_kv_used_ratio", {"model": "m"}))
+
+    first.step(4, running=3, waiting=1, kv_used=0.5)
+    second.step(2, running=2, waiting=0, kv_used=0.25)
+    assert gauges() == (5, 1, 0.375)
+    first.idle(waiting=2)
+    assert gauges() == (2, 2, 0.125)
