@@ -35,6 +35,7 @@ from gateway.responses import routes as responses_routes
 from gateway.serving import CallContext, GatewayMetrics, OpenAIServing, call_metadata
 from gateway.ui_routes import install_ui
 from slm.logs import request_id_var
+from slm.server import run_process
 
 log = logging.getLogger(__name__)
 
@@ -403,10 +404,4 @@ def run_gateway(settings: GatewaySettings) -> None:
     # Like every gRPC service (mesh.cli.serve_grpc); FastAPI's own instrumentation then makes
     # the HTTP request the root span of its trace.
     telemetry.setup_tracing("gateway", settings.telemetry)
-    if importlib.util.find_spec("uvloop"):
-        import uvloop
-
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve_gateway(settings))
-    else:
-        asyncio.run(serve_gateway(settings))
+    run_process(serve_gateway(settings))

@@ -17,6 +17,7 @@ from mesh import client as cli_client
 from mesh.services import BY_NAME, SERVICES, Service, replica_index
 from mesh.settings import Settings, load_settings
 from slm.logs import configure_logging
+from slm.server import run_process
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def serve(name: str, settings: Settings) -> int:
     if not 0 <= replica < service.replicas(settings):
         print(f"slm: {name} has no replica {replica}", file=sys.stderr)
         return 2
-    asyncio.run(serve_grpc(service, settings, replica))
+    run_process(serve_grpc(service, settings, replica))
     return 0
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Any, Protocol, Self, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,6 +21,8 @@ from slm.config import ServiceEndpoint, TelemetryConfig
 from slm.interceptors import ErrorInterceptor, RpcMetrics
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Generation streams can be long; keep connections alive through idle proxies.
 SERVER_OPTIONS: Sequence[tuple[str, int]] = (
@@ -136,6 +139,17 @@ class GrpcService:
             self._metrics_server.server_close()  # type: ignore[attr-defined]
             self._metrics_server = None
         log.info("stopped")
+
+
+def run_process(main: Coroutine[Any, Any, T]) -> T:
+    """Run a service process's main coroutine to the end on a uvloop event loop when uvloop is
+    installed (it comes with uvicorn[standard]), else on asyncio's own."""
+    if importlib.util.find_spec("uvloop"):
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main)
+    return asyncio.run(main)
 
 
 async def wait_for_signal(on_hangup: Callable[[], None] | None = None) -> None:
