@@ -597,12 +597,16 @@ class Engine:
                 ),
                 lambda made: made.close_contexts(),
             )
+            if not spec.embeddings:
+                try:
+                    loaded.scheduler = self._schedulers(loaded)
+                except BaseException:
+                    loaded.close_contexts()
+                    raise
         except BaseException:
             if weights is not None:
                 self._drop_weights(weights)
             raise
-        if not spec.embeddings:
-            loaded.scheduler = self._schedulers(loaded)
         self._loaded[spec.name] = loaded
         elapsed = time.perf_counter() - started
         self.metrics.load_seconds.labels(spec.name).observe(elapsed)
@@ -661,8 +665,6 @@ class Engine:
         except BaseException:
             for member in members:
                 member.close()
-            loaded.close_contexts()
-            self._drop_weights(loaded.weights)
             raise
         return SchedulerGroup(members)
 

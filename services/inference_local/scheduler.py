@@ -882,24 +882,12 @@ class SchedulerGroup:
         self._asked = [0] * len(members)
 
     @property
-    def config(self) -> SchedulerConfig:
-        return self.members[0].config
-
-    @property
-    def n_slots(self) -> int:
-        return sum(member.config.n_slots for member in self.members)
-
-    @property
     def busy(self) -> int:
         return sum(member.busy for member in self.members)
 
     @property
     def last_used(self) -> float:
         return max(member.last_used for member in self.members)
-
-    @property
-    def prompt_tokens_decoded(self) -> int:
-        return sum(member.prompt_tokens_decoded for member in self.members)
 
     @property
     def tokens_sampled_on_device(self) -> int:
@@ -913,11 +901,12 @@ class SchedulerGroup:
 
     async def _routed(self, request: SeqRequest) -> AsyncIterator[Event]:
         fits = [i for i, m in enumerate(self.members) if m.config.n_slots >= request.n]
-        if not fits and 1 <= request.n <= self.config.max_n:
-            config = self.config
+        largest = self.members[0].config  # the shares go down from the first
+        if not fits and 1 <= request.n <= largest.max_n:
+            total = sum(member.config.n_slots for member in self.members)
             raise InvalidArgument(
-                f"n must be at most {config.n_slots}: model {config.name!r} splits its "
-                f"{self.n_slots} sequence slots over {len(self.members)} decode contexts, "
+                f"n must be at most {largest.n_slots}: model {largest.name!r} splits its "
+                f"{total} sequence slots over {len(self.members)} decode contexts, "
                 "and a request's choices share one",
                 field="sampling.n",
             )
