@@ -5,7 +5,7 @@ At each level of concurrent streams (--levels), an Engine per entry of --context
 default model with `parallel` equal to the streams, split over that many contexts (each with its
 own decode thread), and they take turns, every other round in reverse order (--repeat rounds;
 the median run is kept). The requests, their statistics and the in-process Engine are
-bench/batching.py's (engine_stream, summarise, direct_engine). On a CUDA build every layer goes
+bench/batching.py's (interleaved, direct_engine). On a CUDA build every layer goes
 to the GPU (bench/gpu_engine.py describes the device setup), elsewhere none; --gpu-layers sets
 it. SWITCH_INTERVAL (seconds) sets the interpreter's GIL switch interval first, to see how much
 of a step is spent waiting for the GIL.
@@ -33,13 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 batching: Any = importlib.import_module("batching")
 
 
-async def level(engine: Any, name: str, c: int, max_tokens: int) -> dict[str, Any]:
-    run = next(batching.RUNS)
-    await batching.engine_stream(engine, name, 999, 4, run)  # warm
-    streams = (batching.engine_stream(engine, name, i, max_tokens, run) for i in range(c))
-    return dict(batching.summarise(await asyncio.gather(*streams), max_tokens))
-
-
 async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     from inference_local.config import (  # type: ignore[import-not-found, unused-ignore]
         InferenceLocalConfig,
@@ -58,7 +51,6 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
                 base = InferenceLocalConfig(models_dir=Path(args.model).parent)
                 entry = base.models[0].model_copy(
                     update={
-                        "name": f"contexts-{k}",
                         "path": Path(args.model).name,
                         "parallel": c,
                         "context_length": args.ctx,
@@ -67,23 +59,10 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
                     }
                 )
                 config = base.model_copy(update={"models": [entry]})
-                engines[k] = await stack.enter_async_context(batching.direct_engine(config))
-            runs: dict[int, list[dict[str, Any]]] = {k: [] for k in args.contexts}
-            for round_ in range(args.repeat):
-                order = args.contexts if round_ % 2 == 0 else args.contexts[::-1]
-                for k in order:
-                    runs[k].append(await level(engines[k], f"contexts-{k}", c, args.max_tokens))
-            for k in args.contexts:
-                ordered = sorted(runs[k], key=lambda r: r["tokens_per_s"])
-                median = ordered[len(ordered) // 2]
-                median["runs_tokens_per_s"] = [r["tokens_per_s"] for r in runs[k]]
-                results["levels"].setdefault(str(c), {})[str(k)] = median
-                print(
-                    f"c={c:<3} contexts={k}  {median['tokens_per_s']:8.1f} tok/s  TTFT p50 "
-                    f"{median['ttft_p50_ms']:7.1f} ms  ITL p50 {median['itl_p50_ms']:6.2f} ms  "
-                    f"runs {[round(t, 1) for t in median['runs_tokens_per_s']]}",
-                    flush=True,
-                )
+                engine = await stack.enter_async_context(batching.direct_engine(config))
+                engines[f"contexts={k}"] = engine
+            medians = await batching.interleaved(engines, c, args.max_tokens, args.repeat)
+            results["levels"][str(c)] = {name[9:]: r for name, r in medians.items()}
     return results
 
 
