@@ -38,7 +38,7 @@ from batching import NO_EOS, stream_request
 from decode_step import engine_step
 from helpers import default_model_file
 
-from inference_local.llama_api import Model, Sampler
+from inference_local.llama_api import Model, Sampler, gpu_offload_supported
 from inference_local.sampling import Sampling
 
 CHAINS = {
@@ -91,9 +91,7 @@ def main() -> None:
     parser.add_argument("--gpu-layers", type=int, default=None, help="default: all on a GPU")
     args = parser.parse_args()
     if args.gpu_layers is None:
-        import llama_cpp  # loaded by inference_local already, after its environment is set
-
-        args.gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0
+        args.gpu_layers = -1 if gpu_offload_supported() else 0
     model = Model(args.model or default_model_file(), gpu_layers=args.gpu_layers)
     pool = concurrent.futures.ThreadPoolExecutor(args.threads)
     ways = {"tight": Sampler._shortlists, "wide": Sampler._wide_shortlists}
