@@ -33,6 +33,9 @@ from helpers import DEFAULT_MODEL, Mesh, mesh_settings
 
 RESULTS = Path(__file__).parent / "results"
 TICK = os.sysconf("SC_CLK_TCK")
+# The load's client, this process (httpx, SSE parsing): not the mesh's, but it takes the same
+# cores, as it does beside llama-server in bench/batching.py. The engine idles meanwhile.
+CLIENT = "client (this process: httpx, SSE and JSON parsing)"
 
 
 def cpu_seconds(stat_path: Path) -> float:
@@ -100,9 +103,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         async with direct_engine(settings.inference_local) as engine:
             for _ in range(args.rounds):
                 before, started = snapshot(roles), time.perf_counter()
+                client_before = time.process_time()
                 through = await level(mesh.base_url, DEFAULT_MODEL, args.streams, args.max_tokens)
                 wall = time.perf_counter() - started
                 after = snapshot(roles)
+                after[CLIENT] = time.process_time() - client_before
                 tokens = args.streams * args.max_tokens
                 cpu = {k: after[k] - before.get(k, 0.0) for k in after}
                 alone = await level(engine, DEFAULT_MODEL, args.streams, args.max_tokens)
@@ -143,7 +148,9 @@ def report(results: dict[str, Any]) -> None:
     for name, value in sorted(median["cpu_s_per_1k_tokens"].items(), key=lambda kv: -kv[1]):
         print(f"{name:<52}{value:>18.3f}")
     hops = sum(
-        v for k, v in median["cpu_s_per_1k_tokens"].items() if not k.startswith("inference-local")
+        v
+        for k, v in median["cpu_s_per_1k_tokens"].items()
+        if not k.startswith("inference-local") and k != CLIENT
     )
     print(f"{'hops (Envoy + gateway + Doorman + others)':<52}{hops:>18.3f}")
     ratio = median["mesh_tokens_per_s"] / median["engine_tokens_per_s"]
