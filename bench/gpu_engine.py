@@ -6,7 +6,8 @@ A one-off measurement that runs on a CUDA machine (the device `run` tool's H100)
 `make bench-batching`. At each level of concurrent streams (--concurrency), these take turns
 (--servers):
 - engine: the Engine as it loads on a GPU by default (backend sampling only for a context of
-  one slot: llama_api.BACKEND_SAMPLING_AUTO_SLOTS);
+  one slot: llama_api.BACKEND_SAMPLING_AUTO_SLOTS; the slots over up to 4 decode contexts:
+  engine.AUTO_DECODE_CONTEXTS; --decode-contexts sets them for every Engine and the mesh);
 - engine-device: the same Engine with backend sampling forced on: its sampler chains run
   inside the decode graph and only each row's token comes back to the host;
 - engine-host: the same Engine with backend sampling off: every row's 262k logits copied to the

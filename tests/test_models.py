@@ -239,3 +239,32 @@ def test_a_models_gauges_sum_its_decode_contexts() -> None:
     assert gauges() == (5, 1, 0.375)
     first.idle(waiting=2)
     assert gauges() == (2, 2, 0.125)
+
+
+def test_decode_contexts_default_splits_only_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset, a model on a GPU gets up to four contexts of at least MAX_N (8) slots each, so no
+    n that one context would take is refused; on a CPU, or for an embedding model, one; a set
+    decode_contexts is taken as it is (at most one a slot)."""
+    from inference_local import engine as engine_module
+    from inference_local.engine import _decode_contexts, _slot_shares
+
+    def shares(n_slots: int, **fields: object) -> list[int]:
+        return _slot_shares(LoadSpec("m", FILE, **fields), n_slots)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine_module, "gpu_offload_supported", lambda: True)
+    assert shares(1) == [1]
+    assert shares(8) == [8]
+    assert shares(15) == [15]
+    assert shares(16) == [8, 8]
+    assert shares(24) == [8, 8, 8]
+    assert shares(32) == [8, 8, 8, 8]
+    assert shares(64) == [16, 16, 16, 16]
+    assert shares(64, gpu_layers=0) == [64]  # the model stays on the CPU
+    assert shares(64, embeddings=True) == [64]
+    assert shares(64, decode_contexts=1) == [64]
+    assert shares(5, decode_contexts=3) == [2, 2, 1]
+    assert shares(2, decode_contexts=8) == [1, 1]
+    assert "auto on a GPU" in _decode_contexts(LoadSpec("m", FILE), 32)[1]
+    monkeypatch.setattr(engine_module, "gpu_offload_supported", lambda: False)
+    assert shares(64) == [64]
+    assert _decode_contexts(LoadSpec("m", FILE), 64) == (1, "auto: one on a CPU")

@@ -107,7 +107,8 @@ class ModelConfig(Section):
     # llama.cpp contexts serving this model, each with its own decode thread and an equal share
     # of the slots (a request's choices stay in one). On a GPU, while one context's step runs
     # on the device another's thread samples its rows on the host, so neither waits for the
-    # other. Unset: 1.
+    # other. Unset: on a GPU up to 4, each with at least 8 slots (16 slots: 2; 32 or more: 4);
+    # on a CPU 1 (engine.AUTO_DECODE_CONTEXTS).
     decode_contexts: int | None = Field(default=None, ge=1, le=16)
 
     @model_validator(mode="after")

@@ -38,6 +38,7 @@ from inference_local.models import ensure_model_file
 from inference_local.prefix_cache import PrefixCache
 from inference_local.sampling import Sampling, TokenLogprob
 from inference_local.scheduler import (
+    MAX_N,
     AdapterSet,
     Scheduler,
     SchedulerConfig,
@@ -620,6 +621,7 @@ class Engine:
                 "slots": n_slots,
                 "slots_chosen": slots_why,
                 "decode_contexts": len(shares),
+                "decode_contexts_chosen": _decode_contexts(spec, n_slots)[1],
                 "threads": self._threads(spec)[0],
                 "threads_chosen": self._threads(spec)[1],
                 "batch_invariant": self.config.batch_invariant,
@@ -1455,8 +1457,32 @@ def _spec_from_config(entry: ModelConfig) -> LoadSpec:
 def _slot_shares(spec: LoadSpec, n_slots: int) -> list[int]:
     """The slots of each of a model's contexts: `decode_contexts` near-equal shares (at most
     one context a slot; an embedding model has one)."""
-    k = 1 if spec.embeddings else min(spec.decode_contexts or 1, n_slots)
+    k = _decode_contexts(spec, n_slots)[0]
     return [n_slots // k + (i < n_slots % k) for i in range(k)]
+
+
+# Unset decode_contexts on a GPU: up to this many contexts, each with at least as many slots as
+# a request's most choices (scheduler.MAX_N, 8), so that the split refuses no n one context would
+# take. On an H100 at 16 and 64 streams four contexts made 1.8x and 2.0x one context's
+# tokens/s, two 1.7x; eight were no better than four, 16 or 32 worse
+# (bench/results/gpu_decode_contexts_2026-12-07-h100.md). On a CPU a second context only cost
+# (0.90x and 0.97x at 4 and 16 streams): one.
+AUTO_DECODE_CONTEXTS = 4
+
+
+def _decode_contexts(spec: LoadSpec, n_slots: int) -> tuple[int, str]:
+    """How many llama.cpp contexts share a model's slots, and why."""
+    if spec.embeddings:
+        return 1, "an embedding model has one"
+    if spec.decode_contexts:
+        return min(spec.decode_contexts, n_slots), "models[].decode_contexts"
+    if not _uploads_to_gpu(spec):
+        return 1, "auto: one on a CPU"
+    k = max(1, min(AUTO_DECODE_CONTEXTS, n_slots // MAX_N))
+    return k, (
+        f"auto on a GPU: up to {AUTO_DECODE_CONTEXTS}, at least {MAX_N} slots each, so "
+        "one context's step runs on the device while another's rows are sampled on the host"
+    )
 
 
 async def _blocking(work: Callable[[], T], discard: Callable[[T], None] | None = None) -> T:

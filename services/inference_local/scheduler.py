@@ -202,6 +202,10 @@ def coalesce(events: list[Event]) -> list[Event]:
     return merged
 
 
+# The most choices (n) one request may ask for.
+MAX_N = 8
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     name: str
@@ -211,8 +215,7 @@ class SchedulerConfig:
     n_batch: int
     # Threads sampling a step's sequences, the decode thread included (1: it alone).
     sample_threads: int = 1
-    # The most choices (n) one request may ask for.
-    max_n: int = 8
+    max_n: int = MAX_N
     # A stream whose output waits untaken this long, or this many steps of it, is stopped.
     stall_timeout_s: float = 30.0
     max_undelivered_steps: int = 1024

@@ -296,7 +296,9 @@ class ManifestModel(_message.Message):
     tier: _types_pb2.ModelTier.ValueType
     """UNSPECIFIED: ON_DEMAND, loaded at start."""
     decode_contexts: _builtins.int
-    """llama.cpp contexts sharing the model's slots, each with its own decode thread; 0 takes 1."""
+    """llama.cpp contexts sharing the model's slots, each with its own decode thread; 0: the
+    default (on a GPU up to 4 of at least 8 slots each, on a CPU 1).
+    """
     @_builtins.property
     def co_activation(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Router models whose requests make this (STANDBY or ON_DEMAND) model READY at once."""
