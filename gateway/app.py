@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import logging
 import signal
 import time
@@ -355,12 +354,12 @@ class _Server(uvicorn.Server):
 
 
 def uvicorn_config(settings: GatewaySettings, *, grace_s: int = 30) -> uvicorn.Config:
-    """uvicorn's settings for the gateway: uvloop and httptools, no access log (Envoy's is)."""
+    """uvicorn's settings for the gateway: httptools, no access log (Envoy's is). The event
+    loop is the process's (`slm.server.run_process`: uvloop), which `serve_gateway` runs on."""
     return uvicorn.Config(
         build_app(settings),
         host=settings.gateway.host,
         port=settings.gateway.port,
-        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         http="httptools",
         lifespan="on",
         log_config=None,

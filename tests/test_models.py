@@ -249,7 +249,8 @@ def test_decode_contexts_default_splits_only_on_a_gpu(monkeypatch: pytest.Monkey
     from inference_local.engine import _decode_contexts, _slot_shares
 
     def shares(n_slots: int, **fields: object) -> list[int]:
-        return _slot_shares(LoadSpec("m", FILE, **fields), n_slots)  # type: ignore[arg-type]
+        spec = LoadSpec("m", FILE, **fields)  # type: ignore[arg-type]
+        return _slot_shares(n_slots, _decode_contexts(spec, n_slots)[0])
 
     monkeypatch.setattr(engine_module, "gpu_offload_supported", lambda: True)
     assert shares(1) == [1]

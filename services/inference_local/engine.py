@@ -586,7 +586,8 @@ class Engine:
             )
             ctx_len = spec.context_length or 2048
             n_slots, slots_why = self._slots(spec, meta, ctx_len)
-            shares = _slot_shares(spec, n_slots)
+            n_contexts, contexts_why = _decode_contexts(spec, n_slots)
+            shares = _slot_shares(n_slots, n_contexts)
             estimate = self._estimate(meta, path, shares, ctx_len, weights is None)
             await self._make_room(spec.name, estimate)
             if weights is None:
@@ -620,8 +621,8 @@ class Engine:
                 "path": str(path),
                 "slots": n_slots,
                 "slots_chosen": slots_why,
-                "decode_contexts": len(shares),
-                "decode_contexts_chosen": _decode_contexts(spec, n_slots)[1],
+                "decode_contexts": n_contexts,
+                "decode_contexts_chosen": contexts_why,
                 "threads": self._threads(spec)[0],
                 "threads_chosen": self._threads(spec)[1],
                 "batch_invariant": self.config.batch_invariant,
@@ -1133,7 +1134,8 @@ class Engine:
             if tier == "resident":
                 ctx_len = spec.context_length or 2048
                 n_slots, _ = self._slots(spec, meta, ctx_len)
-                context = self._estimate(meta, path, _slot_shares(spec, n_slots), ctx_len, False)
+                shares_of = _slot_shares(n_slots, _decode_contexts(spec, n_slots)[0])
+                context = self._estimate(meta, path, shares_of, ctx_len, False)
             shares.append(Share(entry.name, tier, weights, context))
         check_budgets(shares, budgets or self._budgets)
         return shares
@@ -1454,10 +1456,8 @@ def _spec_from_config(entry: ModelConfig) -> LoadSpec:
     )
 
 
-def _slot_shares(spec: LoadSpec, n_slots: int) -> list[int]:
-    """The slots of each of a model's contexts: `decode_contexts` near-equal shares (at most
-    one context a slot; an embedding model has one)."""
-    k = _decode_contexts(spec, n_slots)[0]
+def _slot_shares(n_slots: int, k: int) -> list[int]:
+    """The slots of each of a model's k contexts (`_decode_contexts`): near-equal shares."""
     return [n_slots // k + (i < n_slots % k) for i in range(k)]
 
 
@@ -1471,7 +1471,7 @@ AUTO_DECODE_CONTEXTS = 4
 
 
 def _decode_contexts(spec: LoadSpec, n_slots: int) -> tuple[int, str]:
-    """How many llama.cpp contexts share a model's slots, and why."""
+    """How many llama.cpp contexts share a model's slots (at most one a slot), and why."""
     if spec.embeddings:
         return 1, "an embedding model has one"
     if spec.decode_contexts:
