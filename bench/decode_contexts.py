@@ -62,7 +62,9 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
                 engine = await stack.enter_async_context(batching.direct_engine(config))
                 engines[f"contexts={k}"] = engine
             medians = await batching.interleaved(engines, c, args.max_tokens, args.repeat)
-            results["levels"][str(c)] = {name[9:]: r for name, r in medians.items()}
+            results["levels"][str(c)] = {
+                name.removeprefix("contexts="): r for name, r in medians.items()
+            }
     return results
 
 

@@ -33,8 +33,10 @@ from helpers import DEFAULT_MODEL, Mesh, mesh_settings
 
 RESULTS = Path(__file__).parent / "results"
 TICK = os.sysconf("SC_CLK_TCK")
-# The load's client, this process (httpx, SSE parsing): not the mesh's, but it takes the same
-# cores, as it does beside llama-server in bench/batching.py. The engine idles meanwhile.
+# The load's client (httpx, SSE parsing): not the mesh's, but it takes the same cores, as it
+# does beside llama-server in bench/batching.py. It runs on this process's event-loop thread,
+# whose CPU time alone is counted: the in-process engine's threads (its load-time work still
+# running during the first round) are not the client's.
 CLIENT = "client (this process: httpx, SSE and JSON parsing)"
 
 
@@ -67,8 +69,9 @@ def mesh_processes(up_pid: int) -> dict[str, int]:
 
 
 def snapshot(roles: dict[str, int]) -> dict[str, float]:
-    """CPU seconds so far of every role; inference-local by thread group."""
-    taken: dict[str, float] = {}
+    """CPU seconds so far of every role (inference-local by thread group) and of the client;
+    called on the client's thread."""
+    taken: dict[str, float] = {CLIENT: time.thread_time()}
     for role, pid in roles.items():
         if role != "inference-local":
             taken[role] = cpu_seconds(Path(f"/proc/{pid}/stat"))
@@ -103,11 +106,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         async with direct_engine(settings.inference_local) as engine:
             for _ in range(args.rounds):
                 before, started = snapshot(roles), time.perf_counter()
-                client_before = time.process_time()
                 through = await level(mesh.base_url, DEFAULT_MODEL, args.streams, args.max_tokens)
                 wall = time.perf_counter() - started
                 after = snapshot(roles)
-                after[CLIENT] = time.process_time() - client_before
                 tokens = args.streams * args.max_tokens
                 cpu = {k: after[k] - before.get(k, 0.0) for k in after}
                 alone = await level(engine, DEFAULT_MODEL, args.streams, args.max_tokens)
