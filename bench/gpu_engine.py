@@ -120,14 +120,21 @@ async def engine_at(
 
 
 @contextlib.contextmanager
-def mesh_at(model: Path, c: int, ctx: int, state: Path, contexts: int | None = None) -> Any:
+def mesh_at(
+    model: Path, c: int, ctx: int, state: Path, contexts: int | None = None, replicas: int = 1
+) -> Any:
     """The whole mesh (`slm up`: Envoy, gateway, Doorman, inference-local, ledger) on its
     defaults, with `model` as its model, `c` slots of `ctx` tokens and every layer on the GPU,
-    as engine_at loads the Engine; yields its base URL."""
+    as engine_at loads the Engine; yields its base URL. With `replicas` above 1, `slm up` runs
+    that many inference-local processes on the one GPU, each with c / replicas of the slots
+    (rounded up), and the Doorman balances the streams over them."""
     settings = batching.mesh_settings(state)
-    models = [on_gpu(settings.inference_local.models[0], model, c, ctx, decode_contexts=contexts)]
-    settings.inference_local = settings.inference_local.model_copy(
-        update={"models": models, "models_dir": model.parent}
+    slots = -(-c // replicas)
+    entry = on_gpu(settings.inference_local.models[0], model, slots, ctx, decode_contexts=contexts)
+    local = settings.inference_local
+    endpoint = local.endpoint.model_copy(update={"replicas": replicas})
+    settings.inference_local = local.model_copy(
+        update={"models": [entry], "models_dir": model.parent, "endpoint": endpoint}
     )
     mesh = batching.Mesh(settings, state / "slm.toml", state / "mesh.log")
     mesh.start()
@@ -197,6 +204,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "repeat": args.repeat,
         "threads": threads,
         "decode_contexts": args.decode_contexts,
+        "mesh_replicas": args.mesh_replicas,
         "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
         "servers": {},
         "tokens_sampled_on_device": {},
@@ -219,7 +227,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
             print(f"c={c}: engines loaded, GPU memory used {gpu_memory()}", flush=True)
             if "mesh" in args.servers:
                 state = Path(tempfile.mkdtemp(prefix=f"slm-gpu-mesh-{c}-"))
-                mesh = mesh_at(model, c, args.ctx, state, args.decode_contexts)
+                mesh = mesh_at(model, c, args.ctx, state, args.decode_contexts, args.mesh_replicas)
                 targets["mesh"] = stack.enter_context(mesh)
             for name, extra in (("llama-server", []), ("llama-server-bs", ["--backend-sampling"])):
                 if name not in args.servers:
@@ -313,6 +321,12 @@ def main() -> int:
     parser.add_argument("--log", default="/tmp/llama-server.log")
     parser.add_argument(
         "--decode-contexts", type=int, default=None, help="models[].decode_contexts of ours"
+    )
+    parser.add_argument(
+        "--mesh-replicas",
+        type=int,
+        default=1,
+        help="inference-local processes the mesh runs on the GPU (the slots split over them)",
     )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
