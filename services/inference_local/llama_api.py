@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp as C
+import llama_cpp.llama_cpp as bindings
 import numpy as np
 import numpy.typing as npt
 
@@ -24,6 +25,37 @@ from slm.errors import FailedPrecondition, Internal, InvalidArgument
 
 _backend_lock = threading.Lock()
 _backend_ready = False
+
+# llama-cpp-python calls every C function through ctypes.CDLL, which lets go of the GIL for the
+# call and takes it back after. For the calls below, made for every row of every decode step
+# and done in a microsecond or less, taking it back costs far more than the call: another
+# thread (the event loop, another model's or context's decode thread, a sampler thread) takes
+# the GIL meanwhile and the caller waits for that thread's Python (0.15 us a call when held,
+# 16-23 us under contention from one busy thread on this project's 2-core machine). The same
+# functions through ctypes.PyDLL keep the GIL. Calls that may wait on a device (llama_decode,
+# the first read of a decode's outputs: `Context.settle_outputs`) or scan a vocabulary
+# (llama_sampler_sample, a chain over a long candidate list) still let go of it.
+_HOLDING_GIL = ctypes.PyDLL(bindings._lib._name, handle=bindings._lib._handle)
+
+
+def _holding_gil(name: str) -> Any:
+    """llama.cpp's function `name`, called without letting go of the GIL."""
+    released = getattr(C, name)
+    held = getattr(_HOLDING_GIL, name)
+    held.argtypes = released.argtypes
+    held.restype = released.restype
+    return held
+
+
+_token_to_piece = _holding_gil("llama_token_to_piece")
+_vocab_is_eog = _holding_gil("llama_vocab_is_eog")
+_sampler_accept = _holding_gil("llama_sampler_accept")
+_sampler_apply = _holding_gil("llama_sampler_apply")
+_get_logits_ith = _holding_gil("llama_get_logits_ith")
+_get_sampled_token_ith = _holding_gil("llama_get_sampled_token_ith")
+# A chain run over at most this many candidates (a shortlist: a few dozen) keeps the GIL; one
+# over more (the tokens a grammar allows, up to the whole vocabulary) lets go of it.
+HELD_APPLY_CANDIDATES = 4096
 
 QUANT_TYPES: Mapping[str, int] = {
     "q4_0": C.LLAMA_FTYPE_MOSTLY_Q4_0,
@@ -123,8 +155,9 @@ class Model:
         self.bos = int(C.llama_vocab_bos(self.vocab))
         self.eos = int(C.llama_vocab_eos(self.vocab))
         # One buffer per thread: the decode thread, the mask thread building llguidance's view
-        # of the vocabulary and the event loop (detokenize) all read pieces of one model, and
-        # llama_token_to_piece runs without the GIL.
+        # of the vocabulary and the event loop (detokenize) all read pieces of one model (and
+        # a piece's bytes are copied out after the call, which another thread may come
+        # between should the call ever let go of the GIL).
         self._piece_bufs = threading.local()
 
     def close(self) -> None:
@@ -191,10 +224,10 @@ class Model:
         buf = getattr(self._piece_bufs, "buf", None)
         if buf is None:
             buf = self._piece_bufs.buf = ctypes.create_string_buffer(256)
-        n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        n = _token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         if n < 0:
             big = ctypes.create_string_buffer(-n)
-            n = C.llama_token_to_piece(self.vocab, token, big, len(big), 0, special)
+            n = _token_to_piece(self.vocab, token, big, len(big), 0, special)
             return big.raw[:n]
         return buf.raw[:n]
 
@@ -202,7 +235,7 @@ class Model:
         return self.piece(token, special=True).decode("utf-8", "replace")
 
     def is_eog(self, token: int) -> bool:
-        return bool(C.llama_vocab_is_eog(self.vocab, token))
+        return bool(_vocab_is_eog(self.vocab, token))
 
     def valid_token(self, token: int) -> bool:
         return 0 <= token < self.n_vocab
@@ -303,6 +336,9 @@ class Context:
         # until the slot's next output (detaching costs a graph reservation, as attaching does;
         # a slot reused by a sampled sequence then pays for one change, not two).
         self._chains: dict[int, Sampler] = {}
+        # Whether the last decode's outputs were read once (`settle_outputs`): the reads after
+        # that only look up rows and keep the GIL.
+        self._settled = True
 
     def close(self) -> None:
         if self.ptr:
@@ -363,6 +399,7 @@ class Context:
             sampler.fresh()
 
     def decode(self, batch: Batch) -> None:
+        self._settled = False
         rc = C.llama_decode(self.ptr, batch.raw)
         if rc != 0:
             raise Internal(f"llama_decode failed with {rc} for a batch of {batch.n} tokens")
@@ -402,21 +439,32 @@ class Context:
         return True
 
     def settle_outputs(self) -> None:
-        """Put the last decode's outputs in batch order now. llama.cpp does it on the first read,
-        which writes to the context; after this call, samplers on several threads only read."""
-        C.llama_get_logits_ith(self.ptr, -1)
+        """Wait for the last decode's outputs (on a GPU: for the graph to finish and the copy
+        to the host) and put them in batch order. llama.cpp does it on the first read, which
+        writes to the context; after this call, samplers on several threads only read, and
+        every read keeps the GIL."""
+        if not self._settled:
+            C.llama_get_logits_ith(self.ptr, -1)  # lets go of the GIL while it waits
+            self._settled = True
 
     def logits(self, index: int) -> npt.NDArray[np.float32]:
-        ptr = C.llama_get_logits_ith(self.ptr, index)
+        self.settle_outputs()
+        ptr = _get_logits_ith(self.ptr, index)
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+
+    def sampled_token(self, index: int) -> int:
+        """The token the decode graph sampled for batch index `index` (backend sampling)."""
+        self.settle_outputs()
+        return int(_get_sampled_token_ith(self.ptr, index))
 
     def logit_rows(self, indices: Sequence[int]) -> npt.NDArray[np.float32]:
         """The logits of these batch indices, one row each: a view of llama.cpp's buffer when
         their rows lie one after another there (a decode step's), else a copy."""
         n_vocab = self.model.n_vocab
-        first = C.llama_get_logits_ith(self.ptr, indices[0])
+        self.settle_outputs()
+        first = _get_logits_ith(self.ptr, indices[0])
         if len(indices) > 1:
-            last = C.llama_get_logits_ith(self.ptr, indices[-1])
+            last = _get_logits_ith(self.ptr, indices[-1])
             span = ctypes.addressof(last.contents) - ctypes.addressof(first.contents)
             consecutive = list(indices) == list(range(indices[0], indices[0] + len(indices)))
             if not consecutive or span != (len(indices) - 1) * n_vocab * 4:
@@ -615,7 +663,7 @@ class Sampler:
     def accept_prompt(self, tokens: Iterable[int]) -> None:
         """Penalties look at the prompt too, as llama.cpp's server does."""
         for token in tokens:
-            C.llama_sampler_accept(self.ptr, token)
+            _sampler_accept(self.ptr, token)
             self._remember(token)
 
     def _remember(self, token: int) -> None:
@@ -721,10 +769,10 @@ class Sampler:
     def _sample_backend(self, context: Context, index: int) -> int:
         """The token the decode graph sampled for this row, accepted by the chain (its
         penalty counts; the RNG drew inside the decode)."""
-        token = int(C.llama_get_sampled_token_ith(context.ptr, index))
+        token = context.sampled_token(index)
         if token < 0:
             raise Internal(f"llama.cpp sampled no token for output {index} on the device")
-        C.llama_sampler_accept(self.ptr, token)
+        _sampler_accept(self.ptr, token)
         self._remember(token)
         return token
 
@@ -924,11 +972,12 @@ class Sampler:
 
     def _pick(self, cur: Any) -> int:
         """Run the chain over `cur` (a llama_token_data_array) and accept its token."""
-        C.llama_sampler_apply(self.ptr, ctypes.byref(cur))
+        apply = _sampler_apply if cur.size <= HELD_APPLY_CANDIDATES else C.llama_sampler_apply
+        apply(self.ptr, ctypes.byref(cur))
         if not 0 <= cur.selected < cur.size:
             raise Internal(f"sampler chain selected {cur.selected} of {cur.size}")
         token = int(cur.data[cur.selected].id)
-        C.llama_sampler_accept(self.ptr, token)
+        _sampler_accept(self.ptr, token)
         self._remember(token)
         return token
 
