@@ -101,16 +101,21 @@ def on_gpu(entry: Any, model: Path, c: int, ctx: int, **fields: Any) -> Any:
 
 @contextlib.asynccontextmanager
 async def engine_at(
-    model: Path, c: int, ctx: int, backend_sampling: bool | None, contexts: int | None = None
+    model: Path,
+    c: int,
+    ctx: int,
+    backend_sampling: bool | None,
+    contexts: int | None = None,
+    local: dict[str, Any] | None = None,
 ) -> AsyncIterator[Any]:
     """batching.direct_engine on `model` with `c` slots of `ctx` tokens, and backend sampling
     as asked (None: the Engine's default, on for a one-slot context on a GPU), over `contexts`
-    llama.cpp contexts (None: the Engine's default)."""
+    llama.cpp contexts (None: the Engine's default); `local` sets inference-local's fields."""
     from inference_local.config import (  # type: ignore[import-not-found, unused-ignore]
         InferenceLocalConfig,
     )
 
-    base = InferenceLocalConfig(models_dir=model.parent)
+    base = InferenceLocalConfig(models_dir=model.parent, **(local or {}))
     fields = {"backend_sampling": backend_sampling, "decode_contexts": contexts}
     models = [on_gpu(base.models[0], model, c, ctx, **fields)]
     config = base.model_copy(update={"models": models})
@@ -121,20 +126,32 @@ async def engine_at(
 
 @contextlib.contextmanager
 def mesh_at(
-    model: Path, c: int, ctx: int, state: Path, contexts: int | None = None, replicas: int = 1
+    model: Path,
+    c: int,
+    ctx: int,
+    state: Path,
+    contexts: int | None = None,
+    replicas: int = 1,
+    local: dict[str, Any] | None = None,
 ) -> Any:
     """The whole mesh (`slm up`: Envoy, gateway, Doorman, inference-local, ledger) on its
     defaults, with `model` as its model, `c` slots of `ctx` tokens and every layer on the GPU,
     as engine_at loads the Engine; yields its base URL. With `replicas` above 1, `slm up` runs
     that many inference-local processes on the one GPU, each with c / replicas of the slots
-    (rounded up), and the Doorman balances the streams over them."""
+    (rounded up), and the Doorman balances the streams over them. `local` sets
+    inference-local's fields."""
     settings = batching.mesh_settings(state)
     slots = -(-c // replicas)
     entry = on_gpu(settings.inference_local.models[0], model, slots, ctx, decode_contexts=contexts)
-    local = settings.inference_local
-    endpoint = local.endpoint.model_copy(update={"replicas": replicas})
-    settings.inference_local = local.model_copy(
-        update={"models": [entry], "models_dir": model.parent, "endpoint": endpoint}
+    inference = settings.inference_local
+    endpoint = inference.endpoint.model_copy(update={"replicas": replicas})
+    settings.inference_local = inference.model_copy(
+        update={
+            "models": [entry],
+            "models_dir": model.parent,
+            "endpoint": endpoint,
+            **(local or {}),
+        }
     )
     mesh = batching.Mesh(settings, state / "slm.toml", state / "mesh.log")
     mesh.start()
@@ -194,6 +211,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
 
     threads = default_threads()
     model = Path(args.model)
+    local = {"sample_threads": args.sample_threads} if args.sample_threads else {}
     log = Path(args.log)  # one llama-server log a level, e.g. llama-server-16.log
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
@@ -204,6 +222,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "repeat": args.repeat,
         "threads": threads,
         "decode_contexts": args.decode_contexts,
+        "sample_threads": args.sample_threads,
         "mesh_replicas": args.mesh_replicas,
         "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
         "servers": {},
@@ -222,12 +241,14 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
             engines = (("engine", None), ("engine-device", True), ("engine-host", False))
             for name, backend in engines:
                 if name in args.servers:
-                    cm = engine_at(model, c, args.ctx, backend, args.decode_contexts)
+                    cm = engine_at(model, c, args.ctx, backend, args.decode_contexts, local)
                     targets[name] = await stack.enter_async_context(cm)
             print(f"c={c}: engines loaded, GPU memory used {gpu_memory()}", flush=True)
             if "mesh" in args.servers:
                 state = Path(tempfile.mkdtemp(prefix=f"slm-gpu-mesh-{c}-"))
-                mesh = mesh_at(model, c, args.ctx, state, args.decode_contexts, args.mesh_replicas)
+                mesh = mesh_at(
+                    model, c, args.ctx, state, args.decode_contexts, args.mesh_replicas, local
+                )
                 targets["mesh"] = stack.enter_context(mesh)
             for name, extra in (("llama-server", []), ("llama-server-bs", ["--backend-sampling"])):
                 if name not in args.servers:
@@ -321,6 +342,9 @@ def main() -> int:
     parser.add_argument("--log", default="/tmp/llama-server.log")
     parser.add_argument(
         "--decode-contexts", type=int, default=None, help="models[].decode_contexts of ours"
+    )
+    parser.add_argument(
+        "--sample-threads", type=int, default=None, help="inference-local's sample_threads"
     )
     parser.add_argument(
         "--mesh-replicas",
