@@ -116,7 +116,7 @@ def _tokenizer(model: Model) -> llguidance.LLTokenizer:
     eog: list[int] = []
     for token in range(model.n_vocab):
         piece = model.piece(token, special=True)
-        attr = int(C.llama_vocab_get_attr(model.vocab, token))
+        attr = model.token_attr(token)
         if attr & C.LLAMA_TOKEN_ATTR_CONTROL or (
             attr & C.LLAMA_TOKEN_ATTR_USER_DEFINED
             and piece.startswith(b"<")

@@ -28,7 +28,8 @@ _backend_ready = False
 
 # llama-cpp-python calls every C function through ctypes.CDLL, which lets go of the GIL for the
 # call and takes it back after. For the calls below, made for every row of every decode step
-# and done in a microsecond or less, taking it back costs far more than the call: another
+# (and for every token of the vocabulary when llguidance's view of it is built) and done in a
+# microsecond or less, taking it back costs far more than the call: another
 # thread (the event loop, another model's or context's decode thread, a sampler thread) takes
 # the GIL meanwhile and the caller waits for that thread's Python (0.15 us a call when held,
 # 16-23 us under contention from one busy thread on this project's 2-core machine). The same
@@ -49,6 +50,7 @@ def _holding_gil(name: str) -> Any:
 
 _token_to_piece = _holding_gil("llama_token_to_piece")
 _vocab_is_eog = _holding_gil("llama_vocab_is_eog")
+_vocab_get_attr = _holding_gil("llama_vocab_get_attr")
 _sampler_accept = _holding_gil("llama_sampler_accept")
 _sampler_apply = _holding_gil("llama_sampler_apply")
 _get_logits_ith = _holding_gil("llama_get_logits_ith")
@@ -236,6 +238,10 @@ class Model:
 
     def is_eog(self, token: int) -> bool:
         return bool(_vocab_is_eog(self.vocab, token))
+
+    def token_attr(self, token: int) -> int:
+        """llama.cpp's attribute bits of a token (LLAMA_TOKEN_ATTR_*)."""
+        return int(_vocab_get_attr(self.vocab, token))
 
     def valid_token(self, token: int) -> bool:
         return 0 <= token < self.n_vocab
