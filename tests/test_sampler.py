@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import itertools
 from collections.abc import Iterator
 from dataclasses import replace
@@ -13,6 +14,7 @@ import llama_cpp as C
 import numpy as np
 import pytest
 
+from inference_local import llama_api
 from inference_local.llama_api import (
     _TOKEN_DATA,
     Batch,
@@ -249,6 +251,37 @@ def test_a_step_s_rows_are_read_in_place(stepped: Decoded) -> None:
     reordered = context.logit_rows([2, 0])
     assert np.array_equal(reordered[0], context.logits(2))
     assert np.array_equal(reordered[1], context.logits(0))
+
+
+def test_per_row_calls_keep_the_gil_and_answer_as_llama_cpp_s_own(stepped: Decoded) -> None:
+    """The calls made for every row of a step go through PyDLL (they keep the GIL: ctypes
+    marks such a function with FUNCFLAG_PYTHONAPI), with llama-cpp-python's signatures, and
+    answer what the GIL-releasing bindings answer; the first read after a decode still lets
+    go of it."""
+    model, context = stepped[0], stepped[1]
+    pythonapi = ctypes._FUNCFLAG_PYTHONAPI  # type: ignore[attr-defined]
+    held = [
+        llama_api._token_to_piece,
+        llama_api._vocab_is_eog,
+        llama_api._vocab_get_attr,
+        llama_api._sampler_accept,
+        llama_api._sampler_apply,
+        llama_api._get_logits_ith,
+        llama_api._get_sampled_token_ith,
+    ]
+    for function in held:
+        assert function._flags_ & pythonapi, function.__name__
+        released = getattr(C, function.__name__)
+        assert not released._flags_ & pythonapi
+        assert (function.argtypes, function.restype) == (released.argtypes, released.restype)
+    for token in [0, 1, 2, model.eos, 1000, model.n_vocab - 1]:
+        assert model.token_attr(token) == C.llama_vocab_get_attr(model.vocab, token)
+        assert model.is_eog(token) == C.llama_vocab_is_eog(model.vocab, token)
+    buffer = ctypes.create_string_buffer(64)
+    n = C.llama_token_to_piece(model.vocab, 1000, buffer, 64, 0, True)
+    assert model.piece(1000, special=True) == buffer.raw[:n]
+    row = C.llama_get_logits_ith(context.ptr, 1)
+    assert np.array_equal(context.logits(1), np.ctypeslib.as_array(row, (model.n_vocab,)))
 
 
 def test_samplers_sampled_together_pick_what_each_picks_alone(stepped: Decoded) -> None:
