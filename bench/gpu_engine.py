@@ -14,9 +14,11 @@ A one-off measurement that runs on a CUDA machine (the device `run` tool's H100)
   host and sampled there (the shortlist, on its default sample_threads);
 - mesh: the whole mesh as `slm up` starts it (Envoy, gateway, Doorman, inference-local, ledger)
   on its defaults, but for the model's path, `parallel`, context and every layer on the GPU (as
-  the Engine here); streams go through Envoy over HTTP, as a client's do;
+  the Engine here); streams go through Envoy over HTTP, as a client's do; --mesh-replicas N
+  runs N inference-local processes on the one GPU, the slots split over them;
 - llama-server: --parallel N, -c 512*N, -t and -tb the Engine's n_threads (all cores but one);
 - llama-server-bs: the same with --backend-sampling (llama.cpp's own sampling in the graph).
+--sample-threads sets inference-local's sample_threads for every Engine and the mesh alike.
 Each level is bench/batching.py's level(), imported, so the requests and the statistics are
 batching.py's, and so are llama-server's command and process (llama_server_command(),
 llama_server()) and the in-process Engine (direct_engine()). Each stream has a ~120-token
