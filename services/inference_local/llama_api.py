@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp as C
-import llama_cpp.llama_cpp as bindings
 import numpy as np
 import numpy.typing as npt
 
@@ -36,7 +35,7 @@ _backend_ready = False
 # functions through ctypes.PyDLL keep the GIL. Calls that may wait on a device (llama_decode,
 # the first read of a decode's outputs: `Context.settle_outputs`) or scan a vocabulary
 # (llama_sampler_sample, a chain over a long candidate list) still let go of it.
-_HOLDING_GIL = ctypes.PyDLL(bindings._lib._name, handle=bindings._lib._handle)
+_HOLDING_GIL = ctypes.PyDLL(C.llama_cpp._lib._name, handle=C.llama_cpp._lib._handle)
 
 
 def _holding_gil(name: str) -> Any:
@@ -157,9 +156,8 @@ class Model:
         self.bos = int(C.llama_vocab_bos(self.vocab))
         self.eos = int(C.llama_vocab_eos(self.vocab))
         # One buffer per thread: the decode thread, the mask thread building llguidance's view
-        # of the vocabulary and the event loop (detokenize) all read pieces of one model (and
-        # a piece's bytes are copied out after the call, which another thread may come
-        # between should the call ever let go of the GIL).
+        # of the vocabulary and the event loop (detokenize) all read pieces of one model, and
+        # another thread may run between a call and the copy of its bytes.
         self._piece_bufs = threading.local()
 
     def close(self) -> None:
