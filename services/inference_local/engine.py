@@ -614,6 +614,7 @@ class Engine:
         self.metrics.load_seconds.labels(spec.name).observe(elapsed)
         self.metrics.loaded.labels(spec.name).set(1)
         self.metrics.memory.labels(spec.name).set(estimate)
+        threads, threads_why = self._threads(spec)
         log.info(
             "model loaded",
             extra={
@@ -623,8 +624,8 @@ class Engine:
                 "slots_chosen": slots_why,
                 "decode_contexts": n_contexts,
                 "decode_contexts_chosen": contexts_why,
-                "threads": self._threads(spec)[0],
-                "threads_chosen": self._threads(spec)[1],
+                "threads": threads,
+                "threads_chosen": threads_why,
                 "batch_invariant": self.config.batch_invariant,
                 "repacked": self._repack(spec),
                 "flash_attention": {None: "llama.cpp's choice", True: "on", False: "off"}[
