@@ -81,6 +81,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "services"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# inference-local's package first, as in the service: it puts libstdc++ in the global scope
+# before llama.cpp's CUDA libraries load. Loaded the other way round, LLVM's initialisation
+# (numba's, for the sampling kernel) crashed on the H100.
+import inference_local  # type: ignore[import-not-found, unused-ignore]  # noqa: F401, I001
 import llama_cpp
 
 # The requests, the streams and their statistics: bench/batching.py's level(), used as is (it
