@@ -600,6 +600,11 @@ class Engine:
                 lambda made: made.close_contexts(),
             )
             if not spec.embeddings:
+                # llguidance's view of the vocabulary, before the model serves: its build
+                # holds the GIL for seconds (262k tokens for Gemma 3; llguidance's own part
+                # never lets go of it), and while serving it slowed every decode thread of
+                # the process and the event loop.
+                await _blocking(weights.grammars.tokenizer)
                 try:
                     loaded.scheduler = self._schedulers(loaded)
                 except BaseException:

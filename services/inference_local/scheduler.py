@@ -279,7 +279,8 @@ class Scheduler:
             1, thread_name_prefix=f"mask-{config.name}"
         )
         # llguidance's view of the vocabulary takes seconds to build (262k tokens for Gemma 3):
-        # build it now, in the background, rather than in the first constrained request.
+        # the Engine builds it before the model serves; a scheduler made without one builds
+        # it now, in the background, rather than in the first constrained request.
         self._masker.submit(self._grammars.tokenizer)
         # Slots in a KV copy that llama.cpp carries out at the next decode.
         self._copying: set[int] = set()
