@@ -46,7 +46,9 @@ async def generate_text(engine: Engine, name: str) -> str:
 async def test_two_names_share_one_copy_of_the_weights(engine: Engine) -> None:
     await engine.load(LoadSpec("a", FILE, context_length=256))
     # llguidance's view of the vocabulary is built by the load, not while the model serves.
-    assert engine._loaded["a"].weights.grammars.ready
+    grammars = engine._loaded["a"].weights.grammars
+    assert grammars is not None
+    assert grammars.ready
     await engine.load(LoadSpec("b", FILE, context_length=256))
     assert engine.weights_loaded == 1
     # And one constrained-decoding state: the vocabulary is read once, grammars compiled once.

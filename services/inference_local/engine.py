@@ -604,7 +604,8 @@ class Engine:
                 # holds the GIL for seconds (262k tokens for Gemma 3; llguidance's own part
                 # never lets go of it), and while serving it slowed every decode thread of
                 # the process and the event loop.
-                await _blocking(weights.grammars.tokenizer)
+                if weights.grammars is not None:
+                    await _blocking(weights.grammars.tokenizer)
                 try:
                     loaded.scheduler = self._schedulers(loaded)
                 except BaseException:
