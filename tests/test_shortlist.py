@@ -57,7 +57,7 @@ def test_the_kernel_gives_every_token_at_the_threshold_and_every_moved_one(keep:
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_a_row_not_all_finite_or_without_a_finite_threshold_gives_none(bad: float) -> None:
+def test_a_row_holding_nan_or_without_a_finite_threshold_gives_none(bad: float) -> None:
     rows = np.zeros((3, N_VOCAB), np.float32)
     none = np.zeros(0, np.int64)
     if np.isnan(bad):

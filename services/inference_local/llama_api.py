@@ -870,7 +870,7 @@ class Sampler:
         """Candidates for each row, in token order, that surely include the row's `_keep` best
         after its chain's biases and penalties: a few more than k (k plus ties plus the moved
         tokens); the rows' candidates lie one after another, row i's ending at ends[i]. None
-        when a row is not all finite or its threshold is not. n_vocab must be a multiple of
+        when a row holds NaN or its threshold is not finite. n_vocab must be a multiple of
         SLICES. All samplers share one `_keep`.
 
         A row's tokens fall into n_vocab / SLICES groups, group j holding tokens j, j + width,

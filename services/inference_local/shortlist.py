@@ -5,8 +5,9 @@ its loop and waited to take it back, and several (the fancy indexing, the partit
 throughout. On an H100 at 64 streams that function held inference-local's GIL in 31% of the
 samples that were not the load's (bench/results/gpu_gil_2026-12-07-h100.md). Compiled by numba
 with `nogil=True`, a block is one call without the GIL, so the other contexts' threads and the
-event loop run Python meanwhile. numba caches the machine code beside this file (or in
-$NUMBA_CACHE_DIR): the first import on a machine compiles it.
+event loop run Python meanwhile. numba caches the machine code beside this file (or in the
+user's cache directory, or $NUMBA_CACHE_DIR): `warm`, at the first model load, compiles it once
+per machine and reads it from the cache after that.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def _kth_largest(values: npt.NDArray[np.float32], k: int) -> float:
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
 def _compiled(rows, keep, slices, moved_rows, moved_ids):  # type: ignore[no-untyped-def]
+    """`shortlists` with its result as (ids, logits, ends, ok); ok False for None."""
     n_rows, n_vocab = rows.shape
     width = n_vocab // slices
     best = np.empty((n_rows, width), np.float32)
@@ -136,8 +138,8 @@ def shortlists(
     every token whose logit reaches the row's threshold t, plus the tokens the row's chain
     moves (`moved_ids[j]` of row `moved_rows[j]`) whatever their logits. t is the keep-th best
     of the row's group maxima (token j in group j % (n_vocab / slices)) leaving out the groups
-    that hold a moved token, so at least `keep` unmoved tokens reach it. None when a row is not
-    all finite or its threshold is not. n_vocab must be a multiple of `slices`."""
+    that hold a moved token, so at least `keep` unmoved tokens reach it. None when a row holds
+    NaN or its threshold is not finite. n_vocab must be a multiple of `slices`."""
     ids, logits, ends, ok = _compiled(
         np.ascontiguousarray(rows, np.float32),
         keep,
