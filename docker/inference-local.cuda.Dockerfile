@@ -36,11 +36,9 @@ RUN python3 -m venv /opt/venv \
 COPY services services
 COPY gateway gateway
 # The bundled model's package is in the venv; inference-local assembles it into the model
-# cache (/models in the chart) when it starts. The sampling kernel is compiled here into numba's
-# cache beside its source; a node whose CPU differs compiles it again at load, into the user's
-# cache directory.
-RUN /opt/venv/bin/pip install --no-cache-dir --no-deps . \
- && /opt/venv/bin/python -c 'from inference_local import shortlist; shortlist.warm()'
+# cache (/models in the chart) when it starts. Its sampling kernel (numba) compiles at the
+# first load into the user's cache directory, /tmp/.cache/numba (the chart mounts /tmp).
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps .
 
 FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu24.04 AS runtime
 RUN apt-get update \

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import numba
 import numpy as np
 import pytest
 
@@ -73,3 +76,16 @@ def test_the_kernel_runs_without_the_gil() -> None:
     """What the kernel is for: other threads run Python while a block is shortlisted."""
     assert shortlist._compiled.targetoptions["nogil"]
     assert shortlist._kth_largest.targetoptions["nogil"]
+
+
+def test_where_numba_finds_nowhere_to_cache_the_kernel_compiles_uncached() -> None:
+    """A function whose source file does not exist has no cache location at all, as a kernel
+    in a read-only install with no writable cache directory would have: numba refuses
+    cache=True for it, and `_njit` compiles it without a cache instead of failing the import."""
+    namespace: dict[str, Any] = {}
+    exec(compile("def add_one(x):\n    return x + 1\n", "<nowhere>", "exec"), namespace)
+    with pytest.raises(RuntimeError, match="no locator"):
+        numba.njit(cache=True)(namespace["add_one"])
+    compiled = shortlist._njit(namespace["add_one"])
+    assert compiled(41) == 42
+    assert compiled.targetoptions["nogil"]

@@ -5,19 +5,33 @@ its loop and waited to take it back, and several (the fancy indexing, the partit
 throughout. On an H100 at 64 streams that function held inference-local's GIL in 31% of the
 samples that were not the load's (bench/results/gpu_gil_2026-12-07-h100.md). Compiled by numba
 with `nogil=True`, a block is one call without the GIL, so the other contexts' threads and the
-event loop run Python meanwhile. numba caches the machine code beside this file (or in the
-user's cache directory, or $NUMBA_CACHE_DIR): `warm`, at the first model load, compiles it once
-per machine and reads it from the cache after that.
+event loop run Python meanwhile. numba caches the machine code in the first writable place of
+$NUMBA_CACHE_DIR, beside this file, and the user's cache directory (in the images, whose user
+cannot write the installed package, /tmp/.cache/numba: the chart's /tmp volume): `warm`, at
+the first model load, compiles it there once (3.6 s on a 2-core machine) and reads it back
+after that (0.2 s). Where none is writable it compiles at every start instead.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import numba
 import numpy as np
 import numpy.typing as npt
 
 
-@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _njit(function: Callable[..., Any]) -> Any:
+    """numba.njit without the GIL, cached where numba finds a writable place; numba refuses
+    cache=True (RuntimeError) where it finds none, and the kernel is then compiled per process."""
+    try:
+        return numba.njit(nogil=True, cache=True, boundscheck=False)(function)
+    except RuntimeError:
+        return numba.njit(nogil=True, cache=False, boundscheck=False)(function)
+
+
+@_njit
 def _kth_largest(values: npt.NDArray[np.float32], k: int) -> float:
     """The k-th largest of `values`, from a min-heap of the k best (the chains that take this
     path keep at most n_vocab / 200 tokens, and most keep 1 or 40)."""
@@ -50,7 +64,7 @@ def _kth_largest(values: npt.NDArray[np.float32], k: int) -> float:
     return float(heap[0])
 
 
-@numba.njit(nogil=True, cache=True, boundscheck=False)
+@_njit
 def _compiled(rows, keep, slices, moved_rows, moved_ids):  # type: ignore[no-untyped-def]
     """`shortlists` with its result as (ids, logits, ends, ok); ok False for None."""
     n_rows, n_vocab = rows.shape
