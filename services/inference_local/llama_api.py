@@ -693,9 +693,9 @@ class Sampler:
         """Sample each (sampler, batch index) of the last decode, task by task (`_tasks`), the
         tasks spread over `pool`'s threads and this one. Each sampler has its own chain and RNG,
         so threads change no token. Both kinds of task let go of the GIL for most of their work
-        (llama.cpp through ctypes; a block's numpy passes), but a block's fixed Python work holds
-        it: smaller blocks on more threads end up waiting for the GIL (on a 16-core H100 host, 8
-        threads of 2 rows each sampled 16 streams no faster than one thread).
+        (llama.cpp through ctypes; a block's compiled shortlist), but a block's fixed Python
+        work holds it: smaller blocks on more threads end up waiting for the GIL (on a 16-core
+        H100 host, 8 threads of 2 rows each sampled 16 streams no faster than one thread).
 
         `masks[i]`, when given and not None, is row i's bitmask of allowed tokens (bit t of
         word t // 32, llguidance's layout): that row samples only among them (`_keep_allowed`)
