@@ -84,14 +84,14 @@ def _compiled(rows, keep, slices, moved_rows, moved_ids):  # type: ignore[no-unt
             for g in range(width):
                 group[g] = max(group[g], part[g])
                 nan |= part[g] != part[g]
-        if nan:
-            return np.empty(0, np.int32), np.empty(0, np.float32), np.zeros(n_rows, np.int64), False
-        ranked = group.copy()
-        for j in range(moved_ids.size):
-            if moved_rows[j] == r:
-                ranked[moved_ids[j] % width] = -np.inf
-        threshold = _kth_largest(ranked, keep)
-        if not np.isfinite(threshold):
+        threshold = np.nan
+        if not nan:
+            ranked = group.copy()
+            for j in range(moved_ids.size):
+                if moved_rows[j] == r:
+                    ranked[moved_ids[j] % width] = -np.inf
+            threshold = _kth_largest(ranked, keep)
+        if not np.isfinite(threshold):  # NaN in the row, or no finite threshold
             return np.empty(0, np.int32), np.empty(0, np.float32), np.zeros(n_rows, np.int64), False
         thresholds[r] = threshold
         for g in range(width):
@@ -102,12 +102,12 @@ def _compiled(rows, keep, slices, moved_rows, moved_ids):  # type: ignore[no-unt
     ids = np.empty(room, np.int32)
     logits = np.empty(room, np.float32)
     ends = np.zeros(n_rows, np.int64)
+    reread = np.empty(width, np.int64)  # a row's groups that reach its threshold
     count = 0
     for r in range(n_rows):
         row = rows[r]
         threshold = thresholds[r]
         group = best[r]
-        reread = np.empty(width, np.int64)
         n_reread = 0
         for g in range(width):
             if group[g] >= threshold:
