@@ -70,7 +70,11 @@ async def open_scheduler(model: Model, backend: bool) -> tuple[Scheduler, Contex
     )
     metrics = Moves()
     scheduler = Scheduler(
-        SchedulerConfig(f"gemma-{backend}", SLOTS, 64, 64, 256, sample_threads=2, max_n=3),
+        # Batch-invariant (plain weights, one thread, a prompt read alone): the tests below
+        # compare a sequence's text alone and batched.
+        SchedulerConfig(
+            f"gemma-{backend}", SLOTS, 64, 64, 256, sample_threads=2, max_n=3, batch_prompts=False
+        ),
         model,
         context,
         metrics,

@@ -63,7 +63,11 @@ def model(model_path: Path) -> Iterator[Model]:
 async def scheduler(model: Model) -> AsyncIterator[Scheduler]:
     context = Context(model, ContextParams(n_seq=SLOTS, n_ctx_per_seq=256, n_batch=256))
     scheduler = Scheduler(
-        SchedulerConfig("gemma", SLOTS, 64, 64, 256, sample_threads=2, max_n=3),
+        # Batch-invariant (plain weights, one thread, a prompt read alone): a sequence's
+        # text does not depend on the batch around it, which the tests below compare.
+        SchedulerConfig(
+            "gemma", SLOTS, 64, 64, 256, sample_threads=2, max_n=3, batch_prompts=False
+        ),
         model,
         context,
         SchedulerMetrics(),

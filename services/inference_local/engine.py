@@ -658,6 +658,7 @@ class Engine:
                     self.config.prefill_chunk,
                     max(self.config.n_batch, slots),
                     self.config.sample_threads or default_sample_threads(),
+                    batch_prompts=not self.config.batch_invariant,
                     stall_timeout_s=self.config.stall_timeout_s,
                     max_undelivered_steps=self.config.max_undelivered_steps,
                 )
