@@ -218,6 +218,9 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     threads = default_threads()
     model = Path(args.model)
     local = {"sample_threads": args.sample_threads} if args.sample_threads else {}
+    for field in args.set:
+        name, _, value = field.partition("=")
+        local[name] = json.loads(value)
     log = Path(args.log)  # one llama-server log a level, e.g. llama-server-16.log
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
@@ -230,6 +233,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "decode_contexts": args.decode_contexts,
         "sample_threads": args.sample_threads,
         "mesh_replicas": args.mesh_replicas,
+        "inference_local": local,
         "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
         "servers": {},
         "tokens_sampled_on_device": {},
@@ -351,6 +355,13 @@ def main() -> int:
     )
     parser.add_argument(
         "--sample-threads", type=int, default=None, help="inference-local's sample_threads"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=JSON",
+        help="an inference-local field for the engine and the mesh, e.g. prefill_chunk=512",
     )
     parser.add_argument(
         "--mesh-replicas",
