@@ -216,9 +216,9 @@ class SchedulerConfig:
     # Threads sampling a step's sequences, the decode thread included (1: it alone).
     sample_threads: int = 1
     # Read a step's prompt chunks of several sequences in one llama_decode, as llama-server
-    # does (on this 2-core CPU four 128-token prompts take 0.9 s together against 1.1 to 1.3 s
-    # one call each). Off for a batch-invariant replica: a chunk's KV then never depends on
-    # which other prompts arrived with it.
+    # does (on this 2-core CPU 3% to 7% faster than a decode each: bench/prompt_passes.py).
+    # Off for a batch-invariant replica: a chunk's KV then never depends on which other
+    # prompts arrived with it.
     batch_prompts: bool = True
     max_n: int = MAX_N
     # A stream whose output waits untaken this long, or this many steps of it, is stopped.
