@@ -708,21 +708,10 @@ class Scheduler:
             for seq in decoding:
                 self._place(seq)
             masks = self._decode_masked(batch, [seq.guide for seq in decoding])
-            work = [(seq.sampler, index) for seq, index in outputs]
-            self.tokens_sampled_on_device += sum(s.slot is not None for s, _ in work)
-            tokens = Sampler.sample_many(self._context, work, self._samplers, masks)
-            out: list[tuple[SeqRequest, list[Event]]] = []
-            for (seq, index), token in zip(outputs, tokens, strict=True):
-                if seq.released:  # a sibling's failure ended it
-                    continue
+            for seq in decoding:
                 seq.n_past += 1
-                events: list[Event] = []
-                self._emit(seq, index, token, events)
-                if events:
-                    out.append((seq.request, events))
             # Out with the next decode: before the prompt chunks below, if any.
-            self._post(out)
-            sampled += len(outputs)
+            sampled += self._sample(outputs, masks)
         pieces: list[tuple[_Seq, int]] = []
         prefilled = 0
         for seq in [s for s in members if s.prefilling and s.follows is None]:
@@ -735,13 +724,14 @@ class Scheduler:
             prefilled += take
             if budget <= 0:
                 break
-        if self.config.batch_prompts:
-            if pieces:
-                # Slot order: llama.cpp reads consecutive slots' tokens in one pass.
-                sampled += self._prefill(sorted(pieces, key=lambda piece: piece[0].slot))
+        # One pass for all the chunks, in slot order (llama.cpp reads consecutive slots' tokens
+        # together), or a pass each in a batch-invariant replica.
+        if self.config.batch_prompts and pieces:
+            passes = [sorted(pieces, key=lambda piece: piece[0].slot)]
         else:
-            for piece in pieces:
-                sampled += self._prefill([piece])
+            passes = [[piece] for piece in pieces]
+        for chunks in passes:
+            sampled += self._prefill(chunks)
         used = sum(s.n_past for s in self._active)
         total = self._context.n_ctx_per_seq * self.config.n_slots
         self._metrics.step(
@@ -771,30 +761,37 @@ class Scheduler:
             self.prompt_tokens_decoded += end - seq.prompt_pos
             seq.prompt_pos = seq.n_past = end
             self._snapshot(seq)
-        if not ending:
-            return 0
-        work: list[tuple[Sampler, int]] = []
-        rows: list[npt.NDArray[np.int32] | None] = []
         choices: list[tuple[_Seq, int]] = []
+        rows: list[npt.NDArray[np.int32] | None] = []
         for row, (seq, index) in enumerate(ending):
             mask = masks[row] if masks is not None else None
             for choice in [seq, *self._siblings(seq)]:
                 choices.append((choice, index))
-                work.append((choice.sampler, index))
                 rows.append(mask)
+        # The first tokens go out with the next decode, not after the step's other work.
+        return self._sample(choices, rows) if choices else 0
+
+    def _sample(
+        self,
+        outputs: list[tuple[_Seq, int]],
+        masks: list[npt.NDArray[np.int32] | None] | None,
+    ) -> int:
+        """Sample each sequence's row (its batch index) of the last decode, `masks[i]` the
+        allowed tokens of outputs[i] (None: all), and queue the events of its token for the
+        next flush; returns the number of tokens sampled."""
+        work = [(seq.sampler, index) for seq, index in outputs]
         self.tokens_sampled_on_device += sum(s.slot is not None for s, _ in work)
-        tokens = Sampler.sample_many(self._context, work, self._samplers, rows)
+        tokens = Sampler.sample_many(self._context, work, self._samplers, masks)
         out: list[tuple[SeqRequest, list[Event]]] = []
-        for (choice, index), token in zip(choices, tokens, strict=True):
-            if choice.released:
+        for (seq, index), token in zip(outputs, tokens, strict=True):
+            if seq.released:  # a sibling's failure ended it
                 continue
             events: list[Event] = []
-            self._emit(choice, index, token, events)
+            self._emit(seq, index, token, events)
             if events:
-                out.append((choice.request, events))
-        # The first tokens go out with the next decode, not after the step's other work.
+                out.append((seq.request, events))
         self._post(out)
-        return len(choices)
+        return len(outputs)
 
     def _decode_masked(
         self, batch: Batch, guides: list[Guide | None]
