@@ -1,10 +1,13 @@
 """A consumer that falls behind gets the tokens waiting for it as one delta per choice, not one
-message per token; the text is the same as a consumer that keeps up reads."""
+message per token; the text is the same as a consumer that keeps up reads. Within a stream
+interval the decode thread itself holds a stream's tokens back and hands them over together,
+and a failure takes what it holds with it."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ from inference_local.scheduler import (
     SeqRequest,
     coalesce,
 )
+from slm.errors import ResourceExhausted
 
 SLOTS = 2
 
@@ -58,26 +62,55 @@ def model(model_path: Path) -> Iterator[Model]:
     model.close()
 
 
-@pytest.fixture(scope="module")
-async def scheduler(model: Model) -> AsyncIterator[Scheduler]:
+@asynccontextmanager
+async def open_scheduler(model: Model, stream_interval_s: float) -> AsyncIterator[Scheduler]:
     context = Context(model, ContextParams(n_seq=SLOTS, n_ctx_per_seq=256, n_batch=256))
     scheduler = Scheduler(
-        SchedulerConfig("gemma", SLOTS, 8, 64, 256, sample_threads=1),
+        SchedulerConfig(
+            "gemma", SLOTS, 8, 64, 256, sample_threads=1, stream_interval_s=stream_interval_s
+        ),
         model,
         context,
         SchedulerMetrics(),
         asyncio.get_running_loop(),
     )
-    yield scheduler
-    await asyncio.to_thread(scheduler.close)
-    context.close()
+    try:
+        yield scheduler
+    finally:
+        await asyncio.to_thread(scheduler.close)
+        context.close()
 
 
-def request(model: Model) -> SeqRequest:
+@pytest.fixture(scope="module")
+async def scheduler(model: Model) -> AsyncIterator[Scheduler]:
+    async with open_scheduler(model, stream_interval_s=0.0) as scheduler:
+        yield scheduler
+
+
+class RecordingQueue(asyncio.Queue[list[Event] | BaseException]):
+    """A request's queue that keeps what the decode thread handed over, a put each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.puts: list[list[Event] | BaseException] = []
+
+    def put_nowait(self, item: list[Event] | BaseException) -> None:
+        self.puts.append(item)
+        super().put_nowait(item)
+
+
+def request(model: Model, max_tokens: int = 16) -> SeqRequest:
     return SeqRequest(
         prompt=model.tokenize("The lighthouse keeper", add_special=True),
-        sampling=Sampling(max_tokens=16, temperature=0.8, seed=7, logit_bias={1: -100, 106: -100}),
+        sampling=Sampling(
+            max_tokens=max_tokens, temperature=0.8, seed=7, logit_bias={1: -100, 106: -100}
+        ),
+        queue=RecordingQueue(),
     )
+
+
+def text_of(events: list[Event]) -> str:
+    return "".join(e.text for e in events if isinstance(e, Delta))
 
 
 async def test_a_consumer_that_falls_behind_reads_one_delta(
@@ -103,3 +136,48 @@ async def test_a_consumer_that_falls_behind_reads_one_delta(
     text = "".join(e.text for e in keeping_up if isinstance(e, Delta))
     assert first.text + rest[0].text == text  # type: ignore[union-attr]
     assert rest[1] == keeping_up[-1]
+
+
+async def test_tokens_within_the_stream_interval_leave_together(
+    model: Model, scheduler: Scheduler
+) -> None:
+    alone = request(model)
+    every_step = [event async for event in scheduler.generate(alone)]
+    assert isinstance(alone.queue, RecordingQueue)
+    # Without an interval a message a step: 16 tokens (a piece of a character may wait for
+    # the rest of it, so a step may have nothing to send).
+    assert len(alone.queue.puts) > 8
+
+    async with open_scheduler(model, stream_interval_s=3600.0) as held:
+        together = request(model)
+        events = [event async for event in held.generate(together)]
+    assert isinstance(together.queue, RecordingQueue)
+    # The first token at once; the other 15 wait for the interval, which outlasts the stream,
+    # and leave with its end.
+    first, rest = together.queue.puts
+    assert isinstance(first, list)
+    assert [type(e) for e in first] == [Delta]
+    assert isinstance(rest, list)
+    assert isinstance(rest[-1], End)
+    assert len(rest) > 8
+    assert text_of(events) == text_of(every_step)
+    assert events[-1] == every_step[-1]
+
+
+async def test_a_failure_takes_the_held_tokens_with_it(model: Model, scheduler: Scheduler) -> None:
+    alone = [event async for event in scheduler.generate(request(model, max_tokens=64))]
+
+    async with open_scheduler(model, stream_interval_s=3600.0) as held:
+        failing = request(model, max_tokens=200)
+        stream = held.generate(failing)
+        received = [await anext(stream)]
+        # Tokens wait in the decode thread; unloading the model fails the stream.
+        await until(lambda: len(held._held.get(failing, ())) >= 8)
+        await asyncio.to_thread(held.close)
+        received.append(await anext(stream))
+        with pytest.raises(ResourceExhausted):
+            await anext(stream)
+    # Nothing sampled was lost: the held tokens came before the failure.
+    text = text_of(received)
+    assert len(text) > len(text_of(received[:1]))
+    assert text_of(alone).startswith(text)

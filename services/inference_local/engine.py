@@ -661,6 +661,7 @@ class Engine:
                     batch_prompts=not self.config.batch_invariant,
                     stall_timeout_s=self.config.stall_timeout_s,
                     max_undelivered_steps=self.config.max_undelivered_steps,
+                    stream_interval_s=self.config.stream_interval_s,
                 )
                 metrics = _ModelMetrics(self.metrics, name, loads, i)
                 members.append(

@@ -137,6 +137,8 @@ class SeqRequest:
     pending_since: float = 0.0
     # Stopped because its reader left output untaken too long (or too much of it).
     stalled: bool = False
+    # When (time.monotonic) the decode thread last handed its events to the event loop.
+    sent_at: float = float("-inf")
 
 
 @dataclass(eq=False)
@@ -224,6 +226,9 @@ class SchedulerConfig:
     # A stream whose output waits untaken this long, or this many steps of it, is stopped.
     stall_timeout_s: float = 30.0
     max_undelivered_steps: int = 1024
+    # A request's events sampled within this of its last message wait for the next (0: none
+    # wait); InferenceLocalConfig.stream_interval_s.
+    stream_interval_s: float = 0.0
 
 
 class SchedulerMetrics:
@@ -267,6 +272,8 @@ class Scheduler:
         self._free_slots = list(range(config.n_slots))  # a heap: the lowest slot first
         self._batch = Batch(config.n_batch)
         self._outgoing: list[tuple[SeqRequest, list[Event] | BaseException]] = []
+        # Events waiting for their request's stream interval, in the order sampled.
+        self._held: dict[SeqRequest, list[Event]] = {}
         self._chunk = min(config.prefill_chunk, config.n_batch)
         self._stopping = False
         self._group_turn = 0
@@ -426,14 +433,50 @@ class Scheduler:
             self._cond.notify()
 
     def _post(self, items: Iterable[tuple[SeqRequest, list[Event] | BaseException]]) -> None:
-        """Queue events for the event loop; they leave at the next `_flush`."""
-        self._outgoing.extend(items)
+        """Queue events for the event loop; they leave at the next `_flush`. A request's
+        events sampled within stream_interval_s of its last message are held and leave with a
+        later one; an End or a failure takes whatever is held with it at once."""
+        interval = self.config.stream_interval_s
+        if interval <= 0:
+            self._outgoing.extend(items)
+            return
+        now = time.monotonic()
+        for request, item in items:
+            held = self._held.pop(request, None)
+            if isinstance(item, BaseException):
+                if held:
+                    self._outgoing.append((request, held))
+                self._outgoing.append((request, item))
+                continue
+            if held:
+                item = held + item
+            if now - request.sent_at < interval and not any(isinstance(e, End) for e in item):
+                self._held[request] = item
+                continue
+            request.sent_at = now
+            self._outgoing.append((request, item))
+
+    def _release_held(self) -> None:
+        """Queue the held events whose interval has passed, or all of them when no sequence
+        is running (no later step would take them)."""
+        now = time.monotonic()
+        interval = self.config.stream_interval_s
+        due = [
+            request
+            for request in self._held
+            if not self._active or now - request.sent_at >= interval
+        ]
+        for request in due:
+            request.sent_at = now
+            self._outgoing.append((request, self._held.pop(request)))
 
     def _flush(self) -> None:
         """Hand the queued events to the event loop, in one hop whatever their number. Called
         right before a decode (which lets go of the GIL for its whole length, so the loop's
         work on them never makes this thread wait for the GIL) and whenever the thread is
         about to idle."""
+        if self._held:
+            self._release_held()
         if self._outgoing:
             self._loop.call_soon_threadsafe(self._deliver, self._outgoing)
             self._outgoing = []
