@@ -181,3 +181,26 @@ async def test_a_failure_takes_the_held_tokens_with_it(model: Model, scheduler: 
     text = text_of(received)
     assert len(text) > len(text_of(received[:1]))
     assert text_of(alone).startswith(text)
+
+
+def posting(step_s: float, interval_s: float) -> Scheduler:
+    """A scheduler's event hand-off alone (no model, no thread), its steps taking step_s."""
+    scheduler = Scheduler.__new__(Scheduler)
+    scheduler.config = SchedulerConfig("gemma", SLOTS, 8, 64, 256, stream_interval_s=interval_s)
+    scheduler._outgoing, scheduler._held, scheduler._active = [], {}, []
+    scheduler._step_s = step_s
+    return scheduler
+
+
+@pytest.mark.parametrize(("step_s", "messages"), [(0.01, 2), (120.0, 3)])
+def test_only_steps_shorter_than_the_interval_hold_tokens(step_s: float, messages: int) -> None:
+    scheduler = posting(step_s, interval_s=60.0)
+    stream = SeqRequest(prompt=[1], sampling=Sampling())
+    steps: list[list[Event]] = [[Delta("a")], [Delta("b")], [Delta("c"), end(0)]]
+    for events in steps:
+        scheduler._post([(stream, events)])
+    sent = [events for _, events in scheduler._outgoing if isinstance(events, list)]
+    # Steps of 10 ms: the first token, then the rest with the end. Steps of two minutes: a
+    # message a step, as holding would only delay each token by a step.
+    assert len(sent) == messages
+    assert [e for events in sent for e in events] == [Delta("a"), Delta("b"), Delta("c"), end(0)]

@@ -165,13 +165,14 @@ class InferenceLocalConfig(Section):
     # Steps of output (a token per choice each) held for a reader that has not taken them;
     # one more stops the stream as a stall does, so a stream's memory stays bounded.
     max_undelivered_steps: int = Field(default=1024, ge=1)
-    # A stream's messages leave at most this often: tokens sampled within it of the stream's
-    # last message wait and leave together with the next one (its first token and its end
-    # never wait). Every message costs each hop (inference-local's event loop, the Doorman,
-    # the gateway, Envoy, the client) the same whatever it carries, so on a GPU, where a step
-    # takes a few milliseconds, this cuts their work per token several times over; on this
-    # CPU a step takes longer than it, so every token leaves on its own. 0: a message a step.
-    # SGLang's and vLLM's --stream-interval, in time rather than tokens.
+    # A stream's messages leave at most this often while steps take less than it: tokens
+    # sampled within it of the stream's last message wait and leave together with the next
+    # one (its first token and its end never wait). Every message costs each hop
+    # (inference-local's event loop, the Doorman, the gateway, Envoy, the client) the same
+    # whatever it carries, so on a GPU, where a step takes a few milliseconds, this cuts their
+    # work per token several times over. Where a step (a moving average) takes as long as the
+    # interval, as on this CPU, every token leaves on its own: holding one would only delay
+    # it. 0: a message a step. SGLang's and vLLM's --stream-interval, in time, not tokens.
     stream_interval_s: float = Field(default=0.02, ge=0, le=1)
     # Default sequence slots per model. Unset: sized when a model loads, 32 (engine.AUTO_SLOTS)
     # unless their KV would take over half of memory_budget_mb (logged with the reason).

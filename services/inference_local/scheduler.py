@@ -274,6 +274,8 @@ class Scheduler:
         self._outgoing: list[tuple[SeqRequest, list[Event] | BaseException]] = []
         # Events waiting for their request's stream interval, in the order sampled.
         self._held: dict[SeqRequest, list[Event]] = {}
+        # How long a step takes (a moving average, seconds; 0 before the first).
+        self._step_s = 0.0
         self._chunk = min(config.prefill_chunk, config.n_batch)
         self._stopping = False
         self._group_turn = 0
@@ -433,16 +435,16 @@ class Scheduler:
             self._cond.notify()
 
     def _post(self, items: Iterable[tuple[SeqRequest, list[Event] | BaseException]]) -> None:
-        """Queue events for the event loop; they leave at the next `_flush`. A request's
-        events sampled within stream_interval_s of its last message are held and leave with a
-        later one; an End or a failure takes whatever is held with it at once."""
+        """Queue events for the event loop; they leave at the next `_flush`. While steps take
+        less than stream_interval_s, a request's events sampled within it of its last message
+        are held and leave with a later one; an End or a failure takes whatever is held with
+        it at once. Steps as long as the interval hold nothing: holding would only delay a
+        token by a step, not spare a message."""
+        hold = self._holding()
         interval = self.config.stream_interval_s
-        if interval <= 0:
-            self._outgoing.extend(items)
-            return
         now = time.monotonic()
         for request, item in items:
-            held = self._held.pop(request, None)
+            held = self._held.pop(request, None) if self._held else None
             if isinstance(item, BaseException):
                 if held:
                     self._outgoing.append((request, held))
@@ -450,22 +452,26 @@ class Scheduler:
                 continue
             if held:
                 item = held + item
-            if now - request.sent_at < interval and not any(isinstance(e, End) for e in item):
+            if (
+                hold
+                and now - request.sent_at < interval
+                and not any(isinstance(e, End) for e in item)
+            ):
                 self._held[request] = item
                 continue
             request.sent_at = now
             self._outgoing.append((request, item))
 
+    def _holding(self) -> bool:
+        return 0 < self._step_s < self.config.stream_interval_s
+
     def _release_held(self) -> None:
         """Queue the held events whose interval has passed, or all of them when no sequence
-        is running (no later step would take them)."""
+        is running (no later step would take them) or steps no longer hold."""
         now = time.monotonic()
         interval = self.config.stream_interval_s
-        due = [
-            request
-            for request in self._held
-            if not self._active or now - request.sent_at >= interval
-        ]
+        keep = bool(self._active) and self._holding()
+        due = [request for request in self._held if not keep or now - request.sent_at >= interval]
         for request in due:
             request.sent_at = now
             self._outgoing.append((request, self._held.pop(request)))
@@ -513,7 +519,10 @@ class Scheduler:
                 admitted = self._admit()
             self._post(admitted)
             try:
+                started = time.monotonic()
                 self._step()
+                took = time.monotonic() - started
+                self._step_s = took if self._step_s == 0 else 0.9 * self._step_s + 0.1 * took
             except Exception as error:  # a failed decode fails the sequences in it, not the loop
                 log.exception("decode step failed", extra={"model": self.config.name})
                 failure = error if isinstance(error, SlmError) else Internal("decode failed")
