@@ -79,6 +79,8 @@ async def test_decode_contexts_split_the_slots_and_each_serves_its_share(engine:
     group = split.scheduler
     assert group is not None
     assert [m.config.n_slots for m in group.members] == [1, 1]
+    # On this CPU no stream's tokens are held for a stream interval (unset: 0 off a GPU).
+    assert [m.config.stream_interval_s for m in group.members] == [0.0, 0.0]
     assert len({id(c) for c in split.contexts}) == 2
     prompts = ["The capital of France is", "Once upon a time, a small robot"]
 
@@ -273,3 +275,24 @@ def test_decode_contexts_default_splits_only_on_a_gpu(monkeypatch: pytest.Monkey
     monkeypatch.setattr(engine_module, "gpu_offload_supported", lambda: False)
     assert shares(64) == [64]
     assert _decode_contexts(LoadSpec("m", FILE), 64) == (1, "auto: one on a CPU")
+
+
+def test_stream_interval_default_holds_tokens_only_on_a_gpu(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Unset, a model on a GPU sends a stream's tokens at most every 20 ms; on a CPU a message a
+    step; a set stream_interval_s is taken as it is."""
+    from inference_local import engine as engine_module
+
+    spec = LoadSpec("m", FILE)
+    engine = make_engine(tmp_path)
+    monkeypatch.setattr(engine_module, "gpu_offload_supported", lambda: True)
+    assert engine._stream_interval(spec)[0] == 0.02
+    assert engine._stream_interval(LoadSpec("m", FILE, gpu_layers=0))[0] == 0.0
+    assert make_engine(tmp_path, stream_interval_s=0.05)._stream_interval(spec)[0] == 0.05
+    assert make_engine(tmp_path, stream_interval_s=0)._stream_interval(spec)[0] == 0.0
+    monkeypatch.setattr(engine_module, "gpu_offload_supported", lambda: False)
+    assert engine._stream_interval(spec) == (
+        0.0,
+        "auto: none on a CPU, where a step takes as long as the interval",
+    )

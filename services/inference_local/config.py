@@ -170,10 +170,13 @@ class InferenceLocalConfig(Section):
     # one (its first token and its end never wait). Every message costs each hop
     # (inference-local's event loop, the Doorman, the gateway, Envoy, the client) the same
     # whatever it carries, so on a GPU, where a step takes a few milliseconds, this cuts their
-    # work per token several times over. Where a step (a moving average) takes as long as the
-    # interval, as on this CPU, every token leaves on its own: holding one would only delay
-    # it. 0: a message a step. SGLang's and vLLM's --stream-interval, in time, not tokens.
-    stream_interval_s: float = Field(default=0.02, ge=0, le=1)
+    # work per token several times over. Where a step (a moving average) takes as long as it,
+    # every token leaves on its own: holding one would only delay it. 0: a message a step.
+    # Unset: 20 ms for a model on a GPU (engine.AUTO_STREAM_INTERVAL_S), 0 on a CPU, where
+    # messages are few (this 2-core CPU makes at most ~200 tokens a second) and a 1-stream
+    # step (~19 ms) would hold every other token for a step. SGLang's and vLLM's
+    # --stream-interval, in time rather than tokens.
+    stream_interval_s: float | None = Field(default=None, ge=0, le=1)
     # Default sequence slots per model. Unset: sized when a model loads, 32 (engine.AUTO_SLOTS)
     # unless their KV would take over half of memory_budget_mb (logged with the reason).
     parallel: int | None = Field(default=None, ge=1, le=256)

@@ -587,6 +587,7 @@ class Engine:
             ctx_len = spec.context_length or 2048
             n_slots, slots_why = self._slots(spec, meta, ctx_len)
             n_contexts, contexts_why = _decode_contexts(spec, n_slots)
+            interval, interval_why = self._stream_interval(spec)
             shares = _slot_shares(n_slots, n_contexts)
             estimate = self._estimate(meta, path, shares, ctx_len, weights is None)
             await self._make_room(spec.name, estimate)
@@ -607,7 +608,7 @@ class Engine:
                 if weights.grammars is not None:
                     await _blocking(weights.grammars.tokenizer)
                 try:
-                    loaded.scheduler = self._schedulers(loaded)
+                    loaded.scheduler = self._schedulers(loaded, interval)
                 except BaseException:
                     loaded.close_contexts()
                     raise
@@ -630,6 +631,8 @@ class Engine:
                 "slots_chosen": slots_why,
                 "decode_contexts": n_contexts,
                 "decode_contexts_chosen": contexts_why,
+                "stream_interval_s": interval,
+                "stream_interval_chosen": interval_why,
                 "threads": threads,
                 "threads_chosen": threads_why,
                 "batch_invariant": self.config.batch_invariant,
@@ -643,7 +646,15 @@ class Engine:
         )
         return self._info(loaded)
 
-    def _schedulers(self, loaded: _Loaded) -> SchedulerGroup:
+    def _stream_interval(self, spec: LoadSpec) -> tuple[float, str]:
+        """How long a stream's tokens may wait to leave together, and why."""
+        if self.config.stream_interval_s is not None:
+            return self.config.stream_interval_s, "inference_local.stream_interval_s"
+        if _uploads_to_gpu(spec):
+            return AUTO_STREAM_INTERVAL_S, "auto on a GPU: a step takes a few milliseconds"
+        return 0.0, "auto: none on a CPU, where a step takes as long as the interval"
+
+    def _schedulers(self, loaded: _Loaded, stream_interval_s: float) -> SchedulerGroup:
         """A scheduler (and its decode thread) for each of a model's contexts."""
         name = loaded.spec.name
         loads = _ContextLoads(len(loaded.contexts))
@@ -661,7 +672,7 @@ class Engine:
                     batch_prompts=not self.config.batch_invariant,
                     stall_timeout_s=self.config.stall_timeout_s,
                     max_undelivered_steps=self.config.max_undelivered_steps,
-                    stream_interval_s=self.config.stream_interval_s,
+                    stream_interval_s=stream_interval_s,
                 )
                 metrics = _ModelMetrics(self.metrics, name, loads, i)
                 members.append(
@@ -1477,6 +1488,10 @@ def _slot_shares(n_slots: int, k: int) -> list[int]:
 # (bench/results/gpu_decode_contexts_2026-12-07-h100.md). On a CPU a second context only cost
 # (0.90x and 0.97x at 4 and 16 streams): one.
 AUTO_DECODE_CONTEXTS = 4
+# A stream's messages at most every 20 ms on a GPU (InferenceLocalConfig.stream_interval_s):
+# on an H100, against a message a step, the mesh +45% to +54% at 16 streams and +22% to +93%
+# at 64 (bench/results/gpu_stream_interval_2026-12-07-h100.md).
+AUTO_STREAM_INTERVAL_S = 0.02
 
 
 def _decode_contexts(spec: LoadSpec, n_slots: int) -> tuple[int, str]:
