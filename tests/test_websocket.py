@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -119,7 +120,7 @@ def joined(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "content": last["delta"]["content"] + chunk["choices"][0]["delta"]["content"]
             }
             continue
-        out.append(json.loads(json.dumps(chunk)))
+        out.append(copy.deepcopy(chunk))
     return out
 
 

@@ -440,8 +440,11 @@ class Scheduler:
         are held and leave with a later one; an End or a failure takes whatever is held with
         it at once. Steps as long as the interval hold nothing: holding would only delay a
         token by a step, not spare a message."""
-        hold = self._holding()
         interval = self.config.stream_interval_s
+        if interval <= 0:  # nothing is ever held: the per-token path stays a list extend
+            self._outgoing.extend(items)
+            return
+        hold = self._holding()
         now = time.monotonic()
         for request, item in items:
             held = self._held.pop(request, None) if self._held else None
@@ -450,13 +453,12 @@ class Scheduler:
                     self._outgoing.append((request, held))
                 self._outgoing.append((request, item))
                 continue
+            # Held events never include an End, so only the new ones are looked at.
+            ends = any(isinstance(e, End) for e in item)
             if held:
-                item = held + item
-            if (
-                hold
-                and now - request.sent_at < interval
-                and not any(isinstance(e, End) for e in item)
-            ):
+                held.extend(item)
+                item = held
+            if hold and not ends and now - request.sent_at < interval:
                 self._held[request] = item
                 continue
             request.sent_at = now
