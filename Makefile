@@ -66,6 +66,7 @@ bench: model
 	$(BIN)/python bench/kv_prefix.py
 	$(BIN)/python bench/structured.py
 	$(BIN)/python bench/mesh_cpu.py
+	$(BIN)/python bench/mesh_ttft.py
 	$(BIN)/python bench/ledger_commit.py
 	$(BIN)/python bench/result_cache.py
 	$(BIN)/python bench/documents.py

@@ -130,6 +130,32 @@ async def engine_at(
         yield engine
 
 
+def gpu_mesh_settings(
+    settings: Any,
+    model: Path,
+    c: int,
+    ctx: int,
+    contexts: int | None = None,
+    replicas: int = 1,
+    local: dict[str, Any] | None = None,
+) -> Any:
+    """`settings` (a mesh's, from helpers.mesh_settings) with `model` as inference-local's
+    model, `c` slots of `ctx` tokens over `replicas` processes and every layer on the GPU."""
+    slots = -(-c // replicas)
+    entry = on_gpu(settings.inference_local.models[0], model, slots, ctx, decode_contexts=contexts)
+    inference = settings.inference_local
+    endpoint = inference.endpoint.model_copy(update={"replicas": replicas})
+    settings.inference_local = inference.model_copy(
+        update={
+            "models": [entry],
+            "models_dir": model.parent,
+            "endpoint": endpoint,
+            **(local or {}),
+        }
+    )
+    return settings
+
+
 @contextlib.contextmanager
 def mesh_at(
     model: Path,
@@ -146,18 +172,8 @@ def mesh_at(
     that many inference-local processes on the one GPU, each with c / replicas of the slots
     (rounded up), and the Doorman balances the streams over them. `local` sets
     inference-local's fields."""
-    settings = batching.mesh_settings(state)
-    slots = -(-c // replicas)
-    entry = on_gpu(settings.inference_local.models[0], model, slots, ctx, decode_contexts=contexts)
-    inference = settings.inference_local
-    endpoint = inference.endpoint.model_copy(update={"replicas": replicas})
-    settings.inference_local = inference.model_copy(
-        update={
-            "models": [entry],
-            "models_dir": model.parent,
-            "endpoint": endpoint,
-            **(local or {}),
-        }
+    settings = gpu_mesh_settings(
+        batching.mesh_settings(state), model, c, ctx, contexts, replicas, local
     )
     mesh = batching.Mesh(settings, state / "slm.toml", state / "mesh.log")
     mesh.start()
