@@ -10,7 +10,7 @@ requests; the client's mean comes from its own clock. The difference between two
 what the outer one adds: its own work before it calls the next hop, the call, and the first
 token's way back.
 
-    .venv/bin/python bench/mesh_ttft.py --streams 32 --rounds 3
+    .venv/bin/python bench/mesh_ttft.py --streams 16 32 --rounds 3
 
 On a CUDA machine (see bench/gpu_engine.py for the setup), --gpu loads the model as
 gpu_engine.py's mesh does (every layer on the GPU, a slot per stream, --ctx tokens a slot).
@@ -75,38 +75,38 @@ async def burst(url: str, streams: int, max_tokens: int) -> list[batching.Sample
         return list(await asyncio.gather(*calls))
 
 
-async def measure(mesh: Mesh, urls: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
+async def measure(
+    mesh: Mesh, urls: dict[str, str], streams: int, args: argparse.Namespace
+) -> dict[str, Any]:
     await burst(mesh.base_url, 1, 4)  # warm the model
     rounds = []
     for _ in range(args.rounds):
         before = scrape(urls)
         started = time.perf_counter()
-        samples = await burst(mesh.base_url, args.streams, args.max_tokens)
+        samples = await burst(mesh.base_url, streams, args.max_tokens)
         wall = time.perf_counter() - started
         after = scrape(urls)
         failed = [s for s in samples if s.error or s.tokens != args.max_tokens]
         if failed:
-            raise SystemExit(f"{len(failed)} of {args.streams} streams failed: {failed[0]}")
+            raise SystemExit(f"{len(failed)} of {streams} streams failed: {failed[0]}")
         ttft = [(s.first - s.start) * 1000 for s in samples]
         means = {"client": statistics.fmean(ttft)}
         for hop in HOPS:
             total = after[hop][0] - before[hop][0]
             count = after[hop][1] - before[hop][1]
-            if count != args.streams:
-                raise SystemExit(f"{hop} counted {count:.0f} first tokens, not {args.streams}")
+            if count != streams:
+                raise SystemExit(f"{hop} counted {count:.0f} first tokens, not {streams}")
             means[hop] = total / count * 1000
         rounds.append(
             {
-                "tokens_per_s": args.streams * args.max_tokens / wall,
+                "tokens_per_s": streams * args.max_tokens / wall,
                 "client_ttft_p50_ms": statistics.median(ttft),
                 "mean_ttft_ms": means,
             }
         )
-        print(json.dumps(rounds[-1]), flush=True)
+        print(f"{streams} streams: {json.dumps(rounds[-1])}", flush=True)
     return {
-        "streams": args.streams,
-        "max_tokens": args.max_tokens,
-        "gpu": bool(args.gpu),
+        "streams": streams,
         "rounds": rounds,
         "median_mean_ttft_ms": {
             hop: statistics.median(r["mean_ttft_ms"][hop] for r in rounds)
@@ -115,21 +115,34 @@ async def measure(mesh: Mesh, urls: dict[str, str], args: argparse.Namespace) ->
     }
 
 
+async def measure_all(
+    mesh: Mesh, urls: dict[str, str], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    return [await measure(mesh, urls, streams, args) for streams in args.streams]
+
+
 def start_mesh(args: argparse.Namespace, state: Path) -> Mesh:
     settings = mesh_settings(state)
+    local = {}
+    for field in args.set:
+        name, _, value = field.partition("=")
+        local[name] = json.loads(value)
     if args.gpu:
         from gpu_engine import gpu_mesh_settings
 
-        settings = gpu_mesh_settings(settings, Path(args.gpu), args.streams, args.ctx)
+        slots = max(args.streams)
+        settings = gpu_mesh_settings(settings, Path(args.gpu), slots, args.ctx, local=local)
+    elif local:
+        settings.inference_local = settings.inference_local.model_copy(update=local)
     mesh = Mesh(settings, state / "slm.toml", state / "mesh.log")
     mesh.start()
     return mesh
 
 
-def report(results: dict[str, Any]) -> None:
+def report(results: dict[str, Any], max_tokens: int) -> None:
     means = results["median_mean_ttft_ms"]
     print(
-        f"\n{results['streams']} streams at once, {results['max_tokens']} tokens each: "
+        f"\n{results['streams']} streams at once, {max_tokens} tokens each: "
         f"mean TTFT at each hop (median of {len(results['rounds'])} bursts)"
     )
     names = ("client", *HOPS)
@@ -140,11 +153,18 @@ def report(results: dict[str, Any]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--streams", type=int, default=32)
+    parser.add_argument("--streams", type=int, nargs="+", default=[32])
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--gpu", metavar="GGUF", help="load this model on a CUDA GPU")
     parser.add_argument("--ctx", type=int, default=512, help="context a slot, with --gpu")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=JSON",
+        help="an inference-local field, e.g. stream_interval_s=0",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "mesh_ttft.json")
     args = parser.parse_args()
     state = Path(tempfile.mkdtemp(prefix="slm-bench-ttft-"))
@@ -156,12 +176,19 @@ def main() -> int:
             "doorman": f"http://127.0.0.1:{settings.doorman.endpoint.metrics_port}/metrics",
             "engine": f"http://127.0.0.1:{settings.inference_local.endpoint.metrics_port}/metrics",
         }
-        results = asyncio.run(measure(mesh, urls, args))
+        levels = asyncio.run(measure_all(mesh, urls, args))
     finally:
         mesh.stop()
+    results = {
+        "max_tokens": args.max_tokens,
+        "gpu": bool(args.gpu),
+        "inference_local": args.set,
+        "levels": levels,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
-    report(results)
+    for level in levels:
+        report(level, args.max_tokens)
     print(f"\nJSON: {args.out}")
     return 0
 
