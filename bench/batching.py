@@ -173,6 +173,14 @@ async def engine_stream(engine: Any, model: str, index: int, max_tokens: int, ru
 
 async def level(target: str | Any, model: str, concurrency: int, max_tokens: int) -> dict[str, Any]:
     """One level against a URL (OpenAI HTTP) or an Engine object (the direct engine)."""
+    return summarise(await level_samples(target, model, concurrency, max_tokens), max_tokens)
+
+
+async def level_samples(
+    target: str | Any, model: str, concurrency: int, max_tokens: int, warm: bool = True
+) -> list[Sample]:
+    """The streams of one level, each started at once; first one short request warms the
+    model unless `warm` is off."""
     run = next(RUNS)
     async with contextlib.AsyncExitStack() as stack:
         stream: Callable[[int, int], Awaitable[Sample]]
@@ -182,15 +190,25 @@ async def level(target: str | Any, model: str, concurrency: int, max_tokens: int
             # on every server. Reusing the warm-up's keep-alive connection raced with
             # llama-server closing it: the stream failed ("Server disconnected without sending
             # a response") before the server had read it.
-            async with httpx.AsyncClient(timeout=600, limits=limits) as warm:
-                await one_stream(warm, target, model, 999, 4, run)
+            if warm:
+                async with httpx.AsyncClient(timeout=600, limits=limits) as first:
+                    await one_stream(first, target, model, 999, 4, run)
             client = await stack.enter_async_context(httpx.AsyncClient(timeout=600, limits=limits))
             stream = functools.partial(one_stream, client, target, model, run=run)
         else:
             stream = functools.partial(engine_stream, target, model, run=run)
-            await stream(999, 4)  # warm the model
-        samples = await asyncio.gather(*(stream(i, max_tokens) for i in range(concurrency)))
-    return summarise(samples, max_tokens)
+            if warm:
+                await stream(999, 4)
+        return list(await asyncio.gather(*(stream(i, max_tokens) for i in range(concurrency))))
+
+
+def inference_local_fields(pairs: list[str]) -> dict[str, Any]:
+    """inference-local fields from FIELD=JSON pairs (a benchmark's --set)."""
+    fields = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        fields[name] = json.loads(value)
+    return fields
 
 
 def summarise(samples: list[Sample], max_tokens: int) -> dict[str, Any]:

@@ -236,9 +236,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     threads = default_threads()
     model = Path(args.model)
     local = {"sample_threads": args.sample_threads} if args.sample_threads else {}
-    for field in args.set:
-        name, _, value = field.partition("=")
-        local[name] = json.loads(value)
+    local |= batching.inference_local_fields(args.set)
     log = Path(args.log)  # one llama-server log a level, e.g. llama-server-16.log
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),

@@ -64,26 +64,17 @@ def scrape(urls: dict[str, str]) -> dict[str, tuple[float, float]]:
     return totals
 
 
-async def burst(url: str, streams: int, max_tokens: int) -> list[batching.Sample]:
-    run = next(batching.RUNS)
-    limits = httpx.Limits(max_connections=streams + 4, max_keepalive_connections=0)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        calls = (
-            batching.one_stream(client, url, DEFAULT_MODEL, i, max_tokens, run)
-            for i in range(streams)
-        )
-        return list(await asyncio.gather(*calls))
-
-
 async def measure(
     mesh: Mesh, urls: dict[str, str], streams: int, args: argparse.Namespace
 ) -> dict[str, Any]:
-    await burst(mesh.base_url, 1, 4)  # warm the model
+    await batching.level_samples(mesh.base_url, DEFAULT_MODEL, 1, 4)  # warm the model
     rounds = []
     for _ in range(args.rounds):
         before = scrape(urls)
         started = time.perf_counter()
-        samples = await burst(mesh.base_url, streams, args.max_tokens)
+        samples = await batching.level_samples(
+            mesh.base_url, DEFAULT_MODEL, streams, args.max_tokens, warm=False
+        )
         wall = time.perf_counter() - started
         after = scrape(urls)
         failed = [s for s in samples if s.error or s.tokens != args.max_tokens]
@@ -123,10 +114,7 @@ async def measure_all(
 
 def start_mesh(args: argparse.Namespace, state: Path) -> Mesh:
     settings = mesh_settings(state)
-    local = {}
-    for field in args.set:
-        name, _, value = field.partition("=")
-        local[name] = json.loads(value)
+    local = batching.inference_local_fields(args.set)
     if args.gpu:
         from gpu_engine import gpu_mesh_settings
 
