@@ -67,6 +67,7 @@ bench: model
 	$(BIN)/python bench/structured.py
 	$(BIN)/python bench/mesh_cpu.py
 	$(BIN)/python bench/mesh_ttft.py
+	$(BIN)/python bench/long_prompts.py
 	$(BIN)/python bench/ledger_commit.py
 	$(BIN)/python bench/result_cache.py
 	$(BIN)/python bench/documents.py
