@@ -47,3 +47,35 @@ def test_missing_or_invalid_file_is_a_clear_error(
     bad.write_text("[gateway]\nunknown_key = 1\n")
     with pytest.raises(ValueError, match="unknown_key"):
         load_settings()
+
+
+def test_each_doorman_replica_spools_to_a_file_of_its_own(tmp_path: Path) -> None:
+    from mesh.services import BY_NAME
+
+    settings = mesh_settings(tmp_path)
+    doorman = BY_NAME["doorman"]
+    spools = [doorman.replica_section(settings.doorman, k).ledger_spool for k in range(3)]
+    assert spools[0] == settings.doorman.ledger_spool
+    assert len(set(spools)) == 3
+    assert {p.parent for p in spools} == {settings.doorman.ledger_spool.parent}
+    # The same replica finds its own spool again after a restart.
+    assert doorman.replica_section(settings.doorman, 2).ledger_spool == spools[2]
+
+
+def test_doorman_replicas_refuse_rate_limits_each_would_count_alone() -> None:
+    from doorman.config import DoormanConfig
+
+    tenant = {"name": "acme", "key_hashes": ["0" * 64], "rpm": 60}
+    with pytest.raises(ValueError, match=r"acme.*redis"):
+        DoormanConfig(endpoint={"port": 50051, "metrics_port": 0, "replicas": 2}, tenants=[tenant])
+    # Shared in Redis, or counted by one replica, they hold as configured.
+    DoormanConfig(
+        endpoint={"port": 50051, "metrics_port": 0, "replicas": 2},
+        tenants=[tenant],
+        limits={"backend": "redis"},
+    )
+    DoormanConfig(endpoint={"port": 50051, "metrics_port": 0, "replicas": 1}, tenants=[tenant])
+    DoormanConfig(
+        endpoint={"port": 50051, "metrics_port": 0, "replicas": 2},
+        tenants=[{**tenant, "rpm": 0, "max_concurrent": 4}],
+    )

@@ -128,9 +128,11 @@ class TenantConfig(Section):
     key_hashes: list[str] = Field(min_length=1)
     # Model names or aliases; "*" allows every model.
     allowed_models: list[str] = ["*"]
-    # Requests and tokens per minute; 0 means unlimited.
+    # Requests and tokens per minute; 0 means unlimited. Shared by every Doorman replica
+    # through limits.backend = "redis" (required for them when `slm up` runs several).
     rpm: int = Field(default=0, ge=0)
     tpm: int = Field(default=0, ge=0)
+    # Requests running at once, counted by each Doorman replica on its own.
     max_concurrent: int = Field(default=0, ge=0)
     # Higher is served first from a tier's queue.
     priority: int = 0
@@ -145,7 +147,7 @@ class TenantConfig(Section):
 
 
 class TierQueueConfig(Section):
-    """A bounded priority queue in front of one tier."""
+    """A bounded priority queue in front of one tier, in each Doorman replica."""
 
     tier: TierName
     max_concurrent: int = Field(ge=1)
@@ -217,6 +219,15 @@ class DoormanConfig(Section):
     def auth_enabled(self) -> bool:
         return self.auth_required if self.auth_required is not None else bool(self.tenants)
 
+    def for_replica(self, index: int) -> DoormanConfig:
+        """The section as replica `index` of `slm up` runs it: a spool of its own, so that no
+        two replicas append to, or replay, one file. Replica 0 keeps the configured path, which
+        a restart of the same replica finds again."""
+        if index == 0:
+            return self
+        spool = self.ledger_spool.with_name(f"{self.ledger_spool.name}.replica-{index}")
+        return self.model_copy(update={"ledger_spool": spool})
+
     @model_validator(mode="after")
     def _auth_off_only_on_loopback(self) -> DoormanConfig:
         loopback = host_of(self.endpoint.host) in ("127.0.0.1", "::1", "localhost")
@@ -227,4 +238,15 @@ class DoormanConfig(Section):
             )
         if self.auth_required and not self.tenants:
             raise ValueError("doorman.auth_required is true but no doorman.tenants are configured")
+        return self
+
+    @model_validator(mode="after")
+    def _rates_shared_by_replicas(self) -> DoormanConfig:
+        rated = [t.name for t in self.tenants if t.rpm or t.tpm]
+        if self.endpoint.replicas > 1 and self.limits.backend == "memory" and rated:
+            raise ValueError(
+                f"doorman: tenants {', '.join(rated)} have rpm or tpm limits, which "
+                f"{self.endpoint.replicas} replicas each counting in memory would enforce "
+                "once per replica; set doorman.limits.backend = 'redis' to share them"
+            )
         return self

@@ -32,7 +32,7 @@ async def serve_grpc(service: Service, settings: Settings, replica: int = 0) -> 
     runtime = Runtime.create(settings.telemetry, settings.discovery, CollectorRegistry())
     endpoint = service.endpoint(settings).replica(replica)
     try:
-        app = service.build(settings, runtime)
+        app = service.build(settings, runtime, replica)
         async with (
             GrpcService(
                 service.name, app, endpoint, settings.telemetry, runtime.registry

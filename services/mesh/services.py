@@ -40,6 +40,8 @@ class Service:
     reloads: bool = False
     # Environment `slm up` starts its processes with, unless the caller's own sets a name.
     env: tuple[tuple[str, str], ...] = ()
+    # Its section as replica N runs it (what must differ between replicas: ports, files).
+    replica_section: Callable[[Any, int], Any] = lambda section, _index: section
 
     def nice(self, settings: Settings) -> int:
         """The niceness `slm up` starts its processes with (a section's `nice`, else 0)."""
@@ -56,9 +58,10 @@ class Service:
     def replicas(self, settings: Settings) -> int:
         return self.endpoint(settings).replicas if self.kind == "grpc" else 1
 
-    def build(self, settings: Settings, runtime: Any) -> Any:
+    def build(self, settings: Settings, runtime: Any, replica: int = 0) -> Any:
         module, function = self.factory.split(":")
-        return getattr(importlib.import_module(module), function)(self.config(settings), runtime)
+        section = self.replica_section(self.config(settings), replica)
+        return getattr(importlib.import_module(module), function)(section, runtime)
 
 
 # In start order: each service starts after the ones it calls.
@@ -82,7 +85,13 @@ SERVICES: tuple[Service, ...] = (
         env=(("GLIBC_TUNABLES", HUGE_PAGES),),
     ),
     Service("inference-remote", "grpc", "inference_remote", "inference_remote.app:build_app"),
-    Service("doorman", "grpc", "doorman", "doorman.app:build_app"),
+    Service(
+        "doorman",
+        "grpc",
+        "doorman",
+        "doorman.app:build_app",
+        replica_section=lambda section, index: section.for_replica(index),
+    ),
     Service("gateway", "http", "gateway"),
     Service("envoy", "envoy", "envoy"),
 )
