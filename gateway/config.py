@@ -5,10 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from gateway.documents import DocumentLimits
-from slm.config import LOOPBACK, DiscoveryConfig, Section, TelemetryConfig
+from slm.config import (
+    LOOPBACK,
+    REPLICA_PORT_STEP,
+    DiscoveryConfig,
+    Section,
+    TelemetryConfig,
+)
 
 # The routes that generate (each holds a sequence slot or a place in a queue while it runs):
 # they count against gateway.max_concurrent_requests and envoy.max_concurrent_requests.
@@ -22,6 +28,9 @@ UPLOAD_OVERHEAD_BYTES = 64 << 10
 class GatewayConfig(Section):
     host: str = LOOPBACK
     port: int = Field(default=8000, ge=0, le=65535)
+    # Gateway processes `slm up` runs, replica N on port + 100 N; Envoy balances over them
+    # (least requests first). Each counts max_concurrent_requests on its own.
+    replicas: int = Field(default=1, ge=1, le=64)
     # One address or a comma list: the gateway and Envoy balance over every Doorman it names.
     doorman: str = f"{LOOPBACK}:50051"
     # Limit on JSON bodies the gateway parses, in bytes (Envoy enforces the same).
@@ -65,6 +74,29 @@ class GatewayConfig(Section):
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @model_validator(mode="after")
+    def _replicas_need_a_port(self) -> GatewayConfig:
+        if self.replicas > 1 and not self.port:
+            raise ValueError("gateway.replicas above 1 needs a port (replica N listens on +100 N)")
+        last = self.port + REPLICA_PORT_STEP * (self.replicas - 1)
+        if last > 65535:
+            raise ValueError(
+                f"gateway: replica {self.replicas - 1} would listen on port {last}, above 65535"
+            )
+        return self
+
+    def replica(self, index: int) -> GatewayConfig:
+        """The section as replica `index` of `slm up` runs it (0 is this one)."""
+        if not 0 <= index < self.replicas:
+            raise ValueError(f"gateway replica {index} of {self.replicas}")
+        return self.model_copy(update={"port": self.port + REPLICA_PORT_STEP * index})
+
+    @property
+    def addresses(self) -> list[str]:
+        """Where Envoy and probes reach every replica (wildcard hosts as loopback)."""
+        host = LOOPBACK if self.host in ("0.0.0.0", "", "::") else self.host
+        return [f"{host}:{self.replica(k).port}" for k in range(self.replicas)]
 
     def document_limits(self) -> DocumentLimits:
         return DocumentLimits(

@@ -1,5 +1,6 @@
-"""Two inference-local replicas under `slm up`: requests spread over both, a model loaded
-through the admin API lands on both, and killing one leaves every new request served."""
+"""Two replicas of every hop under `slm up` (gateway, Doorman, inference-local): requests
+spread over each hop's two, a model loaded through the admin API lands on both inference-local
+replicas, and killing one replica of a hop leaves every new request served."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def _free(port: int) -> bool:
 
 @pytest.fixture(scope="module")
 def mesh2(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    """A small mesh whose inference-local runs as two processes, one thread each."""
+    """A small mesh whose gateway, Doorman and inference-local each run as two processes
+    (inference-local with one thread each)."""
     state = tmp_path_factory.mktemp("mesh-replicas")
     settings = mesh_settings(state)
     port = replicated_port()
@@ -56,6 +58,14 @@ def mesh2(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     local.n_threads = 1
     # Callers name the first replica; `slm up` widens that to every replica's address.
     settings.doorman.inference_local = settings.gateway.inference_local = f"127.0.0.1:{port}"
+    doorman = replicated_port()
+    settings.doorman.endpoint = ServiceEndpoint(
+        port=doorman, metrics_port=replicated_port(), replicas=REPLICAS
+    )
+    settings.gateway.doorman = f"127.0.0.1:{doorman}"
+    settings.gateway = settings.gateway.model_copy(
+        update={"port": replicated_port(), "replicas": REPLICAS}
+    )
     running = Mesh(settings, state / "slm.toml", state / "mesh.log")
     running.start()
     yield running
@@ -175,3 +185,56 @@ def test_killing_one_replica_leaves_every_request_served(mesh2: Mesh) -> None:
     address = mesh2.settings.inference_local.endpoint.addresses[1]
     assert wait_for(lambda: serving(address), timeout_s=180), mesh2.log_tail()
     assert mesh2.pid_of(SERVICE, 1) != victim
+
+
+def hop_counts(mesh: Mesh, hop: str) -> list[float]:
+    """Chat completions each replica of the gateway or the Doorman has answered, from its own
+    metrics; 0 while it is down."""
+    if hop == "gateway":
+        urls = [f"http://{a}/metrics" for a in mesh.settings.gateway.addresses]
+        name, labels = "slm_gateway_requests_total", {"route": "/v1/chat/completions"}
+    else:
+        endpoint = mesh.settings.doorman.endpoint
+        urls = [
+            f"http://127.0.0.1:{endpoint.replica(k).metrics_port}/metrics" for k in range(REPLICAS)
+        ]
+        name, labels = "slm_doorman_requests_total", {}
+    found = []
+    for url in urls:
+        try:
+            found.append(metric_value(httpx.get(url, timeout=5).text, name, **labels))
+        except httpx.TransportError:
+            found.append(0.0)
+    return found
+
+
+@pytest.mark.parametrize("hop", ["gateway", "doorman"])
+def test_requests_spread_over_both_replicas_of_each_hop(mesh2: Mesh, hop: str) -> None:
+    before = hop_counts(mesh2, hop)
+    for _ in range(12):
+        chat(mesh2, DEFAULT_MODEL)
+
+    def served() -> list[float]:
+        return [now - then for now, then in zip(hop_counts(mesh2, hop), before, strict=True)]
+
+    assert wait_for(lambda: sum(served()) == 12, timeout_s=30), served()
+    assert all(n >= 1 for n in served()), served()
+
+
+@pytest.mark.parametrize("hop", ["gateway", "doorman"])
+def test_killing_one_replica_of_a_hop_leaves_every_request_served(mesh2: Mesh, hop: str) -> None:
+    victim = mesh2.pid_of(hop, 1)
+    os.kill(victim, signal.SIGKILL)
+    # Right after the kill: Envoy, the gateways' channels and the health checks have not yet
+    # noticed, and every request must still be answered.
+    for _ in range(8):
+        chat(mesh2, DEFAULT_MODEL)
+
+    # The supervisor brings the killed replica back as a new process.
+    def restarted() -> bool:
+        try:
+            return mesh2.pid_of(hop, 1) != victim
+        except LookupError:  # between the kill and the restart
+            return False
+
+    assert wait_for(restarted, timeout_s=60), mesh2.log_tail()

@@ -200,6 +200,38 @@ def test_one_name_among_the_doormen_resolves_them_all(tmp_path: Path) -> None:
     assert "health_checks" not in cluster(single, "doorman")
 
 
+def test_every_gateway_replica_is_an_endpoint(tmp_path: Path) -> None:
+    settings = edge_settings()
+    port = 1024 + free_port() % 40000  # not bound: Envoy only validates the file
+    settings.gateway = GatewayConfig(
+        **{**settings.gateway.model_dump(), "port": port, "replicas": 3}
+    )
+    config = yaml.safe_load(render_envoy_config(*_edge(settings)))
+    for name in ("gateway", "gateway_generation"):
+        found = cluster(config, name)
+        assert endpoints(config, name) == [("127.0.0.1", port + 100 * k) for k in range(3)]
+        assert (found["type"], found["lb_policy"]) == ("STATIC", "LEAST_REQUEST")
+        # A gateway that is down leaves the rotation; its liveness, not the Doorman's state.
+        assert found["health_checks"][0]["http_health_check"] == {"path": "/healthz"}
+    assert validate(settings, tmp_path).returncode == 0
+    single = yaml.safe_load(render_envoy_config(*_edge(edge_settings())))
+    assert "health_checks" not in cluster(single, "gateway")
+
+
+def test_gateway_replicas_need_ports_of_their_own() -> None:
+    assert GatewayConfig(port=8000, replicas=3).addresses == [
+        "127.0.0.1:8000",
+        "127.0.0.1:8100",
+        "127.0.0.1:8200",
+    ]
+    with pytest.raises(ValueError, match="needs a port"):
+        GatewayConfig(port=0, replicas=2)
+    with pytest.raises(ValueError, match="above 65535"):
+        GatewayConfig(port=65500, replicas=2)
+    with pytest.raises(ValueError, match="replica 2 of 2"):
+        GatewayConfig(port=8000, replicas=2).replica(2)
+
+
 @pytest.mark.parametrize("addresses", ["127.0.0.1:1,", ",127.0.0.1:1", "127.0.0.1:1,,h:2"])
 def test_an_empty_doorman_entry_is_refused(addresses: str) -> None:
     with pytest.raises(ValueError, match="empty entry"):

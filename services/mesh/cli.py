@@ -101,16 +101,17 @@ def serve(name: str, settings: Settings) -> int:
         binary = envoy_binary(settings.envoy)
         # exec: the supervisor's signals reach Envoy itself.
         os.execv(binary, [binary, "-c", str(path), "--log-level", "warn", "--disable-hot-restart"])
-    if service.kind == "http":
-        from gateway.app import run_gateway
-        from gateway.config import GatewaySettings
-
-        run_gateway(GatewaySettings(settings.gateway, settings.telemetry, settings.discovery))
-        return 0
     replica = replica_index()
     if not 0 <= replica < service.replicas(settings):
         print(f"slm: {name} has no replica {replica}", file=sys.stderr)
         return 2
+    if service.kind == "http":
+        from gateway.app import run_gateway
+        from gateway.config import GatewaySettings
+
+        section = service.replica_section(settings.gateway, replica)
+        run_gateway(GatewaySettings(section, settings.telemetry, settings.discovery))
+        return 0
     run_process(serve_grpc(service, settings, replica))
     return 0
 

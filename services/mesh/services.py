@@ -56,6 +56,8 @@ class Service:
         return endpoint
 
     def replicas(self, settings: Settings) -> int:
+        if self.kind == "http":
+            return settings.gateway.replicas
         return self.endpoint(settings).replicas if self.kind == "grpc" else 1
 
     def build(self, settings: Settings, runtime: Any, replica: int = 0) -> Any:
@@ -92,7 +94,12 @@ SERVICES: tuple[Service, ...] = (
         "doorman.app:build_app",
         replica_section=lambda section, index: section.for_replica(index),
     ),
-    Service("gateway", "http", "gateway"),
+    Service(
+        "gateway",
+        "http",
+        "gateway",
+        replica_section=lambda section, index: section.replica(index),
+    ),
     Service("envoy", "envoy", "envoy"),
 )
 BY_NAME = {service.name: service for service in SERVICES}

@@ -74,7 +74,8 @@ class Supervisor:
 
     def _probe(self, service: Service, replica: int) -> Callable[[], Awaitable[bool]]:
         if service.kind == "http":
-            return lambda: http_ok(f"{self.gateway_url}/readyz")
+            address = self.settings.gateway.addresses[replica]
+            return lambda: http_ok(f"http://{address}/readyz")
         if service.kind == "envoy":
             return lambda: http_ok(f"{self.api_url}/readyz")
         address = service.endpoint(self.settings).addresses[replica]
