@@ -15,7 +15,8 @@ A one-off measurement that runs on a CUDA machine (the device `run` tool's H100)
 - mesh: the whole mesh as `slm up` starts it (Envoy, gateway, Doorman, inference-local, ledger)
   on its defaults, but for the model's path, `parallel`, context and every layer on the GPU (as
   the Engine here); streams go through Envoy over HTTP, as a client's do; --mesh-replicas N
-  runs N inference-local processes on the one GPU, the slots split over them;
+  runs N inference-local processes on the one GPU, the slots split over them, and
+  --hop-replicas N as many gateways and Doormen;
 - llama-server: --parallel N, -c 512*N, -t and -tb the Engine's n_threads (all cores but one);
 - llama-server-bs: the same with --backend-sampling (llama.cpp's own sampling in the graph).
 --sample-threads sets inference-local's sample_threads for every Engine and the mesh alike.
@@ -167,16 +168,21 @@ def mesh_at(
     contexts: int | None = None,
     replicas: int = 1,
     local: dict[str, Any] | None = None,
+    hop_replicas: int = 1,
 ) -> Any:
     """The whole mesh (`slm up`: Envoy, gateway, Doorman, inference-local, ledger) on its
     defaults, with `model` as its model, `c` slots of `ctx` tokens and every layer on the GPU,
     as engine_at loads the Engine; yields its base URL. With `replicas` above 1, `slm up` runs
     that many inference-local processes on the one GPU, each with c / replicas of the slots
     (rounded up), and the Doorman balances the streams over them. `local` sets
-    inference-local's fields."""
+    inference-local's fields; `hop_replicas` runs as many gateways and Doormen."""
+    from helpers import with_hop_replicas
+
     settings = gpu_mesh_settings(
         batching.mesh_settings(state), model, c, ctx, contexts, replicas, local
     )
+    if hop_replicas > 1:
+        settings = with_hop_replicas(settings, hop_replicas)
     mesh = batching.Mesh(settings, state / "slm.toml", state / "mesh.log")
     mesh.start()
     try:
@@ -249,6 +255,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "decode_contexts": args.decode_contexts,
         "sample_threads": args.sample_threads,
         "mesh_replicas": args.mesh_replicas,
+        "hop_replicas": args.hop_replicas,
         "inference_local": local,
         "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
         "servers": {},
@@ -273,7 +280,14 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
             if "mesh" in args.servers:
                 state = Path(tempfile.mkdtemp(prefix=f"slm-gpu-mesh-{c}-"))
                 mesh = mesh_at(
-                    model, c, args.ctx, state, args.decode_contexts, args.mesh_replicas, local
+                    model,
+                    c,
+                    args.ctx,
+                    state,
+                    args.decode_contexts,
+                    args.mesh_replicas,
+                    local,
+                    args.hop_replicas,
                 )
                 targets["mesh"] = stack.enter_context(mesh)
             for name, extra in (("llama-server", []), ("llama-server-bs", ["--backend-sampling"])):
@@ -384,6 +398,12 @@ def main() -> int:
         type=int,
         default=1,
         help="inference-local processes the mesh runs on the GPU (the slots split over them)",
+    )
+    parser.add_argument(
+        "--hop-replicas",
+        type=int,
+        default=1,
+        help="gateway and Doorman processes the mesh runs (each, balanced by Envoy)",
     )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -14,6 +14,8 @@ token's way back.
 
 On a CUDA machine (see bench/gpu_engine.py for the setup), --gpu loads the model as
 gpu_engine.py's mesh does (every layer on the GPU, a slot per stream, --ctx tokens a slot).
+--hop-replicas N runs the gateway and the Doorman as N processes each (a many-core host), and
+each hop's histograms are summed over its replicas.
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import batching
-from helpers import DEFAULT_MODEL, Mesh, mesh_settings
+from helpers import DEFAULT_MODEL, Mesh, mesh_settings, with_hop_replicas
+
+from mesh.settings import Settings
+from slm.config import ServiceEndpoint
 
 RESULTS = Path(__file__).parent / "results"
 # Outermost first: each hop's TTFT contains the next one's.
@@ -46,26 +51,43 @@ HOPS = {
 }
 
 
-def scrape(urls: dict[str, str]) -> dict[str, tuple[float, float]]:
-    """(sum, count) of each hop's TTFT histogram, over all its label sets."""
+def scrape(urls: dict[str, list[str]]) -> dict[str, tuple[float, float]]:
+    """(sum, count) of each hop's TTFT histogram, over all its label sets and replicas."""
     totals: dict[str, tuple[float, float]] = {}
-    for hop, url in urls.items():
-        text = httpx.get(url, timeout=10).text
+    for hop, replicas in urls.items():
         total = count = 0.0
-        for family in text_string_to_metric_families(text):
-            if family.name != HOPS[hop]:
-                continue
-            for sample in family.samples:
-                if sample.name.endswith("_sum"):
-                    total += sample.value
-                elif sample.name.endswith("_count"):
-                    count += sample.value
+        for url in replicas:
+            text = httpx.get(url, timeout=10).text
+            for family in text_string_to_metric_families(text):
+                if family.name != HOPS[hop]:
+                    continue
+                for sample in family.samples:
+                    if sample.name.endswith("_sum"):
+                        total += sample.value
+                    elif sample.name.endswith("_count"):
+                        count += sample.value
         totals[hop] = (total, count)
     return totals
 
 
+def metrics_urls(settings: Settings) -> dict[str, list[str]]:
+    """Every replica's Prometheus endpoint, by hop."""
+
+    def grpc(endpoint: ServiceEndpoint) -> list[str]:
+        return [
+            f"http://127.0.0.1:{endpoint.replica(k).metrics_port}/metrics"
+            for k in range(endpoint.replicas)
+        ]
+
+    return {
+        "gateway": [f"http://{a}/metrics" for a in settings.gateway.addresses],
+        "doorman": grpc(settings.doorman.endpoint),
+        "engine": grpc(settings.inference_local.endpoint),
+    }
+
+
 async def measure(
-    mesh: Mesh, urls: dict[str, str], streams: int, args: argparse.Namespace
+    mesh: Mesh, urls: dict[str, list[str]], streams: int, args: argparse.Namespace
 ) -> dict[str, Any]:
     await batching.level_samples(mesh.base_url, DEFAULT_MODEL, 1, 4)  # warm the model
     rounds = []
@@ -107,7 +129,7 @@ async def measure(
 
 
 async def measure_all(
-    mesh: Mesh, urls: dict[str, str], args: argparse.Namespace
+    mesh: Mesh, urls: dict[str, list[str]], args: argparse.Namespace
 ) -> list[dict[str, Any]]:
     return [await measure(mesh, urls, streams, args) for streams in args.streams]
 
@@ -122,6 +144,8 @@ def start_mesh(args: argparse.Namespace, state: Path) -> Mesh:
         settings = gpu_mesh_settings(settings, Path(args.gpu), slots, args.ctx, local=local)
     elif local:
         settings.inference_local = settings.inference_local.model_copy(update=local)
+    if args.hop_replicas > 1:
+        settings = with_hop_replicas(settings, args.hop_replicas)
     mesh = Mesh(settings, state / "slm.toml", state / "mesh.log")
     mesh.start()
     return mesh
@@ -153,24 +177,27 @@ def main() -> int:
         metavar="FIELD=JSON",
         help="an inference-local field, e.g. stream_interval_s=0",
     )
+    parser.add_argument(
+        "--hop-replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the gateway and the Doorman as N processes each (gateway.replicas, "
+        "doorman.endpoint.replicas)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "mesh_ttft.json")
     args = parser.parse_args()
     state = Path(tempfile.mkdtemp(prefix="slm-bench-ttft-"))
     mesh = start_mesh(args, state)
     try:
-        settings = mesh.settings
-        urls = {
-            "gateway": f"http://127.0.0.1:{settings.gateway.port}/metrics",
-            "doorman": f"http://127.0.0.1:{settings.doorman.endpoint.metrics_port}/metrics",
-            "engine": f"http://127.0.0.1:{settings.inference_local.endpoint.metrics_port}/metrics",
-        }
-        levels = asyncio.run(measure_all(mesh, urls, args))
+        levels = asyncio.run(measure_all(mesh, metrics_urls(mesh.settings), args))
     finally:
         mesh.stop()
     results = {
         "max_tokens": args.max_tokens,
         "gpu": bool(args.gpu),
         "inference_local": args.set,
+        "hop_replicas": args.hop_replicas,
         "levels": levels,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from inference_remote.config import InferenceRemoteConfig
 from ledger.config import LedgerConfig
 from mesh.services import REPLICA_ENV
 from mesh.settings import Settings
-from slm.config import ServiceEndpoint
+from slm.config import REPLICA_PORT_STEP, ServiceEndpoint
 from slm.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -80,6 +80,42 @@ def free_port() -> int:
         _HANDED_OUT.add(port)
         return port
     raise RuntimeError("no free loopback port below the ephemeral range")
+
+
+def replicated_port(replicas: int) -> int:
+    """A free port whose replicas' ports (+100 k) are free too."""
+    while True:
+        port = free_port()
+        if port + REPLICA_PORT_STEP * (replicas - 1) < 65536 and all(
+            _bindable(port + REPLICA_PORT_STEP * k) for k in range(1, replicas)
+        ):
+            return port
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def with_hop_replicas(settings: Settings, replicas: int) -> Settings:
+    """`settings` with the gateway and the Doorman each run as `replicas` processes, on ports
+    with room for them; callers keep naming the first, which `slm up` widens to all."""
+    doorman = replicated_port(replicas)
+    settings.doorman.endpoint = ServiceEndpoint(
+        port=doorman, metrics_port=replicated_port(replicas), replicas=replicas
+    )
+    settings.gateway = settings.gateway.model_copy(
+        update={
+            "port": replicated_port(replicas),
+            "replicas": replicas,
+            "doorman": f"127.0.0.1:{doorman}",
+        }
+    )
+    return settings
 
 
 def mesh_settings(state_dir: Path) -> Settings:

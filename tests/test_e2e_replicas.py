@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,9 +13,17 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import DEFAULT_MODEL, Mesh, free_port, mesh_settings, metric_value, wait_for
+from helpers import (
+    DEFAULT_MODEL,
+    Mesh,
+    mesh_settings,
+    metric_value,
+    replicated_port,
+    wait_for,
+    with_hop_replicas,
+)
 
-from slm.config import REPLICA_PORT_STEP, ServiceEndpoint
+from slm.config import ServiceEndpoint
 
 pytestmark = pytest.mark.e2e
 
@@ -26,46 +33,22 @@ SERVICE = "inference-local"
 REPLICAS = 2
 
 
-def replicated_port() -> int:
-    """A free port whose replicas' ports (+100 k) are free too."""
-    while True:
-        port = free_port()
-        if port + REPLICA_PORT_STEP * (REPLICAS - 1) < 65536 and all(
-            _free(port + REPLICA_PORT_STEP * k) for k in range(1, REPLICAS)
-        ):
-            return port
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def mesh2(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     """A small mesh whose gateway, Doorman and inference-local each run as two processes
     (inference-local with one thread each)."""
     state = tmp_path_factory.mktemp("mesh-replicas")
     settings = mesh_settings(state)
-    port = replicated_port()
+    port = replicated_port(REPLICAS)
     local = settings.inference_local
-    local.endpoint = ServiceEndpoint(port=port, metrics_port=replicated_port(), replicas=REPLICAS)
+    local.endpoint = ServiceEndpoint(
+        port=port, metrics_port=replicated_port(REPLICAS), replicas=REPLICAS
+    )
     local.parallel = 2
     local.n_threads = 1
     # Callers name the first replica; `slm up` widens that to every replica's address.
     settings.doorman.inference_local = settings.gateway.inference_local = f"127.0.0.1:{port}"
-    doorman = replicated_port()
-    settings.doorman.endpoint = ServiceEndpoint(
-        port=doorman, metrics_port=replicated_port(), replicas=REPLICAS
-    )
-    settings.gateway.doorman = f"127.0.0.1:{doorman}"
-    settings.gateway = settings.gateway.model_copy(
-        update={"port": replicated_port(), "replicas": REPLICAS}
-    )
+    settings = with_hop_replicas(settings, REPLICAS)
     running = Mesh(settings, state / "slm.toml", state / "mesh.log")
     running.start()
     yield running
