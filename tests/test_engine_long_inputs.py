@@ -64,6 +64,31 @@ async def test_a_long_input_is_tokenised_off_the_event_loop(
     assert loop not in threads
 
 
+async def test_a_long_token_list_is_detokenised_off_the_event_loop(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = engine._loaded["a"].weights.model
+    text = LONG * 2
+    tokens = model.tokenize(text, add_special=False)
+    assert len(tokens) > engine_module.INLINE_INPUT_CHARS // 4
+    threads: set[int] = set()
+    real = model.piece
+
+    def piece(token: int, *, special: bool = False) -> bytes:
+        threads.add(threading.get_ident())
+        return real(token, special=special)
+
+    monkeypatch.setattr(model, "piece", piece)
+    short = await engine.detokenize("a", tokens[:8])
+    assert short
+    assert text.startswith(short)
+    assert threads == {threading.get_ident()}
+    threads.clear()
+    assert await engine.detokenize("a", tokens) == text
+    assert threads
+    assert threading.get_ident() not in threads
+
+
 async def test_unloading_while_a_thread_tokenises_frees_the_weights_after_it(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1410,13 +1410,22 @@ class Engine:
         return (await self._tokenize_off_loop(loaded.weights, [text], add_special))[0]
 
     async def detokenize(self, name: str, tokens: list[int]) -> str:
-        model = (await self._get(name)).weights.model
+        weights = (await self._get(name)).weights
+        model = weights.model
         bad = [t for t in tokens if not model.valid_token(t)]
         if bad:
             raise InvalidArgument(
                 f"token ids outside the vocabulary of {name!r}: {bad[:5]}", field="tokens"
             )
-        return b"".join(model.piece(t) for t in tokens).decode("utf-8", "replace")
+
+        def text() -> str:
+            return b"".join(model.piece(t) for t in tokens).decode("utf-8", "replace")
+
+        # A piece is a call into llama.cpp: a long list goes to a thread, as long inputs do.
+        if len(tokens) <= INLINE_INPUT_CHARS // 4:
+            return text()
+        with self._holding(weights):
+            return await _blocking(text)
 
     async def embed(self, name: str, inputs: list[str]) -> tuple[list[list[float]], int]:
         loaded = await self._get(name)
