@@ -70,7 +70,7 @@ async def test_a_long_token_list_is_detokenised_off_the_event_loop(
     model = engine._loaded["a"].weights.model
     text = LONG * 2
     tokens = model.tokenize(text, add_special=False)
-    assert len(tokens) > engine_module.INLINE_INPUT_CHARS // 4
+    assert len(tokens) > engine_module.INLINE_TOKENS
     threads: set[int] = set()
     real = model.piece
 

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -84,6 +84,9 @@ T = TypeVar("T")
 # 0.6 s. Below it, tokenising takes under 10 ms (4,096 characters: 2 ms) and the hop to a
 # thread would cost more than it frees.
 INLINE_INPUT_CHARS = 16_384
+# Token lists longer than this are detokenised on a worker thread: a piece is a call into
+# llama.cpp, 6 ms for 4,096 of them here.
+INLINE_TOKENS = 4_096
 
 
 @dataclass(frozen=True)
@@ -903,10 +906,7 @@ class Engine:
     def _drop_weights(self, weights: _Weights) -> None:
         weights.refs -= 1
         if weights.refs <= 0:
-            # The same file may have been loaded anew under the key since these were dropped
-            # from it; those are not these.
-            if self._weights.get(weights.key) is weights:
-                del self._weights[weights.key]
+            self._weights.pop(weights.key, None)
             weights.model.close()
 
     async def _get(self, name: str) -> _Loaded:
@@ -1317,10 +1317,10 @@ class Engine:
     async def _prompt_off_loop(self, loaded: _Loaded, request: Request) -> _Prompt:
         """`_prompt`, on a worker thread for a long input, so that the event loop keeps
         streaming every other sequence meanwhile."""
-        if _input_chars(request) <= INLINE_INPUT_CHARS:
-            return self._prompt(loaded, request)
-        with self._holding(loaded.weights):
-            return await _blocking(functools.partial(self._prompt, loaded, request))
+        work = functools.partial(self._prompt, loaded, request)
+        return await self._off_loop(
+            loaded.weights, work, _input_chars(request) > INLINE_INPUT_CHARS
+        )
 
     async def _tokenize_off_loop(
         self, weights: _Weights, texts: list[str], add_special: bool
@@ -1331,17 +1331,16 @@ class Engine:
         def tokenize() -> list[list[int]]:
             return [model.tokenize(text, add_special=add_special) for text in texts]
 
-        if sum(map(len, texts)) <= INLINE_INPUT_CHARS:
-            return tokenize()
-        with self._holding(weights):
-            return await _blocking(tokenize)
+        return await self._off_loop(weights, tokenize, sum(map(len, texts)) > INLINE_INPUT_CHARS)
 
-    @contextlib.contextmanager
-    def _holding(self, weights: _Weights) -> Iterator[None]:
-        """Keep `weights` in memory, whatever unloads meanwhile, while a thread reads them."""
+    async def _off_loop(self, weights: _Weights, work: Callable[[], T], long: bool) -> T:
+        """`work`, which reads `weights`: inline when short, else on a worker thread, with the
+        weights kept in memory, whatever unloads meanwhile, until the thread is done."""
+        if not long:
+            return work()
         weights.refs += 1
         try:
-            yield
+            return await _blocking(work)
         finally:
             self._drop_weights(weights)
 
@@ -1421,11 +1420,7 @@ class Engine:
         def text() -> str:
             return b"".join(model.piece(t) for t in tokens).decode("utf-8", "replace")
 
-        # A piece is a call into llama.cpp: a long list goes to a thread, as long inputs do.
-        if len(tokens) <= INLINE_INPUT_CHARS // 4:
-            return text()
-        with self._holding(weights):
-            return await _blocking(text)
+        return await self._off_loop(weights, text, len(tokens) > INLINE_TOKENS)
 
     async def embed(self, name: str, inputs: list[str]) -> tuple[list[list[float]], int]:
         loaded = await self._get(name)
