@@ -10,10 +10,11 @@ from pydantic import Field, field_validator, model_validator
 from gateway.documents import DocumentLimits
 from slm.config import (
     LOOPBACK,
-    REPLICA_PORT_STEP,
     DiscoveryConfig,
     Section,
     TelemetryConfig,
+    dial_host,
+    replica_port,
 )
 
 # The routes that generate (each holds a sequence slot or a place in a queue while it runs):
@@ -79,7 +80,7 @@ class GatewayConfig(Section):
     def _replicas_need_a_port(self) -> GatewayConfig:
         if self.replicas > 1 and not self.port:
             raise ValueError("gateway.replicas above 1 needs a port (replica N listens on +100 N)")
-        last = self.port + REPLICA_PORT_STEP * (self.replicas - 1)
+        last = replica_port(self.port, self.replicas - 1)
         if last > 65535:
             raise ValueError(
                 f"gateway: replica {self.replicas - 1} would listen on port {last}, above 65535"
@@ -90,13 +91,13 @@ class GatewayConfig(Section):
         """The section as replica `index` of `slm up` runs it (0 is this one)."""
         if not 0 <= index < self.replicas:
             raise ValueError(f"gateway replica {index} of {self.replicas}")
-        return self.model_copy(update={"port": self.port + REPLICA_PORT_STEP * index})
+        return self.model_copy(update={"port": replica_port(self.port, index)})
 
     @property
     def addresses(self) -> list[str]:
         """Where Envoy and probes reach every replica (wildcard hosts as loopback)."""
-        host = LOOPBACK if self.host in ("0.0.0.0", "", "::") else self.host
-        return [f"{host}:{self.replica(k).port}" for k in range(self.replicas)]
+        host = dial_host(self.host)
+        return [f"{host}:{replica_port(self.port, k)}" for k in range(self.replicas)]
 
     def document_limits(self) -> DocumentLimits:
         return DocumentLimits(

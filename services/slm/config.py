@@ -22,6 +22,16 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+def replica_port(port: int, index: int) -> int:
+    """The port replica `index` of a replicated listener takes (0, any free port, stays 0)."""
+    return port + REPLICA_PORT_STEP * index if port else 0
+
+
+def dial_host(host: str) -> str:
+    """How a caller on this machine reaches a listener bound to `host`: a wildcard as loopback."""
+    return LOOPBACK if host in ("0.0.0.0", "", "::") else host
+
+
 class ServiceEndpoint(Section):
     """Where a gRPC service listens, and where its Prometheus metrics are served."""
 
@@ -40,16 +50,18 @@ class ServiceEndpoint(Section):
         """The endpoint of replica `index` (0 is this one)."""
         if not 0 <= index < self.replicas:
             raise ValueError(f"replica {index} of {self.replicas}")
-        shift = {"port": self.port + REPLICA_PORT_STEP * index} if self.port else {}
-        if self.metrics_port:
-            shift["metrics_port"] = self.metrics_port + REPLICA_PORT_STEP * index
-        return self.model_copy(update=shift)
+        return self.model_copy(
+            update={
+                "port": replica_port(self.port, index),
+                "metrics_port": replica_port(self.metrics_port, index),
+            }
+        )
 
     @property
     def addresses(self) -> list[str]:
         """Where callers reach every replica (wildcard hosts as loopback)."""
-        host = LOOPBACK if self.host in ("0.0.0.0", "", "::") else self.host
-        return [f"{host}:{self.replica(k).port}" for k in range(self.replicas)]
+        host = dial_host(self.host)
+        return [f"{host}:{replica_port(self.port, k)}" for k in range(self.replicas)]
 
 
 class DiscoveryConfig(Section):
