@@ -30,7 +30,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from batching import one_stream, percentile
+from batching import level_samples, percentile
 from helpers import DEFAULT_MODEL, Mesh, mesh_settings
 
 RESULTS = Path(__file__).parent / "results"
@@ -58,18 +58,12 @@ async def long_requests(base_url: str, count: int, chars: int, pause_s: float) -
     return took
 
 
-async def one_round(
-    args: argparse.Namespace, base_url: str, run: int, long: bool
-) -> dict[str, Any]:
-    limits = httpx.Limits(max_connections=args.streams + 4)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
-        streams = [
-            one_stream(client, base_url, DEFAULT_MODEL, i, args.max_tokens, run)
-            for i in range(args.streams)
-        ]
-        sending = asyncio.gather(*streams)
-        took = await long_requests(base_url, args.long, args.chars, args.pause) if long else []
-        samples = await sending
+async def one_round(args: argparse.Namespace, base_url: str, long: bool) -> dict[str, Any]:
+    streaming = asyncio.ensure_future(
+        level_samples(base_url, DEFAULT_MODEL, args.streams, args.max_tokens, warm=False)
+    )
+    took = await long_requests(base_url, args.long, args.chars, args.pause) if long else []
+    samples = await streaming
     failed = [s.error for s in samples if s.error]
     if failed:
         raise RuntimeError(f"streams failed: {failed}")
@@ -91,10 +85,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     mesh.start()
     rounds = []
     try:
-        await one_round(args, mesh.base_url, 0, False)  # warm
-        for r in range(args.rounds):
+        await one_round(args, mesh.base_url, False)  # warm
+        for _ in range(args.rounds):
             for long in (False, True):
-                rounds.append(await one_round(args, mesh.base_url, 1 + 2 * r + long, long))
+                rounds.append(await one_round(args, mesh.base_url, long))
                 print(json.dumps(rounds[-1]))
     finally:
         mesh.stop()

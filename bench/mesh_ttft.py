@@ -37,10 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import batching
-from helpers import DEFAULT_MODEL, Mesh, mesh_settings, with_hop_replicas
-
-from mesh.settings import Settings
-from slm.config import ServiceEndpoint
+from helpers import DEFAULT_MODEL, Mesh, mesh_settings, metrics_urls, with_hop_replicas
 
 RESULTS = Path(__file__).parent / "results"
 # Outermost first: each hop's TTFT contains the next one's.
@@ -68,22 +65,6 @@ def scrape(urls: dict[str, list[str]]) -> dict[str, tuple[float, float]]:
                         count += sample.value
         totals[hop] = (total, count)
     return totals
-
-
-def metrics_urls(settings: Settings) -> dict[str, list[str]]:
-    """Every replica's Prometheus endpoint, by hop."""
-
-    def grpc(endpoint: ServiceEndpoint) -> list[str]:
-        return [
-            f"http://127.0.0.1:{endpoint.replica(k).metrics_port}/metrics"
-            for k in range(endpoint.replicas)
-        ]
-
-    return {
-        "gateway": [f"http://{a}/metrics" for a in settings.gateway.addresses],
-        "doorman": grpc(settings.doorman.endpoint),
-        "engine": grpc(settings.inference_local.endpoint),
-    }
 
 
 async def measure(
@@ -190,7 +171,9 @@ def main() -> int:
     state = Path(tempfile.mkdtemp(prefix="slm-bench-ttft-"))
     mesh = start_mesh(args, state)
     try:
-        levels = asyncio.run(measure_all(mesh, metrics_urls(mesh.settings), args))
+        urls = metrics_urls(mesh.settings)
+        urls["engine"] = urls.pop("inference-local")
+        levels = asyncio.run(measure_all(mesh, urls, args))
     finally:
         mesh.stop()
     results = {

@@ -118,6 +118,23 @@ def with_hop_replicas(settings: Settings, replicas: int) -> Settings:
     return settings
 
 
+def metrics_urls(settings: Settings) -> dict[str, list[str]]:
+    """Every replica's Prometheus endpoint, by service: the gateway's own port, the gRPC
+    services' metrics ports."""
+
+    def grpc(endpoint: ServiceEndpoint) -> list[str]:
+        return [
+            f"http://127.0.0.1:{endpoint.replica(k).metrics_port}/metrics"
+            for k in range(endpoint.replicas)
+        ]
+
+    return {
+        "gateway": [f"http://{a}/metrics" for a in settings.gateway.addresses],
+        "doorman": grpc(settings.doorman.endpoint),
+        "inference-local": grpc(settings.inference_local.endpoint),
+    }
+
+
 def mesh_settings(state_dir: Path) -> Settings:
     """Settings for a whole mesh on fresh loopback ports, with its own state directory."""
     ports = {name: free_port() for name in ("doorman", "inference", "ledger", "gateway", "envoy")}
@@ -266,8 +283,7 @@ class Mesh:
 
     def metrics_url(self, replica: int = 0) -> str:
         """inference-local's Prometheus endpoint of one replica (metrics_port + 100 k)."""
-        endpoint = self.settings.inference_local.endpoint.replica(replica)
-        return f"http://127.0.0.1:{endpoint.metrics_port}/metrics"
+        return metrics_urls(self.settings)["inference-local"][replica]
 
     def pid_of(self, service: str, replica: int = 0) -> int:
         """The pid of the process `slm up` runs for `slm serve <service>` as replica `replica`

@@ -18,6 +18,7 @@ from helpers import (
     Mesh,
     mesh_settings,
     metric_value,
+    metrics_urls,
     replicated_port,
     wait_for,
     with_hop_replicas,
@@ -174,16 +175,11 @@ def hop_counts(mesh: Mesh, hop: str) -> list[float]:
     """Chat completions each replica of the gateway or the Doorman has answered, from its own
     metrics; 0 while it is down."""
     if hop == "gateway":
-        urls = [f"http://{a}/metrics" for a in mesh.settings.gateway.addresses]
         name, labels = "slm_gateway_requests_total", {"route": "/v1/chat/completions"}
     else:
-        endpoint = mesh.settings.doorman.endpoint
-        urls = [
-            f"http://127.0.0.1:{endpoint.replica(k).metrics_port}/metrics" for k in range(REPLICAS)
-        ]
         name, labels = "slm_doorman_requests_total", {}
     found = []
-    for url in urls:
+    for url in metrics_urls(mesh.settings)[hop]:
         try:
             found.append(metric_value(httpx.get(url, timeout=5).text, name, **labels))
         except httpx.TransportError:
